@@ -1,0 +1,4 @@
+//! `ferry-bridge`: run by a container runtime with the CNI protocol.
+fn main() {
+    cni::run(&ferry_bridge::Bridge)
+}
