@@ -29,12 +29,14 @@ mod cni;
 mod netns;
 mod node;
 mod root;
+mod traffic;
 
 pub use bins::{bin_dir, ferry_bin, reference_plugin, REFERENCE_PLUGIN_DIR};
 pub use cni::{CniCall, CniOutput};
 pub use netns::{list_netns, unique_v4_subnet, unique_v6_subnet, Netns};
 pub use node::{Node, Pod};
 pub use root::{require_root, root_missing};
+pub use traffic::{Server, TIMEOUT};
 
 /// Returns from the calling test (printing `SKIP`) when it cannot run for lack of root
 /// or of `ip netns`; panics instead when `FERRY_REQUIRE_ROOT=1` (as CI sets it).

@@ -1,0 +1,149 @@
+//! Real packets between namespaces: a TCP/UDP "who am I" server and its client.
+//!
+//! The server answers every connection (or datagram) with the address it saw the peer
+//! come from, so a test asserts masquerading, DNAT and reachability on what actually
+//! crossed the wire. Sockets are made on a thread that has entered the namespace (a
+//! socket stays in the namespace it was created in); the test thread never moves.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use nix::sched::{setns, CloneFlags};
+
+use crate::Netns;
+
+/// How long a client waits for a connection or an answer.
+pub const TIMEOUT: Duration = Duration::from_secs(3);
+
+impl Netns {
+    /// Runs `f` on a thread of its own inside this namespace.
+    pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        let file = File::open(self.path()).unwrap_or_else(|e| panic!("open {}: {e}", self.path().display()));
+        std::thread::scope(|s| {
+            s.spawn(move || {
+                setns(&file, CloneFlags::CLONE_NEWNET).expect("setns into a test namespace");
+                f()
+            })
+            .join()
+            .expect("the thread inside the namespace panicked")
+        })
+    }
+
+    /// A TCP server on `addr` (inside this namespace) that writes the peer's address as
+    /// text, then closes. Stops when the handle is dropped.
+    pub fn tcp_server(&self, addr: SocketAddr) -> Server {
+        let listener = self
+            .run(|| TcpListener::bind(addr))
+            .unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+        listener.set_nonblocking(true).unwrap();
+        Server::start(move |stop| {
+            while !stop.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((mut conn, peer)) => {
+                        let _ = conn.write_all(format!("{peer}\n").as_bytes());
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        })
+    }
+
+    /// A UDP server on `addr` answering each datagram with the sender's address.
+    pub fn udp_server(&self, addr: SocketAddr) -> Server {
+        let socket = self
+            .run(|| UdpSocket::bind(addr))
+            .unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+        socket.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+        Server::start(move |stop| {
+            let mut buf = [0u8; 1500];
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok((_, peer)) = socket.recv_from(&mut buf) {
+                    let _ = socket.send_to(format!("{peer}\n").as_bytes(), peer);
+                }
+            }
+        })
+    }
+
+    /// Connects from this namespace to `to` and returns what the server sent (trimmed).
+    pub fn tcp_request(&self, to: SocketAddr) -> std::io::Result<String> {
+        self.run(|| {
+            let mut conn = TcpStream::connect_timeout(&to, TIMEOUT)?;
+            conn.set_read_timeout(Some(TIMEOUT))?;
+            let mut out = String::new();
+            conn.read_to_string(&mut out)?;
+            Ok(out.trim().to_string())
+        })
+    }
+
+    /// Sends one datagram from a fresh socket (so conntrack sees a new flow) and returns
+    /// the answer.
+    pub fn udp_request(&self, to: SocketAddr) -> std::io::Result<String> {
+        self.run(|| {
+            let bind: SocketAddr = if to.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().unwrap();
+            let s = UdpSocket::bind(bind)?;
+            s.set_read_timeout(Some(TIMEOUT))?;
+            s.send_to(b"who am i", to)?;
+            let mut buf = [0u8; 1500];
+            let (n, _) = s.recv_from(&mut buf)?;
+            Ok(String::from_utf8_lossy(&buf[..n]).trim().to_string())
+        })
+    }
+}
+
+/// A running server; stopped and joined on drop.
+pub struct Server {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Server {
+    fn start(serve: impl FnOnce(&AtomicBool) + Send + 'static) -> Server {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || serve(&flag));
+        Server {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::Node;
+
+    #[test]
+    fn tcp_and_udp_answers_name_the_peer_inside_one_namespace() {
+        crate::require_root!();
+        let node = Node::new("traffic");
+        let _tcp = node.netns().tcp_server("127.0.0.1:7000".parse().unwrap());
+        let _udp = node.netns().udp_server("127.0.0.1:7001".parse().unwrap());
+        assert!(node
+            .netns()
+            .tcp_request("127.0.0.1:7000".parse().unwrap())
+            .unwrap()
+            .starts_with("127.0.0.1:"));
+        assert!(node
+            .netns()
+            .udp_request("127.0.0.1:7001".parse().unwrap())
+            .unwrap()
+            .starts_with("127.0.0.1:"));
+        // Another namespace has its own loopback: nothing listens there.
+        let other = node.pod("other");
+        assert!(other.tcp_request("127.0.0.1:7000".parse().unwrap()).is_err());
+    }
+}
