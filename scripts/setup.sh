@@ -5,8 +5,12 @@ set -euo pipefail
 
 # iproute2, nftables: the testbed and the plugins' own tests; containernetworking-plugins:
 # the reference plugins (/usr/lib/cni) Ferry is compared with; clang, libbpf-dev: building
-# the eBPF programs; hyperfine: benchmarks; procps, util-linux: ps/kill, nsenter/unshare.
-PACKAGES=(make iproute2 nftables containernetworking-plugins clang libbpf-dev hyperfine procps util-linux)
+# the eBPF programs; hyperfine: benchmarks; procps, util-linux: ps/kill, nsenter/unshare;
+# podman, conmon, containerd, runc, catatonit, busybox-static: the real runtimes the tests
+# run on a Ferry network (scripts/runtimes/; catatonit is their sandbox's init, busybox
+# the image's only binary).
+PACKAGES=(make iproute2 iputils-ping nftables containernetworking-plugins clang libbpf-dev hyperfine procps util-linux
+    podman conmon containerd runc catatonit busybox-static)
 RUST_COMPONENTS=(rustfmt clippy)
 
 installed() {
