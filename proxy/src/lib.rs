@@ -1,0 +1,10 @@
+//! ferry-proxy: watches Services, EndpointSlices and Nodes and programs the node.
+//!
+//! Data flow: [`source`] (kube API watch | manifests directory) -> `store` (the objects
+//! this node needs) -> [`plan`] (pure: store + node settings -> ServiceTable) ->
+//! [`backend`] (nftables: the difference of two plans, as one transaction).
+
+pub mod backend;
+pub mod metrics;
+pub mod plan;
+pub mod source;

@@ -1,0 +1,134 @@
+//! The plan: what the node must do for Services, as plain data.
+//!
+//! `plan` is a pure function of the store (the cluster objects this node sees) and the
+//! node's settings. It does no I/O and knows nothing of nftables or eBPF: back ends turn a
+//! [`ServiceTable`] into kernel state, and a change is the difference of two tables.
+
+pub mod services;
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use ipnetwork::IpNetwork;
+use serde::Serialize;
+
+/// Transport protocols a Service port can have.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Sctp,
+}
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+            Protocol::Sctp => "sctp",
+        }
+    }
+}
+
+/// An IP family: a dual-stack Service has one [`ServicePort`] per family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    pub fn of(ip: IpAddr) -> Family {
+        if ip.is_ipv4() {
+            Family::V4
+        } else {
+            Family::V6
+        }
+    }
+}
+
+/// Identifies one port of one Service in one family: the unit back ends program.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct ServicePortId {
+    pub namespace: String,
+    pub name: String,
+    /// The Service port's name ("" when the Service has a single unnamed port).
+    pub port_name: String,
+    pub protocol: Protocol,
+    pub family: Family,
+}
+
+impl std::fmt::Display for ServicePortId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let fam = match self.family {
+            Family::V4 => "v4",
+            Family::V6 => "v6",
+        };
+        write!(f, "{}/{}:{}/{}/{}", self.namespace, self.name, self.port_name, self.protocol.as_str(), fam)
+    }
+}
+
+/// One endpoint of a Service port: where traffic is DNATed to.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct Endpoint {
+    pub ip: IpAddr,
+    /// The target port, named ports already resolved from the EndpointSlice.
+    pub port: u16,
+    /// Runs on this node (EndpointSlice `nodeName` is ours).
+    pub is_local: bool,
+}
+
+/// Everything the node does for one Service port in one family.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ServicePort {
+    pub id: ServicePortId,
+    /// The ClusterIP of this family (absent for e.g. a NodePort-only view of a headless
+    /// Service, which the plan leaves out entirely).
+    pub cluster_ip: Option<IpAddr>,
+    pub port: u16,
+    /// NodePort (for NodePort and LoadBalancer Services).
+    pub node_port: Option<u16>,
+    /// `spec.externalIPs` of this family.
+    pub external_ips: Vec<IpAddr>,
+    /// `status.loadBalancer.ingress[].ip` of this family.
+    pub load_balancer_ips: Vec<IpAddr>,
+    /// `spec.loadBalancerSourceRanges` of this family: when non-empty, traffic to the
+    /// load-balancer IPs from other sources is dropped.
+    pub source_ranges: Vec<IpNetwork>,
+    /// `externalTrafficPolicy: Local`: external traffic keeps its source address and goes
+    /// only to local endpoints.
+    pub external_local: bool,
+    /// `internalTrafficPolicy: Local`: traffic to the ClusterIP goes only to local endpoints.
+    pub internal_local: bool,
+    /// `healthCheckNodePort` (LoadBalancer with externalTrafficPolicy Local).
+    pub health_check_node_port: Option<u16>,
+    /// `sessionAffinity: ClientIP`: the timeout in seconds.
+    pub affinity_seconds: Option<u32>,
+    /// Endpoints for traffic to the ClusterIP (and for traffic from inside the cluster to
+    /// external and load-balancer IPs): ready ones, or if none, serving and terminating
+    /// ones; only local ones with `internalTrafficPolicy: Local`. Sorted.
+    pub cluster_endpoints: Vec<Endpoint>,
+    /// Endpoints for traffic from outside to the NodePort, external and load-balancer IPs:
+    /// the same selection, only local ones with `externalTrafficPolicy: Local`. Sorted.
+    pub external_endpoints: Vec<Endpoint>,
+}
+
+/// Node-level settings that shape the rules.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct NodeSettings {
+    /// `--hostname-override` (or the host name): which endpoints are local.
+    pub node_name: String,
+    /// `--cluster-cidr`: traffic to a ClusterIP from outside these is masqueraded.
+    pub cluster_cidrs: Vec<IpNetwork>,
+    /// `--nodeport-addresses`: the node addresses NodePorts answer on; empty means every
+    /// local address.
+    pub nodeport_addresses: Vec<IpNetwork>,
+}
+
+/// The whole plan: every Service port the node handles, keyed for diffing.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ServiceTable {
+    pub settings: NodeSettings,
+    pub ports: BTreeMap<ServicePortId, ServicePort>,
+}

@@ -1,0 +1,1 @@
+//! Services and EndpointSlices -> ServiceTable (helper at work).

@@ -1,0 +1,29 @@
+//! Where cluster objects come from: the Kubernetes API (`kube.rs`) or a directory of
+//! manifests (`manifests.rs`). Both send [`Event`]s on one channel; the sync loop applies
+//! them to the store. A source never drops what it sent before because of an error: it
+//! reports the error and keeps the last good state.
+
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+
+/// A cluster object the proxy reads.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Object {
+    Service(Service),
+    EndpointSlice(EndpointSlice),
+    Node(Node),
+}
+
+/// What a source tells the sync loop.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// The complete current set of objects of the source (a manifests directory read, or
+    /// the initial list / a relist of the API watches). Objects not in it are gone.
+    Snapshot(Vec<Object>),
+    /// One object added or changed.
+    Upsert(Object),
+    /// One object deleted.
+    Delete(Object),
+    /// The source hit an error; the last good state stays programmed.
+    Error(String),
+}
