@@ -3,8 +3,9 @@
 //! and checks that keep bad input from touching the disk.
 //!
 //! Data flow of a call: [`config`] reads and checks everything from the request, then
-//! [`store`] takes the network's lock, [`allocator`] picks addresses (pure), and the
-//! store writes the leases.
+//! [`store`] takes the network's lock and lists the leases (its owner index says whose
+//! each is, so only the caller's own lease files are read), [`allocator`] picks addresses
+//! (pure), and the store writes the leases.
 
 pub mod allocator;
 pub mod config;
@@ -44,18 +45,16 @@ impl Plugin for HostLocal {
             None => cni::Dns::default(),
         };
         // Everything is checked: from here on the disk changes.
-        let store = Store::open(&cfg.store_dir())?;
         let (id, ifname) = (&req.env.container_id, &req.env.ifname);
-        let leases = store.leases()?;
-        let mut taken: HashSet<IpAddr> = leases.iter().map(|l| l.ip).collect();
+        let mut store = Store::open_to_add(&cfg.store_dir(), id, ifname)?;
+        let mine = store.leases_of(id, ifname)?;
+        let mut taken = store.addresses();
         let mut reserved_now = Vec::new();
         let mut ips = Vec::with_capacity(cfg.range_sets.len());
 
         for (i, set) in cfg.range_sets.iter().enumerate() {
             let wanted = requested.iter().find(|(ip, _)| set.range_for(*ip).is_some());
-            let held = leases
-                .iter()
-                .find(|l| l.belongs_to(id, ifname) && set.range_for(l.ip).is_some());
+            let held = mine.iter().find(|l| set.range_for(l.ip).is_some());
             let picked = match (held, wanted) {
                 // A repeated ADD gets what the first one got.
                 (Some(l), None) => Ok(l.ip),
@@ -68,8 +67,8 @@ impl Plugin for HostLocal {
                     ),
                     "DEL the attachment first to change its address",
                 )),
-                (None, Some((ip, from))) => reserve_static(&store, &leases, *ip, from, i, id, ifname),
-                (None, None) => reserve_next(&store, set, i, &mut taken, id, ifname),
+                (None, Some((ip, from))) => reserve_static(&mut store, *ip, from, i, id, ifname),
+                (None, None) => reserve_next(&mut store, set, i, &mut taken, id, ifname),
             };
             let ip = match picked {
                 Ok(ip) => ip,
@@ -102,24 +101,18 @@ impl Plugin for HostLocal {
 
     fn del(&self, req: &Request) -> Result<(), Error> {
         let cfg = IpamConfig::from_request(req)?;
-        let store = Store::open(&cfg.store_dir())?;
-        for lease in store.leases()? {
-            if lease.belongs_to(&req.env.container_id, &req.env.ifname) {
-                store.release(lease.ip)?;
-            }
+        let mut store = Store::open(&cfg.store_dir())?;
+        for lease in store.leases_of(&req.env.container_id, &req.env.ifname)? {
+            store.release(lease.ip)?;
         }
         Ok(())
     }
 
     fn check(&self, req: &Request) -> Result<(), Error> {
         let cfg = IpamConfig::from_request(req)?;
-        let store = Store::open(&cfg.store_dir())?;
+        let mut store = Store::open_read_only(&cfg.store_dir())?;
         let (id, ifname) = (&req.env.container_id, &req.env.ifname);
-        let mine: Vec<Lease> = store
-            .leases()?
-            .into_iter()
-            .filter(|l| l.belongs_to(id, ifname))
-            .collect();
+        let mine = store.leases_of(id, ifname)?;
         for (i, set) in cfg.range_sets.iter().enumerate() {
             if !mine.iter().any(|l| set.range_for(l.ip).is_some()) {
                 return Err(Error::new(
@@ -168,8 +161,8 @@ impl Plugin for HostLocal {
         if !dir.exists() {
             return Ok(()); // Nothing leased yet, and the directory can be made.
         }
-        let store = Store::open(&dir).map_err(unavailable)?;
-        let leased: HashSet<IpAddr> = store.leases()?.into_iter().map(|l| l.ip).collect();
+        // Addresses only: no lease file is read.
+        let leased = Store::open_read_only(&dir).map_err(unavailable)?.addresses();
         for (i, set) in cfg.range_sets.iter().enumerate() {
             let used = leased
                 .iter()
@@ -192,11 +185,13 @@ impl Plugin for HostLocal {
 
     fn gc(&self, req: &Request, valid: &[Attachment]) -> Result<(), Error> {
         let cfg = IpamConfig::from_request(req)?;
-        let store = Store::open(&cfg.store_dir())?;
+        let mut store = Store::open(&cfg.store_dir())?;
         let keep = |l: &Lease| valid.iter().any(|a| l.belongs_to(&a.container_id, &a.ifname));
         // Go on past a failure, to release as much as possible, then report the first one.
+        // Every lease is read: what GC releases, it releases on the lease files' word, not
+        // the index's (reading also repairs the index).
         let mut first_error = None;
-        for lease in store.leases()?.iter().filter(|l| !keep(l)) {
+        for lease in store.all_leases()?.iter().filter(|l| !keep(l)) {
             if let Err(e) = store.release(lease.ip) {
                 first_error.get_or_insert(e);
             }
@@ -206,8 +201,7 @@ impl Plugin for HostLocal {
 }
 
 fn reserve_static(
-    store: &Store,
-    leases: &[Lease],
+    store: &mut Store,
     ip: IpAddr,
     from: &str,
     set: usize,
@@ -222,9 +216,8 @@ fn reserve_static(
     if store.reserve(&lease, set)? {
         return Ok(ip);
     }
-    let owner = leases
-        .iter()
-        .find(|l| l.ip == ip)
+    let owner = store
+        .lease(ip)?
         .map(|l| format!("{}/{}", l.container_id, l.ifname.as_deref().unwrap_or("?")))
         .unwrap_or_else(|| "another attachment".into());
     Err(Error::new(
@@ -235,7 +228,7 @@ fn reserve_static(
 }
 
 fn reserve_next(
-    store: &Store,
+    store: &mut Store,
     set: &allocator::RangeSet,
     set_index: usize,
     taken: &mut HashSet<IpAddr>,

@@ -7,27 +7,123 @@
 //!     10.22.0.5               one file per leased address: "<container id>\r\n<ifname>"
 //!     fd00:22::5
 //!     last_reserved_ip.0      the last address handed out in range set 0 (round-robin cursor)
+//!     .ferry-owners/          ferry-ipam's owner index; host-local ignores it (see below)
+//!         1c0ffee5a1b2c3d4.10.22.0.5     an empty file per lease: <owner key>.<address>
+//!         exact-at.1732380000.123456788  the index is exact while the lease directory has this mtime
 //! ```
 //!
-//! What host-local does not do: a lease is written to a temporary file, flushed to disk,
-//! then linked into place. `link` fails if the name exists, so it is an exclusive create
-//! whose file is never seen empty or half-written, even after kill -9 or a power cut.
-//! Temporary files a killed call left behind are removed by the next call, under the lock.
+//! What host-local does not do: a lease is written to a file with no name yet (`O_TMPFILE`),
+//! flushed to disk, then linked into place. `link` fails if the name exists, so it is an
+//! exclusive create whose file is never seen empty or half-written, even after kill -9 or a
+//! power cut. An ADD writes and flushes its lease before it takes the lock (the bytes do not
+//! depend on the address, and all its leases are links to that one file), so parallel ADDs
+//! flush together instead of one after the other. Where `O_TMPFILE` is not available, a
+//! named temporary file is used, under the lock; those a killed call left behind are
+//! removed by the next call.
+//!
+//! # The owner index
+//!
+//! In host-local's layout, only a lease file's content says whose it is, so finding the
+//! leases of one attachment means reading every lease file. The index says it in file
+//! names instead: `.ferry-owners/<key>.<address>`, the key being the first 8 bytes of
+//! SHA-256(container id, NUL, ifname) in hex. Listing the two directories tells whose each
+//! lease is; a call reads only the lease files filed under its own key, to confirm them.
+//! The files are empty because host-local walks the whole tree, subdirectories included,
+//! and compares each file's content with `<id>\r\n<ifname>` (or `<id>`): an empty file
+//! never matches, so host-local leaves the index alone.
+//!
+//! The index is exact when every lease that names an ifname is filed under its owner's
+//! key, and an id-only lease (old host-local) under no key. Other entries may exist: one
+//! whose lease is gone (a call died between its two removals, or host-local released the
+//! lease) is removed when seen; a second key on a lease is resolved by reading the lease.
+//! ferry-ipam keeps the index exact: an entry is created before its lease, and removed
+//! after it.
+//!
+//! Others do not: host-local may release a lease and give its address to another
+//! container, leaving an entry that names the wrong owner. So the index is trusted only
+//! while nobody else has changed the lease directory since a ferry-ipam call last left
+//! the index exact. That call, on its way out, sets the directory's mtime to one
+//! nanosecond before the real one and records the value in the name of the `exact-at.`
+//! file. Creating, removing or renaming anything in the directory afterwards sets its
+//! mtime to the current time, which is later, so the two no longer match: this covers
+//! host-local, hand edits, and ferry-ipam calls killed before their end. A call that finds
+//! no match reads every lease file, as before the index existed, and repairs the index.
+//! With the index trusted, a call also reads the leases filed under no key, and falls back
+//! to reading everything if a lease's content contradicts its entries. What goes unseen
+//! is a lease file's content rewritten in place, which changes the file but not the
+//! directory; neither plugin does that, and ferry-ipam never trusts an entry alone to
+//! release or to hand out an address (GC reads every lease).
 
-use std::fs::{self, File, OpenOptions};
+use std::collections::{HashMap, HashSet};
+use std::fs::{self, DirBuilder, File, FileTimes, OpenOptions};
 use std::io::{ErrorKind, Write};
 use std::net::IpAddr;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use cni::{Code, Error};
+use sha2::{Digest, Sha256};
 
 const LOCK_FILE: &str = "lock";
 const LAST_RESERVED_PREFIX: &str = "last_reserved_ip.";
 const TEMP_PREFIX: &str = ".ferry-tmp-";
 /// host-local's separator between container id and ifname.
 const LINE_BREAK: &str = "\r\n";
+/// The owner index, inside the lease directory.
+pub const OWNERS_DIR: &str = ".ferry-owners";
+/// In the index: `exact-at.<seconds>.<nanoseconds>`, the lease directory's mtime when the
+/// index was last known exact.
+const STAMP_PREFIX: &str = "exact-at.";
+
+/// An attachment's name in the owner index: the first 8 bytes of SHA-256(container id,
+/// NUL, ifname), written as 16 hex digits. Two attachments sharing a key only cost reads:
+/// a call always reads the leases filed under its key to confirm them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct OwnerKey([u8; 8]);
+
+impl OwnerKey {
+    pub fn of(container_id: &str, ifname: &str) -> OwnerKey {
+        // Trimmed as in the lease file, so a lease and the request it matches share a key.
+        let digest = Sha256::new()
+            .chain_update(container_id.trim())
+            .chain_update([0u8])
+            .chain_update(ifname.trim())
+            .finalize();
+        let mut key = [0; 8];
+        key.copy_from_slice(&digest[..8]);
+        OwnerKey(key)
+    }
+
+    /// The key and address of an index entry named `<key>.<address>`, if `name` is one
+    /// exactly as this module writes it.
+    fn parse_entry(name: &str) -> Option<(OwnerKey, IpAddr)> {
+        let (hex, addr) = name.split_once('.')?;
+        if hex.len() != 16
+            || !hex
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
+            return None;
+        }
+        let mut key = [0; 8];
+        for (i, byte) in key.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok()?;
+        }
+        Some((OwnerKey(key), address_named(addr)?))
+    }
+
+    fn entry_name(self, ip: IpAddr) -> String {
+        format!("{self}.{ip}")
+    }
+}
+
+impl std::fmt::Display for OwnerKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.iter().try_for_each(|b| write!(f, "{b:02x}"))
+    }
+}
 
 /// One leased address and its owner.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,6 +140,14 @@ impl Lease {
         self.container_id == container_id && self.ifname.as_deref().is_none_or(|i| i == ifname)
     }
 
+    /// The key the index files this lease under; `None` for an id-only lease, which is
+    /// filed under no key (it matches any ifname of its container).
+    pub fn owner_key(&self) -> Option<OwnerKey> {
+        self.ifname
+            .as_deref()
+            .map(|ifname| OwnerKey::of(&self.container_id, ifname))
+    }
+
     fn parse(ip: IpAddr, content: &str) -> Lease {
         let content = content.trim();
         let (id, ifname) = match content.split_once(LINE_BREAK) {
@@ -58,26 +162,105 @@ impl Lease {
     }
 
     fn content(&self) -> String {
-        format!(
-            "{}{LINE_BREAK}{}",
-            self.container_id.trim(),
-            self.ifname.as_deref().unwrap_or("")
-        )
+        lease_content(&self.container_id, self.ifname.as_deref())
     }
 }
 
+/// A lease file's bytes, as host-local writes them.
+fn lease_content(container_id: &str, ifname: Option<&str>) -> String {
+    format!("{}{LINE_BREAK}{}", container_id.trim(), ifname.unwrap_or(""))
+}
+
 /// The lease directory of one network, locked for as long as this value lives.
+///
+/// Opening it lists the lease directory and the index (names only, no file is read);
+/// the answers below come from that listing, kept current by this store's own changes.
+/// When a writable store is dropped with the index exact, it records so (the `exact-at.`
+/// file), still under the lock.
 pub struct Store {
     dir: PathBuf,
+    /// CHECK and STATUS open the store read-only: they neither repair nor stamp the index.
+    writable: bool,
+    /// Every leased address, with the keys the index files its lease under.
+    leases: HashMap<IpAddr, Vec<OwnerKey>>,
+    /// Whether the index is exact (module doc): trusted at open, or repaired since.
+    exact: bool,
+    /// An index write failed: the index may be wrong, so it is not stamped exact.
+    index_failed: bool,
+    /// The `exact-at.` files in the index.
+    stamps: Vec<String>,
+    /// The lease an ADD wrote and flushed before taking the lock, ready to be linked.
+    prepared: Option<Prepared>,
     /// Held for its flock; closing the file releases it.
     _lock: File,
 }
 
+/// A lease's bytes in a file that has no name yet, already flushed to disk: linking it
+/// into place is all that is left to do. Closed without a link, it is gone.
+struct Prepared {
+    content: String,
+    file: File,
+}
+
+impl Prepared {
+    fn write(dir: &Path, content: String) -> std::io::Result<Prepared> {
+        let mut file = OpenOptions::new()
+            .write(true)
+            .mode(0o600)
+            .custom_flags(libc::O_TMPFILE)
+            .open(dir)?;
+        file.write_all(content.as_bytes())?;
+        file.sync_data()?;
+        Ok(Prepared { content, file })
+    }
+
+    /// Gives the file the name `to`, as `link` does (fails if `to` exists).
+    fn link(&self, to: &Path) -> std::io::Result<()> {
+        // The documented way to name an O_TMPFILE file without privileges: its /proc link.
+        let from = std::ffi::CString::new(format!("/proc/self/fd/{}", self.file.as_raw_fd()))?;
+        let to = std::ffi::CString::new(to.as_os_str().as_encoded_bytes())?;
+        // SAFETY: linkat(2) reads two NUL-terminated paths we own.
+        let linked = unsafe {
+            libc::linkat(
+                libc::AT_FDCWD,
+                from.as_ptr(),
+                libc::AT_FDCWD,
+                to.as_ptr(),
+                libc::AT_SYMLINK_FOLLOW,
+            )
+        };
+        if linked == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    }
+}
+
 impl Store {
-    /// Creates the directory if needed and takes the lock, waiting for other calls.
+    /// Creates the directory if needed, takes the lock (waiting for other calls), and
+    /// lists the leases and the index.
     pub fn open(dir: &Path) -> Result<Store, Error> {
+        Store::open_with(dir, true, None)
+    }
+
+    /// As [`Store::open`], for an ADD of this attachment: its lease is written and flushed
+    /// before the lock is taken, for [`Store::reserve`] to link into place.
+    pub fn open_to_add(dir: &Path, container_id: &str, ifname: &str) -> Result<Store, Error> {
+        Store::open_with(dir, true, Some(lease_content(container_id, Some(ifname))))
+    }
+
+    /// As [`Store::open`], for calls that only look: the index is neither repaired nor
+    /// stamped (leftover temporary files are still removed).
+    pub fn open_read_only(dir: &Path) -> Result<Store, Error> {
+        Store::open_with(dir, false, None)
+    }
+
+    fn open_with(dir: &Path, writable: bool, lease: Option<String>) -> Result<Store, Error> {
         fs::create_dir_all(dir)
             .map_err(|e| Error::io(format!("creating lease directory {}", dir.display()), &e))?;
+        // Where this fails (no O_TMPFILE), reserve writes a named temporary file instead.
+        let prepared = lease.and_then(|content| Prepared::write(dir, content).ok());
         let lock_path = dir.join(LOCK_FILE);
         let lock = OpenOptions::new()
             .read(true)
@@ -92,42 +275,70 @@ impl Store {
             let e = std::io::Error::last_os_error();
             return Err(Error::io(format!("locking {}", lock_path.display()), &e));
         }
-        Ok(Store {
+        let mut store = Store {
             dir: dir.to_path_buf(),
+            writable,
+            leases: HashMap::new(),
+            exact: false,
+            index_failed: false,
+            stamps: Vec::new(),
+            prepared,
             _lock: lock,
-        })
+        };
+        store.list()?;
+        Ok(store)
     }
 
     pub fn dir(&self) -> &Path {
         &self.dir
     }
 
-    /// Every lease in the directory. Files whose name is not an address are not leases;
-    /// temporary files a killed call left behind are removed on the way (we hold the lock,
-    /// so no live call is writing one).
-    pub fn leases(&self) -> Result<Vec<Lease>, Error> {
-        let entries =
-            fs::read_dir(&self.dir).map_err(|e| Error::io(format!("reading {}", self.dir.display()), &e))?;
-        let mut leases = Vec::new();
-        for entry in entries {
-            let entry = entry.map_err(|e| Error::io(format!("reading {}", self.dir.display()), &e))?;
-            let name = entry.file_name();
-            let name = name.to_string_lossy();
-            if name.starts_with(TEMP_PREFIX) {
-                let _ = fs::remove_file(entry.path());
-                continue;
+    /// Every leased address: the names of the lease files, none read.
+    pub fn addresses(&self) -> HashSet<IpAddr> {
+        self.leases.keys().copied().collect()
+    }
+
+    /// The leases of one attachment. With the index trusted, only the leases filed under
+    /// its key or under no key are read; otherwise every lease is.
+    pub fn leases_of(&mut self, container_id: &str, ifname: &str) -> Result<Vec<Lease>, Error> {
+        let mine = |l: &Lease| l.belongs_to(container_id, ifname);
+        if self.exact {
+            let key = OwnerKey::of(container_id, ifname);
+            let candidates: Vec<IpAddr> = self
+                .leases
+                .iter()
+                .filter(|(_, keys)| keys.is_empty() || keys.contains(&key))
+                .map(|(ip, _)| *ip)
+                .collect();
+            let read = self.read(candidates)?;
+            if self.exact {
+                return Ok(read.into_iter().filter(mine).collect());
             }
-            let Ok(ip) = name.parse::<IpAddr>() else {
-                continue;
-            };
-            match fs::read_to_string(entry.path()) {
-                Ok(content) => leases.push(Lease::parse(ip, &content)),
-                // Released by host-local between read_dir and read: it does not lock DEL's walk.
-                Err(e) if e.kind() == ErrorKind::NotFound => {}
-                Err(e) => return Err(Error::io(format!("reading lease {}", entry.path().display()), &e)),
-            }
+            // A lease contradicted the index: trust none of it.
         }
+        Ok(self.all_leases()?.into_iter().filter(mine).collect())
+    }
+
+    /// Every lease, each file read. The index is repaired on the way (writable stores).
+    pub fn all_leases(&mut self) -> Result<Vec<Lease>, Error> {
+        let all: Vec<IpAddr> = self.leases.keys().copied().collect();
+        let leases = self.read(all)?;
+        // Every lease was read and filed under its owner: the index is exact, unless a
+        // write to it failed.
+        self.exact = self.writable && !self.index_failed;
         Ok(leases)
+    }
+
+    /// The lease of `ip`, read from its file; `None` if there is none.
+    pub fn lease(&self, ip: IpAddr) -> Result<Option<Lease>, Error> {
+        let path = self.dir.join(ip.to_string());
+        match fs::read_to_string(&path) {
+            Ok(content) => Ok(Some(Lease::parse(ip, &content))),
+            // Released by host-local between listing and reading; it holds the lock when
+            // it does, so this is for writers that do not.
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io(format!("reading lease {}", path.display()), &e)),
+        }
     }
 
     /// The round-robin cursor of range set `set`; unreadable means "start from the top".
@@ -137,51 +348,250 @@ impl Store {
     }
 
     /// Writes the lease unless its address is already leased; `Ok(false)` when it is.
-    pub fn reserve(&self, lease: &Lease, set: usize) -> Result<bool, Error> {
-        let name = lease.ip.to_string();
-        let created = self.create_exclusive(&name, lease.content().as_bytes(), true)?;
-        if created {
-            self.write_last_reserved(set, lease.ip)?;
+    pub fn reserve(&mut self, lease: &Lease, set: usize) -> Result<bool, Error> {
+        if self.leases.contains_key(&lease.ip) {
+            return Ok(false);
         }
-        Ok(created)
+        // The index entry first: a call killed before the lease leaves an entry without a
+        // lease, which the next call removes; never a lease the index misfiles.
+        let key = lease.owner_key().filter(|k| self.create_entry(*k, lease.ip));
+        let created = match self.link_prepared(lease) {
+            Some(linked) => linked,
+            None => self.create_exclusive(&lease.ip.to_string(), lease.content().as_bytes()),
+        };
+        if !matches!(created, Ok(true)) {
+            if let Some(k) = key {
+                self.remove_entry(k, lease.ip);
+            }
+        }
+        if !created? {
+            // A lease file appeared that the listing did not show: a writer that does not
+            // take the lock. Whatever else it did is unknown, so the index is not stamped.
+            self.index_failed = true;
+            self.leases.insert(lease.ip, Vec::new());
+            return Ok(false);
+        }
+        self.leases.insert(lease.ip, key.into_iter().collect());
+        self.write_last_reserved(set, lease.ip)?;
+        Ok(true)
+    }
+
+    /// Links the prepared file into place as `lease`, if it holds `lease`'s bytes; `None`
+    /// if there is none, or it cannot be linked (then it is dropped: write another).
+    fn link_prepared(&mut self, lease: &Lease) -> Option<Result<bool, Error>> {
+        let prepared = self.prepared.as_ref().filter(|p| p.content == lease.content())?;
+        let path = self.dir.join(lease.ip.to_string());
+        match prepared.link(&path) {
+            Ok(()) => Some(Ok(true)),
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => Some(Ok(false)),
+            // No /proc, or a file linked then released (it cannot be linked again).
+            Err(_) => {
+                self.prepared = None;
+                None
+            }
+        }
     }
 
     /// Removes a lease; one that is already gone is fine (DEL is idempotent).
-    pub fn release(&self, ip: IpAddr) -> Result<(), Error> {
+    pub fn release(&mut self, ip: IpAddr) -> Result<(), Error> {
         let path = self.dir.join(ip.to_string());
         match fs::remove_file(&path) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(Error::io(format!("removing lease {}", path.display()), &e)),
+            Ok(()) => {}
+            Err(e) if e.kind() == ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io(format!("removing lease {}", path.display()), &e)),
+        }
+        // Then its index entries: a call killed in between leaves entries without a lease,
+        // which the next call removes.
+        for key in self.leases.remove(&ip).unwrap_or_default() {
+            self.remove_entry(key, ip);
+        }
+        Ok(())
+    }
+
+    /// Lists the lease directory and the index, names only. Removes leftover temporary
+    /// files (we hold the lock, so no live call is writing one) and, in a writable store,
+    /// index entries whose lease is gone. The index is trusted if the lease directory's
+    /// mtime is the one an `exact-at.` file records.
+    fn list(&mut self) -> Result<(), Error> {
+        // Before anything below changes it.
+        let mtime = fs::metadata(&self.dir).and_then(|m| m.modified()).ok();
+        let reading = |e: std::io::Error| Error::io(format!("reading {}", self.dir.display()), &e);
+        for entry in fs::read_dir(&self.dir).map_err(reading)? {
+            let entry = entry.map_err(reading)?;
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            if name.starts_with(TEMP_PREFIX) {
+                let _ = fs::remove_file(entry.path());
+            } else if let Some(ip) = address_named(name) {
+                self.leases.insert(ip, Vec::new());
+            }
+        }
+        let owners = self.dir.join(OWNERS_DIR);
+        // Without a readable index, every lease is read: the index only ever saves reads.
+        let Ok(entries) = fs::read_dir(&owners) else {
+            return Ok(());
+        };
+        let mut dangling = Vec::new();
+        for entry in entries {
+            // A listing cut short loses entries, and a lease without one is read: still right.
+            let Ok(entry) = entry else { break };
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            if name.starts_with(STAMP_PREFIX) {
+                self.stamps.push(name.to_string());
+            } else if let Some((key, ip)) = OwnerKey::parse_entry(name) {
+                match self.leases.get_mut(&ip) {
+                    Some(keys) => keys.push(key),
+                    None => dangling.push((key, ip)),
+                }
+            }
+        }
+        if self.writable {
+            for (key, ip) in dangling {
+                self.remove_entry(key, ip);
+            }
+        }
+        let stamp = mtime.and_then(stamp_name);
+        self.exact = stamp.is_some_and(|s| self.stamps.contains(&s));
+        Ok(())
+    }
+
+    /// Reads the leases of `ips`, checking each against the index (a contradiction means
+    /// the index is not exact) and, in a writable store, filing it under its owner's key
+    /// and no other.
+    fn read(&mut self, ips: Vec<IpAddr>) -> Result<Vec<Lease>, Error> {
+        let mut out = Vec::with_capacity(ips.len());
+        for ip in ips {
+            let Some(lease) = self.lease(ip)? else {
+                let keys = self.leases.remove(&ip).unwrap_or_default();
+                if self.writable {
+                    for key in keys {
+                        self.remove_entry(key, ip);
+                    }
+                }
+                continue;
+            };
+            let want = lease.owner_key();
+            let keys = self.leases.get(&ip).cloned().unwrap_or_default();
+            let filed_right = match want {
+                Some(k) => keys.contains(&k),
+                None => keys.is_empty(),
+            };
+            if !filed_right {
+                self.exact = false;
+            }
+            if self.writable {
+                let mut kept = Vec::new();
+                for k in keys {
+                    if Some(k) == want {
+                        kept.push(k);
+                    } else if !self.remove_entry(k, ip) {
+                        self.index_failed = true;
+                        kept.push(k);
+                    }
+                }
+                if let Some(k) = want.filter(|k| !kept.contains(k)) {
+                    if self.create_entry(k, ip) {
+                        kept.push(k);
+                    }
+                }
+                self.leases.insert(ip, kept);
+            }
+            out.push(lease);
+        }
+        Ok(out)
+    }
+
+    /// Creates the (empty) index entry filing `ip` under `key`. Not flushed: the index
+    /// is a hint that the next call checks. Returns whether it exists now.
+    fn create_entry(&mut self, key: OwnerKey, ip: IpAddr) -> bool {
+        let path = self.dir.join(OWNERS_DIR).join(key.entry_name(ip));
+        let create = || {
+            OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o600)
+                .open(&path)
+        };
+        let created = match create() {
+            Err(e) if e.kind() == ErrorKind::NotFound => self.create_owners_dir().and_then(|()| create()),
+            other => other,
+        };
+        self.index_failed |= created.is_err();
+        created.is_ok()
+    }
+
+    /// Removes an index entry; returns whether it is gone. One left behind names a lease
+    /// that is gone or not its owner's: the index stays exact (module doc).
+    fn remove_entry(&mut self, key: OwnerKey, ip: IpAddr) -> bool {
+        let path = self.dir.join(OWNERS_DIR).join(key.entry_name(ip));
+        match fs::remove_file(path) {
+            Ok(()) => true,
+            Err(e) => e.kind() == ErrorKind::NotFound,
         }
     }
 
-    /// The cursor is a hint: replaced atomically (rename), but not worth a flush.
+    fn create_owners_dir(&self) -> std::io::Result<()> {
+        match DirBuilder::new().mode(0o700).create(self.dir.join(OWNERS_DIR)) {
+            Err(e) if e.kind() != ErrorKind::AlreadyExists => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// Records that the index is exact for the lease directory as it is now: sets the
+    /// directory's mtime one nanosecond back, which no later change can produce, and names
+    /// the `exact-at.` file after it (module doc).
+    fn stamp(&mut self) -> std::io::Result<()> {
+        let now = fs::metadata(&self.dir)?.modified()?;
+        if stamp_name(now).is_some_and(|s| self.stamps.contains(&s)) {
+            return Ok(()); // Nothing changed since the last stamp.
+        }
+        // Creating the index directory changes the lease directory: first.
+        self.create_owners_dir()?;
+        let dir = File::open(&self.dir)?;
+        let mtime = dir.metadata()?.modified()?;
+        dir.set_times(FileTimes::new().set_modified(mtime - Duration::from_nanos(1)))?;
+        // As the file system stored it (some keep only seconds).
+        let stamped = dir.metadata()?.modified()?;
+        let name = stamp_name(stamped).ok_or(ErrorKind::InvalidData)?;
+        let owners = self.dir.join(OWNERS_DIR);
+        let renamed = match self.stamps.pop() {
+            Some(old) => fs::rename(owners.join(old), owners.join(&name)),
+            None => Err(ErrorKind::NotFound.into()),
+        };
+        if renamed.is_err() {
+            File::create(owners.join(&name))?;
+        }
+        for old in self.stamps.drain(..) {
+            let _ = fs::remove_file(owners.join(old));
+        }
+        self.stamps.push(name);
+        Ok(())
+    }
+
+    /// The cursor is a hint, rewritten in place as host-local does: no new file, no rename,
+    /// no flush. A write a crash cuts short leaves a value that does not parse or another
+    /// address, which only changes where the next search starts.
     fn write_last_reserved(&self, set: usize, ip: IpAddr) -> Result<(), Error> {
-        let name = format!("{LAST_RESERVED_PREFIX}{set}");
-        let tmp = self.write_temp(&name, ip.to_string().as_bytes(), false)?;
-        fs::rename(&tmp, self.dir.join(&name)).map_err(|e| {
-            let _ = fs::remove_file(&tmp);
-            Error::io(format!("replacing {}", self.dir.join(&name).display()), &e)
-        })
+        let path = self.dir.join(format!("{LAST_RESERVED_PREFIX}{set}"));
+        let text = ip.to_string();
+        let write = || -> std::io::Result<()> {
+            let f = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o600)
+                .open(&path)?;
+            f.write_all_at(text.as_bytes(), 0)?;
+            f.set_len(text.len() as u64)
+        };
+        write().map_err(|e| Error::io(format!("writing {}", path.display()), &e))
     }
 
-    /// Creates `name` with `data`, complete or not at all; `Ok(false)` if it exists.
-    fn create_exclusive(&self, name: &str, data: &[u8], durable: bool) -> Result<bool, Error> {
-        let tmp = self.write_temp(name, data, durable)?;
-        let linked = fs::hard_link(&tmp, self.dir.join(name));
-        let _ = fs::remove_file(&tmp);
-        match linked {
-            Ok(()) => Ok(true),
-            Err(e) if e.kind() == ErrorKind::AlreadyExists => Ok(false),
-            Err(e) => Err(Error::io(
-                format!("creating {}", self.dir.join(name).display()),
-                &e,
-            )),
-        }
-    }
-
-    fn write_temp(&self, name: &str, data: &[u8], durable: bool) -> Result<PathBuf, Error> {
+    /// Creates `name` with `data`, complete or not at all, through a named temporary file
+    /// (where there is no prepared one); `Ok(false)` if it exists.
+    fn create_exclusive(&self, name: &str, data: &[u8]) -> Result<bool, Error> {
         let tmp = self
             .dir
             .join(format!("{TEMP_PREFIX}{}-{name}", std::process::id()));
@@ -193,17 +603,62 @@ impl Store {
                 .mode(0o600)
                 .open(&tmp)?;
             f.write_all(data)?;
-            if durable {
-                f.sync_data()?;
-            }
-            Ok(())
+            f.sync_data()
         };
-        write().map_err(|e| {
-            let _ = fs::remove_file(&tmp);
-            Error::io(format!("writing {}", tmp.display()), &e)
-        })?;
-        Ok(tmp)
+        let linked = write().and_then(|()| fs::hard_link(&tmp, self.dir.join(name)));
+        let _ = fs::remove_file(&tmp);
+        match linked {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => Ok(false),
+            Err(e) => Err(Error::io(
+                format!("creating {}", self.dir.join(name).display()),
+                &e,
+            )),
+        }
     }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        if self.writable && self.exact && !self.index_failed {
+            // Best effort: without a stamp, the next call reads every lease and stamps.
+            let _ = self.stamp();
+        }
+    }
+}
+
+/// The address a lease file named `name` is for, if `name` is an address written as both
+/// plugins write them: host-local would not see "fd00:0::5" when it creates "fd00::5".
+fn address_named(name: &str) -> Option<IpAddr> {
+    // Called for every name in the store on every call: no allocation.
+    struct Buf([u8; 48], usize);
+    impl std::fmt::Write for Buf {
+        fn write_str(&mut self, s: &str) -> std::fmt::Result {
+            let end = self.1 + s.len();
+            self.0
+                .get_mut(self.1..end)
+                .ok_or(std::fmt::Error)?
+                .copy_from_slice(s.as_bytes());
+            self.1 = end;
+            Ok(())
+        }
+    }
+    let ip: IpAddr = name.parse().ok()?;
+    // The IPv4 parser takes the canonical dotted form only (no leading zeros).
+    if ip.is_ipv6() {
+        let mut buf = Buf([0; 48], 0);
+        std::fmt::Write::write_fmt(&mut buf, format_args!("{ip}")).ok()?;
+        if &buf.0[..buf.1] != name.as_bytes() {
+            return None;
+        }
+    }
+    Some(ip)
+}
+
+/// The name of the `exact-at.` file recording mtime `t`.
+fn stamp_name(t: SystemTime) -> Option<String> {
+    let d = t.duration_since(UNIX_EPOCH).ok()?;
+    Some(format!("{STAMP_PREFIX}{}.{:09}", d.as_secs(), d.subsec_nanos()))
 }
 
 /// Whether `dir` can hold leases: for STATUS, which must not create anything to find out.
@@ -245,16 +700,68 @@ mod tests {
         }
     }
 
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn entry(dir: &Path, id: &str, ifname: &str, ip: &str) -> PathBuf {
+        dir.join(OWNERS_DIR)
+            .join(OwnerKey::of(id, ifname).entry_name(ip.parse().unwrap()))
+    }
+
+    /// The names in the index, stamp excluded.
+    fn entries(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(dir.join(OWNERS_DIR))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| !n.starts_with(STAMP_PREFIX))
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// Writes a lease as host-local does: an exclusive create in place, no index entry.
+    fn host_local_writes(dir: &Path, ip: &str, content: &str) {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(dir.join(ip))
+            .unwrap();
+        f.write_all(content.as_bytes()).unwrap();
+    }
+
+    /// Runs `change` on the lease directory, then puts its mtime back: a change the stamp
+    /// cannot see, to show what a trusted index does (and does not) read.
+    fn unseen(dir: &Path, change: impl FnOnce()) {
+        let mtime = fs::metadata(dir).unwrap().modified().unwrap();
+        change();
+        File::open(dir)
+            .unwrap()
+            .set_times(FileTimes::new().set_modified(mtime))
+            .unwrap();
+    }
+
+    /// A store as ferry-ipam leaves it: `owners` each hold a lease, the index stamped exact.
+    fn stamped_store(dir: &Path, owners: &[(&str, &str)]) {
+        let mut s = Store::open(dir).unwrap();
+        s.all_leases().unwrap(); // What a call does first; an index never read is not exact.
+        for (ip, id) in owners {
+            assert!(s.reserve(&lease(ip, id, "eth0"), 0).unwrap());
+        }
+        drop(s);
+        assert!(Store::open(dir).unwrap().exact, "the index was stamped exact");
+    }
+
     #[test]
     fn writes_host_local_bytes_and_reads_them_back() {
         let d = tempfile::tempdir().unwrap();
-        let s = Store::open(d.path()).unwrap();
+        let mut s = Store::open(d.path()).unwrap();
         assert!(s.reserve(&lease("10.0.0.2", "c1", "eth0"), 0).unwrap());
         assert!(s.reserve(&lease("fd00::2", "c1", "eth0"), 1).unwrap());
         assert_eq!(fs::read(d.path().join("10.0.0.2")).unwrap(), b"c1\r\neth0");
         assert_eq!(fs::read(d.path().join("last_reserved_ip.1")).unwrap(), b"fd00::2");
         assert_eq!(s.last_reserved(0), Some("10.0.0.2".parse().unwrap()));
-        let mut got = s.leases().unwrap();
+        let mut got = s.all_leases().unwrap();
         got.sort_by_key(|l| l.ip);
         assert_eq!(
             got,
@@ -266,7 +773,7 @@ mod tests {
     #[test]
     fn an_address_is_never_leased_twice() {
         let d = tempfile::tempdir().unwrap();
-        let s = Store::open(d.path()).unwrap();
+        let mut s = Store::open(d.path()).unwrap();
         assert!(s.reserve(&lease("10.0.0.2", "c1", "eth0"), 0).unwrap());
         assert!(!s.reserve(&lease("10.0.0.2", "c2", "eth0"), 0).unwrap());
         assert_eq!(fs::read(d.path().join("10.0.0.2")).unwrap(), b"c1\r\neth0");
@@ -278,6 +785,11 @@ mod tests {
             !names.iter().any(|n| n.to_string_lossy().starts_with(TEMP_PREFIX)),
             "{names:?}"
         );
+        // Also when the listing did not show the lease (a writer that skips the lock).
+        host_local_writes(d.path(), "10.0.0.3", "hl\r\neth0");
+        assert!(!s.reserve(&lease("10.0.0.3", "c2", "eth0"), 0).unwrap());
+        assert_eq!(fs::read(d.path().join("10.0.0.3")).unwrap(), b"hl\r\neth0");
+        assert!(!entry(d.path(), "c2", "eth0", "10.0.0.3").exists());
     }
 
     #[test]
@@ -292,8 +804,8 @@ mod tests {
     fn leftover_temp_files_are_removed_when_leases_are_read() {
         let d = tempfile::tempdir().unwrap();
         fs::write(d.path().join(format!("{TEMP_PREFIX}999-10.0.0.9")), "c9\r\neth0").unwrap();
-        let s = Store::open(d.path()).unwrap();
-        assert_eq!(s.leases().unwrap(), vec![]);
+        let mut s = Store::open(d.path()).unwrap();
+        assert_eq!(s.all_leases().unwrap(), vec![]);
         assert_eq!(
             fs::read_dir(d.path()).unwrap().count(),
             1,
@@ -304,10 +816,306 @@ mod tests {
     #[test]
     fn release_is_idempotent() {
         let d = tempfile::tempdir().unwrap();
-        let s = Store::open(d.path()).unwrap();
+        let mut s = Store::open(d.path()).unwrap();
         s.reserve(&lease("10.0.0.2", "c1", "eth0"), 0).unwrap();
         s.release("10.0.0.2".parse().unwrap()).unwrap();
         s.release("10.0.0.2".parse().unwrap()).unwrap();
-        assert!(s.leases().unwrap().is_empty());
+        assert!(s.all_leases().unwrap().is_empty());
+    }
+
+    #[test]
+    fn each_lease_is_filed_under_its_owner_in_an_empty_file() {
+        let d = tempfile::tempdir().unwrap();
+        let mut s = Store::open(d.path()).unwrap();
+        assert!(s.reserve(&lease("10.0.0.2", "c1", "eth0"), 0).unwrap());
+        assert!(s.reserve(&lease("fd00::2", "c1", "eth0"), 1).unwrap());
+        assert!(s.reserve(&lease("10.0.0.3", "c1", "eth1"), 0).unwrap());
+        let key = OwnerKey::of("c1", "eth0");
+        assert_eq!(key.to_string().len(), 16);
+        assert_ne!(key, OwnerKey::of("c1", "eth1"));
+        assert_eq!(
+            entries(d.path()),
+            [
+                format!("{key}.10.0.0.2"),
+                format!("{key}.fd00::2"),
+                format!("{}.10.0.0.3", OwnerKey::of("c1", "eth1")),
+            ]
+            .into_iter()
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect::<Vec<_>>()
+        );
+        // Empty, so host-local's walk never takes one for a lease of the attachment.
+        assert_eq!(
+            fs::metadata(entry(d.path(), "c1", "eth0", "10.0.0.2"))
+                .unwrap()
+                .len(),
+            0
+        );
+        s.release(ip("10.0.0.2")).unwrap();
+        assert!(!entry(d.path(), "c1", "eth0", "10.0.0.2").exists());
+        assert!(entry(d.path(), "c1", "eth0", "fd00::2").exists());
+        assert_eq!(
+            OwnerKey::parse_entry(&format!("{key}.fd00::2")),
+            Some((key, ip("fd00::2")))
+        );
+        assert_eq!(OwnerKey::parse_entry(&format!("{key}.fd00:0::2")), None);
+        assert_eq!(OwnerKey::parse_entry("exact-at.1.000000000"), None);
+    }
+
+    #[test]
+    fn a_trusted_index_reads_no_lease_of_another_attachment() {
+        let d = tempfile::tempdir().unwrap();
+        let others: Vec<(String, String)> = (10..60)
+            .map(|i| (format!("10.0.0.{i}"), format!("other{i}")))
+            .collect();
+        let mut owners: Vec<(&str, &str)> = others.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+        owners.push(("10.0.0.5", "me"));
+        stamped_store(d.path(), &owners);
+        // Every other lease becomes something that cannot be read as a file. The change is
+        // hidden from the stamp: a read of any of them would fail the call.
+        unseen(d.path(), || {
+            for (a, _) in &others {
+                fs::remove_file(d.path().join(a)).unwrap();
+                fs::create_dir(d.path().join(a)).unwrap();
+            }
+        });
+        let mut s = Store::open(d.path()).unwrap();
+        assert!(s.exact);
+        assert_eq!(
+            s.leases_of("me", "eth0").unwrap(),
+            vec![lease("10.0.0.5", "me", "eth0")]
+        );
+        assert_eq!(s.leases_of("new", "eth0").unwrap(), vec![]);
+        assert_eq!(s.addresses().len(), 51, "the other leases are still taken");
+        assert!(s.reserve(&lease("10.0.0.60", "new", "eth0"), 0).unwrap());
+        s.release(ip("10.0.0.5")).unwrap();
+        drop(s);
+
+        // The same directory with the change seen: every lease is read, and the call fails.
+        fs::write(d.path().join("stray"), "").unwrap();
+        let mut s = Store::open(d.path()).unwrap();
+        assert!(!s.exact);
+        let err = s.leases_of("new", "eth0").unwrap_err();
+        assert!(err.msg.contains("reading lease"), "{}", err.msg);
+    }
+
+    #[test]
+    fn leases_host_local_wrote_are_found_and_then_indexed() {
+        let d = tempfile::tempdir().unwrap();
+        stamped_store(d.path(), &[("10.0.0.2", "fy")]);
+        host_local_writes(d.path(), "10.0.0.3", "hl\r\neth0");
+        host_local_writes(d.path(), "10.0.0.4", "old"); // id-only: an old host-local
+        let mut s = Store::open(d.path()).unwrap();
+        assert!(!s.exact, "host-local changed the directory");
+        assert_eq!(
+            s.leases_of("hl", "eth0").unwrap(),
+            vec![lease("10.0.0.3", "hl", "eth0")]
+        );
+        assert_eq!(s.leases_of("old", "eth3").unwrap()[0].ip, ip("10.0.0.4"));
+        drop(s);
+        assert_eq!(
+            entries(d.path()),
+            [
+                OwnerKey::of("fy", "eth0").entry_name(ip("10.0.0.2")),
+                OwnerKey::of("hl", "eth0").entry_name(ip("10.0.0.3")),
+            ]
+            .into_iter()
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect::<Vec<_>>(),
+            "host-local's lease is indexed; the id-only one is filed under no key"
+        );
+        let mut s = Store::open(d.path()).unwrap();
+        assert!(s.exact, "repaired and stamped");
+        assert_eq!(s.leases_of("old", "eth0").unwrap()[0].ip, ip("10.0.0.4"));
+    }
+
+    #[test]
+    fn an_unindexed_lease_is_read_even_when_the_index_is_trusted() {
+        let d = tempfile::tempdir().unwrap();
+        stamped_store(d.path(), &[("10.0.0.2", "fy")]);
+        unseen(d.path(), || host_local_writes(d.path(), "10.0.0.3", "hl\r\neth0"));
+        let mut s = Store::open(d.path()).unwrap();
+        assert!(s.exact);
+        assert_eq!(
+            s.leases_of("hl", "eth0").unwrap(),
+            vec![lease("10.0.0.3", "hl", "eth0")]
+        );
+        assert!(entry(d.path(), "hl", "eth0", "10.0.0.3").exists());
+    }
+
+    #[test]
+    fn an_address_host_local_gave_to_another_container_is_its_new_owners() {
+        let d = tempfile::tempdir().unwrap();
+        stamped_store(d.path(), &[("10.0.0.2", "k"), ("10.0.0.3", "x")]);
+        // host-local releases k's lease (leaving ferry's entry), then leases the address to j.
+        fs::remove_file(d.path().join("10.0.0.2")).unwrap();
+        host_local_writes(d.path(), "10.0.0.2", "j\r\neth0");
+        let mut s = Store::open(d.path()).unwrap();
+        assert_eq!(
+            s.leases_of("j", "eth0").unwrap(),
+            vec![lease("10.0.0.2", "j", "eth0")]
+        );
+        assert_eq!(s.leases_of("k", "eth0").unwrap(), vec![]);
+        drop(s);
+        assert!(!entry(d.path(), "k", "eth0", "10.0.0.2").exists());
+        assert!(entry(d.path(), "j", "eth0", "10.0.0.2").exists());
+
+        // The same, hidden from the stamp (which is what the stamp is for): when a lease
+        // read contradicts its entry, every lease is read and the index repaired.
+        unseen(d.path(), || {
+            fs::remove_file(d.path().join("10.0.0.3")).unwrap();
+            host_local_writes(d.path(), "10.0.0.3", "k\r\neth0");
+        });
+        let mut s = Store::open(d.path()).unwrap();
+        assert!(s.exact);
+        assert_eq!(s.leases_of("x", "eth0").unwrap(), vec![]);
+        assert!(!entry(d.path(), "x", "eth0", "10.0.0.3").exists());
+        assert!(entry(d.path(), "k", "eth0", "10.0.0.3").exists());
+        assert_eq!(
+            s.leases_of("k", "eth0").unwrap(),
+            vec![lease("10.0.0.3", "k", "eth0")]
+        );
+    }
+
+    #[test]
+    fn entries_whose_lease_is_gone_are_removed() {
+        let d = tempfile::tempdir().unwrap();
+        stamped_store(d.path(), &[("10.0.0.2", "c1"), ("10.0.0.3", "c2")]);
+        // A DEL killed between its two removals; host-local's DEL, which leaves entries.
+        fs::remove_file(d.path().join("10.0.0.2")).unwrap();
+        fs::remove_file(d.path().join("10.0.0.3")).unwrap();
+        // An ADD killed between creating the entry and linking the lease.
+        fs::write(entry(d.path(), "c3", "eth0", "10.0.0.4"), "").unwrap();
+        drop(Store::open_read_only(d.path()).unwrap());
+        assert_eq!(
+            entries(d.path()).len(),
+            3,
+            "a read-only call leaves the index alone"
+        );
+        let mut s = Store::open(d.path()).unwrap();
+        assert_eq!(entries(d.path()), Vec::<String>::new());
+        assert!(s.addresses().is_empty());
+        assert_eq!(s.leases_of("c3", "eth0").unwrap(), vec![]);
+        assert!(s.reserve(&lease("10.0.0.4", "c4", "eth0"), 0).unwrap());
+        assert_eq!(
+            entries(d.path()),
+            [OwnerKey::of("c4", "eth0").entry_name(ip("10.0.0.4"))]
+        );
+    }
+
+    #[test]
+    fn a_call_killed_before_its_stamp_leaves_the_index_untrusted() {
+        let d = tempfile::tempdir().unwrap();
+        stamped_store(d.path(), &[("10.0.0.2", "c1")]);
+        // What a killed ADD leaves: its entry and lease, the stamp of the call before.
+        fs::write(entry(d.path(), "c2", "eth0", "10.0.0.3"), "").unwrap();
+        fs::write(d.path().join("10.0.0.3"), "c2\r\neth0").unwrap();
+        let mut s = Store::open(d.path()).unwrap();
+        assert!(!s.exact);
+        assert_eq!(
+            s.leases_of("c2", "eth0").unwrap(),
+            vec![lease("10.0.0.3", "c2", "eth0")]
+        );
+        assert!(s.exact, "every lease was read and filed: exact again");
+    }
+
+    #[test]
+    fn the_stamp_is_the_directory_mtime_and_read_only_stores_leave_it() {
+        let d = tempfile::tempdir().unwrap();
+        stamped_store(d.path(), &[("10.0.0.2", "c1")]);
+        let mtime = fs::metadata(d.path()).unwrap().modified().unwrap();
+        let stamp = stamp_name(mtime).unwrap();
+        assert!(d.path().join(OWNERS_DIR).join(&stamp).exists());
+        // A call that changes nothing leaves everything as it was.
+        let mut s = Store::open(d.path()).unwrap();
+        s.leases_of("c1", "eth0").unwrap();
+        drop(s);
+        assert_eq!(fs::metadata(d.path()).unwrap().modified().unwrap(), mtime);
+        // A read-only call does not stamp a changed directory.
+        host_local_writes(d.path(), "10.0.0.3", "hl\r\neth0");
+        let mut s = Store::open_read_only(d.path()).unwrap();
+        assert_eq!(s.leases_of("hl", "eth0").unwrap().len(), 1);
+        drop(s);
+        assert!(!Store::open_read_only(d.path()).unwrap().exact);
+        assert!(!entry(d.path(), "hl", "eth0", "10.0.0.3").exists());
+        // A writable one repairs and stamps, replacing the old stamp.
+        drop(Store::open(d.path()).unwrap().all_leases().unwrap());
+        let stamps: Vec<_> = fs::read_dir(d.path().join(OWNERS_DIR))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.starts_with(STAMP_PREFIX))
+            .collect();
+        assert_eq!(stamps.len(), 1);
+        assert_ne!(stamps[0], stamp);
+        assert!(Store::open(d.path()).unwrap().exact);
+    }
+
+    #[test]
+    fn an_add_links_one_file_flushed_before_the_lock_for_all_its_leases() {
+        use std::os::unix::fs::MetadataExt;
+        let d = tempfile::tempdir().unwrap();
+        let mut s = Store::open_to_add(d.path(), "c1", "eth0").unwrap();
+        assert!(s.prepared.is_some(), "O_TMPFILE works here");
+        s.leases_of("c1", "eth0").unwrap();
+        assert!(s.reserve(&lease("10.0.0.2", "c1", "eth0"), 0).unwrap());
+        assert!(s.reserve(&lease("fd00::2", "c1", "eth0"), 1).unwrap());
+        let (v4, v6) = (
+            fs::metadata(d.path().join("10.0.0.2")).unwrap(),
+            fs::metadata(d.path().join("fd00::2")).unwrap(),
+        );
+        assert_eq!((v4.ino(), v4.nlink()), (v6.ino(), 2), "two names of one file");
+        assert_eq!(fs::read(d.path().join("fd00::2")).unwrap(), b"c1\r\neth0");
+        // Taken addresses are refused as before, and nothing is left but leases and the index.
+        assert!(!s.reserve(&lease("10.0.0.2", "c1", "eth0"), 0).unwrap());
+        drop(s);
+        let mut names: Vec<_> = fs::read_dir(d.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                ".ferry-owners",
+                "10.0.0.2",
+                "fd00::2",
+                "last_reserved_ip.0",
+                "last_reserved_ip.1",
+                "lock"
+            ]
+        );
+        assert_eq!(entries(d.path()).len(), 2);
+    }
+
+    #[test]
+    fn an_add_that_reserves_nothing_leaves_nothing_and_other_leases_get_their_own_file() {
+        let d = tempfile::tempdir().unwrap();
+        drop(Store::open_to_add(d.path(), "c1", "eth0").unwrap());
+        assert_eq!(fs::read_dir(d.path()).unwrap().count(), 1, "only the lock file");
+
+        let mut s = Store::open_to_add(d.path(), "c1", "eth0").unwrap();
+        assert!(s.reserve(&lease("10.0.0.3", "c2", "eth0"), 0).unwrap());
+        assert_eq!(fs::read(d.path().join("10.0.0.3")).unwrap(), b"c2\r\neth0");
+        // Linked, then released (a rollback): the file cannot be linked again.
+        assert!(s.reserve(&lease("10.0.0.4", "c1", "eth0"), 0).unwrap());
+        s.release(ip("10.0.0.4")).unwrap();
+        assert!(s.reserve(&lease("10.0.0.5", "c1", "eth0"), 0).unwrap());
+        assert!(s.prepared.is_none());
+        assert_eq!(fs::read(d.path().join("10.0.0.5")).unwrap(), b"c1\r\neth0");
+        assert_eq!(s.last_reserved(0), Some(ip("10.0.0.5")));
+    }
+
+    #[test]
+    fn the_cursor_is_rewritten_in_place() {
+        let d = tempfile::tempdir().unwrap();
+        let mut s = Store::open(d.path()).unwrap();
+        s.reserve(&lease("10.0.0.100", "c1", "eth0"), 0).unwrap();
+        s.reserve(&lease("10.0.0.9", "c2", "eth0"), 0).unwrap();
+        assert_eq!(
+            fs::read(d.path().join("last_reserved_ip.0")).unwrap(),
+            b"10.0.0.9"
+        );
     }
 }

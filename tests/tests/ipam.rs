@@ -73,6 +73,31 @@ fn leases(data_dir: &Path) -> BTreeMap<IpAddr, String> {
     out
 }
 
+/// ferry-ipam's owner index, inside the lease directory.
+const OWNERS_DIR: &str = ".ferry-owners";
+
+/// The entries of the owner index in lease directory `dir`: (owner key, address). Each
+/// is an empty file, so host-local, which reads every file under the directory, never
+/// takes one for a lease.
+fn owner_index(dir: &Path) -> Vec<(String, IpAddr)> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir.join(OWNERS_DIR)) else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with("exact-at.") {
+            continue;
+        }
+        let (key, ip) = name
+            .split_once('.')
+            .unwrap_or_else(|| panic!("{name} in the owner index"));
+        assert_eq!(e.metadata().unwrap().len(), 0, "index entry {name} is not empty");
+        out.push((key.to_string(), ip.parse().unwrap()));
+    }
+    out
+}
+
 fn addresses(result: &Value) -> Vec<String> {
     result["ips"]
         .as_array()
@@ -390,6 +415,9 @@ fn kill_9_at_random_moments_leaves_a_store_gc_can_clean() {
     let mut per_owner: BTreeMap<String, Vec<IpAddr>> = BTreeMap::new();
     for e in std::fs::read_dir(&dir).unwrap().flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
+        if name == OWNERS_DIR {
+            continue; // The owner index: checked below.
+        }
         let content = std::fs::read_to_string(e.path()).unwrap();
         if name == "lock" {
             continue;
@@ -417,6 +445,22 @@ fn kill_9_at_random_moments_leaves_a_store_gc_can_clean() {
             v4 <= 1 && ips.len() - v4 <= 1,
             "{id} holds {ips:?}: duplicate leases"
         );
+    }
+    // GC read every lease and repaired the index: each lease is filed exactly once, the
+    // leases of one owner under one key, and no entry names a lease that is gone.
+    let index = owner_index(&dir);
+    let mut leased: Vec<IpAddr> = per_owner.values().flatten().copied().collect();
+    leased.sort();
+    let mut filed: Vec<IpAddr> = index.iter().map(|(_, ip)| *ip).collect();
+    filed.sort();
+    assert_eq!(filed, leased, "index {index:?}");
+    for ips in per_owner.values() {
+        let keys: HashSet<&String> = index
+            .iter()
+            .filter(|(_, ip)| ips.contains(ip))
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(keys.len(), 1, "{ips:?} filed under {keys:?}");
     }
     // And the store still works: every valid container can be added and gets one address each.
     for id in &valid {
@@ -702,11 +746,12 @@ fn results_and_store_match_host_local_in_every_version_host_local_speaks() {
         let b = compat_run(&host_local(), &node, &theirs, version);
         assert_eq!(a, b, "cniVersion {version}: results differ from host-local's");
         assert_eq!(a[0]["cniVersion"], version);
-        // Same leases, same bytes, same round-robin cursors.
+        // Same leases, same bytes, same round-robin cursors; ferry-ipam's owner index aside.
         let files = |d: &Path| -> BTreeMap<String, Vec<u8>> {
             snapshot(&d.join("testnet"))
                 .into_iter()
                 .filter(|(p, _)| !p.ends_with("lock"))
+                .filter(|(p, _)| !p.components().any(|c| c.as_os_str() == OWNERS_DIR))
                 .map(|(p, c)| (p.file_name().unwrap().to_string_lossy().into_owned(), c))
                 .collect()
         };
@@ -754,4 +799,56 @@ fn leases_written_by_one_plugin_are_honoured_and_released_by_the_other() {
     call(&host_local(), "DEL", "fy1");
     call(&ipam(), "DEL", "hl2");
     assert_eq!(leases(&data), BTreeMap::new());
+}
+
+#[test]
+fn an_address_host_local_released_and_gave_to_another_container_is_that_containers() {
+    require_root!();
+    let node = Node::new("ipam-reuse");
+    let pod = node.pod("pod");
+    let data = node.state_dir().join("ipam");
+    let config = conf("1.0.0", &data, json!([[{"subnet": "10.10.0.0/24"}]]));
+    let call = |plugin: &Path, verb: &str, id: &str, args: Option<&str>| {
+        let mut c = CniCall::new(plugin, verb, config.clone())
+            .container_id(id)
+            .netns(Some(&pod.path()));
+        if let Some(a) = args {
+            c = c.args(a);
+        }
+        c.run_in(node.netns()).ok()
+    };
+    let dir = data.join("testnet");
+    // ferry-ipam leases .2 to k and files it under k's key; host-local releases it (and
+    // leaves the entry: it never touches the index), then leases .2 to j.
+    assert_eq!(addresses(&call(&ipam(), "ADD", "k", None)), ["10.10.0.2/24"]);
+    let k_entry = owner_index(&dir);
+    assert_eq!(k_entry.len(), 1);
+    call(&host_local(), "DEL", "k", None);
+    assert_eq!(leases(&data), BTreeMap::new());
+    assert_eq!(owner_index(&dir), k_entry, "host-local left the index alone");
+    call(&host_local(), "ADD", "j", Some("IgnoreUnknown=1;IP=10.10.0.2"));
+
+    // ferry-ipam knows .2 is j's, not k's: a repeated ADD returns it, CHECK finds it...
+    let again = call(&ipam(), "ADD", "j", None);
+    assert_eq!(addresses(&again), ["10.10.0.2/24"]);
+    let mut with_prev = config.clone();
+    with_prev["prevResult"] = again;
+    assert_eq!(
+        CniCall::new(ipam(), "CHECK", with_prev)
+            .container_id("j")
+            .netns(Some(&pod.path()))
+            .run_in(node.netns())
+            .ok(),
+        Value::Null
+    );
+    assert_ne!(owner_index(&dir), k_entry, "the stale entry was replaced");
+    // ... GC keeps it for j even though k is gone, and DEL releases it.
+    let mut gc = config.clone();
+    gc["cniVersion"] = json!("1.1.0"); // GC's; host-local 1.1.1 speaks up to 1.0.0.
+    gc["cni.dev/valid-attachments"] = json!([{"containerID": "j", "ifname": "eth0"}]);
+    CniCall::new(ipam(), "GC", gc).run_in(node.netns()).ok();
+    assert_eq!(leases(&data).into_values().collect::<Vec<_>>(), ["j\r\neth0"]);
+    call(&ipam(), "DEL", "j", None);
+    assert_eq!(leases(&data), BTreeMap::new());
+    assert_eq!(owner_index(&dir), vec![], "DEL removed the entry with the lease");
 }

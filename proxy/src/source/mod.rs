@@ -14,12 +14,31 @@ pub enum Object {
     Node(Node),
 }
 
+/// The kinds of object the proxy reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Kind {
+    Service,
+    EndpointSlice,
+    Node,
+}
+
+impl Object {
+    pub fn kind(&self) -> Kind {
+        match self {
+            Object::Service(_) => Kind::Service,
+            Object::EndpointSlice(_) => Kind::EndpointSlice,
+            Object::Node(_) => Kind::Node,
+        }
+    }
+}
+
 /// What a source tells the sync loop.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
-    /// The complete current set of objects of the source (a manifests directory read, or
-    /// the initial list / a relist of the API watches). Objects not in it are gone.
-    Snapshot(Vec<Object>),
+    /// The complete current set of objects of the given kinds (a manifests directory read
+    /// gives all three; an API watcher's initial list or relist gives its one kind).
+    /// Objects of those kinds not in it are gone.
+    Snapshot { kinds: Vec<Kind>, objects: Vec<Object> },
     /// One object added or changed.
     Upsert(Object),
     /// One object deleted.
