@@ -1,10 +1,13 @@
-//! `make demo`: a tour of ferry-ipam on a throwaway node.
+//! `make demo`: a node in network namespaces, with pods on Ferry's network.
 //!
-//! Builds a node netns and three pod netns, then runs the real `ferry-ipam` binary the
-//! way a runtime would (ADD, DEL, GC, STATUS) and shows what it answers and what it keeps
-//! on disk. Everything lives in namespaces and a temp directory made here, and is removed
-//! at the end. Needs root.
+//! Builds a node netns, a client netns outside it (a machine on the node's network), and
+//! three pod netns; runs the real `ferry-bridge` (which delegates addresses to
+//! `ferry-ipam`) the way a runtime would, then shows what it made: the bridge, the
+//! veths, the addresses, the nftables rules, the leases on disk, and packets flowing pod to
+//! pod and pod to outside (masqueraded). Then DEL, GC and STATUS. Everything lives in
+//! namespaces and a temp directory made here, and is removed at the end. Needs root.
 
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -18,18 +21,20 @@ fn main() -> ExitCode {
         eprintln!("ferry-demo: cannot run: {reason}.\nRun it as root: `sudo make demo`.");
         return ExitCode::FAILURE;
     }
-    let ipam = bin_dir().join("ferry-ipam");
-    if !ipam.is_file() {
-        eprintln!(
-            "ferry-demo: {} not found: build it with `cargo build --release --workspace --bins` \
-             (`make demo` does), or set FERRY_BIN_DIR to the directory holding ferry-ipam.",
-            ipam.display()
-        );
-        return ExitCode::FAILURE;
+    let bridge = bin_dir().join("ferry-bridge");
+    for bin in [&bridge, &bin_dir().join("ferry-ipam")] {
+        if !bin.is_file() {
+            eprintln!(
+                "ferry-demo: {} not found: build it with `cargo build --release --workspace --bins` \
+                 (`make demo` does), or set FERRY_BIN_DIR to the directory holding the plugins.",
+                bin.display()
+            );
+            return ExitCode::FAILURE;
+        }
     }
     // Errors are returned, not panicked: the release profile aborts on panic, which would
     // skip the teardown below (the next testbed run would sweep the leftovers, though).
-    match demo(&ipam) {
+    match demo(&bridge) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("ferry-demo: {e}");
@@ -38,28 +43,31 @@ fn main() -> ExitCode {
     }
 }
 
-fn demo(ipam: &Path) -> Result<(), String> {
+fn demo(bridge: &Path) -> Result<(), String> {
     let node = Node::new("demo");
+    let client = node.client("outside");
+    node.connect_client(&client, "203.0.113.2/24", "203.0.113.1/24");
     let data_dir = node.state_dir().join("ipam");
     let (v4, v6) = (unique_v4_subnet(24), unique_v6_subnet());
     println!(
-        "== A node: netns {}, state in {}",
+        "== A node (netns {}) and a machine outside it (203.0.113.2, netns {})",
         node.name(),
-        node.state_dir().display()
+        client.name()
     );
 
-    // The runtime hands the IPAM plugin the whole network config; the main plugin
-    // (ferry-bridge) would normally delegate to it. Here we call it directly. Written out
-    // by hand so it prints in the order people write it (serde_json sorts keys).
+    // Written out by hand so it prints in the order people write it (serde_json sorts keys).
     let config_text = format!(
         r#"{{
   "cniVersion": "1.1.0",
   "name": "{NETWORK}",
   "type": "ferry-bridge",
+  "bridge": "cni0",
+  "isGateway": true,
+  "isDefaultGateway": true,
+  "ipMasq": true,
   "ipam": {{
     "type": "ferry-ipam",
     "ranges": [[{{"subnet": "{v4}"}}], [{{"subnet": "{v6}"}}]],
-    "routes": [{{"dst": "0.0.0.0/0"}}],
     "dataDir": {}
   }}
 }}"#,
@@ -67,21 +75,23 @@ fn demo(ipam: &Path) -> Result<(), String> {
     );
     let config: Value =
         serde_json::from_str(&config_text).map_err(|e| format!("bug: the demo config is not JSON: {e}"))?;
-    println!("\n== The network config, given to ferry-ipam on stdin");
+    println!("\n== The network config a runtime gives ferry-bridge on stdin");
     println!("{config_text}");
 
     let pods: Vec<(&str, Pod)> = ["web", "db", "cache"]
         .into_iter()
         .map(|name| (name, node.pod(name)))
         .collect();
-
-    println!("\n== ADD: ferry-ipam allocates an IPv4 and an IPv6 address for each pod");
     println!(
-        "{:<6} {:<28} {:<18} {:<30} GATEWAYS",
-        "POD", "CONTAINER ID", "IPv4", "IPv6"
+        "\n== ADD: ferry-bridge wires each pod to cni0; ferry-ipam gives it an IPv4 and an IPv6 address"
     );
+    println!(
+        "{:<6} {:<16} {:<18} {:<28} GATEWAYS",
+        "POD", "HOST VETH", "IPv4", "IPv6"
+    );
+    let mut addrs = Vec::new();
     for (name, pod) in &pods {
-        let result = cni(ipam, "ADD", &config, &node, |c| c.for_pod(pod))?;
+        let result = cni(bridge, "ADD", &config, &node, |c| c.for_pod(pod))?;
         let ips = result["ips"].as_array().cloned().unwrap_or_default();
         let addr = |v6: bool| {
             ips.iter()
@@ -91,63 +101,126 @@ fn demo(ipam: &Path) -> Result<(), String> {
                 .to_owned()
         };
         let gateways: Vec<&str> = ips.iter().filter_map(|ip| ip["gateway"].as_str()).collect();
+        let veth = result["interfaces"][1]["name"].as_str().unwrap_or("-");
         println!(
-            "{:<6} {:<28} {:<18} {:<30} {}",
+            "{:<6} {:<16} {:<18} {:<28} {}",
             name,
-            pod.container_id(),
+            veth,
             addr(false),
             addr(true),
             gateways.join(", ")
         );
+        let ip: IpAddr = addr(false)
+            .split('/')
+            .next()
+            .unwrap_or("")
+            .parse()
+            .map_err(|_| "no IPv4 address")?;
+        addrs.push(ip);
     }
-    println!(
-        "\nferry-ipam keeps one file per leased address (holding container id and interface),\n\
-         and per range the last address it handed out, where the next search starts."
+
+    println!("\n== In the node: the bridge with the gateway addresses, one veth per pod (ip -br)");
+    print!(
+        "{}",
+        node.netns()
+            .exec_ok(&["ip", "-br", "addr", "show", "dev", "cni0"])
+    );
+    print!(
+        "{}",
+        node.netns()
+            .exec_ok(&["ip", "-br", "link", "show", "master", "cni0"])
+    );
+    println!("\n== Ferry's nftables table: masquerade per pod, tagged with its attachment");
+    print!(
+        "{}",
+        node.netns()
+            .exec_ok(&["nft", "list", "table", "inet", "ferry-bridge"])
+    );
+
+    println!("\n== Packets: every pod runs a small TCP server that answers with the address it sees");
+    let servers: Vec<_> = pods
+        .iter()
+        .zip(&addrs)
+        .map(|((_, pod), ip)| pod.tcp_server(SocketAddr::new(*ip, 8080)))
+        .collect();
+    for (i, (from, pod)) in pods.iter().enumerate() {
+        let j = (i + 1) % pods.len();
+        let seen = pod
+            .tcp_request(SocketAddr::new(addrs[j], 8080))
+            .map_err(|e| format!("{from} -> {}: {e}", pods[j].0))?;
+        println!(
+            "   {from:<5} -> {:<5} {}:8080   {} saw the connection come from {seen}",
+            pods[j].0, addrs[j], pods[j].0
+        );
+    }
+    let _outside = client.tcp_server("203.0.113.2:9000".parse().expect("an address"));
+    let seen = pods[0]
+        .1
+        .tcp_request("203.0.113.2:9000".parse().expect("an address"))
+        .map_err(|e| format!("web -> outside: {e}"))?;
+    println!("   web   -> outside 203.0.113.2:9000   outside saw {seen}: the node's address (ipMasq)");
+    drop(servers);
+
+    println!("\n== ferry-ipam's leases on disk: one file per address, holding container id and interface");
+    print_store(&data_dir)?;
+
+    let (gone, gone_pod) = &pods[0];
+    println!("\n== DEL {gone}: its veth, its rules and its leases go");
+    cni(bridge, "DEL", &config, &node, |c| c.for_pod(gone_pod))?;
+    print!(
+        "{}",
+        node.netns()
+            .exec_ok(&["ip", "-br", "link", "show", "master", "cni0"])
     );
     print_store(&data_dir)?;
 
-    let (gone, _) = &pods[0];
-    println!("\n== DEL {gone}: its addresses go back to the pool");
-    cni(ipam, "DEL", &config, &node, |c| c.for_pod(&pods[0].1))?;
-    print_store(&data_dir)?;
-
     let (kept, kept_pod) = &pods[1];
-    println!("\n== GC: the runtime says only {kept} is still attached; every other lease is released");
+    println!("\n== GC: the runtime says only {kept} is still attached; everything of the others goes");
     let mut gc_config = config.clone();
     gc_config["cni.dev/valid-attachments"] =
         json!([{"containerID": kept_pod.container_id(), "ifname": "eth0"}]);
-    cni(ipam, "GC", &gc_config, &node, |c| c)?;
+    cni(bridge, "GC", &gc_config, &node, |c| c)?;
+    print!(
+        "{}",
+        node.netns()
+            .exec_ok(&["ip", "-br", "link", "show", "master", "cni0"])
+    );
     print_store(&data_dir)?;
 
-    println!("\n== STATUS: can ferry-ipam take new ADDs?");
-    cni(ipam, "STATUS", &config, &node, |c| c)?;
+    println!("\n== STATUS: can the network take new pods?");
+    cni(bridge, "STATUS", &config, &node, |c| c)?;
     println!("yes (exit 0)");
 
-    println!("\n== Teardown: pod and node namespaces and the state directory are removed");
+    println!("\n== Teardown: pod, client and node namespaces and the state directory are removed");
     drop(pods);
+    drop(client);
     drop(node);
     println!("done");
     Ok(())
 }
 
-/// Runs one ferry-ipam verb inside the node's netns; returns its JSON result (Null when
-/// it prints nothing) or an error with the plugin's own message.
+/// Runs one plugin verb inside the node's netns; returns its JSON result (Null when it
+/// prints nothing) or an error with the plugin's own message.
 fn cni(
-    ipam: &Path,
+    plugin: &Path,
     verb: &str,
     config: &Value,
     node: &Node,
     setup: impl FnOnce(CniCall) -> CniCall,
 ) -> Result<Value, String> {
-    let out = setup(CniCall::new(ipam, verb, config.clone())).run_in(node.netns());
+    let out = setup(CniCall::new(plugin, verb, config.clone())).run_in(node.netns());
     if !out.status.success() {
-        return Err(format!("ferry-ipam {verb} failed:\n{out}"));
+        return Err(format!("{} {verb} failed:\n{out}", plugin.display()));
     }
     if out.stdout.trim().is_empty() {
         return Ok(Value::Null);
     }
-    serde_json::from_str(&out.stdout)
-        .map_err(|e| format!("ferry-ipam {verb} printed something that is not JSON ({e}):\n{out}"))
+    serde_json::from_str(&out.stdout).map_err(|e| {
+        format!(
+            "{} {verb} printed something that is not JSON ({e}):\n{out}",
+            plugin.display()
+        )
+    })
 }
 
 /// Lists the store of network "demo": one file per leased address (holding the container
@@ -158,6 +231,7 @@ fn print_store(data_dir: &Path) -> Result<(), String> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
         .map_err(|e| format!("cannot list {}: {e}", dir.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file())
         .collect();
     files.sort();
     for path in files {
