@@ -49,10 +49,13 @@
 //! host-local, hand edits, and ferry-ipam calls killed before their end. A call that finds
 //! no match reads every lease file, as before the index existed, and repairs the index.
 //! With the index trusted, a call also reads the leases filed under no key, and falls back
-//! to reading everything if a lease's content contradicts its entries. What goes unseen
-//! is a lease file's content rewritten in place, which changes the file but not the
-//! directory; neither plugin does that, and ferry-ipam never trusts an entry alone to
-//! release or to hand out an address (GC reads every lease).
+//! to reading everything if a lease's content contradicts its entries.
+//!
+//! All the index ever decides alone is that a lease is not the caller's. Whatever is
+//! released, returned or checked as the caller's was read from its lease file; addresses
+//! are handed out by lease file names; GC reads every lease. What the stamp cannot see: a
+//! lease file's content rewritten in place (the file changes, not the directory), and a
+//! writer that ignores the lock; host-local does neither.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, DirBuilder, File, FileTimes, OpenOptions};
@@ -432,9 +435,13 @@ impl Store {
             return Ok(());
         };
         let mut dangling = Vec::new();
+        let mut complete = true;
         for entry in entries {
-            // A listing cut short loses entries, and a lease without one is read: still right.
-            let Ok(entry) = entry else { break };
+            // A listing cut short may miss the entry naming a lease's owner: not trusted.
+            let Ok(entry) = entry else {
+                complete = false;
+                break;
+            };
             let name = entry.file_name();
             let Some(name) = name.to_str() else { continue };
             if name.starts_with(STAMP_PREFIX) {
@@ -452,7 +459,7 @@ impl Store {
             }
         }
         let stamp = mtime.and_then(stamp_name);
-        self.exact = stamp.is_some_and(|s| self.stamps.contains(&s));
+        self.exact = complete && stamp.is_some_and(|s| self.stamps.contains(&s));
         Ok(())
     }
 
@@ -570,23 +577,44 @@ impl Store {
         Ok(())
     }
 
-    /// The cursor is a hint, rewritten in place as host-local does: no new file, no rename,
-    /// no flush. A write a crash cuts short leaves a value that does not parse or another
-    /// address, which only changes where the next search starts.
+    /// The cursor is a hint, not worth a flush. It is rewritten in place, one `pwrite`,
+    /// when the new address is at least as long as the old one (no new file, no rename);
+    /// a shorter one would leave the old one's tail behind if the call died before
+    /// truncating, so it replaces the file through a temporary one and `rename`. Either
+    /// way kill -9 leaves the old value or the new one.
     fn write_last_reserved(&self, set: usize, ip: IpAddr) -> Result<(), Error> {
-        let path = self.dir.join(format!("{LAST_RESERVED_PREFIX}{set}"));
+        let name = format!("{LAST_RESERVED_PREFIX}{set}");
+        let path = self.dir.join(&name);
         let text = ip.to_string();
-        let write = || -> std::io::Result<()> {
+        let in_place = || -> std::io::Result<bool> {
             let f = OpenOptions::new()
                 .write(true)
                 .create(true)
                 .truncate(false)
                 .mode(0o600)
                 .open(&path)?;
+            if f.metadata()?.len() > text.len() as u64 {
+                return Ok(false);
+            }
             f.write_all_at(text.as_bytes(), 0)?;
-            f.set_len(text.len() as u64)
+            Ok(true)
         };
-        write().map_err(|e| Error::io(format!("writing {}", path.display()), &e))
+        let replace = || -> std::io::Result<()> {
+            let tmp = self
+                .dir
+                .join(format!("{TEMP_PREFIX}{}-{name}", std::process::id()));
+            let renamed = fs::write(&tmp, &text).and_then(|()| fs::rename(&tmp, &path));
+            if renamed.is_err() {
+                let _ = fs::remove_file(&tmp);
+            }
+            renamed
+        };
+        match in_place() {
+            Ok(true) => Ok(()),
+            Ok(false) => replace(),
+            Err(e) => Err(e),
+        }
+        .map_err(|e| Error::io(format!("writing {}", path.display()), &e))
     }
 
     /// Creates `name` with `data`, complete or not at all, through a named temporary file
@@ -1108,14 +1136,23 @@ mod tests {
     }
 
     #[test]
-    fn the_cursor_is_rewritten_in_place() {
+    fn the_cursor_is_rewritten_in_place_unless_it_gets_shorter() {
+        use std::os::unix::fs::MetadataExt;
         let d = tempfile::tempdir().unwrap();
+        let cursor = d.path().join("last_reserved_ip.0");
         let mut s = Store::open(d.path()).unwrap();
-        s.reserve(&lease("10.0.0.100", "c1", "eth0"), 0).unwrap();
-        s.reserve(&lease("10.0.0.9", "c2", "eth0"), 0).unwrap();
+        s.reserve(&lease("10.0.0.10", "c1", "eth0"), 0).unwrap();
+        let ino = fs::metadata(&cursor).unwrap().ino();
+        s.reserve(&lease("10.0.0.11", "c2", "eth0"), 0).unwrap();
+        s.reserve(&lease("10.0.0.100", "c3", "eth0"), 0).unwrap();
+        assert_eq!(fs::metadata(&cursor).unwrap().ino(), ino, "rewritten in place");
+        assert_eq!(fs::read(&cursor).unwrap(), b"10.0.0.100");
+        s.reserve(&lease("10.0.0.9", "c4", "eth0"), 0).unwrap();
+        assert_eq!(fs::read(&cursor).unwrap(), b"10.0.0.9");
         assert_eq!(
-            fs::read(d.path().join("last_reserved_ip.0")).unwrap(),
-            b"10.0.0.9"
+            fs::read_dir(d.path()).unwrap().count(),
+            7,
+            "4 leases, cursor, lock, index"
         );
     }
 }
