@@ -3,25 +3,29 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 CARGO ?= cargo
 
-.PHONY: help setup build demo test lint bench
+.PHONY: help setup build release demo test lint bench
 
 help:
 	@echo "Ferry make targets (run as root):"
-	@echo "  make setup   install system packages and rustup components (scripts/setup.sh)"
-	@echo "  make build   setup, then build all binaries, debug and release"
-	@echo "  make demo    build, then run ferry-demo: ferry-ipam on a throwaway node"
-	@echo "  make test    build, then rustfmt check, clippy, and every test (debug binaries)"
-	@echo "  make lint    rustfmt check and clippy only"
-	@echo "  make bench   build, then the benchmarks of ferry-tests (release binaries)"
+	@echo "  make setup    install system packages and rustup components (scripts/setup.sh)"
+	@echo "  make build    setup, then build all binaries (debug: what the tests run)"
+	@echo "  make release  setup, then build all binaries optimized (what you install)"
+	@echo "  make demo     build, then run ferry-demo: a node with pods on Ferry's network"
+	@echo "  make test     build, then rustfmt check, clippy, and every test"
+	@echo "  make lint     rustfmt check and clippy only"
+	@echo "  make bench    release build, then the benchmarks (they print figures)"
 
 setup:
 	@scripts/setup.sh
 
 build: setup
 	$(CARGO) build --workspace --bins
+
+release: setup
 	$(CARGO) build --release --workspace --bins
 
-demo: build
+# The demo runs the plugins as they ship: optimized.
+demo: release
 	FERRY_BIN_DIR=target/release target/release/ferry-demo
 
 lint:
@@ -32,5 +36,5 @@ lint:
 test: build lint
 	$(CARGO) test --workspace
 
-bench: build
+bench: release
 	$(CARGO) bench -p ferry-tests
