@@ -5,6 +5,11 @@
 //! [`backend`] (nftables: the difference of two plans, as one transaction).
 
 pub mod backend;
+pub mod conntrack;
+pub mod dump;
+pub mod http;
 pub mod metrics;
 pub mod plan;
+pub mod run;
 pub mod source;
+pub mod store;

@@ -11,8 +11,9 @@ pub struct Metrics {
 
 #[derive(Debug, Clone, Default)]
 pub struct MetricsState {
-    /// Every sync's duration (plan + apply), for the histogram.
-    pub sync_durations: Vec<Duration>,
+    /// Sync durations (plan + apply), as a histogram: a proxy runs for months, so it keeps
+    /// counts per bucket, not every sample.
+    pub sync_durations: SyncHistogram,
     pub services: usize,
     pub endpoints: usize,
     pub rules: usize,
@@ -20,6 +21,32 @@ pub struct MetricsState {
     /// When the sync loop last received something to do (a change, or a resync tick).
     pub last_queued: Option<SystemTime>,
     pub sync_errors: u64,
+}
+
+/// Upper bounds of the sync duration histogram's buckets, in seconds.
+pub const SYNC_DURATION_BUCKETS: [f64; 15] = [
+    0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256, 0.512, 1.024, 2.048, 4.096, 8.192, 16.384,
+];
+
+/// A Prometheus histogram of sync durations, with the buckets above.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SyncHistogram {
+    /// Observations per bucket (not cumulative); beyond the last bound they count only in
+    /// `count`.
+    pub buckets: [u64; SYNC_DURATION_BUCKETS.len()],
+    pub sum_seconds: f64,
+    pub count: u64,
+}
+
+impl SyncHistogram {
+    pub fn observe(&mut self, d: Duration) {
+        let secs = d.as_secs_f64();
+        if let Some(i) = SYNC_DURATION_BUCKETS.iter().position(|le| secs <= *le) {
+            self.buckets[i] += 1;
+        }
+        self.sum_seconds += secs;
+        self.count += 1;
+    }
 }
 
 impl Metrics {

@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use crate::plan::ServiceTable;
 
+pub mod nftables;
+
 /// What one sync did, for logs and metrics.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SyncStats {

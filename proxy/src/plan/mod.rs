@@ -65,7 +65,15 @@ impl std::fmt::Display for ServicePortId {
             Family::V4 => "v4",
             Family::V6 => "v6",
         };
-        write!(f, "{}/{}:{}/{}/{}", self.namespace, self.name, self.port_name, self.protocol.as_str(), fam)
+        write!(
+            f,
+            "{}/{}:{}/{}/{}",
+            self.namespace,
+            self.name,
+            self.port_name,
+            self.protocol.as_str(),
+            fam
+        )
     }
 }
 
@@ -130,5 +138,14 @@ pub struct NodeSettings {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct ServiceTable {
     pub settings: NodeSettings,
+    /// Serialized as a list (each port carries its id): JSON map keys must be strings.
+    #[serde(serialize_with = "ports_as_list")]
     pub ports: BTreeMap<ServicePortId, ServicePort>,
+}
+
+fn ports_as_list<S: serde::Serializer>(
+    ports: &BTreeMap<ServicePortId, ServicePort>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.collect_seq(ports.values())
 }

@@ -6,7 +6,13 @@
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
+pub mod kube;
+pub mod manifests;
+
 /// A cluster object the proxy reads.
+// Not boxed: objects move from a source to the store once and are stored unwrapped, so the
+// size of a Node in an event costs nothing worth an allocation per object.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum Object {
     Service(Service),

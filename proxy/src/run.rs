@@ -1,0 +1,734 @@
+//! The sync loop: source events -> store -> plan (only the Services that changed) ->
+//! back end.
+//!
+//! One task owns the store and the current [`ServiceTable`]. It waits for events, drains
+//! every event already queued (a burst of changes is one sync), re-plans the dirty
+//! Services and hands the table to the back end, which runs on a thread of its own (it
+//! blocks on `nft` and netlink, and need not be `Send`). A failed sync is retried with
+//! exponential backoff while events keep being applied; a periodic resync re-plans
+//! everything from the store and lets the back end converge whatever drifted.
+//!
+//! Nothing is programmed before the source has delivered a complete picture (a snapshot
+//! of Services and of EndpointSlices): a proxy that restarts must not replace good rules
+//! with the plan of an empty store, nor plan Services without their endpoints.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, error, info, warn};
+
+use crate::backend::{Backend, BackendError, SyncStats};
+use crate::metrics::Metrics;
+use crate::plan::services::{plan, plan_services};
+use crate::plan::{NodeSettings, ServiceTable};
+use crate::source::{Event, Kind};
+use crate::store::Store;
+
+/// How many events a source may queue ahead of the loop before its sends wait.
+pub const EVENT_QUEUE: usize = 4096;
+
+/// What the loop needs besides its inputs.
+#[derive(Debug, Clone)]
+pub struct LoopConfig {
+    pub settings: NodeSettings,
+    /// How often everything is re-planned and synced even without changes.
+    pub resync_period: Duration,
+    /// The first retry after a failed sync; doubles up to `max_retry`.
+    pub min_retry: Duration,
+    pub max_retry: Duration,
+}
+
+impl LoopConfig {
+    pub fn new(settings: NodeSettings) -> LoopConfig {
+        LoopConfig {
+            settings,
+            resync_period: Duration::from_secs(60),
+            min_retry: Duration::from_secs(1),
+            max_retry: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Called after every successful sync with the table just applied and the store it came
+/// from (health check node ports follow the table; `/healthz` follows this node's Node).
+pub type OnSynced = Box<dyn FnMut(&ServiceTable, &Store) + Send>;
+
+/// Why the loop stopped on its own.
+#[derive(Debug)]
+pub struct RunError(pub String);
+
+impl std::fmt::Display for RunError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for RunError {}
+
+/// The kinds the store must have seen in full before anything is programmed. Nodes are
+/// not among them: the plan does not read them.
+const NEEDED_KINDS: [Kind; 2] = [Kind::Service, Kind::EndpointSlice];
+
+/// A back end on a dedicated thread: created there, used only there.
+pub struct BackendThread {
+    requests: std::sync::mpsc::Sender<BackendRequest>,
+}
+
+enum BackendRequest {
+    Sync(
+        Arc<ServiceTable>,
+        oneshot::Sender<Result<SyncStats, BackendError>>,
+    ),
+}
+
+impl BackendThread {
+    /// Starts the thread and builds the back end on it with `make`; fails if `make` does.
+    pub async fn start<F>(make: F) -> Result<BackendThread, BackendError>
+    where
+        F: FnOnce() -> Result<Box<dyn Backend>, BackendError> + Send + 'static,
+    {
+        let (requests, incoming) = std::sync::mpsc::channel::<BackendRequest>();
+        let (ready, started) = oneshot::channel();
+        std::thread::Builder::new()
+            .name("ferry-backend".into())
+            .spawn(move || {
+                let mut backend = match make() {
+                    Ok(backend) => {
+                        let _ = ready.send(Ok(()));
+                        backend
+                    }
+                    Err(e) => {
+                        let _ = ready.send(Err(e));
+                        return;
+                    }
+                };
+                while let Ok(BackendRequest::Sync(table, reply)) = incoming.recv() {
+                    let result = backend.sync(&table);
+                    // Let go of the table before answering, so the loop owns it alone
+                    // again and can update it in place instead of copying it.
+                    drop(table);
+                    let _ = reply.send(result);
+                }
+            })
+            .map_err(|e| BackendError(format!("cannot start the back end thread: {e}")))?;
+        started
+            .await
+            .map_err(|_| BackendError("the back end thread died while starting".into()))??;
+        Ok(BackendThread { requests })
+    }
+
+    /// Syncs `table`. The outer error means the thread is gone (it panicked): the loop
+    /// cannot go on.
+    async fn sync(&self, table: Arc<ServiceTable>) -> Result<Result<SyncStats, BackendError>, RunError> {
+        let gone = || RunError("the back end thread stopped (it panicked; see the log above)".into());
+        let (reply, answer) = oneshot::channel();
+        self.requests
+            .send(BackendRequest::Sync(table, reply))
+            .map_err(|_| gone())?;
+        answer.await.map_err(|_| gone())
+    }
+}
+
+/// Runs until `shutdown` completes or every event sender is gone. Rules stay programmed
+/// when it returns (as with kube-proxy, stopping the proxy does not stop the Services).
+pub async fn run(
+    events: mpsc::Receiver<Event>,
+    backend: BackendThread,
+    config: LoopConfig,
+    metrics: Arc<Metrics>,
+    on_synced: OnSynced,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), RunError> {
+    let table = ServiceTable {
+        settings: config.settings.clone(),
+        ..Default::default()
+    };
+    let mut state = SyncLoop {
+        store: Store::new(),
+        table: Arc::new(table),
+        pending: false,
+        full_replan: true,
+        retry_at: None,
+        backoff: config.min_retry,
+        synced_once: false,
+        config,
+        metrics,
+        on_synced,
+        backend,
+    };
+    state.run(events, shutdown).await
+}
+
+struct SyncLoop {
+    store: Store,
+    /// Shared with the back end thread only during a sync.
+    table: Arc<ServiceTable>,
+    /// The kernel may differ from the store: a change arrived, a resync is due, or the
+    /// last sync failed.
+    pending: bool,
+    /// Re-plan everything (first sync, periodic resync) rather than the dirty Services.
+    full_replan: bool,
+    /// After a failure: no sync before this.
+    retry_at: Option<Instant>,
+    backoff: Duration,
+    synced_once: bool,
+    config: LoopConfig,
+    metrics: Arc<Metrics>,
+    on_synced: OnSynced,
+    backend: BackendThread,
+}
+
+impl SyncLoop {
+    async fn run(
+        &mut self,
+        mut events: mpsc::Receiver<Event>,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), RunError> {
+        let mut shutdown = std::pin::pin!(shutdown);
+        let period = self.config.resync_period;
+        let mut resync = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            if self.pending && self.ready() && self.retry_at.is_none_or(|at| Instant::now() >= at) {
+                self.sync().await?;
+                continue;
+            }
+            let retry_at = self.retry_at;
+            tokio::select! {
+                biased;
+                () = &mut shutdown => return Ok(()),
+                event = events.recv() => {
+                    let Some(event) = event else {
+                        info!("the source stopped; leaving the programmed rules in place");
+                        return Ok(());
+                    };
+                    self.apply(event);
+                    // Everything already queued joins this sync.
+                    while let Ok(event) = events.try_recv() {
+                        self.apply(event);
+                    }
+                }
+                _ = resync.tick() => {
+                    debug!("periodic resync");
+                    self.full_replan = true;
+                    self.queue();
+                }
+                () = sleep_until(retry_at) => {}
+            }
+        }
+    }
+
+    /// Whether the store knows enough to program the node.
+    fn ready(&self) -> bool {
+        NEEDED_KINDS.iter().all(|kind| self.store.has_synced(*kind))
+    }
+
+    fn apply(&mut self, event: Event) {
+        if let Event::Error(message) = &event {
+            // The source keeps its last good state; so does the kernel.
+            warn!("source: {message}");
+            return;
+        }
+        self.store.apply(event);
+        if self.store.has_dirty() {
+            self.queue();
+        }
+    }
+
+    /// Notes that a sync is needed (and when the work was queued, for `/healthz`).
+    fn queue(&mut self) {
+        self.pending = true;
+        let now = SystemTime::now();
+        self.metrics.update(|m| {
+            // The oldest unsynced change counts, as kube-proxy's QueuedUpdate.
+            let already_queued = match (m.last_queued, m.last_successful_sync) {
+                (Some(queued), Some(synced)) => queued > synced,
+                (Some(_), None) => true,
+                (None, _) => false,
+            };
+            if !already_queued {
+                m.last_queued = Some(now);
+            }
+        });
+    }
+
+    async fn sync(&mut self) -> Result<(), RunError> {
+        let started = Instant::now();
+        let dirty = self.store.take_dirty();
+        // The back end dropped its reference before answering the last sync, so this
+        // updates in place; it would copy only if that ever changed.
+        let table = Arc::make_mut(&mut self.table);
+        if self.full_replan {
+            *table = plan(&self.store, &self.config.settings);
+            self.full_replan = false;
+        } else {
+            plan_services(table, &self.store, &dirty);
+        }
+        let planned = started.elapsed();
+        let result = self.backend.sync(Arc::clone(&self.table)).await?;
+        let took = started.elapsed();
+        match result {
+            Ok(stats) => self.succeeded(stats, planned, took),
+            Err(e) => self.failed(e),
+        }
+        Ok(())
+    }
+
+    fn succeeded(&mut self, stats: SyncStats, planned: Duration, took: Duration) {
+        let (services, endpoints) = count(&self.table);
+        let recovered = self.retry_at.is_some();
+        self.pending = false;
+        self.retry_at = None;
+        self.backoff = self.config.min_retry;
+        self.metrics.update(|m| {
+            m.sync_durations.observe(took);
+            m.services = services;
+            m.endpoints = endpoints;
+            m.rules = stats.rules;
+            m.last_successful_sync = Some(SystemTime::now());
+        });
+        if !self.synced_once || recovered {
+            info!(
+                services,
+                endpoints,
+                rules = stats.rules,
+                plan_ms = planned.as_secs_f64() * 1e3,
+                apply_ms = stats.apply_time.as_secs_f64() * 1e3,
+                "{}",
+                if recovered {
+                    "synced again after failures"
+                } else {
+                    "first sync done"
+                }
+            );
+        } else {
+            debug!(
+                changed_ports = stats.changed_ports,
+                rules = stats.rules,
+                plan_ms = planned.as_secs_f64() * 1e3,
+                apply_ms = stats.apply_time.as_secs_f64() * 1e3,
+                "synced"
+            );
+        }
+        self.synced_once = true;
+        (self.on_synced)(&self.table, &self.store);
+    }
+
+    fn failed(&mut self, e: BackendError) {
+        error!(
+            "sync failed: {e}; the previous rules stay, retrying in {:?}",
+            self.backoff
+        );
+        self.metrics.update(|m| m.sync_errors += 1);
+        self.retry_at = Some(Instant::now() + self.backoff);
+        self.backoff = (self.backoff * 2).min(self.config.max_retry);
+        // The store's changes are already in the table: the retry sends the same table
+        // (plus whatever arrives meanwhile).
+        self.pending = true;
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Distinct Services, and endpoints summed over Service ports (each port's cluster and
+/// external endpoints together, counted once).
+fn count(table: &ServiceTable) -> (usize, usize) {
+    let mut services = 0;
+    let mut last: Option<(&str, &str)> = None;
+    let mut endpoints = 0;
+    for port in table.ports.values() {
+        let name = (port.id.namespace.as_str(), port.id.name.as_str());
+        if last != Some(name) {
+            services += 1;
+            last = Some(name);
+        }
+        endpoints += port.cluster_endpoints.len()
+            + port
+                .external_endpoints
+                .iter()
+                .filter(|e| !port.cluster_endpoints.contains(e))
+                .count();
+    }
+    (services, endpoints)
+}
+
+/// Reads events until the store holds a full picture (for `dump`): the first source error
+/// ends it, as does `timeout`.
+pub async fn read_store(events: &mut mpsc::Receiver<Event>, timeout: Duration) -> Result<Store, RunError> {
+    let mut store = Store::new();
+    let deadline = tokio::time::Instant::now() + timeout;
+    while !NEEDED_KINDS.iter().all(|kind| store.has_synced(*kind)) {
+        let event = tokio::time::timeout_at(deadline, events.recv())
+            .await
+            .map_err(|_| RunError(format!("the source gave no complete list within {timeout:?}")))?
+            .ok_or_else(|| RunError("the source stopped before listing everything".into()))?;
+        if let Event::Error(message) = event {
+            return Err(RunError(message));
+        }
+        store.apply(event);
+    }
+    Ok(store)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::manifests;
+    use std::sync::Mutex;
+
+    /// Records every table it is given; fails while `fail` is set.
+    struct FakeBackend {
+        seen: Arc<Mutex<Vec<ServiceTable>>>,
+        fail: Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    impl Backend for FakeBackend {
+        fn sync(&mut self, table: &ServiceTable) -> Result<SyncStats, BackendError> {
+            if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(BackendError("nft: simulated failure".into()));
+            }
+            self.seen.lock().unwrap().push(table.clone());
+            Ok(SyncStats {
+                changed_ports: 0,
+                rules: table.ports.len(),
+                apply_time: Duration::ZERO,
+            })
+        }
+
+        fn cleanup(&mut self) -> Result<(), BackendError> {
+            Ok(())
+        }
+    }
+
+    struct Harness {
+        seen: Arc<Mutex<Vec<ServiceTable>>>,
+        fail: Arc<std::sync::atomic::AtomicBool>,
+        metrics: Arc<Metrics>,
+        source_errors: Arc<Mutex<Vec<String>>>,
+        stop: Option<oneshot::Sender<()>>,
+        task: tokio::task::JoinHandle<Result<(), RunError>>,
+    }
+
+    const SERVICE: &str = "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\nspec:\n  clusterIP: 10.96.0.10\n  ports:\n  - port: 80\n";
+    const SLICE: &str = "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-1\n  labels:\n    kubernetes.io/service-name: web\naddressType: IPv4\nports:\n- name: \"\"\n  port: 8080\nendpoints:\n- addresses: [10.244.0.5]\n";
+
+    /// A manifests source on `dir`, the loop, and a fake back end; source errors are
+    /// recorded on the way.
+    async fn start(dir: &std::path::Path, config: LoopConfig) -> Harness {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let fail = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let source_errors = Arc::new(Mutex::new(Vec::new()));
+        let (source_tx, mut source_rx) = mpsc::channel(EVENT_QUEUE);
+        let (tx, rx) = mpsc::channel(EVENT_QUEUE);
+        tokio::spawn(manifests::run(dir.to_path_buf(), source_tx));
+        let errors = source_errors.clone();
+        tokio::spawn(async move {
+            while let Some(event) = source_rx.recv().await {
+                if let Event::Error(message) = &event {
+                    errors.lock().unwrap().push(message.clone());
+                }
+                if tx.send(event).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let (seen2, fail2) = (seen.clone(), fail.clone());
+        let backend = BackendThread::start(move || {
+            Ok(Box::new(FakeBackend {
+                seen: seen2,
+                fail: fail2,
+            }) as _)
+        })
+        .await
+        .unwrap();
+        let metrics = Arc::new(Metrics::default());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(run(
+            rx,
+            backend,
+            config,
+            metrics.clone(),
+            Box::new(|_, _| {}),
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        Harness {
+            seen,
+            fail,
+            metrics,
+            source_errors,
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    impl Harness {
+        /// Waits up to `within` for a recorded table satisfying `f`.
+        async fn wait_for(&self, within: Duration, f: impl Fn(&ServiceTable) -> bool) -> Option<Duration> {
+            let started = Instant::now();
+            while started.elapsed() < within {
+                if self.seen.lock().unwrap().iter().any(&f) {
+                    return Some(started.elapsed());
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            None
+        }
+
+        fn syncs(&self) -> usize {
+            self.seen.lock().unwrap().len()
+        }
+
+        async fn stop(mut self) {
+            let _ = self.stop.take().unwrap().send(());
+            self.task.await.unwrap().unwrap();
+        }
+    }
+
+    fn port_of(table: &ServiceTable) -> Option<u16> {
+        table.ports.values().next().map(|p| p.port)
+    }
+
+    fn endpoints_of(table: &ServiceTable) -> Vec<String> {
+        let port = table.ports.values().next();
+        port.map(|p| {
+            p.cluster_endpoints
+                .iter()
+                .map(|e| format!("{}:{}", e.ip, e.port))
+                .collect()
+        })
+        .unwrap_or_default()
+    }
+
+    fn config() -> LoopConfig {
+        LoopConfig::new(NodeSettings {
+            node_name: "node-a".into(),
+            ..Default::default()
+        })
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_edited_manifest_is_applied_within_a_second() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("web.yaml"), format!("{SERVICE}---\n{SLICE}")).unwrap();
+        let h = start(dir.path(), config()).await;
+        assert!(
+            h.wait_for(Duration::from_secs(2), |t| port_of(t) == Some(80))
+                .await
+                .is_some(),
+            "first sync"
+        );
+        assert_eq!(endpoints_of(&h.seen.lock().unwrap()[0]), ["10.244.0.5:8080"]);
+
+        // Edit: a new port number, and a second endpoint in another file.
+        std::fs::write(
+            dir.path().join("web.yaml"),
+            format!("{}---\n{SLICE}", SERVICE.replace("80\n", "81\n")),
+        )
+        .unwrap();
+        let took = h
+            .wait_for(Duration::from_secs(1), |t| port_of(t) == Some(81))
+            .await;
+        assert!(took.is_some(), "the edit was not applied within a second");
+
+        let more = SLICE
+            .replace("web-1", "web-2")
+            .replace("10.244.0.5", "10.244.0.6");
+        std::fs::write(dir.path().join("more.yml"), more).unwrap();
+        let took = h
+            .wait_for(Duration::from_secs(1), |t| endpoints_of(t).len() == 2)
+            .await;
+        assert!(took.is_some(), "the new file was not applied within a second");
+        let state = h.metrics.snapshot();
+        assert!(state.last_successful_sync.is_some());
+        assert_eq!((state.services, state.endpoints), (1, 2));
+        h.stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_broken_file_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("web.yaml"), format!("{SERVICE}---\n{SLICE}")).unwrap();
+        let h = start(dir.path(), config()).await;
+        assert!(h
+            .wait_for(Duration::from_secs(2), |t| port_of(t) == Some(80))
+            .await
+            .is_some());
+        let before = h.syncs();
+
+        // Broken: reported with file and line, and no sync follows.
+        std::fs::write(
+            dir.path().join("web.yaml"),
+            format!(
+                "{}---\n{SLICE}",
+                SERVICE.replace("10.96.0.10", "10.96.0.10: oops")
+            ),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("other.yaml"),
+            SERVICE.replace("name: web", "name: db"),
+        )
+        .unwrap();
+        let started = Instant::now();
+        while h.source_errors.lock().unwrap().is_empty() && started.elapsed() < Duration::from_secs(2) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let errors = h.source_errors.lock().unwrap().clone();
+        let file = dir.path().join("web.yaml");
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.contains(&format!("{}:6:", file.display()))),
+            "{errors:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert_eq!(
+            h.syncs(),
+            before,
+            "a broken file must not change what is programmed"
+        );
+
+        // Fixed: both files apply.
+        std::fs::write(dir.path().join("web.yaml"), format!("{SERVICE}---\n{SLICE}")).unwrap();
+        assert!(h
+            .wait_for(Duration::from_secs(1), |t| t.ports.len() == 2)
+            .await
+            .is_some());
+        h.stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_sync_is_retried_with_backoff() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("web.yaml"), SERVICE).unwrap();
+        let mut config = config();
+        config.min_retry = Duration::from_millis(50);
+        config.max_retry = Duration::from_millis(200);
+        let h = start(dir.path(), config).await;
+        assert!(h
+            .wait_for(Duration::from_secs(2), |t| port_of(t) == Some(80))
+            .await
+            .is_some());
+
+        h.fail.store(true, std::sync::atomic::Ordering::SeqCst);
+        std::fs::write(dir.path().join("web.yaml"), SERVICE.replace("80\n", "81\n")).unwrap();
+        let errors = || h.metrics.snapshot().sync_errors;
+        let started = Instant::now();
+        while errors() < 3 && started.elapsed() < Duration::from_secs(3) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(errors() >= 3, "a failed sync is retried");
+        // Backoff capped at 200 ms: about five retries a second, not a busy loop.
+        let before = errors();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let retries = errors() - before;
+        assert!((1..=7).contains(&retries), "{retries} retries in a second");
+
+        h.fail.store(false, std::sync::atomic::Ordering::SeqCst);
+        assert!(h
+            .wait_for(Duration::from_secs(1), |t| port_of(t) == Some(81))
+            .await
+            .is_some());
+        h.stop().await;
+    }
+
+    #[tokio::test]
+    async fn nothing_is_programmed_before_services_and_slices_are_listed() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let fail = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (s, f) = (seen.clone(), fail.clone());
+        let backend = BackendThread::start(move || Ok(Box::new(FakeBackend { seen: s, fail: f }) as _))
+            .await
+            .unwrap();
+        let (tx, rx) = mpsc::channel(16);
+        let metrics = Arc::new(Metrics::default());
+        let task = tokio::spawn(run(
+            rx,
+            backend,
+            config(),
+            metrics,
+            Box::new(|_, _| {}),
+            std::future::pending(),
+        ));
+
+        let service: k8s_openapi::api::core::v1::Service =
+            serde_yaml_ng::from_str(&SERVICE.replace("name: web", "name: web\n  namespace: default"))
+                .unwrap();
+        tx.send(Event::Snapshot {
+            kinds: vec![Kind::Service],
+            objects: vec![crate::source::Object::Service(service)],
+        })
+        .await
+        .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            seen.lock().unwrap().is_empty(),
+            "synced with Services but no EndpointSlices listed"
+        );
+
+        tx.send(Event::Snapshot {
+            kinds: vec![Kind::EndpointSlice],
+            objects: vec![],
+        })
+        .await
+        .unwrap();
+        drop(tx);
+        task.await.unwrap().unwrap();
+        // One sync, with the whole picture, before the loop saw the source go away.
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), 1);
+        assert_eq!(seen[0].ports.len(), 1);
+    }
+
+    #[test]
+    fn counts_services_and_endpoints() {
+        use crate::plan::{Endpoint, Family, Protocol, ServicePort, ServicePortId};
+        let ep = |last: u8, is_local| Endpoint {
+            ip: [10, 0, 0, last].into(),
+            port: 80,
+            is_local,
+        };
+        let port = |name: &str, family| ServicePort {
+            id: ServicePortId {
+                namespace: "ns".into(),
+                name: name.into(),
+                port_name: String::new(),
+                protocol: Protocol::Tcp,
+                family,
+            },
+            cluster_ip: None,
+            port: 80,
+            node_port: None,
+            external_ips: vec![],
+            load_balancer_ips: vec![],
+            source_ranges: vec![],
+            external_local: false,
+            internal_local: true,
+            health_check_node_port: None,
+            affinity_seconds: None,
+            cluster_endpoints: vec![ep(1, true)],
+            external_endpoints: vec![ep(1, true), ep(2, false)],
+        };
+        let table = ServiceTable {
+            settings: NodeSettings::default(),
+            ports: [
+                port("a", Family::V4),
+                port("a", Family::V6),
+                port("b", Family::V4),
+            ]
+            .into_iter()
+            .map(|p| (p.id.clone(), p))
+            .collect(),
+        };
+        assert_eq!(count(&table), (2, 6));
+    }
+}

@@ -1,0 +1,797 @@
+//! The manifests source: `--manifests DIR`, a directory of YAML or JSON files as
+//! `kubectl get -o yaml` (or `-o json`) writes them.
+//!
+//! Every `*.yaml`, `*.yml` and `*.json` file directly in DIR is read (not subdirectories,
+//! not names starting with a dot, such as editor lock files). A file may hold several
+//! documents (`---`), a `kind: List` (or `ServiceList`, ... whose items may omit their
+//! kind), or for JSON one or more objects. Services (`v1`), EndpointSlices
+//! (`discovery.k8s.io/v1`) and Nodes (`v1`) are read; anything else is skipped with a debug
+//! log. An object without a namespace is in `default`, as with `kubectl apply`.
+//!
+//! The directory is polled every 200 ms (names, sizes, modification and change times,
+//! inodes; symlinks followed, so a ConfigMap volume works): a change is applied well
+//! within a second. Each change sends one [`Event::Snapshot`] of all three kinds.
+//!
+//! A broken file changes nothing: while any file does not parse, no snapshot is sent, so
+//! the state programmed from the last directory that parsed as a whole stays. The error
+//! is sent as [`Event::Error`] naming the file and line, once per distinct set of errors.
+//! We chose this over "the broken file's last good content plus the other files' new
+//! content" because an edit often spans files (a Service moved from one file to another):
+//! applying half of it would be a state nobody wrote.
+
+use std::collections::hash_map::DefaultHasher;
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{Hash, Hasher};
+use std::marker::PhantomData;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use serde::de::{DeserializeOwned, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::{Deserialize, Deserializer};
+use serde_json::Value;
+use tokio::sync::mpsc::Sender;
+use tracing::{debug, warn};
+
+use super::{Event, Kind, Object};
+
+/// How often the directory is looked at.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(200);
+
+/// A file modified this recently may be modified again within the file system's
+/// timestamp granularity without its metadata changing: it is read again (and re-parsed
+/// only if its content differs) until it is older than this.
+const SETTLE_TIME: Duration = Duration::from_secs(2);
+
+/// Why a manifest could not be used: which file, where, what.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ManifestError {
+    pub file: PathBuf,
+    /// 1-based, when the parser knows it.
+    pub line: Option<usize>,
+    pub column: Option<usize>,
+    pub message: String,
+}
+
+impl std::fmt::Display for ManifestError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+            if let Some(column) = self.column {
+                write!(f, ":{column}")?;
+            }
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+impl std::error::Error for ManifestError {}
+
+/// Reads the directory once: every object of every manifest, in file-name order, or every
+/// file that failed.
+pub fn read_dir(dir: &Path) -> Result<Vec<Object>, Vec<ManifestError>> {
+    let mut watcher = DirWatcher::new(dir.to_path_buf());
+    watcher.scan();
+    watcher.result()
+}
+
+/// Polls `dir` and sends a snapshot at start and after every change, until the receiver
+/// is dropped.
+pub async fn run(dir: PathBuf, tx: Sender<Event>) {
+    let mut watcher = DirWatcher::new(dir);
+    let mut ticker = tokio::time::interval(POLL_INTERVAL);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        // Reading and parsing files blocks: keep it off the async workers.
+        let polled = tokio::task::spawn_blocking(move || {
+            let event = watcher.poll();
+            (watcher, event)
+        })
+        .await;
+        let event;
+        (watcher, event) = match polled {
+            Ok(polled) => polled,
+            Err(e) => {
+                let _ = tx
+                    .send(Event::Error(format!(
+                        "manifests: the directory reader failed: {e}"
+                    )))
+                    .await;
+                return;
+            }
+        };
+        if let Some(event) = event {
+            if tx.send(event).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// What a file looked like when it was last read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Fingerprint {
+    len: u64,
+    modified: Option<SystemTime>,
+    /// ctime and inode catch a file replaced by rename with an older mtime.
+    changed: (i64, i64),
+    inode: (u64, u64),
+}
+
+#[derive(Debug)]
+struct CachedFile {
+    fingerprint: Fingerprint,
+    content_hash: u64,
+    /// Read so soon after its last modification that it must be read again.
+    unsettled: bool,
+    parsed: Result<Vec<Object>, ManifestError>,
+}
+
+/// Remembers the directory's files between polls, so an unchanged file is neither read
+/// nor parsed again.
+#[derive(Debug)]
+struct DirWatcher {
+    dir: PathBuf,
+    files: BTreeMap<PathBuf, CachedFile>,
+    /// The directory itself could not be listed.
+    list_error: Option<ManifestError>,
+    /// Something was sent: from now on only changes are.
+    sent_once: bool,
+    /// The errors last sent, so the same ones are not sent again at every change of
+    /// another file while the directory stays broken.
+    last_errors: Option<Vec<ManifestError>>,
+}
+
+impl DirWatcher {
+    fn new(dir: PathBuf) -> DirWatcher {
+        DirWatcher {
+            dir,
+            files: BTreeMap::new(),
+            list_error: None,
+            sent_once: false,
+            last_errors: None,
+        }
+    }
+
+    /// Looks at the directory; returns the event to send, if anything changed. The
+    /// snapshot is not compared with the last one sent (that would keep a second copy of
+    /// every object): the cache already says whether a file's objects changed, and a
+    /// snapshot equal to the store's content costs the store no re-planning.
+    fn poll(&mut self) -> Option<Event> {
+        let changed = self.scan();
+        if !changed && self.sent_once {
+            return None;
+        }
+        self.sent_once = true;
+        match self.result() {
+            Ok(objects) => {
+                self.last_errors = None;
+                Some(Event::Snapshot {
+                    kinds: vec![Kind::Service, Kind::EndpointSlice, Kind::Node],
+                    objects,
+                })
+            }
+            Err(errors) => {
+                if self.last_errors.as_ref() == Some(&errors) {
+                    return None;
+                }
+                for error in &errors {
+                    warn!("{error}");
+                }
+                let all: Vec<String> = errors.iter().map(ToString::to_string).collect();
+                self.last_errors = Some(errors);
+                Some(Event::Error(format!(
+                    "manifests: {} (nothing is applied until every file parses; the last good state stays)",
+                    all.join("; ")
+                )))
+            }
+        }
+    }
+
+    /// Brings the cache up to date with the directory; whether anything changed.
+    fn scan(&mut self) -> bool {
+        let names = match self.list() {
+            Ok(names) => names,
+            Err(error) => {
+                let changed = self.list_error.as_ref() != Some(&error);
+                self.list_error = Some(error);
+                return changed;
+            }
+        };
+        let mut changed = self.list_error.take().is_some();
+        let before = self.files.len();
+        self.files.retain(|path, _| names.contains_key(path));
+        changed |= self.files.len() != before;
+        for (path, fingerprint) in names {
+            changed |= self.refresh(path, fingerprint);
+        }
+        changed
+    }
+
+    /// Reads one file if it may have changed; whether its parse result changed.
+    fn refresh(&mut self, path: PathBuf, fingerprint: Fingerprint) -> bool {
+        if let Some(cached) = self.files.get(&path) {
+            if cached.fingerprint == fingerprint && !cached.unsettled {
+                return false;
+            }
+        }
+        let started = SystemTime::now();
+        let text = match std::fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                // Removed between listing and reading: the next poll sees it gone.
+                return false;
+            }
+            Err(e) => {
+                let error = ManifestError {
+                    file: path.clone(),
+                    line: None,
+                    column: None,
+                    message: e.to_string(),
+                };
+                return self.store(path, fingerprint, 0, false, Err(error));
+            }
+        };
+        let unsettled = fingerprint
+            .modified
+            .is_none_or(|m| started.duration_since(m).unwrap_or_default() < SETTLE_TIME);
+        let content_hash = hash_of(&text);
+        if let Some(cached) = self.files.get_mut(&path) {
+            if cached.content_hash == content_hash {
+                cached.fingerprint = fingerprint;
+                cached.unsettled = unsettled;
+                return false;
+            }
+        }
+        let parsed = match String::from_utf8(text) {
+            Ok(text) => parse_file(&path, &text),
+            Err(_) => Err(ManifestError {
+                file: path.clone(),
+                line: None,
+                column: None,
+                message: "not UTF-8 text".into(),
+            }),
+        };
+        self.store(path, fingerprint, content_hash, unsettled, parsed)
+    }
+
+    fn store(
+        &mut self,
+        path: PathBuf,
+        fingerprint: Fingerprint,
+        content_hash: u64,
+        unsettled: bool,
+        parsed: Result<Vec<Object>, ManifestError>,
+    ) -> bool {
+        let changed = self.files.get(&path).is_none_or(|old| old.parsed != parsed);
+        self.files.insert(
+            path,
+            CachedFile {
+                fingerprint,
+                content_hash,
+                unsettled,
+                parsed,
+            },
+        );
+        changed
+    }
+
+    /// The manifest files in the directory with their fingerprints.
+    fn list(&self) -> Result<BTreeMap<PathBuf, Fingerprint>, ManifestError> {
+        use std::os::unix::fs::MetadataExt;
+        let dir_error = |e: std::io::Error| ManifestError {
+            file: self.dir.clone(),
+            line: None,
+            column: None,
+            message: format!("cannot read the manifests directory: {e}"),
+        };
+        let mut out = BTreeMap::new();
+        for entry in std::fs::read_dir(&self.dir).map_err(dir_error)? {
+            let entry = entry.map_err(dir_error)?;
+            let path = entry.path();
+            if !is_manifest_name(&path) {
+                continue;
+            }
+            // Follows symlinks: a ConfigMap volume's files are links into a directory
+            // that is swapped on update.
+            let Ok(meta) = std::fs::metadata(&path) else {
+                continue;
+            };
+            if !meta.is_file() {
+                continue;
+            }
+            let fingerprint = Fingerprint {
+                len: meta.len(),
+                modified: meta.modified().ok(),
+                changed: (meta.ctime(), meta.ctime_nsec()),
+                inode: (meta.dev(), meta.ino()),
+            };
+            out.insert(path, fingerprint);
+        }
+        Ok(out)
+    }
+
+    /// Every object of every file, or every error.
+    fn result(&self) -> Result<Vec<Object>, Vec<ManifestError>> {
+        if let Some(error) = &self.list_error {
+            return Err(vec![error.clone()]);
+        }
+        let errors: Vec<ManifestError> = self
+            .files
+            .values()
+            .filter_map(|f| f.parsed.as_ref().err().cloned())
+            .collect();
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        let mut objects = Vec::new();
+        let mut seen: HashMap<(Kind, String, String), &Path> = HashMap::new();
+        for (path, file) in &self.files {
+            for object in file.parsed.as_ref().into_iter().flatten() {
+                let (namespace, name) = identity(object);
+                if let Some(first) = seen.insert((object.kind(), namespace.clone(), name.clone()), path) {
+                    warn!(
+                        "{:?} {namespace}/{name} is in both {} and {}; the one in {} is used",
+                        object.kind(),
+                        first.display(),
+                        path.display(),
+                        path.display()
+                    );
+                }
+                objects.push(object.clone());
+            }
+        }
+        Ok(objects)
+    }
+}
+
+fn is_manifest_name(path: &Path) -> bool {
+    let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+        return false;
+    };
+    !name.starts_with('.') && [".yaml", ".yml", ".json"].iter().any(|ext| name.ends_with(ext))
+}
+
+fn hash_of(bytes: &[u8]) -> u64 {
+    let mut hasher = DefaultHasher::new();
+    bytes.hash(&mut hasher);
+    hasher.finish()
+}
+
+fn identity(object: &Object) -> (String, String) {
+    let meta = match object {
+        Object::Service(s) => &s.metadata,
+        Object::EndpointSlice(s) => &s.metadata,
+        Object::Node(n) => &n.metadata,
+    };
+    (
+        meta.namespace.clone().unwrap_or_default(),
+        meta.name.clone().unwrap_or_default(),
+    )
+}
+
+/// The objects in one file's text. JSON files are read with the JSON parser (YAML's is
+/// fussier about tabs); everything else as YAML.
+pub fn parse_file(path: &Path, text: &str) -> Result<Vec<Object>, ManifestError> {
+    let is_json = path.extension().is_some_and(|e| e == "json");
+    let error = |line: Option<usize>, column: Option<usize>, message: String| ManifestError {
+        file: path.to_path_buf(),
+        line,
+        column,
+        message,
+    };
+    let documents: Vec<Value> = if is_json {
+        let mut documents = Vec::new();
+        for document in serde_json::Deserializer::from_str(text).into_iter::<Value>() {
+            let document = document.map_err(|e| error(Some(e.line()), Some(e.column()), e.to_string()))?;
+            documents.push(document);
+        }
+        documents
+    } else {
+        let mut documents = Vec::new();
+        // Stop at the first error: the document iterator repeats a parse error forever.
+        for document in serde_yaml_ng::Deserializer::from_str(text) {
+            let document = Value::deserialize(document).map_err(|e| {
+                let location = e.location();
+                error(
+                    location.as_ref().map(|l| l.line()),
+                    location.as_ref().map(|l| l.column()),
+                    e.to_string(),
+                )
+            })?;
+            documents.push(document);
+        }
+        documents
+    };
+
+    let mut objects = Vec::new();
+    for (index, document) in documents.into_iter().enumerate() {
+        collect(document, &mut objects).map_err(|failed| {
+            // The value-based conversion knows what failed but not where: decode that
+            // object again straight from the text, which gives the parser's line.
+            let located = if is_json {
+                locate_json(text, index, failed.item, failed.kind)
+            } else {
+                locate_yaml(text, index, failed.item, failed.kind)
+            };
+            let item = failed.item.map(|i| format!(", items[{i}]")).unwrap_or_default();
+            match located {
+                Some((line, column, message)) => error(Some(line), Some(column), message),
+                None => error(
+                    None,
+                    None,
+                    format!("document {}{item}: {}", index + 1, failed.message),
+                ),
+            }
+        })?;
+    }
+    Ok(objects)
+}
+
+/// An object of a kind we read whose fields are wrong.
+struct ConversionError {
+    item: Option<usize>,
+    kind: Kind,
+    message: String,
+}
+
+/// Adds the objects of one document (one object, or a list of them) to `out`.
+fn collect(document: Value, out: &mut Vec<Object>) -> Result<(), ConversionError> {
+    if document.is_null() {
+        return Ok(()); // an empty document, e.g. after a trailing `---`
+    }
+    let kind = document
+        .get("kind")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
+    let api_version = document
+        .get("apiVersion")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
+    let Value::Object(mut map) = document else {
+        debug!("skipping a document that is not an object");
+        return Ok(());
+    };
+    if kind.ends_with("List") {
+        let Some(Value::Array(items)) = map.remove("items") else {
+            debug!(kind, "skipping a list without items");
+            return Ok(());
+        };
+        // `ServiceList` (the API's own list) leaves the items' kind out; `List` (kubectl's)
+        // keeps it.
+        let item_kind = kind.strip_suffix("List").filter(|k| !k.is_empty());
+        for (i, mut item) in items.into_iter().enumerate() {
+            if let (Some(item_kind), Value::Object(fields)) = (item_kind, &mut item) {
+                fields
+                    .entry("kind")
+                    .or_insert_with(|| Value::String(item_kind.to_string()));
+                fields
+                    .entry("apiVersion")
+                    .or_insert_with(|| Value::String(api_version.clone()));
+            }
+            if let Some(object) = convert(item).map_err(|(kind, message)| ConversionError {
+                item: Some(i),
+                kind,
+                message,
+            })? {
+                out.push(object);
+            }
+        }
+        return Ok(());
+    }
+    if let Some(object) = convert(Value::Object(map)).map_err(|(kind, message)| ConversionError {
+        item: None,
+        kind,
+        message,
+    })? {
+        out.push(object);
+    }
+    Ok(())
+}
+
+/// One object of a kind we read, or `None` for any other kind.
+fn convert(value: Value) -> Result<Option<Object>, (Kind, String)> {
+    let kind = value.get("kind").and_then(Value::as_str).unwrap_or("");
+    let api_version = value.get("apiVersion").and_then(Value::as_str).unwrap_or("");
+    let object = match (api_version, kind) {
+        ("v1", "Service") => {
+            let mut service: Service =
+                serde_json::from_value(value).map_err(|e| (Kind::Service, e.to_string()))?;
+            default_namespace(&mut service.metadata);
+            Object::Service(service)
+        }
+        ("discovery.k8s.io/v1", "EndpointSlice") => {
+            let mut slice: EndpointSlice =
+                serde_json::from_value(value).map_err(|e| (Kind::EndpointSlice, e.to_string()))?;
+            default_namespace(&mut slice.metadata);
+            Object::EndpointSlice(slice)
+        }
+        ("v1", "Node") => {
+            Object::Node(serde_json::from_value(value).map_err(|e| (Kind::Node, e.to_string()))?)
+        }
+        _ => {
+            let name = value
+                .pointer("/metadata/name")
+                .and_then(Value::as_str)
+                .unwrap_or("");
+            debug!(
+                api_version,
+                kind, name, "skipping an object of a kind the proxy does not read"
+            );
+            return Ok(None);
+        }
+    };
+    Ok(Some(object))
+}
+
+fn default_namespace(meta: &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) {
+    if meta.namespace.as_deref().is_none_or(str::is_empty) {
+        meta.namespace = Some("default".into());
+    }
+}
+
+/// Decodes document `index` (item `item` of its list) of a YAML text as `kind`, for the
+/// error's position. `None` if that unexpectedly succeeds or gives no position.
+fn locate_yaml(text: &str, index: usize, item: Option<usize>, kind: Kind) -> Option<(usize, usize, String)> {
+    let document = serde_yaml_ng::Deserializer::from_str(text).nth(index)?;
+    let error = decode_as(document, item, kind).err()?;
+    let location = error.location()?;
+    Some((location.line(), location.column(), error.to_string()))
+}
+
+fn locate_json(text: &str, index: usize, item: Option<usize>, kind: Kind) -> Option<(usize, usize, String)> {
+    let mut de = serde_json::Deserializer::from_str(text);
+    for _ in 0..index {
+        IgnoredAny::deserialize(&mut de).ok()?;
+    }
+    let error = decode_as(&mut de, item, kind).err()?;
+    Some((error.line(), error.column(), error.to_string()))
+}
+
+fn decode_as<'de, D: Deserializer<'de>>(de: D, item: Option<usize>, kind: Kind) -> Result<(), D::Error> {
+    match kind {
+        Kind::Service => decode::<Service, D>(de, item),
+        Kind::EndpointSlice => decode::<EndpointSlice, D>(de, item),
+        Kind::Node => decode::<Node, D>(de, item),
+    }
+}
+
+fn decode<'de, T: DeserializeOwned, D: Deserializer<'de>>(
+    de: D,
+    item: Option<usize>,
+) -> Result<(), D::Error> {
+    match item {
+        None => T::deserialize(de).map(drop),
+        Some(index) => de.deserialize_map(ListItem::<T> {
+            index,
+            item: PhantomData,
+        }),
+    }
+}
+
+/// Visits a list object and decodes only `items[index]` as `T`.
+struct ListItem<T> {
+    index: usize,
+    item: PhantomData<T>,
+}
+
+impl<'de, T: DeserializeOwned> Visitor<'de> for ListItem<T> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a list object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        while let Some(key) = map.next_key::<String>()? {
+            if key == "items" {
+                map.next_value_seed(ListItem::<T> {
+                    index: self.index,
+                    item: PhantomData,
+                })?;
+            } else {
+                map.next_value::<IgnoredAny>()?;
+            }
+        }
+        Ok(())
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        for _ in 0..self.index {
+            seq.next_element::<IgnoredAny>()?;
+        }
+        seq.next_element::<T>()?;
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(())
+    }
+}
+
+impl<'de, T: DeserializeOwned> DeserializeSeed<'de> for ListItem<T> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, de: D) -> Result<(), D::Error> {
+        de.deserialize_seq(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(objects: &[Object]) -> Vec<String> {
+        objects
+            .iter()
+            .map(|o| {
+                let (ns, name) = identity(o);
+                format!("{:?} {ns}/{name}", o.kind())
+            })
+            .collect()
+    }
+
+    const SERVICE: &str = "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\nspec:\n  clusterIP: 10.96.0.10\n  ports:\n  - port: 80\n";
+
+    #[test]
+    fn several_documents_and_other_kinds() {
+        let text = format!(
+            "---\n{SERVICE}---\napiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: web\n---\n\
+             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-1\n  namespace: prod\n\
+             addressType: IPv4\nendpoints:\n- addresses: [10.244.0.5]\n---\napiVersion: v1\nkind: Node\n\
+             metadata:\n  name: node-a\n---\n"
+        );
+        let objects = parse_file(Path::new("a.yaml"), &text).unwrap();
+        assert_eq!(
+            names(&objects),
+            ["Service default/web", "EndpointSlice prod/web-1", "Node /node-a"]
+        );
+    }
+
+    #[test]
+    fn kubectl_lists_and_api_lists() {
+        let text = "apiVersion: v1\nkind: List\nitems:\n- apiVersion: v1\n  kind: Service\n  metadata:\n    name: a\n\
+                    - apiVersion: v1\n  kind: ConfigMap\n  metadata:\n    name: b\nmetadata:\n  resourceVersion: \"\"\n";
+        assert_eq!(
+            names(&parse_file(Path::new("l.yaml"), text).unwrap()),
+            ["Service default/a"]
+        );
+        // The API's own list type leaves kind and apiVersion out of its items.
+        let text = r#"{"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSliceList",
+                       "items": [{"metadata": {"name": "s", "namespace": "x"}, "addressType": "IPv4", "endpoints": []}]}"#;
+        assert_eq!(
+            names(&parse_file(Path::new("l.json"), text).unwrap()),
+            ["EndpointSlice x/s"]
+        );
+    }
+
+    #[test]
+    fn json_with_tabs_and_several_objects() {
+        let text =
+            "{\n\t\"apiVersion\": \"v1\",\n\t\"kind\": \"Service\",\n\t\"metadata\": {\"name\": \"a\"}\n}\n\
+                    {\"apiVersion\": \"v1\", \"kind\": \"Node\", \"metadata\": {\"name\": \"n\"}}\n";
+        assert_eq!(
+            names(&parse_file(Path::new("x.json"), text).unwrap()),
+            ["Service default/a", "Node /n"]
+        );
+    }
+
+    #[test]
+    fn a_syntax_error_names_the_line() {
+        let text = format!("{SERVICE}---\napiVersion: v1\nkind: Service\nmetadata:\n  name: [broken\n");
+        let error = parse_file(Path::new("/m/bad.yaml"), &text).unwrap_err();
+        assert_eq!(error.file, Path::new("/m/bad.yaml"));
+        // libyaml notices the unclosed sequence at the end of the text, and says where it began.
+        assert_eq!(error.line, Some(14), "{error}");
+        assert!(error.message.contains("line 13"), "{error}");
+        assert!(error.to_string().starts_with("/m/bad.yaml:1"), "{error}");
+
+        let error = parse_file(Path::new("bad.json"), "{\n  \"kind\": \"Service\",\n  oops\n}").unwrap_err();
+        assert_eq!(error.line, Some(3), "{error}");
+    }
+
+    #[test]
+    fn a_type_error_names_the_line() {
+        let text = format!(
+            "{SERVICE}---\napiVersion: v1\nkind: Service\nmetadata:\n  name: b\nspec:\n  ports:\n  - port: eighty\n"
+        );
+        let error = parse_file(Path::new("t.yaml"), &text).unwrap_err();
+        assert_eq!(error.line, Some(16), "{error}");
+        assert!(
+            error.message.contains("eighty") || error.message.contains("invalid"),
+            "{error}"
+        );
+
+        // Inside a list: the item's own line.
+        let text =
+            "apiVersion: v1\nkind: List\nitems:\n- apiVersion: v1\n  kind: Node\n  metadata:\n    name: n\n\
+                    - apiVersion: v1\n  kind: Service\n  spec:\n    ports: 7\n";
+        let error = parse_file(Path::new("t.yaml"), text).unwrap_err();
+        assert_eq!(error.line, Some(11), "{error}");
+
+        let text = "[1]\n{\"apiVersion\": \"v1\", \"kind\": \"Service\",\n \"spec\": {\"ports\": [{\"port\": \"x\"}]}}";
+        let error = parse_file(Path::new("t.json"), text).unwrap_err();
+        assert_eq!(error.line, Some(3), "{error}");
+    }
+
+    #[test]
+    fn read_dir_reads_only_manifests_in_name_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let service = |name: &str| SERVICE.replace("name: web", &format!("name: {name}"));
+        std::fs::write(dir.path().join("b.yml"), service("b")).unwrap();
+        std::fs::write(dir.path().join("a.yaml"), service("a")).unwrap();
+        std::fs::write(
+            dir.path().join("c.json"),
+            r#"{"apiVersion":"v1","kind":"Node","metadata":{"name":"c"}}"#,
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("notes.txt"), "not: a manifest").unwrap();
+        std::fs::write(dir.path().join(".#a.yaml"), "{{{ lock file").unwrap();
+        std::fs::create_dir(dir.path().join("sub.yaml")).unwrap();
+        let objects = read_dir(dir.path()).unwrap();
+        assert_eq!(
+            names(&objects),
+            ["Service default/a", "Service default/b", "Node /c"]
+        );
+    }
+
+    #[test]
+    fn polling_sends_changes_once_and_holds_on_a_broken_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("web.yaml");
+        std::fs::write(&file, SERVICE).unwrap();
+        let mut watcher = DirWatcher::new(dir.path().to_path_buf());
+
+        let Some(Event::Snapshot { kinds, objects }) = watcher.poll() else {
+            panic!("no first snapshot")
+        };
+        assert_eq!(kinds, [Kind::Service, Kind::EndpointSlice, Kind::Node]);
+        assert_eq!(names(&objects), ["Service default/web"]);
+        assert_eq!(watcher.poll(), None, "nothing changed");
+
+        // Broken: an error naming the file and line, and no snapshot.
+        std::fs::write(&file, SERVICE.replace("10.96.0.10", "10.96.0.10: oops")).unwrap();
+        let Some(Event::Error(message)) = watcher.poll() else {
+            panic!("no error")
+        };
+        assert!(message.contains(&format!("{}:6:", file.display())), "{message}");
+        assert_eq!(watcher.poll(), None, "the same error is sent once");
+
+        // Another file added meanwhile changes nothing either.
+        std::fs::write(
+            dir.path().join("db.yaml"),
+            SERVICE.replace("name: web", "name: db"),
+        )
+        .unwrap();
+        assert_eq!(watcher.poll(), None, "still the same error");
+
+        // Fixed: one snapshot with both files.
+        std::fs::write(&file, SERVICE.replace("port: 80", "port: 81")).unwrap();
+        let Some(Event::Snapshot { objects, .. }) = watcher.poll() else {
+            panic!("no snapshot after the fix")
+        };
+        assert_eq!(names(&objects), ["Service default/db", "Service default/web"]);
+
+        // A removed file removes its objects.
+        std::fs::remove_file(dir.path().join("db.yaml")).unwrap();
+        let Some(Event::Snapshot { objects, .. }) = watcher.poll() else {
+            panic!("no snapshot after removal")
+        };
+        assert_eq!(names(&objects), ["Service default/web"]);
+    }
+
+    #[test]
+    fn a_missing_directory_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let errors = read_dir(&dir.path().join("nope")).unwrap_err();
+        assert!(
+            errors[0]
+                .to_string()
+                .contains("cannot read the manifests directory"),
+            "{}",
+            errors[0]
+        );
+    }
+}

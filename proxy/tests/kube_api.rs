@@ -1,0 +1,762 @@
+//! The Kubernetes API source against a mock API server on loopback that answers list and
+//! watch requests the way a real one does (the JSON of kube-apiserver 1.33: lists whose items
+//! carry no kind, chunked watch streams of `{"type":...,"object":...}` lines, bookmarks,
+//! `Status` errors, the `410 Gone` of an expired resourceVersion).
+//!
+//! What kube-runtime 5's watcher sends (default `watcher::Config`, the ListWatch strategy):
+//! - list: `GET /api/v1/services?labelSelector=...&limit=500` (no resourceVersion: a quorum
+//!   read), following `metadata.continue` for more pages;
+//! - watch: `GET ...?watch=true&timeoutSeconds=290&labelSelector=...&allowWatchBookmarks=true
+//!   &resourceVersion=<the list's>` (no `sendInitialEvents`: that is the StreamingList
+//!   strategy), resumed from the last seen resourceVersion when the stream ends, relisted
+//!   after a `410` ERROR event.
+
+use std::collections::{HashMap, VecDeque};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use ferry_proxy::source::kube as api_source;
+use ferry_proxy::source::{Event, Kind, Object};
+use futures::StreamExt;
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+
+// ---------------------------------------------------------------------------------------
+// The mock API server.
+
+/// One scripted answer.
+#[derive(Clone)]
+enum Reply {
+    /// A list: resourceVersion and items (full objects; the mock strips kind/apiVersion
+    /// from items as the API server does).
+    List(&'static str, Vec<Value>),
+    /// An error `Status` with this HTTP code.
+    Status(Value),
+    /// A watch: these events, then the stream stays open (`true`) or ends (`false`).
+    Watch(Vec<Value>, bool),
+}
+
+struct Resource {
+    list_kind: &'static str,
+    api_version: &'static str,
+    lists: VecDeque<Reply>,
+    watches: VecDeque<Reply>,
+    /// Answered again when the list script is used up.
+    last_list: Option<Reply>,
+}
+
+/// Decoded query pairs, in order.
+type Query = Vec<(String, String)>;
+
+#[derive(Default)]
+struct Mock {
+    resources: Mutex<HashMap<&'static str, Resource>>,
+    /// Every request: path and decoded query pairs.
+    requests: Mutex<Vec<(String, Query)>>,
+}
+
+const SERVICES: &str = "/api/v1/services";
+const SLICES: &str = "/apis/discovery.k8s.io/v1/endpointslices";
+const NODES: &str = "/api/v1/nodes";
+
+impl Mock {
+    fn script(
+        &self,
+        path: &'static str,
+        list_kind: &'static str,
+        api_version: &'static str,
+        lists: Vec<Reply>,
+        watches: Vec<Reply>,
+    ) {
+        self.resources.lock().unwrap().insert(
+            path,
+            Resource {
+                list_kind,
+                api_version,
+                lists: lists.into(),
+                watches: watches.into(),
+                last_list: None,
+            },
+        );
+    }
+
+    fn requests(&self, path: &str) -> Vec<HashMap<String, String>> {
+        let requests = self.requests.lock().unwrap();
+        requests
+            .iter()
+            .filter(|(p, _)| p == path)
+            .map(|(_, q)| q.iter().cloned().collect())
+            .collect()
+    }
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => {
+                out.push(u8::from_str_radix(&s[i + 1..i + 3], 16).expect("a percent escape"));
+                i += 2;
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8(out).unwrap()
+}
+
+fn query_pairs(uri: &Uri) -> Query {
+    uri.query()
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            (percent_decode(k), percent_decode(v))
+        })
+        .collect()
+}
+
+/// The selectors this mock understands: `metadata.name=X` fields, `!key` labels.
+fn selected(obj: &Value, query: &[(String, String)]) -> bool {
+    for (k, v) in query {
+        match k.as_str() {
+            "fieldSelector" => {
+                for term in v.split(',') {
+                    let (field, want) = term.split_once('=').expect("field=value");
+                    assert_eq!(field, "metadata.name", "the mock knows only metadata.name");
+                    if obj["metadata"]["name"] != want {
+                        return false;
+                    }
+                }
+            }
+            "labelSelector" => {
+                for term in v.split(',') {
+                    let key = term.strip_prefix('!').expect("the mock knows only !key");
+                    if obj["metadata"]["labels"].get(key).is_some() {
+                        return false;
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    true
+}
+
+fn status_response(status: &Value) -> Response {
+    let code = StatusCode::from_u16(status["code"].as_u64().unwrap() as u16).unwrap();
+    (code, [("content-type", "application/json")], status.to_string()).into_response()
+}
+
+async fn handle(State(mock): State<Arc<Mock>>, uri: Uri) -> Response {
+    let path = uri.path().to_string();
+    let query = query_pairs(&uri);
+    mock.requests.lock().unwrap().push((path.clone(), query.clone()));
+    let watch = query.iter().any(|(k, v)| k == "watch" && v == "true");
+    let (reply, list_kind, api_version) = {
+        let mut resources = mock.resources.lock().unwrap();
+        let Some(r) = resources.get_mut(path.as_str()) else {
+            return (StatusCode::NOT_FOUND, "404 page not found").into_response();
+        };
+        let reply = if watch {
+            r.watches.pop_front().unwrap_or(Reply::Watch(vec![], true))
+        } else {
+            let reply = r
+                .lists
+                .pop_front()
+                .or_else(|| r.last_list.clone())
+                .expect("a scripted list");
+            if matches!(reply, Reply::List(..)) {
+                r.last_list = Some(reply.clone());
+            }
+            reply
+        };
+        (reply, r.list_kind, r.api_version)
+    };
+    match reply {
+        Reply::Status(status) => status_response(&status),
+        Reply::List(rv, items) => {
+            assert!(!watch);
+            let items: Vec<Value> = items
+                .into_iter()
+                .filter(|o| selected(o, &query))
+                .map(|mut o| {
+                    // A real list's items carry no kind or apiVersion.
+                    let m = o.as_object_mut().unwrap();
+                    m.remove("kind");
+                    m.remove("apiVersion");
+                    o
+                })
+                .collect();
+            let body = json!({
+                "kind": list_kind,
+                "apiVersion": api_version,
+                "metadata": { "resourceVersion": rv },
+                "items": items,
+            });
+            ([("content-type", "application/json")], body.to_string()).into_response()
+        }
+        Reply::Watch(events, keep_open) => {
+            assert!(watch);
+            let lines: Vec<Result<Bytes, Infallible>> = events
+                .into_iter()
+                .filter(|e| {
+                    e["type"] != "ADDED" && e["type"] != "MODIFIED" && e["type"] != "DELETED"
+                        || selected(&e["object"], &query)
+                })
+                .map(|e| Ok(Bytes::from(format!("{e}\n"))))
+                .collect();
+            let stream = futures::stream::iter(lines);
+            let body = if keep_open {
+                Body::from_stream(stream.chain(futures::stream::pending()))
+            } else {
+                Body::from_stream(stream)
+            };
+            ([("content-type", "application/json")], body).into_response()
+        }
+    }
+}
+
+async fn start(mock: Arc<Mock>) -> SocketAddr {
+    let app = Router::new()
+        .route(SERVICES, get(handle))
+        .route(SLICES, get(handle))
+        .route(NODES, get(handle))
+        .with_state(mock);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    addr
+}
+
+// ---------------------------------------------------------------------------------------
+// Realistic objects, as `kubectl get -o json` shows them.
+
+fn service(rv: &str, target_port: Value) -> Value {
+    json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": "web",
+            "namespace": "default",
+            "uid": "0b5f4d8e-7d0a-4a55-9f35-2c1f0c3c9e11",
+            "resourceVersion": rv,
+            "creationTimestamp": "2025-05-01T10:00:00Z",
+            "labels": { "app": "web" },
+            "annotations": {
+                "kubectl.kubernetes.io/last-applied-configuration": "{\"apiVersion\":\"v1\",\"kind\":\"Service\"}\n",
+                "example.com/owner": "team-a"
+            },
+            "managedFields": [{
+                "manager": "kubectl-client-side-apply",
+                "operation": "Update",
+                "apiVersion": "v1",
+                "time": "2025-05-01T10:00:00Z",
+                "fieldsType": "FieldsV1",
+                "fieldsV1": { "f:spec": { "f:ports": {} } }
+            }]
+        },
+        "spec": {
+            "type": "ClusterIP",
+            "clusterIP": "10.96.12.34",
+            "clusterIPs": ["10.96.12.34"],
+            "ipFamilies": ["IPv4"],
+            "ipFamilyPolicy": "SingleStack",
+            "internalTrafficPolicy": "Cluster",
+            "ports": [
+                { "name": "http", "port": 80, "protocol": "TCP", "targetPort": target_port },
+                { "name": "dns", "port": 53, "protocol": "UDP", "targetPort": 5353 }
+            ],
+            "selector": { "app": "web" },
+            "sessionAffinity": "None"
+        },
+        "status": { "loadBalancer": {} }
+    })
+}
+
+fn lb_service(name: &str, rv: &str) -> Value {
+    json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": { "name": name, "namespace": "shop", "resourceVersion": rv,
+                      "creationTimestamp": "2025-05-01T10:05:00Z" },
+        "spec": {
+            "type": "LoadBalancer",
+            "clusterIP": "10.96.40.2",
+            "clusterIPs": ["10.96.40.2", "fd00:10:96::40:2"],
+            "ipFamilies": ["IPv4", "IPv6"],
+            "ipFamilyPolicy": "PreferDualStack",
+            "externalTrafficPolicy": "Local",
+            "healthCheckNodePort": 31999,
+            "allocateLoadBalancerNodePorts": true,
+            "ports": [{ "port": 443, "protocol": "TCP", "targetPort": 8443, "nodePort": 30443 }],
+            "selector": { "app": name },
+            "sessionAffinity": "ClientIP",
+            "sessionAffinityConfig": { "clientIP": { "timeoutSeconds": 10800 } }
+        },
+        "status": { "loadBalancer": { "ingress": [{ "ip": "203.0.113.10", "ipMode": "VIP" }] } }
+    })
+}
+
+/// A Service another proxy handles: the label selector keeps it away from Ferry.
+fn other_proxys_service() -> Value {
+    json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": { "name": "mesh", "namespace": "default", "resourceVersion": "80",
+                      "labels": { "service.kubernetes.io/service-proxy-name": "other-proxy" } },
+        "spec": { "type": "ClusterIP", "clusterIP": "10.96.0.99", "ports": [{ "port": 80, "protocol": "TCP" }] }
+    })
+}
+
+fn slice(rv: &str, second_terminating: bool) -> Value {
+    json!({
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {
+            "name": "web-7xk2p",
+            "generateName": "web-",
+            "namespace": "default",
+            "resourceVersion": rv,
+            "creationTimestamp": "2025-05-01T10:00:01Z",
+            "labels": {
+                "kubernetes.io/service-name": "web",
+                "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io"
+            },
+            "ownerReferences": [{ "apiVersion": "v1", "kind": "Service", "name": "web",
+                                  "uid": "0b5f4d8e-7d0a-4a55-9f35-2c1f0c3c9e11",
+                                  "controller": true, "blockOwnerDeletion": true }]
+        },
+        "addressType": "IPv4",
+        "endpoints": [
+            {
+                "addresses": ["10.244.1.5"],
+                "conditions": { "ready": true, "serving": true, "terminating": false },
+                "nodeName": "node-a",
+                "zone": "zone-1",
+                "targetRef": { "kind": "Pod", "namespace": "default", "name": "web-5d9c7-abcde",
+                               "uid": "7e1c2b1a-0000-4000-8000-000000000001" }
+            },
+            {
+                "addresses": ["10.244.2.9"],
+                "conditions": { "ready": !second_terminating, "serving": true, "terminating": second_terminating },
+                "nodeName": "node-b",
+                "zone": "zone-2",
+                "targetRef": { "kind": "Pod", "namespace": "default", "name": "web-5d9c7-fghij",
+                               "uid": "7e1c2b1a-0000-4000-8000-000000000002" }
+            }
+        ],
+        "ports": [
+            { "name": "http", "port": 8080, "protocol": "TCP" },
+            { "name": "dns", "port": 5353, "protocol": "UDP" }
+        ]
+    })
+}
+
+/// The EndpointSlice of a headless Service: filtered by the label selector, as in kube-proxy.
+fn headless_slice() -> Value {
+    json!({
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": { "name": "db-q2w3e", "namespace": "default", "resourceVersion": "41",
+                      "labels": { "kubernetes.io/service-name": "db", "service.kubernetes.io/headless": "" } },
+        "addressType": "IPv4",
+        "endpoints": [{ "addresses": ["10.244.1.8"], "conditions": { "ready": true } }],
+        "ports": [{ "port": 5432, "protocol": "TCP" }]
+    })
+}
+
+fn node(name: &str, rv: &str, ip: &str) -> Value {
+    json!({
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {
+            "name": name,
+            "resourceVersion": rv,
+            "uid": "5c0b7a52-1111-4222-8333-444455556666",
+            "creationTimestamp": "2025-04-30T08:00:00Z",
+            "labels": { "kubernetes.io/hostname": name, "kubernetes.io/os": "linux" }
+        },
+        "spec": { "podCIDR": "10.244.1.0/24", "podCIDRs": ["10.244.1.0/24"] },
+        "status": {
+            "addresses": [{ "type": "InternalIP", "address": ip }, { "type": "Hostname", "address": name }],
+            "conditions": [{
+                "type": "Ready", "status": "True", "reason": "KubeletReady",
+                "message": "kubelet is posting ready status",
+                "lastHeartbeatTime": "2025-05-01T10:00:00Z", "lastTransitionTime": "2025-04-30T08:00:30Z"
+            }],
+            "nodeInfo": {
+                "architecture": "amd64", "bootID": "b", "containerRuntimeVersion": "containerd://2.0.3",
+                "kernelVersion": "6.12.0", "kubeProxyVersion": "", "kubeletVersion": "v1.33.1",
+                "machineID": "m", "operatingSystem": "linux", "osImage": "Debian GNU/Linux 12", "systemUUID": "s"
+            }
+        }
+    })
+}
+
+fn event(kind: &str, object: Value) -> Value {
+    json!({ "type": kind, "object": object })
+}
+
+fn bookmark(kind: &str, api_version: &str, rv: &str) -> Value {
+    json!({ "type": "BOOKMARK",
+            "object": { "kind": kind, "apiVersion": api_version, "metadata": { "resourceVersion": rv } } })
+}
+
+fn status(code: u16, reason: &str, message: &str) -> Value {
+    json!({ "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+            "message": message, "reason": reason, "code": code })
+}
+
+/// What the source hands on: the object without managed fields and last-applied copy.
+fn slimmed(mut v: Value) -> Value {
+    let meta = v["metadata"].as_object_mut().unwrap();
+    meta.remove("managedFields");
+    if let Some(a) = meta.get_mut("annotations").and_then(|a| a.as_object_mut()) {
+        a.remove("kubectl.kubernetes.io/last-applied-configuration");
+    }
+    v
+}
+
+fn svc(v: Value) -> Object {
+    Object::Service(serde_json::from_value(slimmed(v)).unwrap())
+}
+fn eps(v: Value) -> Object {
+    Object::EndpointSlice(serde_json::from_value(slimmed(v)).unwrap())
+}
+fn nod(v: Value) -> Object {
+    Object::Node(serde_json::from_value(slimmed(v)).unwrap())
+}
+
+// ---------------------------------------------------------------------------------------
+// Collecting events.
+
+fn kind_of(e: &Event) -> Kind {
+    match e {
+        Event::Snapshot { kinds, .. } => {
+            assert_eq!(kinds.len(), 1, "one kind per API snapshot: {e:?}");
+            kinds[0]
+        }
+        Event::Upsert(o) | Event::Delete(o) => o.kind(),
+        Event::Error(m) if m.starts_with("watching services") => Kind::Service,
+        Event::Error(m) if m.starts_with("watching endpointslices") => Kind::EndpointSlice,
+        Event::Error(m) if m.starts_with("watching nodes") => Kind::Node,
+        Event::Error(m) => panic!("an error that names no resource: {m}"),
+    }
+}
+
+/// Receives until each kind has at least `want[kind]` events; returns them per kind.
+async fn collect(rx: &mut mpsc::Receiver<Event>, want: &[(Kind, usize)]) -> HashMap<Kind, Vec<Event>> {
+    let mut got: HashMap<Kind, Vec<Event>> = HashMap::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while want.iter().any(|(k, n)| got.get(k).map_or(0, Vec::len) < *n) {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some(e)) => got.entry(kind_of(&e)).or_default().push(e),
+            Ok(None) => panic!("the source ended; so far: {got:#?}"),
+            Err(_) => panic!("timed out; so far: {got:#?}"),
+        }
+    }
+    got
+}
+
+fn snapshot(kind: Kind, objects: Vec<Object>) -> Event {
+    Event::Snapshot {
+        kinds: vec![kind],
+        objects,
+    }
+}
+
+fn error_text(e: &Event) -> &str {
+    match e {
+        Event::Error(m) => m,
+        other => panic!("expected an Error, got {other:?}"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn list_watch_errors_and_resync_against_a_mock_api_server() {
+    let mock = Arc::new(Mock::default());
+    let web_v2 = service("101", json!(8080));
+    mock.script(
+        SERVICES,
+        "ServiceList",
+        "v1",
+        vec![
+            Reply::List("100", vec![service("90", json!("http")), other_proxys_service()]),
+            // The relist after 410 Gone.
+            Reply::List("200", vec![web_v2.clone(), lb_service("shop", "150")]),
+        ],
+        vec![
+            Reply::Watch(
+                vec![
+                    event("MODIFIED", web_v2.clone()),
+                    event("ADDED", lb_service("shop", "102")),
+                    event("MODIFIED", other_proxys_service()), // filtered by the selector
+                    bookmark("Service", "v1", "103"),
+                    event("DELETED", lb_service("shop", "104")),
+                    // The API server's answer when the watch fell out of its window.
+                    event(
+                        "ERROR",
+                        status(410, "Expired", "too old resource version: 104 (190)"),
+                    ),
+                ],
+                false,
+            ),
+            Reply::Watch(vec![], true),
+        ],
+    );
+    mock.script(
+        SLICES,
+        "EndpointSliceList",
+        "discovery.k8s.io/v1",
+        vec![
+            Reply::Status(status(
+                403,
+                "Forbidden",
+                "endpointslices.discovery.k8s.io is forbidden: User \"system:serviceaccount:kube-system:ferry-proxy\" \
+                 cannot list resource \"endpointslices\" in API group \"discovery.k8s.io\" at the cluster scope",
+            )),
+            Reply::Status(status(500, "InternalError", "Internal error occurred: etcdserver: request timed out")),
+            Reply::List("50", vec![slice("45", false), headless_slice()]),
+        ],
+        vec![Reply::Watch(vec![event("MODIFIED", slice("51", true))], true)],
+    );
+    mock.script(
+        NODES,
+        "NodeList",
+        "v1",
+        vec![Reply::List(
+            "7",
+            vec![
+                node("node-a", "5", "172.18.0.3"),
+                node("node-b", "6", "172.18.0.4"),
+            ],
+        )],
+        vec![
+            // A server that refuses to start a watch from an expired resourceVersion with
+            // HTTP 410 (kube-apiserver sends an ERROR event instead, as for Services above).
+            Reply::Status(status(410, "Expired", "too old resource version: 7 (12)")),
+            Reply::Watch(vec![event("MODIFIED", node("node-b", "8", "172.18.0.4"))], true),
+        ],
+    );
+    let addr = start(mock.clone()).await;
+
+    let config = kube::Config::new(format!("http://{addr}").parse().unwrap());
+    let client = api_source::client_from(config).unwrap();
+    let (tx, mut rx) = mpsc::channel(64);
+    let source = tokio::spawn(async move { api_source::watch(client, "node-a", tx).await });
+
+    let got = collect(
+        &mut rx,
+        &[(Kind::Service, 6), (Kind::EndpointSlice, 4), (Kind::Node, 3)],
+    )
+    .await;
+
+    // Services: list, three watch events (the bookmark and the other proxy's Service
+    // leave no trace), 410 Gone, relist.
+    let s = &got[&Kind::Service];
+    assert_eq!(
+        s[0],
+        snapshot(Kind::Service, vec![svc(service("90", json!("http")))])
+    );
+    assert_eq!(s[1], Event::Upsert(svc(web_v2.clone())));
+    assert_eq!(s[2], Event::Upsert(svc(lb_service("shop", "102"))));
+    assert_eq!(s[3], Event::Delete(svc(lb_service("shop", "104"))));
+    let gone = error_text(&s[4]);
+    assert!(
+        gone.contains("410") || gone.contains("too old resource version"),
+        "{gone}"
+    );
+    assert!(gone.contains("relisting"), "{gone}");
+    assert_eq!(
+        s[5],
+        snapshot(Kind::Service, vec![svc(web_v2), svc(lb_service("shop", "150"))])
+    );
+
+    // EndpointSlices: 403 (the message says what to grant), 500, then the list and a watch
+    // event; the headless Service's slice is filtered.
+    let e = &got[&Kind::EndpointSlice];
+    let forbidden = error_text(&e[0]);
+    assert!(
+        forbidden.contains("forbidden") && forbidden.contains("conf/ferry-proxy.yaml"),
+        "{forbidden}"
+    );
+    let internal = error_text(&e[1]);
+    assert!(
+        internal.contains("etcdserver: request timed out") && internal.contains("retrying"),
+        "{internal}"
+    );
+    assert_eq!(e[2], snapshot(Kind::EndpointSlice, vec![eps(slice("45", false))]));
+    assert_eq!(e[3], Event::Upsert(eps(slice("51", true))));
+    let Event::Upsert(Object::EndpointSlice(es)) = &e[3] else {
+        unreachable!()
+    };
+    let cond = es.endpoints[1].conditions.as_ref().unwrap();
+    assert_eq!(
+        (cond.ready, cond.serving, cond.terminating),
+        (Some(false), Some(true), Some(true))
+    );
+    assert_eq!(es.endpoints[0].node_name.as_deref(), Some("node-a"));
+
+    // Nodes: only ours (the field selector keeps node-b's change away too); the watch
+    // refused with HTTP 410 leads to a new list rather than retrying the stale version.
+    let n = &got[&Kind::Node];
+    let node_a = snapshot(Kind::Node, vec![nod(node("node-a", "5", "172.18.0.3"))]);
+    assert_eq!(n[0], node_a);
+    let gone = error_text(&n[1]);
+    assert!(
+        gone.contains("too old resource version") && gone.contains("relisting"),
+        "{gone}"
+    );
+    assert_eq!(n[2], node_a);
+
+    // The requests kube-runtime made, and that the mock answered as the API server would.
+    let selector = "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless";
+    let svc_requests = mock.requests(SERVICES);
+    let lists: Vec<_> = svc_requests.iter().filter(|q| !q.contains_key("watch")).collect();
+    let watches: Vec<_> = svc_requests.iter().filter(|q| q.contains_key("watch")).collect();
+    assert_eq!(lists.len(), 2, "{svc_requests:?}");
+    for q in &lists {
+        assert_eq!(q.get("limit").map(String::as_str), Some("500"), "{q:?}");
+        assert_eq!(q.get("labelSelector").map(String::as_str), Some(selector));
+        assert!(
+            !q.contains_key("resourceVersion"),
+            "a most-recent (quorum) list: {q:?}"
+        );
+    }
+    assert_eq!(
+        watches[0].get("resourceVersion").map(String::as_str),
+        Some("100"),
+        "{watches:?}"
+    );
+    assert_eq!(
+        watches[1].get("resourceVersion").map(String::as_str),
+        Some("200"),
+        "{watches:?}"
+    );
+    for q in &watches {
+        assert_eq!(q.get("allowWatchBookmarks").map(String::as_str), Some("true"));
+        assert_eq!(q.get("timeoutSeconds").map(String::as_str), Some("290"));
+        assert_eq!(q.get("labelSelector").map(String::as_str), Some(selector));
+        assert!(
+            !q.contains_key("sendInitialEvents"),
+            "ListWatch, not streaming lists: {q:?}"
+        );
+    }
+    assert_eq!(
+        mock.requests(SLICES)
+            .iter()
+            .filter(|q| !q.contains_key("watch"))
+            .count(),
+        3
+    );
+    let node_requests = mock.requests(NODES);
+    let node_lists = node_requests.iter().filter(|q| !q.contains_key("watch")).count();
+    assert_eq!(node_lists, 2, "{node_requests:?}");
+    for q in node_requests {
+        assert_eq!(
+            q.get("fieldSelector").map(String::as_str),
+            Some("metadata.name=node-a"),
+            "{q:?}"
+        );
+        assert!(!q.contains_key("labelSelector"));
+    }
+
+    // Dropping the receiver ends the source, even while every watch is idle.
+    drop(rx);
+    let result = tokio::time::timeout(Duration::from_secs(5), source)
+        .await
+        .expect("the source ends");
+    result.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn run_with_a_kubeconfig_file() {
+    let mock = Arc::new(Mock::default());
+    mock.script(
+        SERVICES,
+        "ServiceList",
+        "v1",
+        vec![Reply::List("3", vec![service("2", json!(8080))])],
+        vec![],
+    );
+    mock.script(
+        SLICES,
+        "EndpointSliceList",
+        "discovery.k8s.io/v1",
+        vec![Reply::List("3", vec![])],
+        vec![],
+    );
+    mock.script(
+        NODES,
+        "NodeList",
+        "v1",
+        vec![Reply::List("3", vec![node("node-a", "1", "10.0.0.5")])],
+        vec![],
+    );
+    let addr = start(mock).await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: mock\n  cluster:\n    server: http://{addr}\n\
+             contexts:\n- name: mock\n  context:\n    cluster: mock\n    user: nobody\n\
+             current-context: mock\nusers:\n- name: nobody\n  user: {{}}\n"
+        ),
+    )
+    .unwrap();
+
+    let (tx, mut rx) = mpsc::channel(16);
+    let source = tokio::spawn(api_source::run(Some(kubeconfig), "node-a".to_string(), tx));
+    let got = collect(
+        &mut rx,
+        &[(Kind::Service, 1), (Kind::EndpointSlice, 1), (Kind::Node, 1)],
+    )
+    .await;
+    assert_eq!(
+        got[&Kind::Service],
+        vec![snapshot(Kind::Service, vec![svc(service("2", json!(8080)))])]
+    );
+    assert_eq!(
+        got[&Kind::EndpointSlice],
+        vec![snapshot(Kind::EndpointSlice, vec![])]
+    );
+    assert_eq!(
+        got[&Kind::Node],
+        vec![snapshot(Kind::Node, vec![nod(node("node-a", "1", "10.0.0.5"))])]
+    );
+    drop(rx);
+    tokio::time::timeout(Duration::from_secs(5), source)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+
+    // A kubeconfig that is not there: the error names the flag and the path.
+    let (tx, _rx) = mpsc::channel(1);
+    let missing = dir.path().join("missing");
+    let err = api_source::run(Some(missing.clone()), "node-a".into(), tx)
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with(&format!("--kubeconfig {}", missing.display())),
+        "{err}"
+    );
+}

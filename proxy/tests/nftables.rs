@@ -1,0 +1,1027 @@
+//! The nftables back end with real nftables and real packets.
+//!
+//! Each test builds its own node: a netns with a bridge `br0` (the Pod subnet's gateway)
+//! and `net.bridge.bridge-nf-call-iptables=1` (Pod -> ClusterIP -> Pod on one bridge needs
+//! it), Pod netns on veths in that bridge running small servers that answer with their
+//! name and the peer address they saw, client netns outside the node on veths of their
+//! own, and a default route out of the node (towards the first client) so that "refused at
+//! once" cannot pass because the node had no route. The back end runs on a thread inside
+//! the node netns. Nothing outside these namespaces is touched; they are deleted on drop,
+//! also when a test panics.
+
+use std::io::{BufRead, BufReader, ErrorKind, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use ferry_proxy::backend::nftables::{port_base_name, synthetic_table, NftablesBackend, TABLE};
+use ferry_proxy::backend::Backend;
+use ferry_proxy::conntrack;
+use ferry_proxy::plan::{Endpoint, Family, NodeSettings, Protocol, ServicePort, ServicePortId, ServiceTable};
+use ferry_tests::{require_root, unique_v4_subnet, unique_v6_subnet, Netns, Node};
+
+const TIMEOUT: Duration = Duration::from_secs(3);
+
+fn ip(args: &[&str]) {
+    let out = std::process::Command::new("ip")
+        .args(args)
+        .output()
+        .expect("run ip");
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// "10.96.3.0/24" -> (prefix "10.96.3.", "/24").
+fn v4_parts(cidr: &str) -> String {
+    cidr.rsplit_once(".0/").expect("an aligned /24").0.to_string() + "."
+}
+
+struct Pod {
+    ns: ferry_tests::Pod,
+    v4: IpAddr,
+    v6: IpAddr,
+}
+
+/// A node with Pods on a bridge and clients outside.
+struct Cluster {
+    node: Node,
+    pods: Vec<Pod>,
+    clients: Vec<(Netns, IpAddr)>,
+    /// The node's address on the first client's link (NodePort target).
+    node_ip: IpAddr,
+    /// The bridge's addresses (what masquerading towards a Pod shows).
+    gw_v4: IpAddr,
+    pod_cidr_v4: String,
+    pod_cidr_v6: String,
+}
+
+impl Cluster {
+    fn new(pods: usize, clients: usize) -> Cluster {
+        let node = Node::new("proxy-node");
+        let n = node.name().to_string();
+        let pod_cidr_v4 = unique_v4_subnet(24);
+        let pod_cidr_v6 = unique_v6_subnet();
+        let p4 = v4_parts(&pod_cidr_v4);
+        let p6 = pod_cidr_v6.trim_end_matches("/64").to_string(); // "fd00:x:y::"
+        node.netns().run(|| {
+            for (path, v) in [
+                ("net/ipv4/ip_forward", "1"),
+                ("net/ipv6/conf/all/forwarding", "1"),
+                ("net/bridge/bridge-nf-call-iptables", "1"),
+                ("net/bridge/bridge-nf-call-ip6tables", "1"),
+            ] {
+                std::fs::write(format!("/proc/sys/{path}"), v).unwrap_or_else(|e| panic!("{path}: {e}"));
+            }
+        });
+        ip(&["-n", &n, "link", "add", "br0", "type", "bridge"]);
+        ip(&["-n", &n, "addr", "add", &format!("{p4}1/24"), "dev", "br0"]);
+        ip(&[
+            "-n",
+            &n,
+            "addr",
+            "add",
+            &format!("{p6}1/64"),
+            "dev",
+            "br0",
+            "nodad",
+        ]);
+        ip(&["-n", &n, "link", "set", "br0", "up"]);
+        let mut list = Vec::new();
+        for i in 0..pods {
+            let ns = node.pod(&format!("pod{i}"));
+            let (v4, v6) = (format!("{p4}{}", 10 + i), format!("{p6}{:x}", 10 + i));
+            let port = format!("vp{i}");
+            ip(&[
+                "-n",
+                &n,
+                "link",
+                "add",
+                &port,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                ns.name(),
+            ]);
+            ip(&["-n", &n, "link", "set", &port, "master", "br0"]);
+            ip(&[
+                "-n",
+                &n,
+                "link",
+                "set",
+                &port,
+                "type",
+                "bridge_slave",
+                "hairpin",
+                "on",
+            ]);
+            ip(&["-n", &n, "link", "set", &port, "up"]);
+            ip(&["-n", ns.name(), "addr", "add", &format!("{v4}/24"), "dev", "eth0"]);
+            ip(&[
+                "-n",
+                ns.name(),
+                "addr",
+                "add",
+                &format!("{v6}/64"),
+                "dev",
+                "eth0",
+                "nodad",
+            ]);
+            ip(&["-n", ns.name(), "link", "set", "eth0", "up"]);
+            ip(&[
+                "-n",
+                ns.name(),
+                "route",
+                "add",
+                "default",
+                "via",
+                &format!("{p4}1"),
+            ]);
+            ip(&[
+                "-n",
+                ns.name(),
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                &format!("{p6}1"),
+            ]);
+            let pod = Pod {
+                ns,
+                v4: v4.parse().unwrap(),
+                v6: v6.parse().unwrap(),
+            };
+            list.push(pod);
+        }
+        let mut cl = Vec::new();
+        let mut node_ip = None;
+        for i in 0..clients {
+            let c = node.client(&format!("client{i}"));
+            let net = v4_parts(&unique_v4_subnet(24));
+            let node_if = node.connect_client(&c, &format!("{net}2/24"), &format!("{net}1/24"));
+            if i == 0 {
+                let v6 = unique_v6_subnet().trim_end_matches("/64").to_string();
+                ip(&[
+                    "-n",
+                    c.name(),
+                    "addr",
+                    "add",
+                    &format!("{v6}2/64"),
+                    "dev",
+                    "eth0",
+                    "nodad",
+                ]);
+                ip(&[
+                    "-n",
+                    &n,
+                    "addr",
+                    "add",
+                    &format!("{v6}1/64"),
+                    "dev",
+                    &node_if,
+                    "nodad",
+                ]);
+                ip(&[
+                    "-n",
+                    &n,
+                    "-6",
+                    "route",
+                    "add",
+                    "default",
+                    "via",
+                    &format!("{v6}2"),
+                ]);
+                // The node's way out: without it, traffic to a Service IP nobody handles
+                // would fail with "network unreachable" at once, for the wrong reason.
+                ip(&["-n", &n, "route", "add", "default", "via", &format!("{net}2")]);
+                node_ip = Some(format!("{net}1").parse().unwrap());
+            }
+            cl.push((c, format!("{net}2").parse().unwrap()));
+        }
+        Cluster {
+            gw_v4: format!("{p4}1").parse().unwrap(),
+            node,
+            pods: list,
+            clients: cl,
+            node_ip: node_ip.unwrap_or("127.0.0.1".parse().unwrap()),
+            pod_cidr_v4,
+            pod_cidr_v6,
+        }
+    }
+
+    fn settings(&self) -> NodeSettings {
+        NodeSettings {
+            node_name: "node".into(),
+            cluster_cidrs: vec![
+                self.pod_cidr_v4.parse().unwrap(),
+                self.pod_cidr_v6.parse().unwrap(),
+            ],
+            nodeport_addresses: vec![],
+        }
+    }
+
+    fn sync(&self, backend: &mut NftablesBackend, table: &ServiceTable) {
+        self.node
+            .netns()
+            .run(|| backend.sync(table))
+            .unwrap_or_else(|e| panic!("sync failed: {e}\ntransaction:\n{}", backend.last_transaction()));
+    }
+
+    fn nft(&self, args: &[&str]) -> String {
+        let mut argv = vec!["nft"];
+        argv.extend_from_slice(args);
+        self.node.netns().exec_ok(&argv)
+    }
+
+    fn pod_ep(&self, i: usize, family: Family, port: u16) -> Endpoint {
+        let ip = if family == Family::V4 {
+            self.pods[i].v4
+        } else {
+            self.pods[i].v6
+        };
+        Endpoint {
+            ip,
+            port,
+            is_local: true,
+        }
+    }
+}
+
+fn service(name: &str, proto: Protocol, family: Family, cluster_ip: &str, port: u16) -> ServicePort {
+    ServicePort {
+        id: ServicePortId {
+            namespace: "default".into(),
+            name: name.into(),
+            port_name: "p".into(),
+            protocol: proto,
+            family,
+        },
+        cluster_ip: Some(cluster_ip.parse().unwrap()),
+        port,
+        node_port: None,
+        external_ips: vec![],
+        load_balancer_ips: vec![],
+        source_ranges: vec![],
+        external_local: false,
+        internal_local: false,
+        health_check_node_port: None,
+        affinity_seconds: None,
+        cluster_endpoints: vec![],
+        external_endpoints: vec![],
+    }
+}
+
+fn with_endpoints(mut p: ServicePort, eps: Vec<Endpoint>) -> ServicePort {
+    let mut eps = eps;
+    eps.sort();
+    p.cluster_endpoints = eps.clone();
+    p.external_endpoints = eps;
+    p
+}
+
+fn table(settings: NodeSettings, ports: Vec<ServicePort>) -> ServiceTable {
+    ServiceTable {
+        settings,
+        ports: ports.into_iter().map(|p| (p.id.clone(), p)).collect(),
+    }
+}
+
+/// A running server, stopped on drop.
+struct Server {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn spawn(serve: impl FnOnce(&AtomicBool) + Send + 'static) -> Server {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    Server {
+        stop,
+        thread: Some(std::thread::spawn(move || serve(&flag))),
+    }
+}
+
+/// TCP: each connection gets "<name> <peer>\n", then an echo of every line it sends.
+fn tcp_server(ns: &Netns, name: &str, addr: SocketAddr) -> Server {
+    let listener = ns
+        .run(|| TcpListener::bind(addr))
+        .unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+    listener.set_nonblocking(true).unwrap();
+    let name = name.to_string();
+    spawn(move |stop| {
+        let mut conns: Vec<JoinHandle<()>> = Vec::new();
+        while !stop.load(Ordering::Relaxed) {
+            match listener.accept() {
+                Ok((mut conn, peer)) => {
+                    let name = name.clone();
+                    conns.push(std::thread::spawn(move || {
+                        conn.set_nonblocking(false).unwrap();
+                        conn.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+                        if conn.write_all(format!("{name} {peer}\n").as_bytes()).is_err() {
+                            return;
+                        }
+                        let mut reader = BufReader::new(conn.try_clone().unwrap());
+                        let mut line = String::new();
+                        while reader.read_line(&mut line).map(|n| n > 0).unwrap_or(false) {
+                            if conn.write_all(format!("{name} {line}").as_bytes()).is_err() {
+                                return;
+                            }
+                            line.clear();
+                        }
+                    }));
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(5)),
+            }
+        }
+        drop(conns);
+    })
+}
+
+/// UDP: every datagram is answered with "<name> <peer>".
+fn udp_server(ns: &Netns, name: &str, addr: SocketAddr) -> Server {
+    let socket = ns
+        .run(|| UdpSocket::bind(addr))
+        .unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+    socket.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+    let name = name.to_string();
+    spawn(move |stop| {
+        let mut buf = [0u8; 1500];
+        while !stop.load(Ordering::Relaxed) {
+            if let Ok((_, peer)) = socket.recv_from(&mut buf) {
+                let _ = socket.send_to(format!("{name} {peer}").as_bytes(), peer);
+            }
+        }
+    })
+}
+
+/// Connects from `ns`, returns the first line ("<server> <peer it saw>").
+fn tcp_ask(ns: &Netns, to: SocketAddr, timeout: Duration) -> std::io::Result<String> {
+    ns.run(|| {
+        let conn = TcpStream::connect_timeout(&to, timeout)?;
+        conn.set_read_timeout(Some(TIMEOUT))?;
+        let mut line = String::new();
+        BufReader::new(conn).read_line(&mut line)?;
+        Ok(line.trim().to_string())
+    })
+}
+
+/// One datagram from a fresh, connected socket (so ICMP errors surface as errors).
+fn udp_ask(ns: &Netns, to: SocketAddr) -> std::io::Result<String> {
+    ns.run(|| {
+        let bind = if to.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
+        let s = UdpSocket::bind(bind)?;
+        s.connect(to)?;
+        s.set_read_timeout(Some(TIMEOUT))?;
+        s.send(b"who")?;
+        let mut buf = [0u8; 1500];
+        let n = s.recv(&mut buf)?;
+        Ok(String::from_utf8_lossy(&buf[..n]).trim().to_string())
+    })
+}
+
+fn server_of(answer: &str) -> &str {
+    answer.split_whitespace().next().unwrap_or("")
+}
+
+fn peer_ip_of(answer: &str) -> IpAddr {
+    let peer: SocketAddr = answer.split_whitespace().nth(1).unwrap().parse().unwrap();
+    peer.ip()
+}
+
+fn sa(ip: IpAddr, port: u16) -> SocketAddr {
+    SocketAddr::new(ip, port)
+}
+
+#[test]
+fn cluster_ip_tcp_and_udp_reach_every_backend_in_both_families() {
+    require_root!();
+    let c = Cluster::new(3, 1);
+    let mut servers = Vec::new();
+    for i in 0..2 {
+        let name = format!("pod{i}");
+        servers.push(tcp_server(&c.pods[i].ns, &name, sa(c.pods[i].v4, 8080)));
+        servers.push(udp_server(&c.pods[i].ns, &name, sa(c.pods[i].v4, 5353)));
+        servers.push(tcp_server(&c.pods[i].ns, &name, sa(c.pods[i].v6, 8080)));
+    }
+    let tcp = with_endpoints(
+        service("web", Protocol::Tcp, Family::V4, "10.233.0.10", 80),
+        vec![c.pod_ep(0, Family::V4, 8080), c.pod_ep(1, Family::V4, 8080)],
+    );
+    let udp = with_endpoints(
+        service("dns", Protocol::Udp, Family::V4, "10.233.0.10", 53),
+        vec![c.pod_ep(0, Family::V4, 5353), c.pod_ep(1, Family::V4, 5353)],
+    );
+    let tcp6 = with_endpoints(
+        service("web", Protocol::Tcp, Family::V6, "fd00:233::10", 80),
+        vec![c.pod_ep(0, Family::V6, 8080), c.pod_ep(1, Family::V6, 8080)],
+    );
+    let mut backend = NftablesBackend::new();
+    c.sync(&mut backend, &table(c.settings(), vec![tcp, udp, tcp6]));
+
+    let client = &c.pods[2];
+    let mut counts = std::collections::BTreeMap::<String, usize>::new();
+    for _ in 0..30 {
+        let a = tcp_ask(&client.ns, "10.233.0.10:80".parse().unwrap(), TIMEOUT).expect("TCP to ClusterIP");
+        assert_eq!(
+            peer_ip_of(&a),
+            client.v4,
+            "a Pod inside the cluster CIDR keeps its address: {a}"
+        );
+        *counts.entry(format!("tcp {}", server_of(&a))).or_default() += 1;
+        let a = udp_ask(&client.ns, "10.233.0.10:53".parse().unwrap()).expect("UDP to ClusterIP");
+        *counts.entry(format!("udp {}", server_of(&a))).or_default() += 1;
+        let a = tcp_ask(&client.ns, "[fd00:233::10]:80".parse().unwrap(), TIMEOUT).expect("TCP over v6");
+        assert_eq!(peer_ip_of(&a), client.v6, "{a}");
+        *counts.entry(format!("tcp6 {}", server_of(&a))).or_default() += 1;
+    }
+    eprintln!("distribution over 30 connections each: {counts:?}");
+    for key in [
+        "tcp pod0",
+        "tcp pod1",
+        "udp pod0",
+        "udp pod1",
+        "tcp6 pod0",
+        "tcp6 pod1",
+    ] {
+        assert!(
+            counts.get(key).copied().unwrap_or(0) >= 3,
+            "{key} got too little: {counts:?}"
+        );
+    }
+    // From outside the cluster CIDR: masqueraded to the node's address on the bridge.
+    let a =
+        tcp_ask(&c.clients[0].0, "10.233.0.10:80".parse().unwrap(), TIMEOUT).expect("client to ClusterIP");
+    assert_eq!(peer_ip_of(&a), c.gw_v4, "{a}");
+    // From the node itself (output hook).
+    let a = tcp_ask(c.node.netns(), "10.233.0.10:80".parse().unwrap(), TIMEOUT).expect("node to ClusterIP");
+    assert!(a.starts_with("pod"), "{a}");
+}
+
+#[test]
+fn a_service_without_endpoints_is_refused_at_once() {
+    require_root!();
+    let c = Cluster::new(1, 1);
+    let mut np = service("empty", Protocol::Tcp, Family::V4, "10.233.0.20", 80);
+    np.node_port = Some(30020);
+    let udp = service("empty-udp", Protocol::Udp, Family::V4, "10.233.0.20", 53);
+    let v6 = service("empty", Protocol::Tcp, Family::V6, "fd00:233::20", 80);
+    let mut backend = NftablesBackend::new();
+    c.sync(&mut backend, &table(c.settings(), vec![np, udp, v6]));
+
+    let pod: &Netns = &c.pods[0].ns;
+    for (who, ns, to) in [
+        ("pod", pod, "10.233.0.20:80"),
+        ("pod v6", pod, "[fd00:233::20]:80"),
+        ("node", c.node.netns(), "10.233.0.20:80"),
+    ] {
+        let t = Instant::now();
+        let err = tcp_ask(ns, to.parse().unwrap(), TIMEOUT).expect_err("no endpoints must not connect");
+        assert_eq!(err.kind(), ErrorKind::ConnectionRefused, "{who} -> {to}: {err}");
+        assert!(
+            t.elapsed() < Duration::from_secs(1),
+            "{who} -> {to} took {:?}",
+            t.elapsed()
+        );
+    }
+    let node_port = sa(c.node_ip, 30020);
+    let t = Instant::now();
+    let err = tcp_ask(&c.clients[0].0, node_port, TIMEOUT).expect_err("NodePort without endpoints");
+    assert_eq!(err.kind(), ErrorKind::ConnectionRefused, "{err}");
+    assert!(t.elapsed() < Duration::from_secs(1));
+    let t = Instant::now();
+    let err = udp_ask(pod, "10.233.0.20:53".parse().unwrap()).expect_err("UDP without endpoints");
+    assert_eq!(err.kind(), ErrorKind::ConnectionRefused, "{err}");
+    assert!(t.elapsed() < Duration::from_secs(1));
+    // And the reject comes from our rules: the node routes elsewhere (towards the client),
+    // and without the table the connection is not refused at once.
+    c.node.netns().run(|| backend.cleanup()).unwrap();
+    let t = Instant::now();
+    let res = tcp_ask(
+        pod,
+        "10.233.0.20:80".parse().unwrap(),
+        Duration::from_millis(1500),
+    );
+    assert!(
+        res.is_err() && t.elapsed() >= Duration::from_millis(1400),
+        "without Ferry's rules the ClusterIP should time out, got {res:?} after {:?}",
+        t.elapsed()
+    );
+}
+
+#[test]
+fn node_port_masquerades_unless_external_traffic_policy_is_local() {
+    require_root!();
+    let c = Cluster::new(2, 1);
+    let _s0 = tcp_server(&c.pods[0].ns, "pod0", sa(c.pods[0].v4, 8080));
+    let _s1 = tcp_server(&c.pods[1].ns, "pod1", sa(c.pods[1].v4, 8080));
+    let mut cluster = with_endpoints(
+        service("np", Protocol::Tcp, Family::V4, "10.233.0.30", 80),
+        vec![c.pod_ep(0, Family::V4, 8080), c.pod_ep(1, Family::V4, 8080)],
+    );
+    cluster.node_port = Some(30030);
+    let mut local = service("np-local", Protocol::Tcp, Family::V4, "10.233.0.31", 80);
+    local.node_port = Some(30031);
+    local.external_local = true;
+    local.cluster_endpoints = vec![c.pod_ep(0, Family::V4, 8080), c.pod_ep(1, Family::V4, 8080)];
+    local.external_endpoints = vec![c.pod_ep(1, Family::V4, 8080)];
+    let mut none_here = local.clone();
+    none_here.id.name = "np-elsewhere".into();
+    none_here.cluster_ip = Some("10.233.0.32".parse().unwrap());
+    none_here.node_port = Some(30032);
+    none_here.external_endpoints = vec![];
+    let mut backend = NftablesBackend::new();
+    c.sync(
+        &mut backend,
+        &table(c.settings(), vec![cluster, local, none_here]),
+    );
+
+    let (client, client_ip) = (&c.clients[0].0, c.clients[0].1);
+    for _ in 0..6 {
+        let a = tcp_ask(client, sa(c.node_ip, 30030), TIMEOUT).expect("NodePort");
+        assert_eq!(
+            peer_ip_of(&a),
+            c.gw_v4,
+            "eTP Cluster: the backend sees the node: {a}"
+        );
+        let a = tcp_ask(client, sa(c.node_ip, 30031), TIMEOUT).expect("NodePort, eTP Local");
+        assert_eq!(server_of(&a), "pod1", "only the local endpoint: {a}");
+        assert_eq!(
+            peer_ip_of(&a),
+            client_ip,
+            "eTP Local keeps the client address: {a}"
+        );
+    }
+    // From a Pod, the NodePort on the node's own address works too.
+    let a = tcp_ask(&c.pods[0].ns, sa(c.gw_v4, 30030), TIMEOUT).expect("NodePort from a Pod");
+    assert!(a.starts_with("pod"), "{a}");
+    // eTP Local without local endpoints: dropped from outside ...
+    let res = tcp_ask(client, sa(c.node_ip, 30032), Duration::from_millis(800));
+    assert!(res.is_err(), "no local endpoint must not answer: {res:?}");
+    // ... while the ClusterIP of that Service still works.
+    let a = tcp_ask(&c.pods[0].ns, "10.233.0.32:80".parse().unwrap(), TIMEOUT).expect("its ClusterIP");
+    assert!(a.starts_with("pod"), "{a}");
+}
+
+#[test]
+fn load_balancer_ips_external_ips_and_source_ranges() {
+    require_root!();
+    let c = Cluster::new(2, 2);
+    let _s0 = tcp_server(&c.pods[0].ns, "pod0", sa(c.pods[0].v4, 8080));
+    let _s1 = tcp_server(&c.pods[1].ns, "pod1", sa(c.pods[1].v4, 8080));
+    let (allowed, allowed_ip) = (&c.clients[0].0, c.clients[0].1);
+    let denied = &c.clients[1].0;
+    let mut lb = with_endpoints(
+        service("lb", Protocol::Tcp, Family::V4, "10.233.0.40", 80),
+        vec![c.pod_ep(0, Family::V4, 8080), c.pod_ep(1, Family::V4, 8080)],
+    );
+    lb.load_balancer_ips = vec!["203.0.113.10".parse().unwrap()];
+    lb.external_ips = vec!["203.0.113.11".parse().unwrap()];
+    lb.source_ranges = vec![format!("{allowed_ip}/32").parse().unwrap()];
+    // An eTP Local LB Service whose only endpoint is elsewhere: blackholed from outside,
+    // reachable from inside the cluster.
+    let mut local = service("lb-local", Protocol::Tcp, Family::V4, "10.233.0.41", 80);
+    local.load_balancer_ips = vec!["203.0.113.12".parse().unwrap()];
+    local.external_local = true;
+    local.cluster_endpoints = vec![c.pod_ep(1, Family::V4, 8080)];
+    let mut backend = NftablesBackend::new();
+    c.sync(&mut backend, &table(c.settings(), vec![lb, local]));
+    let a =
+        tcp_ask(allowed, "203.0.113.10:80".parse().unwrap(), TIMEOUT).expect("LB IP from an allowed source");
+    assert_eq!(peer_ip_of(&a), c.gw_v4, "{a}");
+    let res = tcp_ask(
+        denied,
+        "203.0.113.10:80".parse().unwrap(),
+        Duration::from_millis(800),
+    );
+    assert!(
+        res.is_err(),
+        "a source outside loadBalancerSourceRanges must be dropped: {res:?}"
+    );
+    // externalIPs are not subject to source ranges.
+    for ns in [allowed, denied] {
+        let a = tcp_ask(ns, "203.0.113.11:80".parse().unwrap(), TIMEOUT).expect("external IP");
+        assert!(a.starts_with("pod"), "{a}");
+    }
+    // eTP Local, no local endpoint.
+    let res = tcp_ask(
+        allowed,
+        "203.0.113.12:80".parse().unwrap(),
+        Duration::from_millis(800),
+    );
+    assert!(
+        res.is_err(),
+        "eTP Local LB IP without local endpoints from outside: {res:?}"
+    );
+    let a = tcp_ask(&c.pods[0].ns, "203.0.113.12:80".parse().unwrap(), TIMEOUT)
+        .expect("from inside the cluster the LB IP short-circuits to the cluster endpoints");
+    assert_eq!(server_of(&a), "pod1");
+    assert_eq!(peer_ip_of(&a), c.pods[0].v4, "{a}");
+}
+
+#[test]
+fn client_ip_affinity_sticks_and_hairpin_reaches_itself() {
+    require_root!();
+    let c = Cluster::new(3, 1);
+    let mut servers = Vec::new();
+    for i in 0..3 {
+        servers.push(tcp_server(
+            &c.pods[i].ns,
+            &format!("pod{i}"),
+            sa(c.pods[i].v4, 8080),
+        ));
+    }
+    let mut sticky = with_endpoints(
+        service("sticky", Protocol::Tcp, Family::V4, "10.233.0.50", 80),
+        vec![c.pod_ep(0, Family::V4, 8080), c.pod_ep(1, Family::V4, 8080)],
+    );
+    sticky.affinity_seconds = Some(600);
+    let solo = with_endpoints(
+        service("solo", Protocol::Tcp, Family::V4, "10.233.0.51", 80),
+        vec![c.pod_ep(2, Family::V4, 8080)],
+    );
+    let mut backend = NftablesBackend::new();
+    c.sync(&mut backend, &table(c.settings(), vec![sticky, solo]));
+
+    let client = &c.pods[2].ns;
+    let first = tcp_ask(client, "10.233.0.50:80".parse().unwrap(), TIMEOUT).expect("sticky");
+    for _ in 0..15 {
+        let a = tcp_ask(client, "10.233.0.50:80".parse().unwrap(), TIMEOUT).expect("sticky");
+        assert_eq!(server_of(&a), server_of(&first), "affinity must stick");
+    }
+    // Hairpin: pod2 is the only endpoint of "solo" and reaches itself through it, seeing
+    // the node's address (masqueraded), not its own.
+    let a = tcp_ask(client, "10.233.0.51:80".parse().unwrap(), TIMEOUT).expect("hairpin");
+    assert_eq!(server_of(&a), "pod2");
+    assert_eq!(peer_ip_of(&a), c.gw_v4, "{a}");
+}
+
+#[test]
+fn one_endpoint_change_touches_one_chain_and_no_change_runs_nothing() {
+    require_root!();
+    let node = Node::new("proxy-diff");
+    let settings = NodeSettings {
+        node_name: "n".into(),
+        cluster_cidrs: vec!["10.1.0.0/16".parse().unwrap()],
+        nodeport_addresses: vec![],
+    };
+    let ep = |i: u8| Endpoint {
+        ip: IpAddr::from([10, 1, 0, i]),
+        port: 80,
+        is_local: true,
+    };
+    let mk = |name: &str, cip: &str, eps: Vec<Endpoint>| {
+        let mut p = with_endpoints(service(name, Protocol::Tcp, Family::V4, cip, 80), eps);
+        p.node_port = Some(30000 + cip.rsplit('.').next().unwrap().parse::<u16>().unwrap());
+        p
+    };
+    let a = mk("a", "10.233.0.1", vec![ep(1), ep(2)]);
+    let b = mk("b", "10.233.0.2", vec![ep(3), ep(4)]);
+    let d = mk("d", "10.233.0.3", vec![ep(5)]);
+    let mut backend = NftablesBackend::new();
+    let run = |backend: &mut NftablesBackend, t: &ServiceTable| {
+        node.netns()
+            .run(|| backend.sync(t))
+            .unwrap_or_else(|e| panic!("{e}\n{}", backend.last_transaction()))
+    };
+    let stats = run(
+        &mut backend,
+        &table(settings.clone(), vec![a.clone(), b.clone(), d.clone()]),
+    );
+    assert_eq!(stats.changed_ports, 3);
+    assert_eq!(stats.rules, count_rules(&node));
+
+    let stats = run(
+        &mut backend,
+        &table(settings.clone(), vec![a.clone(), b.clone(), d.clone()]),
+    );
+    assert_eq!(stats.changed_ports, 0);
+    assert_eq!(backend.last_transaction(), "", "nothing changed, nothing sent");
+
+    let b2 = mk("b", "10.233.0.2", vec![ep(3), ep(6)]);
+    let stats = run(
+        &mut backend,
+        &table(settings.clone(), vec![a.clone(), b2.clone(), d.clone()]),
+    );
+    assert_eq!(stats.changed_ports, 1);
+    let tx = backend.last_transaction().to_string();
+    eprintln!("transaction for one endpoint change:\n{tx}");
+    let chain = format!("service-{}", port_base_name(&b2.id));
+    // One chain flushed and refilled, and the hairpin pairs of the two endpoints: nothing else.
+    let lines: Vec<&str> = tx.lines().filter(|l| !l.contains("hairpin-v4")).collect();
+    assert_eq!(lines[0], format!("flush chain inet {TABLE} {chain}"), "{tx}");
+    let rule_prefix = format!("add rule inet {TABLE} {chain} ");
+    assert!(lines[1..].iter().all(|l| l.starts_with(&rule_prefix)), "{tx}");
+    assert_eq!(lines.len(), 4, "{tx}");
+    assert_eq!(tx.lines().count(), 6, "{tx}");
+    assert!(tx.contains("10.1.0.6:80") && !tx.contains("10.1.0.1:80"), "{tx}");
+    let listed = node
+        .netns()
+        .exec_ok(&["nft", "list", "chain", "inet", TABLE, &chain]);
+    assert!(
+        listed.contains("10.1.0.6:80") && !listed.contains("10.1.0.4:80"),
+        "{listed}"
+    );
+
+    // A Service that goes away takes its element and chains with it, in one transaction.
+    let stats = run(
+        &mut backend,
+        &table(settings.clone(), vec![a.clone(), b2.clone()]),
+    );
+    assert_eq!(stats.changed_ports, 1);
+    let gone = format!("service-{}", port_base_name(&d.id));
+    let chains = node.netns().exec_ok(&["nft", "list", "chains", "inet"]);
+    assert!(!chains.contains(&gone), "{chains}");
+    let listed = node.netns().exec_ok(&["nft", "list", "table", "inet", TABLE]);
+    assert!(
+        !listed.contains("10.233.0.3") && !listed.contains("30003"),
+        "{listed}"
+    );
+    assert_eq!(stats.rules, count_rules(&node));
+
+    // Node settings change: NodePort addresses restricted, the v4 cluster CIDR gone (so
+    // the masquerade rule of every v4 Service chain goes): real nft accepts the rewrite.
+    let mut changed = settings.clone();
+    changed.nodeport_addresses = vec!["192.168.0.0/16".parse().unwrap(), "fd00::/8".parse().unwrap()];
+    changed.cluster_cidrs = vec!["fd00:1::/48".parse().unwrap()];
+    let stats = run(&mut backend, &table(changed, vec![a.clone(), b2.clone()]));
+    assert_eq!(stats.rules, count_rules(&node));
+    let listed = node.netns().exec_ok(&["nft", "list", "table", "inet", TABLE]);
+    assert!(
+        listed.contains("ip daddr @nodeport-ips-v4 fib daddr type local"),
+        "{listed}"
+    );
+    assert!(!listed.contains("ip saddr != @cluster-cidrs-v4"), "{listed}");
+}
+
+/// The rules of Ferry's table, counted from `nft -a list table` (a rule line ends with its
+/// handle; declarations end with `{ # handle N`).
+fn count_rules(node: &Node) -> usize {
+    let listed = node
+        .netns()
+        .exec_ok(&["nft", "-a", "list", "table", "inet", TABLE]);
+    listed
+        .lines()
+        .filter(|l| l.contains("# handle") && !l.contains('{'))
+        .count()
+}
+
+#[test]
+fn a_restarted_backend_converges_without_breaking_established_connections() {
+    require_root!();
+    let c = Cluster::new(2, 1);
+    let _s0 = tcp_server(&c.pods[0].ns, "pod0", sa(c.pods[0].v4, 8080));
+    let web = with_endpoints(
+        service("web", Protocol::Tcp, Family::V4, "10.233.0.60", 80),
+        vec![c.pod_ep(0, Family::V4, 8080)],
+    );
+    let mut old_only = with_endpoints(
+        service("old", Protocol::Tcp, Family::V4, "10.233.0.61", 80),
+        vec![c.pod_ep(1, Family::V4, 8080)],
+    );
+    old_only.affinity_seconds = Some(30);
+    let mut first = NftablesBackend::new();
+    c.sync(
+        &mut first,
+        &table(c.settings(), vec![web.clone(), old_only.clone()]),
+    );
+
+    // An established connection through the ClusterIP.
+    let mut conn = c.pods[1]
+        .ns
+        .run(|| TcpStream::connect_timeout(&"10.233.0.60:80".parse().unwrap(), TIMEOUT))
+        .expect("connect through the ClusterIP");
+    conn.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let mut reader = BufReader::new(conn.try_clone().unwrap());
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    assert!(line.starts_with("pod0"), "{line}");
+
+    // The proxy "restarts": a new back end, a slightly different plan (the old Service is
+    // gone, a new one appears).
+    drop(first);
+    let new_svc = with_endpoints(
+        service("new", Protocol::Tcp, Family::V4, "10.233.0.62", 80),
+        vec![c.pod_ep(0, Family::V4, 8080)],
+    );
+    let mut second = NftablesBackend::new();
+    c.sync(
+        &mut second,
+        &table(c.settings(), vec![web.clone(), new_svc.clone()]),
+    );
+    let tx = second.last_transaction().to_string();
+    assert!(tx.contains("flush map inet ferry-proxy service-ips-v4"), "{tx}");
+    assert!(!tx.contains("flush ruleset"));
+
+    conn.write_all(b"still there?\n").unwrap();
+    line.clear();
+    reader
+        .read_line(&mut line)
+        .expect("the established connection survives the restart");
+    assert_eq!(line, "pod0 still there?\n");
+
+    let chains = c.nft(&["list", "chains", "inet"]);
+    assert!(
+        !chains.contains(&port_base_name(&old_only.id)),
+        "stale chain left: {chains}"
+    );
+    assert!(chains.contains(&port_base_name(&new_svc.id)), "{chains}");
+    let sets = c.nft(&["list", "sets", "inet"]);
+    assert!(!sets.contains("affinity-"), "stale affinity set left: {sets}");
+    let a = tcp_ask(&c.pods[1].ns, "10.233.0.62:80".parse().unwrap(), TIMEOUT).expect("new Service");
+    assert!(a.starts_with("pod0"), "{a}");
+    assert!(tcp_ask(
+        &c.pods[1].ns,
+        "10.233.0.61:80".parse().unwrap(),
+        Duration::from_millis(500)
+    )
+    .is_err());
+    // A third instance with the same plan converges to the same table.
+    let before = c.nft(&["list", "table", "inet", TABLE]);
+    let mut third = NftablesBackend::new();
+    c.sync(&mut third, &table(c.settings(), vec![web, new_svc]));
+    assert_eq!(c.nft(&["list", "table", "inet", TABLE]), before);
+}
+
+#[test]
+fn cleanup_removes_only_ferrys_table() {
+    require_root!();
+    let node = Node::new("proxy-cleanup");
+    node.netns().exec_ok(&["nft", "add table inet other; add chain inet other c { type filter hook input priority 0; }; add rule inet other c counter"]);
+    let t = synthetic_table(3, 2, 0);
+    let mut backend = NftablesBackend::new();
+    node.netns().run(|| backend.sync(&t)).unwrap();
+    let tables = node.netns().exec_ok(&["nft", "list", "tables"]);
+    assert!(
+        tables.contains("table inet ferry-proxy") && tables.contains("table inet other"),
+        "{tables}"
+    );
+    node.netns().run(|| backend.cleanup()).unwrap();
+    let tables = node.netns().exec_ok(&["nft", "list", "tables"]);
+    assert_eq!(tables.trim(), "table inet other");
+    let other = node.netns().exec_ok(&["nft", "list", "table", "inet", "other"]);
+    assert!(other.contains("counter"), "{other}");
+    // Cleanup without a table is fine, and a sync afterwards rebuilds everything.
+    node.netns().run(|| backend.cleanup()).unwrap();
+    node.netns().run(|| backend.sync(&t)).unwrap();
+    assert!(node
+        .netns()
+        .exec_ok(&["nft", "list", "tables"])
+        .contains("ferry-proxy"));
+}
+
+#[test]
+fn removing_a_udp_endpoint_moves_its_flows_and_leaves_tcp_alone() {
+    require_root!();
+    let c = Cluster::new(3, 1);
+    let mut servers = Vec::new();
+    for i in 0..2 {
+        servers.push(udp_server(
+            &c.pods[i].ns,
+            &format!("pod{i}"),
+            sa(c.pods[i].v4, 5353),
+        ));
+        servers.push(tcp_server(
+            &c.pods[i].ns,
+            &format!("pod{i}"),
+            sa(c.pods[i].v4, 8080),
+        ));
+    }
+    let all = vec![c.pod_ep(0, Family::V4, 5353), c.pod_ep(1, Family::V4, 5353)];
+    let udp = with_endpoints(
+        service("dns", Protocol::Udp, Family::V4, "10.233.0.70", 53),
+        all.clone(),
+    );
+    let tcp = with_endpoints(
+        service("web", Protocol::Tcp, Family::V4, "10.233.0.70", 80),
+        vec![c.pod_ep(0, Family::V4, 8080), c.pod_ep(1, Family::V4, 8080)],
+    );
+    let mut backend = NftablesBackend::new();
+    c.sync(&mut backend, &table(c.settings(), vec![udp.clone(), tcp.clone()]));
+
+    // One UDP socket, one flow: pinned to one endpoint by conntrack.
+    let client = &c.pods[2].ns;
+    let sock = client.run(|| UdpSocket::bind("0.0.0.0:0")).unwrap();
+    sock.connect("10.233.0.70:53").unwrap();
+    sock.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let ask = |s: &UdpSocket| {
+        s.send(b"who").unwrap();
+        let mut buf = [0u8; 200];
+        let n = s.recv(&mut buf).expect("UDP answer");
+        String::from_utf8_lossy(&buf[..n]).to_string()
+    };
+    let pinned = server_of(&ask(&sock)).to_string();
+    for _ in 0..5 {
+        assert_eq!(server_of(&ask(&sock)), pinned);
+    }
+    // TCP connections to both endpoints, which must survive.
+    let mut tcp_conns = Vec::new();
+    for _ in 0..10 {
+        let conn = client
+            .run(|| TcpStream::connect_timeout(&"10.233.0.70:80".parse().unwrap(), TIMEOUT))
+            .unwrap();
+        conn.set_read_timeout(Some(TIMEOUT)).unwrap();
+        let mut r = BufReader::new(conn.try_clone().unwrap());
+        let mut l = String::new();
+        r.read_line(&mut l).unwrap();
+        tcp_conns.push((conn, r));
+    }
+    let (i_pinned, i_other) = if pinned == "pod0" { (0, 1) } else { (1, 0) };
+    let tcp_before = c
+        .node
+        .netns()
+        .run(|| conntrack::list(libc::AF_INET as u8))
+        .unwrap();
+    let count_tcp = |list: &[conntrack::Entry]| list.iter().filter(|e| e.proto == 6).count();
+
+    // The pinned endpoint goes away (its server keeps running: only conntrack can move us).
+    let remaining = with_endpoints(udp.clone(), vec![c.pod_ep(i_other, Family::V4, 5353)]);
+    c.sync(&mut backend, &table(c.settings(), vec![remaining, tcp.clone()]));
+    let answer = ask(&sock);
+    assert_eq!(
+        server_of(&answer),
+        format!("pod{i_other}"),
+        "the same socket moves to the remaining endpoint"
+    );
+    let _ = i_pinned;
+    let tcp_after = c
+        .node
+        .netns()
+        .run(|| conntrack::list(libc::AF_INET as u8))
+        .unwrap();
+    assert_eq!(
+        count_tcp(&tcp_after),
+        count_tcp(&tcp_before),
+        "TCP entries are never touched"
+    );
+    for (conn, r) in &mut tcp_conns {
+        conn.write_all(b"ping\n").unwrap();
+        let mut l = String::new();
+        r.read_line(&mut l).unwrap();
+        assert!(l.ends_with("ping\n"), "{l}");
+    }
+}
+
+/// Timings for the issue's figures: `cargo test --release -p ferry-proxy --test nftables
+/// -- --ignored --nocapture timings`.
+#[test]
+#[ignore]
+fn timings() {
+    require_root!();
+    let node = Node::new("proxy-bench");
+    for (services, endpoints) in [(1000, 10), (10_000, 10)] {
+        let t = synthetic_table(services, endpoints, 0);
+        let mut backend = NftablesBackend::new();
+        let start = Instant::now();
+        let stats = node.netns().run(|| backend.sync(&t)).unwrap();
+        eprintln!(
+            "full sync {services} x {endpoints}: {:?} ({} rules, {} bytes of nft text)",
+            start.elapsed(),
+            stats.rules,
+            backend.last_transaction().len()
+        );
+        if let Ok(dir) = std::env::var("FERRY_DUMP_TRANSACTIONS") {
+            let path = format!("{dir}/full-{services}.nft");
+            std::fs::write(&path, backend.last_transaction()).unwrap();
+        }
+        let mut plus = t.clone();
+        plus.ports.extend(synthetic_table(1, endpoints, services).ports);
+        let start = Instant::now();
+        node.netns().run(|| backend.sync(&plus)).unwrap();
+        eprintln!("  one added Service: {:?}", start.elapsed());
+        let mut changed = plus.clone();
+        let p = changed.ports.values_mut().next().unwrap();
+        p.cluster_endpoints[0].ip = "10.255.255.1".parse().unwrap();
+        p.external_endpoints = p.cluster_endpoints.clone();
+        let start = Instant::now();
+        node.netns().run(|| backend.sync(&changed)).unwrap();
+        eprintln!("  one changed endpoint: {:?}", start.elapsed());
+        let start = Instant::now();
+        node.netns().run(|| backend.sync(&changed)).unwrap();
+        eprintln!("  no change: {:?}", start.elapsed());
+        let mut restarted = NftablesBackend::new();
+        let start = Instant::now();
+        node.netns().run(|| restarted.sync(&changed)).unwrap();
+        eprintln!("  first sync of a restarted back end: {:?}", start.elapsed());
+        let start = Instant::now();
+        node.netns().run(|| restarted.cleanup()).unwrap();
+        eprintln!("  cleanup: {:?}", start.elapsed());
+    }
+}
