@@ -28,6 +28,7 @@ mod bins;
 mod cni;
 mod netns;
 mod node;
+mod proxy;
 mod root;
 mod traffic;
 
@@ -35,6 +36,7 @@ pub use bins::{bin_dir, ferry_bin, reference_plugin, REFERENCE_PLUGIN_DIR};
 pub use cni::{CniCall, CniOutput};
 pub use netns::{list_netns, unique_v4_subnet, unique_v6_subnet, Netns};
 pub use node::{Node, Pod};
+pub use proxy::{endpoint_slice, service, wait_until, ProxyProcess, SliceEndpoint, SvcPort};
 pub use root::{require_root, root_missing};
 pub use traffic::{Server, TIMEOUT};
 

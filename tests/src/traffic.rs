@@ -1,8 +1,8 @@
 //! Real packets between namespaces: a TCP/UDP "who am I" server and its client.
 //!
 //! The server answers every connection (or datagram) with the address it saw the peer
-//! come from, so a test asserts masquerading, DNAT and reachability on what actually
-//! crossed the wire. Sockets are made on a thread that has entered the namespace (a
+//! come from, then its own (`"<peer> <local>"`), so a test asserts masquerading, DNAT,
+//! balancing and reachability on what actually crossed the wire. Sockets are made on a thread that has entered the namespace (a
 //! socket stays in the namespace it was created in); the test thread never moves.
 
 use std::fs::File;
@@ -34,8 +34,8 @@ impl Netns {
         })
     }
 
-    /// A TCP server on `addr` (inside this namespace) that writes the peer's address as
-    /// text, then closes. Stops when the handle is dropped.
+    /// A TCP server on `addr` (inside this namespace) that writes the peer's address and
+    /// its own as text, then closes. Stops when the handle is dropped.
     pub fn tcp_server(&self, addr: SocketAddr) -> Server {
         let listener = self
             .run(|| TcpListener::bind(addr))
@@ -45,7 +45,7 @@ impl Netns {
             while !stop.load(Ordering::Relaxed) {
                 match listener.accept() {
                     Ok((mut conn, peer)) => {
-                        let _ = conn.write_all(format!("{peer}\n").as_bytes());
+                        let _ = conn.write_all(format!("{peer} {addr}\n").as_bytes());
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(5)),
                 }
@@ -63,9 +63,57 @@ impl Netns {
             let mut buf = [0u8; 1500];
             while !stop.load(Ordering::Relaxed) {
                 if let Ok((_, peer)) = socket.recv_from(&mut buf) {
-                    let _ = socket.send_to(format!("{peer}\n").as_bytes(), peer);
+                    let _ = socket.send_to(format!("{peer} {addr}\n").as_bytes(), peer);
                 }
             }
+        })
+    }
+
+    /// A TCP server that echoes every line back on long-lived connections, each served on a
+    /// thread of its own.
+    pub fn tcp_echo_server(&self, addr: SocketAddr) -> Server {
+        let listener = self
+            .run(|| TcpListener::bind(addr))
+            .unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+        listener.set_nonblocking(true).unwrap();
+        Server::start(move |stop| {
+            while !stop.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((conn, _)) => {
+                        conn.set_nonblocking(false).unwrap();
+                        std::thread::spawn(move || {
+                            let mut reader = std::io::BufReader::new(conn.try_clone().unwrap());
+                            let mut writer = conn;
+                            let mut line = String::new();
+                            while std::io::BufRead::read_line(&mut reader, &mut line).is_ok_and(|n| n > 0) {
+                                if writer.write_all(line.as_bytes()).is_err() {
+                                    break;
+                                }
+                                line.clear();
+                            }
+                        });
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        })
+    }
+
+    /// A TCP connection opened from inside this namespace, usable from any thread.
+    pub fn tcp_connect(&self, to: SocketAddr) -> std::io::Result<TcpStream> {
+        self.run(|| {
+            let conn = TcpStream::connect_timeout(&to, TIMEOUT)?;
+            conn.set_read_timeout(Some(TIMEOUT))?;
+            Ok(conn)
+        })
+    }
+
+    /// A UDP socket bound inside this namespace, kept across datagrams: one conntrack flow.
+    pub fn udp_socket(&self, v4: bool) -> std::io::Result<UdpSocket> {
+        self.run(|| {
+            let s = UdpSocket::bind(if v4 { "0.0.0.0:0" } else { "[::]:0" })?;
+            s.set_read_timeout(Some(Duration::from_millis(500)))?;
+            Ok(s)
         })
     }
 

@@ -1,0 +1,621 @@
+//! ferry-proxy end to end: pods made with ferry-bridge run servers, the proxy runs in the
+//! node's netns reading a manifests directory, and clients inside and outside the node
+//! reach Services with real packets.
+
+use std::collections::{BTreeMap, HashSet};
+use std::io::{BufRead, BufReader, Write};
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use ferry_tests::{
+    endpoint_slice, ferry_bin, require_root, service, unique_v4_subnet, wait_until, CniCall, Netns, Node,
+    Pod, ProxyProcess, Server,
+};
+use serde_json::{json, Value};
+
+const NODE: &str = "node-a";
+/// The node's address on the link to the outside client.
+const NODE_IP: &str = "203.0.113.1";
+const CLIENT_IP: &str = "203.0.113.2";
+
+/// A node with pods on ferry-bridge, a client outside, and the proxy.
+struct Cluster {
+    node: Node,
+    client: Netns,
+    subnet: String,
+    pods: BTreeMap<&'static str, (Pod, IpAddr)>,
+    proxy: ProxyProcess,
+    conf: Value,
+}
+
+impl Cluster {
+    fn new(tag: &str, pods: &[&'static str]) -> Cluster {
+        let node = Node::new(tag);
+        let client = node.client("client");
+        node.connect_client(&client, &format!("{CLIENT_IP}/24"), &format!("{NODE_IP}/24"));
+        // A route out, so "refused" never passes because the node had no route at all;
+        // and bridged pod-to-Service traffic must cross netfilter to be un-NATed.
+        node.netns()
+            .exec_ok(&["ip", "route", "add", "default", "via", CLIENT_IP]);
+        let _ = node
+            .netns()
+            .exec(&["sysctl", "-qw", "net.bridge.bridge-nf-call-iptables=1"]);
+        let subnet = unique_v4_subnet(24);
+        let conf = json!({
+            "cniVersion": "1.1.0", "name": "pods", "type": "ferry-bridge",
+            "isGateway": true, "isDefaultGateway": true, "ipMasq": true,
+            "ipam": {"type": "ferry-ipam", "ranges": [[{"subnet": subnet}]], "dataDir": node.state_dir().join("ipam")}
+        });
+        let mut made = BTreeMap::new();
+        for name in pods {
+            let pod = node.pod(name);
+            let r = CniCall::new(ferry_bin("ferry-bridge"), "ADD", conf.clone())
+                .for_pod(&pod)
+                .run_in(node.netns())
+                .ok();
+            let ip: IpAddr = r["ips"][0]["address"]
+                .as_str()
+                .unwrap()
+                .split('/')
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap();
+            made.insert(*name, (pod, ip));
+        }
+        let manifests = node.state_dir().join("manifests");
+        let proxy = ProxyProcess::start(node.netns(), &manifests, NODE, &["--cluster-cidr", &subnet]);
+        Cluster {
+            node,
+            client,
+            subnet,
+            pods: made,
+            proxy,
+            conf,
+        }
+    }
+
+    fn pod(&self, name: &str) -> &Pod {
+        &self.pods[name].0
+    }
+
+    fn ip(&self, name: &str) -> IpAddr {
+        self.pods[name].1
+    }
+
+    /// The gateway (the node's address on cni0): what a masqueraded packet comes from.
+    fn gateway(&self) -> IpAddr {
+        let net: IpAddr = self.subnet.split('/').next().unwrap().parse().unwrap();
+        match net {
+            IpAddr::V4(a) => IpAddr::V4((u32::from(a) + 1).into()),
+            v6 => v6,
+        }
+    }
+
+    /// Waits until the proxy's table holds `needle` (e.g. a ClusterIP); panics with the
+    /// proxy's log otherwise.
+    fn wait_for_rules(&self, needle: &str) -> Duration {
+        wait_until(Duration::from_secs(5), || {
+            let out = self
+                .node
+                .netns()
+                .exec(&["nft", "list", "table", "inet", "ferry-proxy"]);
+            String::from_utf8_lossy(&out.stdout).contains(needle)
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "the proxy did not program {needle}; its log:\n{}",
+                self.proxy.log()
+            )
+        })
+    }
+}
+
+/// Servers answering "<peer> <local>" on each pod's address, TCP and UDP, for `ports`.
+fn serve(c: &Cluster, pods: &[&str], tcp: &[u16], udp: &[u16]) -> Vec<Server> {
+    let mut out = Vec::new();
+    for p in pods {
+        for port in tcp {
+            out.push(c.pod(p).tcp_server(SocketAddr::new(c.ip(p), *port)));
+        }
+        for port in udp {
+            out.push(c.pod(p).udp_server(SocketAddr::new(c.ip(p), *port)));
+        }
+    }
+    out
+}
+
+/// Who answered: the `<local>` part of a server's reply, as an IP.
+fn answered_by(reply: &str) -> IpAddr {
+    let local = reply
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or_else(|| panic!("reply {reply:?}"));
+    local.parse::<SocketAddr>().unwrap().ip()
+}
+
+/// Who the server saw: the `<peer>` part, as an IP.
+fn seen_peer(reply: &str) -> IpAddr {
+    reply
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse::<SocketAddr>()
+        .unwrap()
+        .ip()
+}
+
+fn sock(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+fn ep<'a>(ip: &'a str, node: &'a str) -> (&'a str, &'a str, bool, bool, bool) {
+    (ip, node, true, true, false)
+}
+
+#[test]
+fn cluster_ip_tcp_udp_named_port_balancing_terminating_fallback_and_refusal() {
+    require_root!();
+    let c = Cluster::new("px-cip", &["b1", "b2", "client"]);
+    let _servers = serve(&c, &["b1", "b2"], &[8080], &[5353]);
+    let (b1, b2) = (c.ip("b1").to_string(), c.ip("b2").to_string());
+    c.proxy.write(
+        "web",
+        &[
+            // Named target port "web-port": resolved from the EndpointSlice's port of the same name.
+            service(
+                "web",
+                "10.96.0.10",
+                &[
+                    ("http", "TCP", 80, json!("web-port")),
+                    ("dns", "UDP", 53, json!(5353)),
+                ],
+                json!({}),
+            ),
+            endpoint_slice(
+                "web",
+                "a",
+                &[ep(&b1, NODE), ep(&b2, NODE)],
+                &[("http", "TCP", 8080), ("dns", "UDP", 5353)],
+            ),
+            // No endpoints at all.
+            service(
+                "empty",
+                "10.96.0.11",
+                &[("http", "TCP", 80, json!(8080))],
+                json!({}),
+            ),
+            // Only a terminating (still serving) endpoint: used as the fallback.
+            service(
+                "term",
+                "10.96.0.12",
+                &[("http", "TCP", 80, json!(8080))],
+                json!({}),
+            ),
+            endpoint_slice(
+                "term",
+                "a",
+                &[(&b1, NODE, false, true, true)],
+                &[("http", "TCP", 8080)],
+            ),
+        ],
+    );
+    c.wait_for_rules("10.96.0.12");
+    let client = c.pod("client");
+
+    let mut tcp_backends = HashSet::new();
+    for _ in 0..30 {
+        let reply = client.tcp_request(sock("10.96.0.10:80")).expect("ClusterIP TCP");
+        tcp_backends.insert(answered_by(&reply));
+        // Pod to ClusterIP inside the cluster CIDR: not masqueraded, the backend sees the pod.
+        assert_eq!(seen_peer(&reply), c.ip("client"), "{reply}");
+    }
+    assert_eq!(
+        tcp_backends,
+        HashSet::from([c.ip("b1"), c.ip("b2")]),
+        "both backends get TCP traffic"
+    );
+    let mut udp_backends = HashSet::new();
+    for _ in 0..30 {
+        udp_backends.insert(answered_by(
+            &client.udp_request(sock("10.96.0.10:53")).expect("ClusterIP UDP"),
+        ));
+    }
+    assert_eq!(
+        udp_backends,
+        HashSet::from([c.ip("b1"), c.ip("b2")]),
+        "both backends get UDP traffic"
+    );
+
+    let start = Instant::now();
+    let err = client.tcp_request(sock("10.96.0.11:80")).unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
+    assert!(
+        start.elapsed() < Duration::from_secs(1),
+        "refused at once, not dropped: {:?}",
+        start.elapsed()
+    );
+
+    assert_eq!(
+        answered_by(&client.tcp_request(sock("10.96.0.12:80")).unwrap()),
+        c.ip("b1")
+    );
+}
+
+#[test]
+fn node_port_masquerades_and_external_traffic_policy_local_keeps_the_client_address() {
+    require_root!();
+    let c = Cluster::new("px-np", &["b1"]);
+    let _servers = serve(&c, &["b1"], &[8080], &[]);
+    let b1 = c.ip("b1").to_string();
+    c.proxy.write(
+        "np",
+        &[
+            service("cluster", "10.96.1.10", &[("http", "TCP", 80, json!(8080))], json!({"type": "NodePort"})),
+            endpoint_slice("cluster", "a", &[ep(&b1, NODE)], &[("http", "TCP", 8080)]),
+            service("local", "10.96.1.11", &[("http", "TCP", 80, json!(8080))],
+                json!({"type": "LoadBalancer", "externalTrafficPolicy": "Local", "healthCheckNodePort": 30900})),
+            endpoint_slice("local", "a", &[ep(&b1, NODE)], &[("http", "TCP", 8080)]),
+            // eTP Local with its only endpoint on another node: this node refuses.
+            service("elsewhere", "10.96.1.12", &[("http", "TCP", 80, json!(8080))],
+                json!({"type": "LoadBalancer", "externalTrafficPolicy": "Local", "healthCheckNodePort": 30901})),
+            endpoint_slice("elsewhere", "a", &[ep("10.255.0.9", "node-b")], &[("http", "TCP", 8080)]),
+        ],
+    );
+    // NodePorts are assigned by the API server; a manifest carries them in the ports.
+    let set_node_ports = |c: &Cluster| {
+        let mut objects = vec![
+            service(
+                "cluster",
+                "10.96.1.10",
+                &[("http", "TCP", 80, json!(8080))],
+                json!({"type": "NodePort"}),
+            ),
+            endpoint_slice("cluster", "a", &[ep(&b1, NODE)], &[("http", "TCP", 8080)]),
+            service(
+                "local",
+                "10.96.1.11",
+                &[("http", "TCP", 80, json!(8080))],
+                json!({"type": "LoadBalancer", "externalTrafficPolicy": "Local", "healthCheckNodePort": 30900}),
+            ),
+            endpoint_slice("local", "a", &[ep(&b1, NODE)], &[("http", "TCP", 8080)]),
+            service(
+                "elsewhere",
+                "10.96.1.12",
+                &[("http", "TCP", 80, json!(8080))],
+                json!({"type": "LoadBalancer", "externalTrafficPolicy": "Local", "healthCheckNodePort": 30901}),
+            ),
+            endpoint_slice(
+                "elsewhere",
+                "a",
+                &[ep("10.255.0.9", "node-b")],
+                &[("http", "TCP", 8080)],
+            ),
+        ];
+        for (i, port) in [(0, 30080), (2, 30081), (4, 30082)] {
+            objects[i]["spec"]["ports"][0]["nodePort"] = json!(port);
+        }
+        c.proxy.write("np", &objects);
+    };
+    set_node_ports(&c);
+    c.wait_for_rules("30082");
+
+    let reply = c
+        .client
+        .tcp_request(sock(&format!("{NODE_IP}:30080")))
+        .expect("NodePort");
+    assert_eq!(answered_by(&reply), c.ip("b1"));
+    assert_eq!(
+        seen_peer(&reply),
+        c.gateway(),
+        "eTP Cluster: masqueraded to the node's address: {reply}"
+    );
+    let reply = c
+        .client
+        .tcp_request(sock(&format!("{NODE_IP}:30081")))
+        .expect("NodePort, eTP Local");
+    assert_eq!(
+        seen_peer(&reply),
+        sock(&format!("{CLIENT_IP}:1")).ip(),
+        "eTP Local keeps the client address"
+    );
+    assert!(
+        c.client.tcp_request(sock(&format!("{NODE_IP}:30082"))).is_err(),
+        "no local endpoint: refused"
+    );
+
+    // Health check node ports answer as kube-proxy's do.
+    let get = |port: u16| -> String {
+        let mut conn = c
+            .client
+            .tcp_connect(sock(&format!("{NODE_IP}:{port}")))
+            .expect("health check port");
+        conn.write_all(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+        let mut text = String::new();
+        let _ = std::io::Read::read_to_string(&mut conn, &mut text);
+        text
+    };
+    let ok = get(30900);
+    assert!(
+        ok.starts_with("HTTP/1.0 200") || ok.starts_with("HTTP/1.1 200"),
+        "{ok}"
+    );
+    assert!(
+        ok.contains("\"localEndpoints\": 1") || ok.contains("\"localEndpoints\":1"),
+        "{ok}"
+    );
+    let none = get(30901);
+    assert!(none.contains(" 503 "), "{none}");
+}
+
+#[test]
+fn load_balancer_ip_external_ip_source_ranges_affinity_and_hairpin() {
+    require_root!();
+    let c = Cluster::new("px-lb", &["b1", "b2", "client"]);
+    // A second client, on another link, outside the allowed source range.
+    let other = c.node.client("other");
+    c.node.connect_client(&other, "198.18.0.2/24", "198.18.0.1/24");
+    let _servers = serve(&c, &["b1", "b2"], &[8080], &[]);
+    let (b1, b2) = (c.ip("b1").to_string(), c.ip("b2").to_string());
+    let mut lb = service(
+        "lb",
+        "10.96.2.10",
+        &[("http", "TCP", 80, json!(8080))],
+        json!({"type": "LoadBalancer", "loadBalancerSourceRanges": ["203.0.113.0/24"]}),
+    );
+    lb["spec"]["ports"][0]["nodePort"] = json!(30180);
+    lb["status"] = json!({"loadBalancer": {"ingress": [{"ip": "198.51.100.10"}]}});
+    c.proxy.write(
+        "lb",
+        &[
+            lb,
+            endpoint_slice("lb", "a", &[ep(&b1, NODE), ep(&b2, NODE)], &[("http", "TCP", 8080)]),
+            service("ext", "10.96.2.11", &[("http", "TCP", 80, json!(8080))], json!({"externalIPs": ["198.51.100.20"]})),
+            endpoint_slice("ext", "a", &[ep(&b1, NODE)], &[("http", "TCP", 8080)]),
+            service("sticky", "10.96.2.12", &[("http", "TCP", 80, json!(8080))],
+                json!({"sessionAffinity": "ClientIP", "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 60}}})),
+            endpoint_slice("sticky", "a", &[ep(&b1, NODE), ep(&b2, NODE)], &[("http", "TCP", 8080)]),
+            service("self", "10.96.2.13", &[("http", "TCP", 80, json!(8080))], json!({})),
+            endpoint_slice("self", "a", &[ep(&b1, NODE)], &[("http", "TCP", 8080)]),
+        ],
+    );
+    c.wait_for_rules("10.96.2.13");
+
+    c.client
+        .tcp_request(sock("198.51.100.10:80"))
+        .expect("LoadBalancer IP from an allowed source");
+    assert!(
+        other.tcp_request(sock("198.51.100.10:80")).is_err(),
+        "a source outside loadBalancerSourceRanges"
+    );
+    assert_eq!(
+        answered_by(
+            &c.client
+                .tcp_request(sock("198.51.100.20:80"))
+                .expect("externalIP")
+        ),
+        c.ip("b1")
+    );
+
+    let client = c.pod("client");
+    let first = answered_by(&client.tcp_request(sock("10.96.2.12:80")).unwrap());
+    for _ in 0..15 {
+        assert_eq!(
+            answered_by(&client.tcp_request(sock("10.96.2.12:80")).unwrap()),
+            first,
+            "ClientIP affinity"
+        );
+    }
+
+    // b1 reaches its own Service and lands on itself.
+    let reply = c.pod("b1").tcp_request(sock("10.96.2.13:80")).expect("hairpin");
+    assert_eq!(answered_by(&reply), c.ip("b1"));
+}
+
+#[test]
+fn removing_a_udp_endpoint_moves_the_flow_to_the_remaining_one() {
+    require_root!();
+    let c = Cluster::new("px-udp", &["b1", "b2", "client"]);
+    let _servers = serve(&c, &["b1", "b2"], &[], &[5353]);
+    let (b1, b2) = (c.ip("b1").to_string(), c.ip("b2").to_string());
+    let objects = |eps: &[(&str, &str, bool, bool, bool)]| {
+        vec![
+            service("dns", "10.96.3.10", &[("dns", "UDP", 53, json!(5353))], json!({})),
+            endpoint_slice("dns", "a", eps, &[("dns", "UDP", 5353)]),
+        ]
+    };
+    c.proxy.write("dns", &objects(&[ep(&b1, NODE), ep(&b2, NODE)]));
+    c.wait_for_rules("10.96.3.10");
+    // One socket: one conntrack flow, pinned to one backend.
+    let flow = c.pod("client").udp_socket(true).unwrap();
+    let ask = || -> Option<IpAddr> {
+        flow.send_to(b"q", sock("10.96.3.10:53")).ok()?;
+        let mut buf = [0u8; 200];
+        let (n, _) = flow.recv_from(&mut buf).ok()?;
+        Some(answered_by(&String::from_utf8_lossy(&buf[..n])))
+    };
+    let pinned = ask().expect("first answer");
+    for _ in 0..5 {
+        assert_eq!(ask(), Some(pinned), "a UDP flow stays on its backend");
+    }
+    let (gone, remaining) = if pinned == c.ip("b1") {
+        (&b1, &b2)
+    } else {
+        (&b2, &b1)
+    };
+    let _ = gone;
+    c.proxy.write("dns", &objects(&[ep(remaining, NODE)]));
+    let moved = wait_until(Duration::from_secs(3), || {
+        ask() == Some(remaining.parse().unwrap())
+    });
+    assert!(
+        moved.is_some(),
+        "the flow did not move to {remaining}; proxy log:\n{}",
+        c.proxy.log()
+    );
+}
+
+#[test]
+fn manifest_edits_apply_within_a_second_and_a_broken_file_changes_nothing() {
+    require_root!();
+    let c = Cluster::new("px-edit", &["b1", "client"]);
+    let _servers = serve(&c, &["b1"], &[8080], &[]);
+    let b1 = c.ip("b1").to_string();
+    c.proxy.write(
+        "a",
+        &[
+            service("a", "10.96.4.10", &[("http", "TCP", 80, json!(8080))], json!({})),
+            endpoint_slice("a", "x", &[ep(&b1, NODE)], &[("http", "TCP", 8080)]),
+        ],
+    );
+    c.wait_for_rules("10.96.4.10");
+
+    // A new Service in a new file.
+    c.proxy.write(
+        "b",
+        &[
+            service("b", "10.96.4.11", &[("http", "TCP", 80, json!(8080))], json!({})),
+            endpoint_slice("b", "x", &[ep(&b1, NODE)], &[("http", "TCP", 8080)]),
+        ],
+    );
+    let took = c.wait_for_rules("10.96.4.11");
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+    c.pod("client")
+        .tcp_request(sock("10.96.4.11:80"))
+        .expect("the new Service works");
+
+    // A broken file: reported, nothing changes, the last good state stays programmed.
+    let before = c
+        .node
+        .netns()
+        .exec_ok(&["nft", "list", "table", "inet", "ferry-proxy"]);
+    std::fs::write(
+        c.proxy.manifests.join("b.json"),
+        "{\"apiVersion\": \"v1\", \"kind\": \"List\", \"items\": [",
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let after = c
+        .node
+        .netns()
+        .exec_ok(&["nft", "list", "table", "inet", "ferry-proxy"]);
+    assert_eq!(before, after, "a broken file changed the rules");
+    assert!(
+        c.proxy.log().contains("b.json"),
+        "the error names the file:\n{}",
+        c.proxy.log()
+    );
+    c.pod("client")
+        .tcp_request(sock("10.96.4.11:80"))
+        .expect("still served from the last good state");
+}
+
+#[test]
+fn sigkill_and_restart_keep_fifty_open_connections_working() {
+    require_root!();
+    let mut c = Cluster::new("px-restart", &["b1", "b2", "client"]);
+    let _echo: Vec<Server> = ["b1", "b2"]
+        .iter()
+        .map(|p| c.pod(p).tcp_echo_server(SocketAddr::new(c.ip(p), 7000)))
+        .collect();
+    let (b1, b2) = (c.ip("b1").to_string(), c.ip("b2").to_string());
+    let objects = vec![
+        service(
+            "echo",
+            "10.96.5.10",
+            &[("echo", "TCP", 7, json!(7000))],
+            json!({}),
+        ),
+        endpoint_slice(
+            "echo",
+            "a",
+            &[ep(&b1, NODE), ep(&b2, NODE)],
+            &[("echo", "TCP", 7000)],
+        ),
+    ];
+    c.proxy.write("echo", &objects);
+    c.wait_for_rules("10.96.5.10");
+    let conns: Vec<_> = (0..50)
+        .map(|_| {
+            c.pod("client")
+                .tcp_connect(sock("10.96.5.10:7"))
+                .expect("connect")
+        })
+        .collect();
+    let roundtrip = |conns: &Vec<std::net::TcpStream>, tag: &str| {
+        for (i, conn) in conns.iter().enumerate() {
+            let mut w = conn.try_clone().unwrap();
+            w.write_all(format!("{tag}-{i}\n").as_bytes()).unwrap();
+            let mut line = String::new();
+            BufReader::new(conn.try_clone().unwrap())
+                .read_line(&mut line)
+                .unwrap_or_else(|e| panic!("conn {i} ({tag}): {e}"));
+            assert_eq!(line.trim(), format!("{tag}-{i}"));
+        }
+    };
+    roundtrip(&conns, "before");
+
+    c.proxy.kill();
+    let manifests: PathBuf = c.proxy.manifests.clone();
+    c.proxy = ProxyProcess::start(c.node.netns(), &manifests, NODE, &["--cluster-cidr", &c.subnet]);
+    // Wait for the new process's first sync (a new Service proves it ran), then use them all.
+    c.proxy.write(
+        "extra",
+        &[service(
+            "extra",
+            "10.96.5.11",
+            &[("http", "TCP", 80, json!(8080))],
+            json!({}),
+        )],
+    );
+    c.wait_for_rules("10.96.5.11");
+    roundtrip(&conns, "after");
+}
+
+#[test]
+fn cleanup_removes_the_table_and_leaves_other_tables_alone() {
+    require_root!();
+    let mut c = Cluster::new("px-clean", &["b1"]);
+    let b1 = c.ip("b1").to_string();
+    c.node.netns().exec_ok(&["nft", "add", "table", "inet", "other"]);
+    c.node
+        .netns()
+        .exec_ok(&["nft", "add", "chain", "inet", "other", "c"]);
+    c.node
+        .netns()
+        .exec_ok(&["nft", "add", "rule", "inet", "other", "c", "counter", "accept"]);
+    let other_before = c.node.netns().exec_ok(&["nft", "list", "table", "inet", "other"]);
+    c.proxy.write(
+        "a",
+        &[
+            service("a", "10.96.6.10", &[("http", "TCP", 80, json!(8080))], json!({})),
+            endpoint_slice("a", "x", &[ep(&b1, NODE)], &[("http", "TCP", 8080)]),
+        ],
+    );
+    c.wait_for_rules("10.96.6.10");
+    c.proxy.kill();
+    let out = c
+        .node
+        .netns()
+        .command(ferry_bin("ferry-proxy"))
+        .arg("cleanup")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "cleanup: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let tables = c.node.netns().exec_ok(&["nft", "list", "tables"]);
+    assert!(!tables.contains("ferry-proxy"), "{tables}");
+    assert!(
+        tables.contains("ferry-bridge"),
+        "the bridge plugin's table is not the proxy's to remove: {tables}"
+    );
+    assert_eq!(
+        c.node.netns().exec_ok(&["nft", "list", "table", "inet", "other"]),
+        other_before
+    );
+    let _ = &c.conf;
+}
