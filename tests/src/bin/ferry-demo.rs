@@ -11,7 +11,10 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use ferry_tests::{bin_dir, root_missing, unique_v4_subnet, unique_v6_subnet, CniCall, Node, Pod};
+use ferry_tests::{
+    bin_dir, endpoint_slice, root_missing, service, unique_v4_subnet, unique_v6_subnet, wait_until, CniCall,
+    Node, Pod, ProxyProcess,
+};
 use serde_json::{json, Value};
 
 const NETWORK: &str = "demo";
@@ -22,7 +25,11 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     let bridge = bin_dir().join("ferry-bridge");
-    for bin in [&bridge, &bin_dir().join("ferry-ipam")] {
+    for bin in [
+        &bridge,
+        &bin_dir().join("ferry-ipam"),
+        &bin_dir().join("ferry-proxy"),
+    ] {
         if !bin.is_file() {
             eprintln!(
                 "ferry-demo: {} not found: build it with `cargo build --release --workspace --bins` \
@@ -159,6 +166,8 @@ fn demo(bridge: &Path) -> Result<(), String> {
         .tcp_request("203.0.113.2:9000".parse().expect("an address"))
         .map_err(|e| format!("web -> outside: {e}"))?;
     println!("   web   -> outside 203.0.113.2:9000   outside saw {seen}: the node's address (ipMasq)");
+
+    services(&node, &client, &pods, &addrs, &v4)?;
     drop(servers);
 
     println!("\n== ferry-ipam's leases on disk: one file per address, holding container id and interface");
@@ -196,6 +205,127 @@ fn demo(bridge: &Path) -> Result<(), String> {
     drop(client);
     drop(node);
     println!("done");
+    Ok(())
+}
+
+/// ferry-proxy on the node: a Service in front of web and db, reached by ClusterIP from
+/// the cache pod and by NodePort from outside.
+fn services(
+    node: &Node,
+    client: &ferry_tests::Netns,
+    pods: &[(&str, Pod)],
+    addrs: &[IpAddr],
+    v4: &str,
+) -> Result<(), String> {
+    println!(
+        "\n== ferry-proxy: Service \"web\" (ClusterIP 10.96.0.10:80, NodePort 30080) in front of web and db"
+    );
+    // The node needs a route out (so nothing fails for lack of one), and pod-to-Service
+    // traffic on the same bridge must cross netfilter to be un-NATed (see the README).
+    let _ = node
+        .netns()
+        .exec(&["ip", "route", "add", "default", "via", "203.0.113.2"]);
+    let _ = node
+        .netns()
+        .exec(&["sysctl", "-qw", "net.bridge.bridge-nf-call-iptables=1"]);
+    let proxy = ProxyProcess::start(
+        node.netns(),
+        &node.state_dir().join("manifests"),
+        "demo-node",
+        &["--cluster-cidr", v4],
+    );
+    let (web, db) = (addrs[0].to_string(), addrs[1].to_string());
+    let mut svc = service(
+        "web",
+        "10.96.0.10",
+        &[("http", "TCP", 80, json!(8080))],
+        json!({"type": "NodePort"}),
+    );
+    svc["spec"]["ports"][0]["nodePort"] = json!(30080);
+    let slice = endpoint_slice(
+        "web",
+        "1",
+        &[
+            (&web, "demo-node", true, true, false),
+            (&db, "demo-node", true, true, false),
+        ],
+        &[("http", "TCP", 8080)],
+    );
+    proxy.write("web", &[svc, slice]);
+    println!(
+        "   (written to {} as a kubectl-style List)",
+        proxy.manifests.join("web.json").display()
+    );
+    let programmed = wait_until(std::time::Duration::from_secs(5), || {
+        let out = node
+            .netns()
+            .exec(&["nft", "list", "table", "inet", "ferry-proxy"]);
+        String::from_utf8_lossy(&out.stdout).contains("10.96.0.10")
+    });
+    let took = programmed.ok_or_else(|| {
+        format!(
+            "ferry-proxy did not program the Service; its log:\n{}",
+            proxy.log()
+        )
+    })?;
+    println!(
+        "   programmed {:.0} ms after the file was written",
+        took.as_secs_f64() * 1e3
+    );
+    let dump = node
+        .netns()
+        .command(bin_dir().join("ferry-proxy"))
+        .args(["dump", "--manifests"])
+        .arg(&proxy.manifests)
+        .args(["--hostname-override", "demo-node"])
+        .output()
+        .map_err(|e| format!("ferry-proxy dump: {e}"))?;
+    println!(
+        "-- ferry-proxy dump\n{}",
+        String::from_utf8_lossy(&dump.stdout).trim_end()
+    );
+
+    let cache = &pods[2].1;
+    let mut answered: Vec<String> = Vec::new();
+    for _ in 0..10 {
+        let reply = cache
+            .tcp_request("10.96.0.10:80".parse().expect("an address"))
+            .map_err(|e| format!("cache -> ClusterIP: {e}"))?;
+        let server = reply.split_whitespace().nth(1).unwrap_or("?").to_string();
+        let name = if server.starts_with(&format!("{web}:")) {
+            "web"
+        } else if server.starts_with(&format!("{db}:")) {
+            "db"
+        } else {
+            "?"
+        };
+        answered.push(name.to_string());
+    }
+    println!(
+        "   cache -> 10.96.0.10:80, 10 connections, answered by: {}",
+        answered.join(" ")
+    );
+    let reply = client
+        .tcp_request("203.0.113.1:30080".parse().expect("an address"))
+        .map_err(|e| format!("outside -> NodePort: {e}"))?;
+    println!(
+        "   outside -> 203.0.113.1:30080 (NodePort): the pod saw {} (the node, masqueraded)",
+        reply.split_whitespace().next().unwrap_or("?")
+    );
+    drop(proxy);
+    let out = node
+        .netns()
+        .command(bin_dir().join("ferry-proxy"))
+        .arg("cleanup")
+        .output()
+        .map_err(|e| format!("ferry-proxy cleanup: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "ferry-proxy cleanup failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    println!("   ferry-proxy stopped; `ferry-proxy cleanup` removed its table");
     Ok(())
 }
 
