@@ -168,6 +168,7 @@ mod tests {
             ip: ip.parse().unwrap(),
             port: 8080,
             is_local,
+            ready: true,
         };
         let port = ServicePort {
             id: ServicePortId {

@@ -474,7 +474,7 @@ impl HealthChecks {
             local.extend(
                 sp.external_endpoints
                     .iter()
-                    .filter(|e| e.is_local)
+                    .filter(|e| e.is_local && e.ready)
                     .map(|e| (e.ip, e.port)),
             );
         }
@@ -846,6 +846,7 @@ mod tests {
                 ip: ip.parse().unwrap(),
                 port: 8080,
                 is_local: *is_local,
+                ready: true,
             })
             .collect();
         ServicePort {
@@ -979,6 +980,27 @@ mod tests {
         checks.sync(&table(vec![]));
         assert!(checks.listening().is_empty());
         wait_refused(v4b).await;
+    }
+
+    #[tokio::test]
+    async fn a_node_with_only_terminating_local_endpoints_is_not_healthy_for_the_service() {
+        // The plan's terminating fallback still sends traffic to them, but like
+        // kube-proxy the health check counts ready endpoints only, so load balancers
+        // move away from this node.
+        let checks = HealthChecks::new(Arc::new(Metrics::default()));
+        let port = free_port();
+        let mut p = lb_port("default", "web", "http", port, Family::V4, &[("10.0.0.1", true)]);
+        for e in p
+            .external_endpoints
+            .iter_mut()
+            .chain(p.cluster_endpoints.iter_mut())
+        {
+            e.ready = false;
+        }
+        checks.sync(&table(vec![p]));
+        let (status, _, body) = get(SocketAddr::from(([127, 0, 0, 1], port)), "/").await.unwrap();
+        assert_eq!(status, 503, "{body}");
+        assert!(body.contains("\"localEndpoints\": 0"), "{body}");
     }
 
     #[tokio::test]

@@ -696,6 +696,7 @@ mod tests {
             ip: [10, 0, 0, last].into(),
             port: 80,
             is_local,
+            ready: true,
         };
         let port = |name: &str, family| ServicePort {
             id: ServicePortId {

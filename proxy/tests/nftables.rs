@@ -252,6 +252,7 @@ impl Cluster {
             ip,
             port,
             is_local: true,
+            ready: true,
         }
     }
 }
@@ -686,6 +687,7 @@ fn one_endpoint_change_touches_one_chain_and_no_change_runs_nothing() {
         ip: IpAddr::from([10, 1, 0, i]),
         port: 80,
         is_local: true,
+        ready: true,
     };
     let mk = |name: &str, cip: &str, eps: Vec<Endpoint>| {
         let mut p = with_endpoints(service(name, Protocol::Tcp, Family::V4, cip, 80), eps);

@@ -1326,6 +1326,7 @@ pub fn synthetic_table(services: usize, endpoints: usize, offset: usize) -> Serv
                 ip: IpAddr::from([10, (n >> 8) as u8 ^ ((j as u32 >> 8) as u8), n as u8, j as u8 + 1]),
                 port: 8080,
                 is_local: j == 0,
+                ready: true,
             })
             .collect();
         let mut eps = eps;
@@ -1361,6 +1362,7 @@ mod tests {
             ip: ip.parse().unwrap(),
             port,
             is_local: true,
+            ready: true,
         }
     }
 

@@ -85,6 +85,9 @@ pub struct Endpoint {
     pub port: u16,
     /// Runs on this node (EndpointSlice `nodeName` is ours).
     pub is_local: bool,
+    /// Ready, as opposed to chosen by the terminating fallback (serving and terminating):
+    /// health check node ports count only ready local endpoints, as kube-proxy does.
+    pub ready: bool,
 }
 
 /// Everything the node does for one Service port in one family.

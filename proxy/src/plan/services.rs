@@ -402,6 +402,7 @@ fn select(candidates: &BTreeMap<(IpAddr, u16), Conditions>, only_local: bool) ->
                 ip,
                 port,
                 is_local: c.local,
+                ready: c.ready,
             })
             .collect()
     };
@@ -476,11 +477,17 @@ mod tests {
         s.parse().unwrap()
     }
 
+    /// An endpoint chosen by the terminating fallback.
+    fn not_ready(e: Endpoint) -> Endpoint {
+        Endpoint { ready: false, ..e }
+    }
+
     fn endpoint(addr: &str, port: u16, is_local: bool) -> Endpoint {
         Endpoint {
             ip: ip(addr),
             port,
             is_local,
+            ready: true,
         }
     }
 
@@ -672,8 +679,8 @@ mod tests {
             "10.96.0.10",
             80,
             vec![
-                endpoint("10.244.1.2", 80, false),
-                endpoint("10.244.1.5", 80, true),
+                not_ready(endpoint("10.244.1.2", 80, false)),
+                not_ready(endpoint("10.244.1.5", 80, true)),
             ],
         )]);
         assert_eq!(got, want);
@@ -794,7 +801,10 @@ mod tests {
         ]);
         let p = got.ports.values().next().unwrap();
         assert_eq!(p.cluster_endpoints, vec![endpoint("10.244.1.5", 8080, false)]);
-        assert_eq!(p.external_endpoints, vec![endpoint("10.244.0.7", 8080, true)]);
+        assert_eq!(
+            p.external_endpoints,
+            vec![not_ready(endpoint("10.244.0.7", 8080, true))]
+        );
     }
 
     #[test]
