@@ -11,6 +11,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use ferry_tests::bench::{env_usize, Comparison};
 use ferry_tests::{ferry_bin, reference_plugin, require_root, CniCall, Node, Pod};
 use serde_json::{json, Value};
 
@@ -47,18 +48,6 @@ fn setup(name: &'static str, plugin: PathBuf, ipam: &str, cni_path: String, subn
         node,
         conf,
     }
-}
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn percentile(samples: &mut [Duration], p: f64) -> Duration {
-    samples.sort();
-    samples[((samples.len() - 1) as f64 * p).round() as usize]
 }
 
 fn main() {
@@ -132,25 +121,19 @@ fn main() {
         "ferry-bridge+ferry-ipam vs reference bridge+host-local (/usr/lib/cni), ipMasq on, cniVersion 1.0.0"
     );
     println!("{calls} sequential ADDs then DELs each, {rounds} rounds of 50 parallel ADDs");
-    println!(
-        "{:<28} {:>12} {:>12} {:>8}",
-        "measure", "ferry", "reference", "ratio"
-    );
-    let rows: [(&str, &mut [Vec<Duration>; 2], f64); 5] = [
-        ("ADD median", &mut add.clone(), 0.5),
-        ("ADD p90", &mut add, 0.9),
-        ("DEL median", &mut del.clone(), 0.5),
-        ("DEL p90", &mut del, 0.9),
-        ("50 parallel ADDs (median)", &mut parallel, 0.5),
+    let table = Comparison {
+        ours: "ferry",
+        theirs: "reference",
+    };
+    table.header();
+    let rows: [(&str, &[Vec<Duration>; 2], f64); 5] = [
+        ("ADD median", &add, 0.5),
+        ("ADD p90", &add, 0.9),
+        ("DEL median", &del, 0.5),
+        ("DEL p90", &del, 0.9),
+        ("50 parallel ADDs (median)", &parallel, 0.5),
     ];
     for (label, samples, p) in rows {
-        let (ours, theirs) = (percentile(&mut samples[0], p), percentile(&mut samples[1], p));
-        println!(
-            "{:<28} {:>9.2} ms {:>9.2} ms {:>7.2}x",
-            label,
-            ours.as_secs_f64() * 1e3,
-            theirs.as_secs_f64() * 1e3,
-            ours.as_secs_f64() / theirs.as_secs_f64()
-        );
+        table.row(label, samples, p);
     }
 }

@@ -11,6 +11,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use ferry_tests::bench::{env_usize, Comparison};
 use ferry_tests::{ferry_bin, reference_plugin, require_root, CniCall, Node};
 use serde_json::{json, Value};
 
@@ -32,22 +33,6 @@ fn config(data_dir: &Path) -> Value {
             "dataDir": data_dir,
         }
     })
-}
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn percentile(samples: &mut [Duration], p: f64) -> Duration {
-    samples.sort();
-    samples[((samples.len() - 1) as f64 * p).round() as usize]
-}
-
-fn ms(d: Duration) -> String {
-    format!("{:.2} ms", d.as_secs_f64() * 1e3)
 }
 
 fn main() {
@@ -124,26 +109,19 @@ fn main() {
         "dual-stack config (/16 + /64), store on {}",
         disk.path().display()
     );
-    println!(
-        "{:<28} {:>12} {:>12} {:>8}",
-        "measure", "ferry-ipam", "host-local", "ratio"
-    );
-    let rows: [(&str, &mut [Vec<Duration>; 2], f64); 5] = [
-        ("ADD median", &mut add.clone(), 0.5),
-        ("ADD p90", &mut add, 0.9),
-        ("DEL median", &mut del.clone(), 0.5),
-        ("DEL p90", &mut del, 0.9),
-        ("50 parallel ADDs (median)", &mut parallel, 0.5),
+    let table = Comparison {
+        ours: "ferry-ipam",
+        theirs: "host-local",
+    };
+    table.header();
+    let rows: [(&str, &[Vec<Duration>; 2], f64); 5] = [
+        ("ADD median", &add, 0.5),
+        ("ADD p90", &add, 0.9),
+        ("DEL median", &del, 0.5),
+        ("DEL p90", &del, 0.9),
+        ("50 parallel ADDs (median)", &parallel, 0.5),
     ];
     for (label, samples, p) in rows {
-        let ours = percentile(&mut samples[0], p);
-        let theirs = percentile(&mut samples[1], p);
-        println!(
-            "{:<28} {:>12} {:>12} {:>7.2}x",
-            label,
-            ms(ours),
-            ms(theirs),
-            ours.as_secs_f64() / theirs.as_secs_f64()
-        );
+        table.row(label, samples, p);
     }
 }

@@ -24,6 +24,7 @@
 //!     .ok();
 //! ```
 
+pub mod bench;
 mod bins;
 mod cni;
 mod netns;
