@@ -38,3 +38,4 @@ test: build lint
 
 bench: release
 	$(CARGO) bench -p ferry-tests
+	$(CARGO) bench -p ferry-proxy --bench proxy

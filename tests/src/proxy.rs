@@ -55,6 +55,11 @@ impl ProxyProcess {
         }
     }
 
+    /// The process id while it runs (benchmarks read `/proc/<pid>/status`).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// SIGKILL, as a crash or an OOM kill would.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {

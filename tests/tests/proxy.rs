@@ -9,70 +9,36 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use ferry_tests::{
-    endpoint_slice, ferry_bin, require_root, service, unique_v4_subnet, wait_until, CniCall, Netns, Node,
-    Pod, ProxyProcess, Server,
+    endpoint_slice, ferry_bin, require_root, service, wait_until, Pod, PodNetwork, ProxyProcess, Server,
+    NODE_IP, OUTSIDE_IP,
 };
-use serde_json::{json, Value};
+use serde_json::json;
 
 const NODE: &str = "node-a";
-/// The node's address on the link to the outside client.
-const NODE_IP: &str = "203.0.113.1";
-const CLIENT_IP: &str = "203.0.113.2";
+const CLIENT_IP: &str = OUTSIDE_IP;
 
 /// A node with pods on ferry-bridge, a client outside, and the proxy.
 struct Cluster {
-    node: Node,
-    client: Netns,
-    subnet: String,
+    net: PodNetwork,
     pods: BTreeMap<&'static str, (Pod, IpAddr)>,
     proxy: ProxyProcess,
-    conf: Value,
 }
 
 impl Cluster {
     fn new(tag: &str, pods: &[&'static str]) -> Cluster {
-        let node = Node::new(tag);
-        let client = node.client("client");
-        node.connect_client(&client, &format!("{CLIENT_IP}/24"), &format!("{NODE_IP}/24"));
-        // A route out, so "refused" never passes because the node had no route at all;
-        // and bridged pod-to-Service traffic must cross netfilter to be un-NATed.
-        node.netns()
-            .exec_ok(&["ip", "route", "add", "default", "via", CLIENT_IP]);
-        let _ = node
-            .netns()
-            .exec(&["sysctl", "-qw", "net.bridge.bridge-nf-call-iptables=1"]);
-        let subnet = unique_v4_subnet(24);
-        let conf = json!({
-            "cniVersion": "1.1.0", "name": "pods", "type": "ferry-bridge",
-            "isGateway": true, "isDefaultGateway": true, "ipMasq": true,
-            "ipam": {"type": "ferry-ipam", "ranges": [[{"subnet": subnet}]], "dataDir": node.state_dir().join("ipam")}
-        });
-        let mut made = BTreeMap::new();
-        for name in pods {
-            let pod = node.pod(name);
-            let r = CniCall::new(ferry_bin("ferry-bridge"), "ADD", conf.clone())
-                .for_pod(&pod)
-                .run_in(node.netns())
-                .ok();
-            let ip: IpAddr = r["ips"][0]["address"]
-                .as_str()
-                .unwrap()
-                .split('/')
-                .next()
-                .unwrap()
-                .parse()
-                .unwrap();
-            made.insert(*name, (pod, ip));
-        }
-        let manifests = node.state_dir().join("manifests");
-        let proxy = ProxyProcess::start(node.netns(), &manifests, NODE, &["--cluster-cidr", &subnet]);
+        let net = PodNetwork::new(tag);
+        let made = pods.iter().map(|name| (*name, net.add_pod(name))).collect();
+        let manifests = net.node.state_dir().join("manifests");
+        let proxy = ProxyProcess::start(
+            net.node.netns(),
+            &manifests,
+            NODE,
+            &["--cluster-cidr", &net.subnet],
+        );
         Cluster {
-            node,
-            client,
-            subnet,
+            net,
             pods: made,
             proxy,
-            conf,
         }
     }
 
@@ -84,20 +50,12 @@ impl Cluster {
         self.pods[name].1
     }
 
-    /// The gateway (the node's address on cni0): what a masqueraded packet comes from.
-    fn gateway(&self) -> IpAddr {
-        let net: IpAddr = self.subnet.split('/').next().unwrap().parse().unwrap();
-        match net {
-            IpAddr::V4(a) => IpAddr::V4((u32::from(a) + 1).into()),
-            v6 => v6,
-        }
-    }
-
     /// Waits until the proxy's table holds `needle` (e.g. a ClusterIP); panics with the
     /// proxy's log otherwise.
     fn wait_for_rules(&self, needle: &str) -> Duration {
         wait_until(Duration::from_secs(5), || {
             let out = self
+                .net
                 .node
                 .netns()
                 .exec(&["nft", "list", "table", "inet", "ferry-proxy"]);
@@ -302,17 +260,19 @@ fn node_port_masquerades_and_external_traffic_policy_local_keeps_the_client_addr
     c.wait_for_rules("30082");
 
     let reply = c
-        .client
+        .net
+        .outside
         .tcp_request(sock(&format!("{NODE_IP}:30080")))
         .expect("NodePort");
     assert_eq!(answered_by(&reply), c.ip("b1"));
     assert_eq!(
         seen_peer(&reply),
-        c.gateway(),
+        c.net.gateway(),
         "eTP Cluster: masqueraded to the node's address: {reply}"
     );
     let reply = c
-        .client
+        .net
+        .outside
         .tcp_request(sock(&format!("{NODE_IP}:30081")))
         .expect("NodePort, eTP Local");
     assert_eq!(
@@ -321,14 +281,18 @@ fn node_port_masquerades_and_external_traffic_policy_local_keeps_the_client_addr
         "eTP Local keeps the client address"
     );
     assert!(
-        c.client.tcp_request(sock(&format!("{NODE_IP}:30082"))).is_err(),
+        c.net
+            .outside
+            .tcp_request(sock(&format!("{NODE_IP}:30082")))
+            .is_err(),
         "no local endpoint: refused"
     );
 
     // Health check node ports answer as kube-proxy's do.
     let get = |port: u16| -> String {
         let mut conn = c
-            .client
+            .net
+            .outside
             .tcp_connect(sock(&format!("{NODE_IP}:{port}")))
             .expect("health check port");
         conn.write_all(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
@@ -354,8 +318,10 @@ fn load_balancer_ip_external_ip_source_ranges_affinity_and_hairpin() {
     require_root!();
     let c = Cluster::new("px-lb", &["b1", "b2", "client"]);
     // A second client, on another link, outside the allowed source range.
-    let other = c.node.client("other");
-    c.node.connect_client(&other, "198.18.0.2/24", "198.18.0.1/24");
+    let other = c.net.node.client("other");
+    c.net
+        .node
+        .connect_client(&other, "198.18.0.2/24", "198.18.0.1/24");
     let _servers = serve(&c, &["b1", "b2"], &[8080], &[]);
     let (b1, b2) = (c.ip("b1").to_string(), c.ip("b2").to_string());
     let mut lb = service(
@@ -382,7 +348,8 @@ fn load_balancer_ip_external_ip_source_ranges_affinity_and_hairpin() {
     );
     c.wait_for_rules("10.96.2.13");
 
-    c.client
+    c.net
+        .outside
         .tcp_request(sock("198.51.100.10:80"))
         .expect("LoadBalancer IP from an allowed source");
     assert!(
@@ -391,7 +358,8 @@ fn load_balancer_ip_external_ip_source_ranges_affinity_and_hairpin() {
     );
     assert_eq!(
         answered_by(
-            &c.client
+            &c.net
+                .outside
                 .tcp_request(sock("198.51.100.20:80"))
                 .expect("externalIP")
         ),
@@ -487,6 +455,7 @@ fn manifest_edits_apply_within_a_second_and_a_broken_file_changes_nothing() {
 
     // A broken file: reported, nothing changes, the last good state stays programmed.
     let before = c
+        .net
         .node
         .netns()
         .exec_ok(&["nft", "list", "table", "inet", "ferry-proxy"]);
@@ -497,6 +466,7 @@ fn manifest_edits_apply_within_a_second_and_a_broken_file_changes_nothing() {
     .unwrap();
     std::thread::sleep(Duration::from_millis(1500));
     let after = c
+        .net
         .node
         .netns()
         .exec_ok(&["nft", "list", "table", "inet", "ferry-proxy"]);
@@ -558,7 +528,12 @@ fn sigkill_and_restart_keep_fifty_open_connections_working() {
 
     c.proxy.kill();
     let manifests: PathBuf = c.proxy.manifests.clone();
-    c.proxy = ProxyProcess::start(c.node.netns(), &manifests, NODE, &["--cluster-cidr", &c.subnet]);
+    c.proxy = ProxyProcess::start(
+        c.net.node.netns(),
+        &manifests,
+        NODE,
+        &["--cluster-cidr", &c.net.subnet],
+    );
     // Wait for the new process's first sync (a new Service proves it ran), then use them all.
     c.proxy.write(
         "extra",
@@ -578,14 +553,23 @@ fn cleanup_removes_the_table_and_leaves_other_tables_alone() {
     require_root!();
     let mut c = Cluster::new("px-clean", &["b1"]);
     let b1 = c.ip("b1").to_string();
-    c.node.netns().exec_ok(&["nft", "add", "table", "inet", "other"]);
-    c.node
+    c.net
+        .node
+        .netns()
+        .exec_ok(&["nft", "add", "table", "inet", "other"]);
+    c.net
+        .node
         .netns()
         .exec_ok(&["nft", "add", "chain", "inet", "other", "c"]);
-    c.node
+    c.net
+        .node
         .netns()
         .exec_ok(&["nft", "add", "rule", "inet", "other", "c", "counter", "accept"]);
-    let other_before = c.node.netns().exec_ok(&["nft", "list", "table", "inet", "other"]);
+    let other_before = c
+        .net
+        .node
+        .netns()
+        .exec_ok(&["nft", "list", "table", "inet", "other"]);
     c.proxy.write(
         "a",
         &[
@@ -596,6 +580,7 @@ fn cleanup_removes_the_table_and_leaves_other_tables_alone() {
     c.wait_for_rules("10.96.6.10");
     c.proxy.kill();
     let out = c
+        .net
         .node
         .netns()
         .command(ferry_bin("ferry-proxy"))
@@ -607,15 +592,17 @@ fn cleanup_removes_the_table_and_leaves_other_tables_alone() {
         "cleanup: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let tables = c.node.netns().exec_ok(&["nft", "list", "tables"]);
+    let tables = c.net.node.netns().exec_ok(&["nft", "list", "tables"]);
     assert!(!tables.contains("ferry-proxy"), "{tables}");
     assert!(
         tables.contains("ferry-bridge"),
         "the bridge plugin's table is not the proxy's to remove: {tables}"
     );
     assert_eq!(
-        c.node.netns().exec_ok(&["nft", "list", "table", "inet", "other"]),
+        c.net
+            .node
+            .netns()
+            .exec_ok(&["nft", "list", "table", "inet", "other"]),
         other_before
     );
-    let _ = &c.conf;
 }
