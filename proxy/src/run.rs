@@ -699,25 +699,20 @@ mod tests {
             ready: true,
         };
         let port = |name: &str, family| ServicePort {
-            id: ServicePortId {
-                namespace: "ns".into(),
-                name: name.into(),
-                port_name: String::new(),
-                protocol: Protocol::Tcp,
-                family,
-            },
-            cluster_ip: None,
-            port: 80,
-            node_port: None,
-            external_ips: vec![],
-            load_balancer_ips: vec![],
-            source_ranges: vec![],
-            external_local: false,
             internal_local: true,
-            health_check_node_port: None,
-            affinity_seconds: None,
             cluster_endpoints: vec![ep(1, true)],
             external_endpoints: vec![ep(1, true), ep(2, false)],
+            ..ServicePort::new(
+                ServicePortId {
+                    namespace: "ns".into(),
+                    name: name.into(),
+                    port_name: String::new(),
+                    protocol: Protocol::Tcp,
+                    family,
+                },
+                None,
+                80,
+            )
         };
         let table = ServiceTable {
             settings: NodeSettings::default(),

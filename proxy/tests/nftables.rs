@@ -258,27 +258,14 @@ impl Cluster {
 }
 
 fn service(name: &str, proto: Protocol, family: Family, cluster_ip: &str, port: u16) -> ServicePort {
-    ServicePort {
-        id: ServicePortId {
-            namespace: "default".into(),
-            name: name.into(),
-            port_name: "p".into(),
-            protocol: proto,
-            family,
-        },
-        cluster_ip: Some(cluster_ip.parse().unwrap()),
-        port,
-        node_port: None,
-        external_ips: vec![],
-        load_balancer_ips: vec![],
-        source_ranges: vec![],
-        external_local: false,
-        internal_local: false,
-        health_check_node_port: None,
-        affinity_seconds: None,
-        cluster_endpoints: vec![],
-        external_endpoints: vec![],
-    }
+    let id = ServicePortId {
+        namespace: "default".into(),
+        name: name.into(),
+        port_name: "p".into(),
+        protocol: proto,
+        family,
+    };
+    ServicePort::new(id, Some(cluster_ip.parse().unwrap()), port)
 }
 
 fn with_endpoints(mut p: ServicePort, eps: Vec<Endpoint>) -> ServicePort {

@@ -1374,29 +1374,12 @@ mod tests {
             protocol: Protocol::Tcp,
             family,
         };
-        ServicePort {
-            id,
-            cluster_ip: Some(
-                if family == Family::V4 {
-                    "10.96.0.10"
-                } else {
-                    "fd00::10"
-                }
-                .parse()
-                .unwrap(),
-            ),
-            port: 80,
-            node_port: None,
-            external_ips: vec![],
-            load_balancer_ips: vec![],
-            source_ranges: vec![],
-            external_local: false,
-            internal_local: false,
-            health_check_node_port: None,
-            affinity_seconds: None,
-            cluster_endpoints: vec![],
-            external_endpoints: vec![],
-        }
+        let cluster_ip = if family == Family::V4 {
+            "10.96.0.10"
+        } else {
+            "fd00::10"
+        };
+        ServicePort::new(id, Some(cluster_ip.parse().unwrap()), 80)
     }
 
     const CTX: RenderCtx = RenderCtx {

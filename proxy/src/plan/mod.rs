@@ -125,6 +125,28 @@ pub struct ServicePort {
     pub external_endpoints: Vec<Endpoint>,
 }
 
+impl ServicePort {
+    /// A port reached only at its ClusterIP, with no endpoints yet: planning and tests
+    /// start from it and set what a Service's shape adds.
+    pub fn new(id: ServicePortId, cluster_ip: Option<IpAddr>, port: u16) -> ServicePort {
+        ServicePort {
+            id,
+            cluster_ip,
+            port,
+            node_port: None,
+            external_ips: Vec::new(),
+            load_balancer_ips: Vec::new(),
+            source_ranges: Vec::new(),
+            external_local: false,
+            internal_local: false,
+            health_check_node_port: None,
+            affinity_seconds: None,
+            cluster_endpoints: Vec::new(),
+            external_endpoints: Vec::new(),
+        }
+    }
+}
+
 /// Node-level settings that shape the rules.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct NodeSettings {

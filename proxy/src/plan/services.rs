@@ -494,19 +494,9 @@ mod tests {
     /// A plain ClusterIP port; tests change what their shape changes.
     fn port(id: ServicePortId, cluster_ip: &str, port: u16, endpoints: Vec<Endpoint>) -> ServicePort {
         ServicePort {
-            id,
-            cluster_ip: Some(ip(cluster_ip)),
-            port,
-            node_port: None,
-            external_ips: vec![],
-            load_balancer_ips: vec![],
-            source_ranges: vec![],
-            external_local: false,
-            internal_local: false,
-            health_check_node_port: None,
-            affinity_seconds: None,
             cluster_endpoints: endpoints.clone(),
             external_endpoints: endpoints,
+            ..ServicePort::new(id, Some(ip(cluster_ip)), port)
         }
     }
 
