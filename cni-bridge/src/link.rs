@@ -256,6 +256,13 @@ impl Socket {
         self.request(RouteNetlinkMessage::SetLink(m), 0)
     }
 
+    /// Renames a link (it must be down).
+    pub fn set_name(&mut self, index: u32, name: &str) -> io::Result<()> {
+        let mut m = link_message(index);
+        m.attributes.push(LinkAttribute::IfName(name.to_string()));
+        self.request(RouteNetlinkMessage::SetLink(m), 0)
+    }
+
     /// A free-text label on the link: how GC finds the veths of an attachment.
     pub fn set_alias(&mut self, index: u32, alias: &str) -> io::Result<()> {
         let mut m = link_message(index);

@@ -35,6 +35,17 @@ pub fn host_veth_name(container_id: &str, ifname: &str) -> String {
     format!("fy{hex}")
 }
 
+/// The name both ends of a veth pair get when DEL retires it (see [`retire_veth`]).
+fn retired_name(container_id: &str, ifname: &str) -> String {
+    format!("fyr{}", &host_veth_name(container_id, ifname)[2..])
+}
+
+/// The alias of a retired veth: GC deletes those whose reaper did not.
+const RETIRED_ALIAS: &str = "ferry-bridge:retired";
+
+/// The environment variable that makes the binary a reaper of one retired veth pair.
+pub const REAP_VAR: &str = "FERRY_BRIDGE_REAP";
+
 fn alias(network: &str, container_id: &str, ifname: &str) -> String {
     format!("{ALIAS_PREFIX}{network}:{container_id}:{ifname}")
 }
@@ -181,8 +192,7 @@ impl Plugin for Bridge {
         let cfg = BridgeConfig::from_request(req)?;
         let env = &req.env;
         // Best effort, in full: every step runs whatever fails in another. The three are
-        // independent, so they run at once: deleting a veth pair alone blocks in the kernel
-        // for a good 15 ms (an RCU grace period), time in which the IPAM plugin and nft run.
+        // independent, so they run at once.
         let id = AttachmentId {
             network: &req.config.name,
             container_id: &env.container_id,
@@ -195,13 +205,7 @@ impl Plugin for Bridge {
                 .as_deref()
                 .map(|t| s.spawn(move || delegate(env, Command::Del, t, &req.stdin)));
             let rules = s.spawn(|| firewall::remove(&id));
-            // Deleting the host end deletes the pair, wherever the Pod's end is (or was).
-            let veth = Socket::new()
-                .and_then(|mut s| match s.link_by_name(&host_name)? {
-                    Some(link) => s.delete_link(link.index),
-                    None => Ok(()),
-                })
-                .map_err(nl(format!("deleting {host_name}")));
+            let veth = retire_veth(env, &host_name).map_err(nl(format!("deleting {host_name}")));
             let panicked = |_| Err(Error::new(Code::INTERNAL, "a DEL step panicked", ""));
             let mut results = vec![veth, rules.join().unwrap_or_else(panicked)];
             if let Some(job) = ipam {
@@ -352,6 +356,10 @@ impl Plugin for Bridge {
         let prefix = format!("{ALIAS_PREFIX}{}:", req.config.name);
         let stale_links = Socket::new().and_then(|mut s| {
             for link in s.links()? {
+                if link.alias.as_deref() == Some(RETIRED_ALIAS) {
+                    s.delete_link(link.index)?;
+                    continue;
+                }
                 let Some((container_id, ifname)) = link
                     .alias
                     .as_deref()
@@ -373,6 +381,77 @@ impl Plugin for Bridge {
             first_error.get_or_insert(nl("deleting stale veths")(e));
         }
         first_error.map_or(Ok(()), Err)
+    }
+}
+
+/// Takes an attachment's veth pair out of service at once and has it deleted in the
+/// background.
+///
+/// Deleting a veth pair blocks in the kernel for ~19 ms (an RCU grace period), longer than
+/// the rest of a DEL. Both ends are instead set down, the host end taken off the bridge,
+/// and both renamed to the attachment's retired name, which frees CNI_IFNAME in the Pod and
+/// the host name on the node at once (a new ADD of the attachment can follow right away);
+/// a detached child of this binary then deletes the pair. Should anything of that fail (no
+/// netns to reach the Pod's end, a retired pair of the same name still there), the pair is
+/// deleted here instead. GC deletes retired pairs a reaper left.
+fn retire_veth(env: &cni::Env, host_name: &str) -> std::io::Result<()> {
+    let mut node = Socket::new()?;
+    let Some(host) = node.link_by_name(host_name)? else {
+        return Ok(()); // Gone already: DEL is idempotent.
+    };
+    let retired = retired_name(&env.container_id, &env.ifname);
+    let down = LinkFlags::empty();
+    let pod_end_retired = env
+        .netns
+        .as_deref()
+        .and_then(|p| PodNetns::open(p).ok())
+        .is_some_and(|pod| {
+            pod.run(|| {
+                let mut s = Socket::new().map_err(nl("netlink in the Pod"))?;
+                let ok = match s
+                    .link_by_name(&env.ifname)
+                    .map_err(nl("looking up the Pod's end"))?
+                {
+                    Some(l) if l.kind == Some(InfoKind::Veth) => {
+                        s.set_flags(l.index, down, LinkFlags::Up).is_ok()
+                            && s.set_name(l.index, &retired).is_ok()
+                    }
+                    _ => false,
+                };
+                Ok(ok)
+            })
+            .unwrap_or(false)
+        });
+    let retired_here = pod_end_retired
+        && node.set_flags(host.index, down, LinkFlags::Up).is_ok()
+        && node.set_controller(host.index, 0).is_ok()
+        && node.set_name(host.index, &retired).is_ok()
+        && node.set_alias(host.index, RETIRED_ALIAS).is_ok();
+    let reaper = retired_here
+        && std::env::current_exe()
+            .and_then(|exe| {
+                std::process::Command::new(exe)
+                    .env(REAP_VAR, &retired)
+                    .stdin(std::process::Stdio::null())
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .spawn()
+            })
+            .is_ok();
+    if reaper {
+        return Ok(());
+    }
+    // Deleting the host end deletes the pair, wherever the Pod's end is (or was).
+    node.delete_link(host.index)
+}
+
+/// The reaper's whole job: delete the retired veth pair `name` (run with [`REAP_VAR`] set,
+/// in the node's netns it inherited). A pair already gone with its netns is fine.
+pub fn reap(name: &str) {
+    if let Ok(mut s) = Socket::new() {
+        if let Ok(Some(link)) = s.link_by_name(name) {
+            let _ = s.delete_link(link.index);
+        }
     }
 }
 

@@ -59,17 +59,25 @@ impl Net {
         self.node.netns()
     }
 
-    /// What an attachment can leave behind: Ferry's veths, leases, nftables rules.
+    /// What an attachment can leave behind: Ferry's veths, leases, nftables rules. DEL
+    /// retires a veth pair and a reaper deletes it moments later: retired pairs still there
+    /// after two seconds count as left behind.
     fn leftovers(&self) -> Vec<String> {
-        let mut out: Vec<String> = links(self.node())
+        // Host veths are "fy" + 12 hex digits, retired ones "fyr" + 12; the testbed's client
+        // links ("fyc0") are shorter.
+        let ferry_links = || -> Vec<String> {
+            links(self.node())
+                .into_iter()
+                .filter_map(|l| l["ifname"].as_str().map(str::to_string))
+                .filter(|n| n.starts_with("fy") && n.len() >= 14)
+                .collect()
+        };
+        ferry_tests::wait_until(std::time::Duration::from_secs(2), || {
+            !ferry_links().iter().any(|n| n.starts_with("fyr"))
+        });
+        let mut out: Vec<String> = ferry_links()
             .into_iter()
-            // Host veths are "fy" + 12 hex digits; the testbed's client links ("fyc0") are shorter.
-            .filter(|l| {
-                l["ifname"]
-                    .as_str()
-                    .is_some_and(|n| n.starts_with("fy") && n.len() == 14)
-            })
-            .map(|l| format!("link {}", l["ifname"]))
+            .map(|n| format!("link \"{n}\""))
             .collect();
         let leases = self.node.state_dir().join("ipam/podnet");
         for e in std::fs::read_dir(leases).into_iter().flatten().flatten() {
@@ -857,4 +865,56 @@ fn status_reports_what_the_ipam_plugin_reports() {
         msg.contains("ferry-ipam") && msg.contains("no free address"),
         "{msg}"
     );
+}
+
+#[test]
+fn del_frees_the_names_at_once_so_the_same_attachment_can_be_added_again() {
+    require_root!();
+    let net = Net::new("br-readd", json!({"ipMasq": true}));
+    let pod = net.node.pod("pod");
+    for _ in 0..3 {
+        let r = net.add(&pod);
+        let veth = r["interfaces"][1]["name"].as_str().unwrap().to_string();
+        net.node()
+            .exec_ok(&["ping", "-c", "1", "-W", "2", &pod_ip(&r).to_string()]);
+        net.call("DEL", &pod).run_in(net.node()).ok();
+        // The names are free the moment DEL returns: eth0 in the Pod, the veth on the node.
+        assert!(links(&pod).iter().all(|l| l["ifname"] != "eth0"));
+        assert!(links(net.node()).iter().all(|l| l["ifname"] != veth.as_str()));
+    }
+    assert_eq!(
+        net.leftovers(),
+        Vec::<String>::new(),
+        "the retired pairs are deleted"
+    );
+}
+
+#[test]
+fn gc_deletes_a_retired_pair_whose_reaper_never_ran() {
+    require_root!();
+    let net = Net::new("br-reaper", json!({}));
+    // What a DEL whose reaper was killed leaves: a retired pair on the node.
+    net.node().exec_ok(&[
+        "ip",
+        "link",
+        "add",
+        "fyr0123456789ab",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "fyr-peer",
+    ]);
+    net.node().exec_ok(&[
+        "ip",
+        "link",
+        "set",
+        "fyr0123456789ab",
+        "alias",
+        "ferry-bridge:retired",
+    ]);
+    let mut gc = net.conf.clone();
+    gc["cni.dev/valid-attachments"] = json!([]);
+    CniCall::new(bridge(), "GC", gc).run_in(net.node()).ok();
+    assert!(links(net.node()).iter().all(|l| l["ifname"] != "fyr0123456789ab"));
 }
