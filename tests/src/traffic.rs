@@ -37,15 +37,29 @@ impl Netns {
     /// A TCP server on `addr` (inside this namespace) that writes the peer's address and
     /// its own as text, then closes. Stops when the handle is dropped.
     pub fn tcp_server(&self, addr: SocketAddr) -> Server {
+        self.tcp_accept_loop(addr, move |mut conn, peer| {
+            let _ = conn.write_all(format!("{peer} {addr}\n").as_bytes());
+        })
+    }
+
+    /// Listens on `addr` inside this namespace and hands each connection to `serve`, until
+    /// the returned handle is dropped.
+    fn tcp_accept_loop(
+        &self,
+        addr: SocketAddr,
+        serve: impl Fn(TcpStream, SocketAddr) + Send + 'static,
+    ) -> Server {
         let listener = self
             .run(|| TcpListener::bind(addr))
             .unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+        // Non-blocking, so the loop sees the stop flag between connections.
         listener.set_nonblocking(true).unwrap();
         Server::start(move |stop| {
             while !stop.load(Ordering::Relaxed) {
                 match listener.accept() {
-                    Ok((mut conn, peer)) => {
-                        let _ = conn.write_all(format!("{peer} {addr}\n").as_bytes());
+                    Ok((conn, peer)) => {
+                        conn.set_nonblocking(false).unwrap();
+                        serve(conn, peer);
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(5)),
                 }
@@ -72,30 +86,18 @@ impl Netns {
     /// A TCP server that echoes every line back on long-lived connections, each served on a
     /// thread of its own.
     pub fn tcp_echo_server(&self, addr: SocketAddr) -> Server {
-        let listener = self
-            .run(|| TcpListener::bind(addr))
-            .unwrap_or_else(|e| panic!("bind {addr}: {e}"));
-        listener.set_nonblocking(true).unwrap();
-        Server::start(move |stop| {
-            while !stop.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((conn, _)) => {
-                        conn.set_nonblocking(false).unwrap();
-                        std::thread::spawn(move || {
-                            let mut reader = std::io::BufReader::new(conn.try_clone().unwrap());
-                            let mut writer = conn;
-                            let mut line = String::new();
-                            while std::io::BufRead::read_line(&mut reader, &mut line).is_ok_and(|n| n > 0) {
-                                if writer.write_all(line.as_bytes()).is_err() {
-                                    break;
-                                }
-                                line.clear();
-                            }
-                        });
+        self.tcp_accept_loop(addr, |conn, _| {
+            std::thread::spawn(move || {
+                let mut reader = std::io::BufReader::new(conn.try_clone().unwrap());
+                let mut writer = conn;
+                let mut line = String::new();
+                while std::io::BufRead::read_line(&mut reader, &mut line).is_ok_and(|n| n > 0) {
+                    if writer.write_all(line.as_bytes()).is_err() {
+                        break;
                     }
-                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                    line.clear();
                 }
-            }
+            });
         })
     }
 
