@@ -151,6 +151,13 @@ pub struct AttachmentRules<'a> {
     pub mac_spoof_check: Option<(String, String)>,
 }
 
+impl AttachmentRules<'_> {
+    /// Nothing to install: no masquerade, no port, no spoof check.
+    pub fn is_empty(&self) -> bool {
+        self.masquerade.is_empty() && self.port_mappings.is_empty() && self.mac_spoof_check.is_none()
+    }
+}
+
 /// Installs the rules of one attachment in one transaction. When a table or chain is
 /// missing (a node's first Pod), the tables are listed and one transaction creates what is
 /// missing, deletes rules already carrying the attachment's key, and adds the rules. Rules

@@ -836,12 +836,6 @@ impl Drop for Rollback<'_> {
     }
 }
 
-impl AttachmentRules<'_> {
-    fn is_empty(&self) -> bool {
-        self.masquerade.is_empty() && self.port_mappings.is_empty() && self.mac_spoof_check.is_none()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1334,19 +1334,9 @@ pub fn synthetic_table(services: usize, endpoints: usize, offset: usize) -> Serv
         table.ports.insert(
             id.clone(),
             ServicePort {
-                id,
-                cluster_ip: Some(cluster_ip),
-                port: 80,
-                node_port: None,
-                external_ips: Vec::new(),
-                load_balancer_ips: Vec::new(),
-                source_ranges: Vec::new(),
-                external_local: false,
-                internal_local: false,
-                health_check_node_port: None,
-                affinity_seconds: None,
                 cluster_endpoints: eps.clone(),
                 external_endpoints: eps,
+                ..ServicePort::new(id, Some(cluster_ip), 80)
             },
         );
     }
