@@ -824,12 +824,36 @@ mod tests {
         assert_eq!(get(ma, "/healthz").await.unwrap().0, 404);
     }
 
+    /// A port free for listeners on 127.0.0.1 and ::1, taken below the ephemeral range:
+    /// the client sockets of tests running in parallel draw their source ports from that
+    /// range, and one of them in TIME_WAIT on a port blocks a listener there even with
+    /// SO_REUSEADDR (the kernel waives the conflict only when both sockets set it).
     fn free_port() -> u16 {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
+        static NEXT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+        // 20000-29999: below the ephemeral range (32768 and up by default).
+        let offset = (std::process::id() % 500) as u16 * 20;
+        for _ in 0..10_000 {
+            let port = 20_000 + (offset + NEXT.fetch_add(1, Ordering::Relaxed) % 10_000) % 10_000;
+            let free = |ip: IpAddr| std::net::TcpListener::bind(SocketAddr::new(ip, port)).is_ok();
+            if free(Ipv4Addr::LOCALHOST.into()) && free(Ipv6Addr::LOCALHOST.into()) {
+                return port;
+            }
+        }
+        panic!("no free port below the ephemeral range");
+    }
+
+    /// Syncs until `services` Services have their health check port open, as the proxy's
+    /// loop retries a port it could not open at its next sync. In a test process a port
+    /// just freed can stay held for a moment: a child that another test thread is spawning
+    /// holds copies of every descriptor until it execs.
+    fn sync_until_listening(checks: &HealthChecks, table: &ServiceTable, services: usize) {
+        for _ in 0..200 {
+            checks.sync(table);
+            if checks.listening().len() == services {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     fn lb_port(
@@ -891,25 +915,29 @@ mod tests {
         let port = free_port();
         let web = ("default".to_string(), "web".to_string());
         // Two ports of one Service, two families, three local endpoints (one shared).
-        checks.sync(&table(vec![
-            lb_port(
-                "default",
-                "web",
-                "http",
-                port,
-                Family::V4,
-                &[("10.0.0.1", true), ("10.0.1.1", false)],
-            ),
-            lb_port(
-                "default",
-                "web",
-                "https",
-                port,
-                Family::V4,
-                &[("10.0.0.1", true), ("10.0.0.2", true)],
-            ),
-            lb_port("default", "web", "http", port, Family::V6, &[("fd00::1", true)]),
-        ]));
+        sync_until_listening(
+            &checks,
+            &table(vec![
+                lb_port(
+                    "default",
+                    "web",
+                    "http",
+                    port,
+                    Family::V4,
+                    &[("10.0.0.1", true), ("10.0.1.1", false)],
+                ),
+                lb_port(
+                    "default",
+                    "web",
+                    "https",
+                    port,
+                    Family::V4,
+                    &[("10.0.0.1", true), ("10.0.0.2", true)],
+                ),
+                lb_port("default", "web", "http", port, Family::V6, &[("fd00::1", true)]),
+            ]),
+            1,
+        );
         let listening = checks.listening();
         let addrs = &listening[&web];
         assert!(
@@ -964,14 +992,18 @@ mod tests {
 
         // The port changes: the old one closes, the new one opens.
         let port2 = free_port();
-        checks.sync(&table(vec![lb_port(
-            "default",
-            "web",
-            "http",
-            port2,
-            Family::V4,
-            &[("10.0.0.1", true)],
-        )]));
+        sync_until_listening(
+            &checks,
+            &table(vec![lb_port(
+                "default",
+                "web",
+                "http",
+                port2,
+                Family::V4,
+                &[("10.0.0.1", true)],
+            )]),
+            1,
+        );
         let v4b = SocketAddr::from(([127, 0, 0, 1], port2));
         assert_eq!(get(v4b, "/").await.unwrap().0, 200);
         wait_refused(v4).await;
@@ -997,7 +1029,7 @@ mod tests {
         {
             e.ready = false;
         }
-        checks.sync(&table(vec![p]));
+        sync_until_listening(&checks, &table(vec![p]), 1);
         let (status, _, body) = get(SocketAddr::from(([127, 0, 0, 1], port)), "/").await.unwrap();
         assert_eq!(status, 503, "{body}");
         assert!(body.contains("\"localEndpoints\": 0"), "{body}");
@@ -1006,8 +1038,8 @@ mod tests {
     #[tokio::test]
     async fn a_busy_port_is_retried_at_the_next_sync() {
         let checks = HealthChecks::new(Arc::new(Metrics::default()));
-        let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = busy.local_addr().unwrap().port();
+        let port = free_port();
+        let busy = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
         let t = table(vec![lb_port(
             "ns",
             "svc",
@@ -1019,7 +1051,7 @@ mod tests {
         checks.sync(&t);
         assert!(checks.listening().is_empty(), "bound a busy port");
         drop(busy);
-        checks.sync(&t);
+        sync_until_listening(&checks, &t, 1);
         assert_eq!(checks.listening().len(), 1);
         assert_eq!(
             get(SocketAddr::from(([127, 0, 0, 1], port)), "/")

@@ -547,7 +547,15 @@ mod tests {
             .wait_for(Duration::from_secs(1), |t| endpoints_of(t).len() == 2)
             .await;
         assert!(took.is_some(), "the new file was not applied within a second");
-        let state = h.metrics.snapshot();
+        // The loop updates the metrics after the back end's sync returns: give it a moment.
+        let mut state = h.metrics.snapshot();
+        for _ in 0..100 {
+            if (state.services, state.endpoints) == (1, 2) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            state = h.metrics.snapshot();
+        }
         assert!(state.last_successful_sync.is_some());
         assert_eq!((state.services, state.endpoints), (1, 2));
         h.stop().await;
