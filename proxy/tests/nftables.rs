@@ -662,7 +662,7 @@ fn client_ip_affinity_sticks_and_hairpin_reaches_itself() {
 }
 
 #[test]
-fn one_endpoint_change_touches_one_chain_and_no_change_runs_nothing() {
+fn one_endpoint_change_touches_its_map_elements_only_and_no_change_runs_nothing() {
     require_root!();
     let node = Node::new("proxy-diff");
     let settings = NodeSettings {
@@ -712,20 +712,24 @@ fn one_endpoint_change_touches_one_chain_and_no_change_runs_nothing() {
     assert_eq!(stats.changed_ports, 1);
     let tx = backend.last_transaction().to_string();
     eprintln!("transaction for one endpoint change:\n{tx}");
-    let chain = format!("service-{}", port_base_name(&b2.id));
-    // One chain flushed and refilled, and the hairpin pairs of the two endpoints: nothing else.
+    // The endpoint's key in the endpoint map now maps to the new endpoint, and the
+    // hairpin pairs follow: no chain is touched.
+    assert!(!tx.contains("chain"), "{tx}");
     let lines: Vec<&str> = tx.lines().filter(|l| !l.contains("hairpin-v4")).collect();
-    assert_eq!(lines[0], format!("flush chain inet {TABLE} {chain}"), "{tx}");
-    let rule_prefix = format!("add rule inet {TABLE} {chain} ");
-    assert!(lines[1..].iter().all(|l| l.starts_with(&rule_prefix)), "{tx}");
-    assert_eq!(lines.len(), 4, "{tx}");
-    assert_eq!(tx.lines().count(), 6, "{tx}");
-    assert!(tx.contains("10.1.0.6:80") && !tx.contains("10.1.0.1:80"), "{tx}");
-    let listed = node
-        .netns()
-        .exec_ok(&["nft", "list", "chain", "inet", TABLE, &chain]);
+    assert_eq!(lines.len(), 2, "{tx}");
     assert!(
-        listed.contains("10.1.0.6:80") && !listed.contains("10.1.0.4:80"),
+        lines[0].starts_with(&format!("delete element inet {TABLE} endpoints-v4-tcp-")),
+        "{tx}"
+    );
+    assert!(
+        lines[1].starts_with(&format!("add element inet {TABLE} endpoints-v4-tcp-")),
+        "{tx}"
+    );
+    assert!(lines[1].ends_with(": 10.1.0.6 . 80 }"), "{tx}");
+    assert_eq!(tx.lines().count(), 4, "{tx}");
+    let listed = node.netns().exec_ok(&["nft", "list", "table", "inet", TABLE]);
+    assert!(
+        listed.contains("10.1.0.6 . 80") && !listed.contains("10.1.0.4 . 80"),
         "{listed}"
     );
 

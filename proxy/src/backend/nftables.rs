@@ -21,22 +21,27 @@
 //!                   (a Local traffic policy without local endpoints)
 //! firewall-check    ip daddr . meta l4proto . th dport vmap @firewall-ips-v4   (source ranges)
 //! reject-chain      meta l4proto tcp reject with tcp reset; reject
-//! mark-for-masquerade   meta mark set meta mark or 0x4000
 //! masquerading      ct status dnat ip saddr . ip daddr @hairpin-v4 masquerade fully-random
 //!                   meta mark & 0x4000 == 0 return; meta mark set meta mark xor 0x4000;
 //!                   masquerade fully-random
 //! sets              cluster-cidrs-v4 (--cluster-cidr), nodeport-ips-v4 (--nodeport-addresses),
 //!                   hairpin-v4 (every endpoint address A as the pair A . A)
+//! endpoint maps     endpoints-v4-tcp-00 … endpoints-v4-tcp-31 (and udp, sctp, v6):
+//!                   typeof numgen random mod 1 : ip daddr . tcp dport
 //! ```
+//!
+//! "Mark for masquerade" below is the statement `meta mark set meta mark or 0x4000`,
+//! written inline: a jump to a shared chain would be walked again for every Service by the
+//! kernel's validation of each commit (see "Measurements").
 //!
 //! Per Service port (one [`ServicePortId`], so one family), names `<kind>-<HASH>-<ns/name/
 //! proto/port>/<v4|v6>` with HASH the first 8 base32 characters of a SHA-256 of the id:
 //!
 //! - `service-…`: traffic to the ClusterIP (and short-circuited traffic, below), over
-//!   `cluster_endpoints`: `ip saddr != @cluster-cidrs-v4 jump mark-for-masquerade` (when the
-//!   family has a cluster CIDR), the affinity rules, then the random choice.
-//! - `external-…`: NodePort, external and load-balancer IPs. `jump mark-for-masquerade`
-//!   then `goto service-…`; with `externalTrafficPolicy: Local` instead: sources in the
+//!   `cluster_endpoints`: `ip saddr != @cluster-cidrs-v4` mark for masquerade (when the
+//!   family has a cluster CIDR), then the random choice.
+//! - `external-…`: NodePort, external and load-balancer IPs. Mark for masquerade, then
+//!   `goto service-…`; with `externalTrafficPolicy: Local` instead: sources in the
 //!   cluster CIDRs `goto service-…` (so a Local LB IP is not blackholed from inside), the
 //!   node itself is masqueraded and goes there too, and the rest goes to the local
 //!   endpoints (`goto ext-endpoints-…` when they differ from the cluster ones, or when
@@ -44,14 +49,26 @@
 //! - `ext-endpoints-…`: the choice over `external_endpoints`, when `external-…` cannot share
 //!   the service chain.
 //! - `firewall-…`: `loadBalancerSourceRanges`: `ip saddr <range> return` per range, `drop`.
-//! - `affinity-…__<ip>/<port>` sets (sessionAffinity ClientIP): one per endpoint, `flags
-//!   dynamic,timeout`; `ip saddr @affinity-X update @affinity-X { ip saddr } … dnat to X`
-//!   comes before the random choice, and the choice records the client with `update`.
 //!
-//! The random choice is one rule per endpoint, `numgen random mod N-i == 0 … dnat ip to
-//! A:P` for endpoint i of N (the last unconditional), which is uniform, and the DNAT is in
-//! the Service chain itself: there are no per-endpoint chains and no anonymous sets (see
-//! "Measurements"). Hairpin traffic (a Pod reaching itself through its Service) is
+//! The random choice is ONE rule, `meta l4proto tcp dnat ip to numgen random mod N offset
+//! O map @endpoints-v4-tcp-S`: the port owns keys O .. O+N of endpoint map S (S fixed by a
+//! hash of the port's id, O handed out by a [`SlotAllocator`] in power-of-two blocks), each
+//! key mapping to one endpoint's `address . port`. A changed endpoint is one element
+//! replaced; only a changed endpoint count rewrites the rule. Endpoint maps rather than one
+//! chain or one named map per Service: the kernel finds a named set by walking the table's
+//! list of sets (10k maps took a full sync from 3 s to 10 s), binding a map to a rule walks
+//! all its elements and adding an element walks all rules bound to its map (one shared map
+//! took 14 s), so the endpoints are spread over 32 maps per family and protocol (the
+//! protocol is in the map because nft 1.0.6 refuses `th dport` data after `meta l4proto
+//! tcp`).
+//!
+//! Session affinity (sessionAffinity ClientIP) keeps one rule per endpoint, since the choice
+//! must also record the client per endpoint: `affinity-…__<ip>/<port>` sets, one per
+//! endpoint, `flags dynamic,timeout`; `ip saddr @affinity-X update @affinity-X { ip saddr }
+//! … dnat to X` per endpoint, then `numgen random mod N-i == 0 update @affinity-X { ip saddr
+//! } … dnat to X` for endpoint i of N (the last unconditional), which is uniform.
+//!
+//! There are no per-endpoint chains and no anonymous sets (see "Measurements"). Hairpin traffic (a Pod reaching itself through its Service) is
 //! recognised after the DNAT, in postrouting, by the pair set `hairpin-v4`, which holds
 //! `A . A` for every endpoint address A: source == destination can only be hairpin.
 //!
@@ -69,6 +86,12 @@
 //! One more Service (its chains, rules, one map element) on top of those tables: 1.0-1.2 s
 //! (kube-proxy's), 1.7 s (chain per endpoint), 70-110 ms (ours), text and JSON alike.
 //!
+//! - Every commit that adds a rule or a `goto` element makes the kernel validate the whole
+//!   table (`nf_tables_validate`): it walks every rule reachable from every base chain,
+//!   through the verdict maps, with no memory of chains already seen. With 11 rules per
+//!   Service and two base chains reaching them, that walk was 70% of a one-Service change
+//!   (perf, 10k Services). One rule for the choice and the masquerade mark inline (no
+//!   `jump` to a shared chain) make the walk about five times shorter.
 //! - Anonymous sets (the `vmap { 0 : goto … }` of the random choice) cost the kernel a walk
 //!   of the whole transaction each when they are bound (`__nft_set_trans_bind`): quadratic
 //!   in the size of a full sync. Sequential `numgen` rules have no set at all.
@@ -76,7 +99,7 @@
 //!   table's chain list (its cache needs `NFT_CACHE_CHAIN`), and the kernel's chain dump is
 //!   quadratic in the number of chains (each dump batch restarts from the first chain):
 //!   110,000 chains cost about 1 s per sync, 10,000 about 60 ms. Hence no chain per
-//!   endpoint: the per-endpoint work (DNAT, affinity) fits in one rule each.
+//!   endpoint.
 //! - Text is parsed faster than JSON by nft (2.2 s against 3.7 s of user time here) and is
 //!   half the size, so the back end writes text itself (`nft -f -`). Every name it writes is
 //!   built from `[A-Za-z0-9_./-]` and starts with a letter, every value is an address,
@@ -93,15 +116,13 @@
 //!
 //! | Services x endpoints | full sync | one added Service | one endpoint changed | no change | restart (first sync over an existing table) |
 //! |---------------------:|----------:|------------------:|---------------------:|----------:|---------:|
-//! | 1,000 x 10           | 0.35 s    | 8-35 ms           | 18-31 ms             | 0.7 ms    | 0.5 s    |
-//! | 10,000 x 10          | 3.4-3.6 s | 74-95 ms          | 80-117 ms            | 9-14 ms   | 5.0 s    |
+//! | 1,000 x 10           | 0.22 s    | 19 ms             | 15 ms                | 0.4 ms    | 0.36 s   |
+//! | 10,000 x 10          | 2.4 s     | 49 ms             | 44 ms                | 9 ms      | 5.4 s    |
 //!
-//! At 10k, 3.2 s of the full sync is nft itself (`nft -f` of the same text: 2.1 s user,
-//! 1.1 s kernel); the back end's own work is about 0.15 s. What remains of a one-Service
-//! change is nft's start, its chain-cache fetch (~60 ms for 10k chains) and the kernel's
-//! commit. The issue's goals (2 s, 20 ms) are out of reach through nft 1.0.6; writing the
-//! nf_tables netlink messages directly (no parser, no cache fetch) is where this back end
-//! would go next, behind the same diff.
+//! (With a chain of 11 rules per Service instead of endpoint maps: 3.4-3.6 s, 74-95 ms,
+//! 80-117 ms.) At 10k, 2.2 s of the full sync is nft itself (`nft -f` of the same text:
+//! 1.35 s user, 0.85 s kernel). What remains of a one-Service change is nft's start, its
+//! chain-cache fetch and the kernel's validation walk.
 //!
 //! # Sync
 //!
@@ -176,14 +197,19 @@ const BASE_CHAINS: [(&str, &str, &str, i32); 7] = [
     ("nat-postrouting", "nat", "postrouting", 100),
 ];
 /// Regular chains of the base layout.
-const HELPER_CHAINS: [&str; 6] = [
+const HELPER_CHAINS: [&str; 5] = [
     "services",
     "endpoints-check",
     "firewall-check",
     "reject-chain",
-    "mark-for-masquerade",
     "masquerading",
 ];
+/// Chains an older Ferry made that this one no longer has: deleted when converging.
+const FORMER_HELPER_CHAINS: [&str; 1] = ["mark-for-masquerade"];
+/// Endpoint maps per family and protocol (see "Endpoint maps" in the module docs).
+pub const ENDPOINT_MAPS: u32 = 32;
+/// The statement that asks `masquerading` to masquerade the packet.
+const MARK_FOR_MASQUERADE: &str = "meta mark set meta mark or 0x4000";
 /// Prefixes of per-port chains, in the order they are deleted (a chain that jumps to
 /// another comes before it).
 const PORT_CHAIN_PREFIXES: [&str; 4] = ["external-", "firewall-", "ext-endpoints-", "service-"];
@@ -200,6 +226,7 @@ fn is_affinity_set(name: &str) -> bool {
 }
 
 const FAMILIES: [Family; 2] = [Family::V4, Family::V6];
+const PROTOCOLS: [Protocol; 3] = [Protocol::Tcp, Protocol::Udp, Protocol::Sctp];
 
 fn fam(f: Family) -> &'static str {
     match f {
@@ -389,8 +416,105 @@ impl PortObjects {
     }
 }
 
-/// Renders one Service port: its chains, affinity sets and map elements.
-fn render_port(p: &ServicePort, ctx: RenderCtx) -> PortObjects {
+/// Where a port's endpoints sit in the endpoint maps: map `endpoints-<v4|v6>-<shard>`,
+/// keys `offset .. offset + capacity` (the cluster endpoints first, then the external ones
+/// when they have a chain of their own).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Slot {
+    shard: u32,
+    offset: u32,
+    capacity: u32,
+}
+
+/// The endpoint map of a port, fixed by its identity (so a port keeps its map for life).
+fn endpoint_shard(id: &ServicePortId) -> u32 {
+    let digest = Sha256::digest(port_base_name(id).as_bytes());
+    u32::from_be_bytes([digest[0], digest[1], digest[2], digest[3]]) % ENDPOINT_MAPS
+}
+
+fn endpoint_map(f: Family, proto: Protocol, shard: u32) -> String {
+    format!("endpoints-{}-{}-{shard:02}", fam(f), proto.as_str())
+}
+
+/// How many keys a port needs in its endpoint map. Ports with session affinity need none:
+/// their choice must also record the client per endpoint, so it stays one rule per
+/// endpoint.
+fn slots_needed(p: &ServicePort) -> u32 {
+    if p.affinity_seconds.is_some() {
+        0
+    } else {
+        (p.cluster_endpoints.len() + p.external_endpoints.len()) as u32
+    }
+}
+
+/// One endpoint map: family, protocol, shard.
+type EndpointMapId = (Family, Protocol, u32);
+
+/// Hands out key ranges of the endpoint maps. Capacities are powers of two (at least 4),
+/// so a range freed by one port is reused by the next port of the same size class.
+#[derive(Debug, Default)]
+struct SlotAllocator {
+    /// Endpoint map -> the first key never handed out.
+    next: HashMap<EndpointMapId, u32>,
+    /// (endpoint map, capacity) -> freed offsets.
+    free: HashMap<(EndpointMapId, u32), Vec<u32>>,
+}
+
+impl SlotAllocator {
+    /// A slot for `needed` keys in `shard`: `old` when it is big enough, else a new one
+    /// (and `old` goes back).
+    fn fit(&mut self, id: &ServicePortId, needed: u32, old: Option<Slot>) -> Result<Slot, BackendError> {
+        let shard = endpoint_shard(id);
+        if let Some(old) = old {
+            if old.capacity >= needed && (needed > 0 || old.capacity == 0) {
+                return Ok(old);
+            }
+            self.give_back(id, old);
+        }
+        let map = (id.family, id.protocol, shard);
+        if needed == 0 {
+            return Ok(Slot {
+                shard,
+                offset: 0,
+                capacity: 0,
+            });
+        }
+        let capacity = needed.next_power_of_two().max(4);
+        if let Some(offset) = self.free.get_mut(&(map, capacity)).and_then(Vec::pop) {
+            return Ok(Slot {
+                shard,
+                offset,
+                capacity,
+            });
+        }
+        let next = self.next.entry(map).or_default();
+        let offset = *next;
+        *next = offset.checked_add(capacity).ok_or_else(|| {
+            BackendError(format!(
+                "the keys of endpoint map {} are used up; restart ferry-proxy to renumber",
+                endpoint_map(id.family, id.protocol, shard)
+            ))
+        })?;
+        Ok(Slot {
+            shard,
+            offset,
+            capacity,
+        })
+    }
+
+    fn give_back(&mut self, id: &ServicePortId, slot: Slot) {
+        if slot.capacity > 0 {
+            self.free
+                .entry(((id.family, id.protocol, slot.shard), slot.capacity))
+                .or_default()
+                .push(slot.offset);
+        }
+    }
+}
+
+/// Renders one Service port: its chains, affinity sets and map elements. `slot` holds at
+/// least [`slots_needed`] keys.
+fn render_port(p: &ServicePort, ctx: RenderCtx, slot: Slot) -> PortObjects {
     let id = &p.id;
     let f = id.family;
     let (ip, fs, proto) = (ipx(f), fam(f), id.protocol.as_str());
@@ -505,8 +629,25 @@ fn render_port(p: &ServicePort, ctx: RenderCtx) -> PortObjects {
 
     // Chains.
     let affinity = p.affinity_seconds.map(|t| t.max(1));
-    let mut choice = |eps: &[Endpoint]| -> Vec<String> {
+    let emap = endpoint_map(f, id.protocol, slot.shard);
+    // `first`: the index in the port's slot of the first of `eps`.
+    let mut choice = |eps: &[Endpoint], first: u32| -> Vec<String> {
         let mut rules = Vec::new();
+        if affinity.is_none() {
+            let offset = slot.offset + first;
+            for (i, ep) in eps.iter().enumerate() {
+                o.elements.insert(Element {
+                    map: emap.clone(),
+                    key: (offset + i as u32).to_string(),
+                    value: format!("{} . {}", ep.ip, ep.port),
+                });
+            }
+            rules.push(format!(
+                "meta l4proto {proto} dnat {ip} to numgen random mod {} offset {offset} map @{emap}",
+                eps.len()
+            ));
+            return rules;
+        }
         if let Some(timeout) = affinity {
             for ep in eps {
                 let set = affinity_set_name(id, ep, timeout);
@@ -545,11 +686,9 @@ fn render_port(p: &ServicePort, ctx: RenderCtx) -> PortObjects {
     if has_cluster {
         let mut rules = Vec::new();
         if ctx.has_cidrs(f) {
-            rules.push(format!(
-                "{ip} saddr != @cluster-cidrs-{fs} jump mark-for-masquerade"
-            ));
+            rules.push(format!("{ip} saddr != @cluster-cidrs-{fs} {MARK_FOR_MASQUERADE}"));
         }
-        rules.extend(choice(&p.cluster_endpoints));
+        rules.extend(choice(&p.cluster_endpoints, 0));
         o.chains.insert(service.clone(), rules);
     }
     // External traffic may share the service chain only when its masquerade rule (for
@@ -563,18 +702,18 @@ fn render_port(p: &ServicePort, ctx: RenderCtx) -> PortObjects {
         ext_endpoints.clone()
     };
     if has_external && external_target == ext_endpoints {
-        let rules = choice(&p.external_endpoints);
+        let rules = choice(&p.external_endpoints, p.cluster_endpoints.len() as u32);
         o.chains.insert(ext_endpoints.clone(), rules);
     }
     if uses_external_chain {
         let mut rules = Vec::new();
         if !p.external_local {
-            rules.push("jump mark-for-masquerade".to_string());
+            rules.push(MARK_FOR_MASQUERADE.to_string());
         } else if has_cluster {
             if ctx.has_cidrs(f) {
                 rules.push(format!("{ip} saddr @cluster-cidrs-{fs} goto {service}"));
             }
-            rules.push("fib saddr type local jump mark-for-masquerade".to_string());
+            rules.push(format!("fib saddr type local {MARK_FOR_MASQUERADE}"));
             rules.push(format!("fib saddr type local goto {service}"));
         }
         if has_external {
@@ -641,10 +780,6 @@ fn render_base(settings: &NodeSettings) -> (Vec<(String, Vec<String>)>, Vec<Elem
     chains.push((
         "reject-chain".into(),
         vec!["meta l4proto tcp reject with tcp reset".into(), "reject".into()],
-    ));
-    chains.push((
-        "mark-for-masquerade".into(),
-        vec![format!("meta mark set meta mark or {MASQ_MARK:#x}")],
     ));
     let mut masq: Vec<String> = FAMILIES
         .iter()
@@ -819,12 +954,14 @@ struct Applied {
     blocked: HashSet<ServicePortId>,
     /// Endpoint address -> number of ports using it (the hairpin set holds those > 0).
     hairpin: HashMap<IpAddr, usize>,
+    slots: SlotAllocator,
     rules: usize,
 }
 
 #[derive(Debug)]
 struct AppliedPort {
     port: ServicePort,
+    slot: Slot,
     objects: PortObjects,
 }
 
@@ -984,6 +1121,20 @@ impl NftablesBackend {
                     let _ = writeln!(h, "flush set {T} {name}");
                 }
             }
+            for proto in PROTOCOLS {
+                for shard in 0..ENDPOINT_MAPS {
+                    let name = endpoint_map(f, proto, shard);
+                    let _ = writeln!(
+                        h,
+                        "add map {T} {name} {{ typeof numgen random mod 1 : {} daddr . {} dport; }}",
+                        ipx(f),
+                        proto.as_str()
+                    );
+                    if flush_maps {
+                        let _ = writeln!(h, "flush map {T} {name}");
+                    }
+                }
+            }
         }
         let (chains, elements) = render_base(settings);
         for (name, rules) in &chains {
@@ -1009,7 +1160,7 @@ impl NftablesBackend {
             // below or deleted at the end.
             if let Some(k) = &kernel {
                 for c in &k.chains {
-                    if is_port_chain(c) {
+                    if is_port_chain(c) || FORMER_HELPER_CHAINS.contains(&c.as_str()) {
                         tx.fill_chain(c, &[], true);
                     }
                 }
@@ -1041,8 +1192,17 @@ impl NftablesBackend {
 
         // Render the changed ports; release the keys of everything that changes first, so a
         // key moving from one port to another in this sync is not taken for a conflict.
-        let mut rendered: Vec<(&ServicePort, PortObjects)> =
-            changed.iter().map(|p| (*p, render_port(p, ctx))).collect();
+        let mut rendered: Vec<(&ServicePort, Slot, PortObjects)> = Vec::with_capacity(changed.len());
+        for p in &changed {
+            let old = state.ports.get(&p.id).map(|a| a.slot);
+            let slot = state.slots.fit(&p.id, slots_needed(p), old)?;
+            rendered.push((*p, slot, render_port(p, ctx, slot)));
+        }
+        for id in &removed {
+            if let Some(old) = state.ports.get(id) {
+                state.slots.give_back(id, old.slot);
+            }
+        }
         let mut stale_udp: Vec<conntrack::UdpFlowFilter> = Vec::new();
         let mut olds: HashMap<ServicePortId, AppliedPort> = HashMap::new();
         for id in changed.iter().map(|p| &p.id).chain(&removed) {
@@ -1053,7 +1213,7 @@ impl NftablesBackend {
                 olds.insert(id.clone(), old);
             }
         }
-        for (port, objects) in &mut rendered {
+        for (port, _, objects) in &mut rendered {
             state.blocked.remove(&port.id);
             let mut kept = BTreeSet::new();
             for e in std::mem::take(&mut objects.elements) {
@@ -1146,7 +1306,7 @@ impl NftablesBackend {
             state.rules = state.rules + new.rules() - old.rules();
         };
 
-        for (port, objects) in &rendered {
+        for (port, _, objects) in &rendered {
             let old = olds.get(&port.id);
             diff(&mut tx, old.map_or(&empty, |o| &o.objects), objects, &mut state);
             if let Some(old) = old {
@@ -1172,10 +1332,11 @@ impl NftablesBackend {
         if let Some(k) = &kernel {
             // Converging at start: what the kernel has and the plan does not want goes.
             let wanted_chains: HashSet<&String> =
-                rendered.iter().flat_map(|(_, o)| o.chains.keys()).collect();
-            let wanted_sets: HashSet<&String> = rendered.iter().flat_map(|(_, o)| o.sets.keys()).collect();
+                rendered.iter().flat_map(|(_, _, o)| o.chains.keys()).collect();
+            let wanted_sets: HashSet<&String> = rendered.iter().flat_map(|(_, _, o)| o.sets.keys()).collect();
             for c in &k.chains {
-                if is_port_chain(c) && !wanted_chains.contains(c) {
+                let former = FORMER_HELPER_CHAINS.contains(&c.as_str());
+                if former || (is_port_chain(c) && !wanted_chains.contains(c)) {
                     tx.del_chains.push(c.clone());
                 }
             }
@@ -1186,11 +1347,12 @@ impl NftablesBackend {
             }
             state.rules += base_rules(&table.settings);
         }
-        for (port, objects) in rendered {
+        for (port, slot, objects) in rendered {
             state.ports.insert(
                 port.id.clone(),
                 AppliedPort {
                     port: port.clone(),
+                    slot,
                     objects,
                 },
             );
@@ -1347,6 +1509,16 @@ pub fn synthetic_table(services: usize, endpoints: usize, offset: usize) -> Serv
 mod tests {
     use super::*;
 
+    /// Renders with the port's endpoints at keys 100.. of its endpoint map.
+    fn render(p: &ServicePort, ctx: RenderCtx) -> PortObjects {
+        let slot = Slot {
+            shard: endpoint_shard(&p.id),
+            offset: 100,
+            capacity: 16,
+        };
+        render_port(p, ctx, slot)
+    }
+
     fn ep(ip: &str, port: u16) -> Endpoint {
         Endpoint {
             ip: ip.parse().unwrap(),
@@ -1402,36 +1574,67 @@ mod tests {
     }
 
     #[test]
+    fn endpoint_slots_grow_by_powers_of_two_and_are_reused() {
+        let id = port("web", Family::V4).id;
+        let mut slots = SlotAllocator::default();
+        let a = slots.fit(&id, 3, None).unwrap();
+        assert_eq!((a.offset, a.capacity), (0, 4));
+        // Still fits: kept.
+        assert_eq!(slots.fit(&id, 4, Some(a)).unwrap(), a);
+        // Outgrown: a new range, the old one freed and handed to the next port of its size.
+        let b = slots.fit(&id, 5, Some(a)).unwrap();
+        assert_eq!((b.offset, b.capacity), (4, 8));
+        let other = port("api", Family::V4).id;
+        let c = slots.fit(&other, 2, None).unwrap();
+        if endpoint_shard(&other) == endpoint_shard(&id) {
+            assert_eq!((c.offset, c.capacity), (0, 4));
+        }
+        // No endpoints (or session affinity): no keys.
+        let d = slots.fit(&id, 0, Some(b)).unwrap();
+        assert_eq!(d.capacity, 0);
+        assert_eq!(slots.fit(&id, 8, Some(d)).unwrap().offset, 4);
+    }
+
+    #[test]
     fn cluster_ip_with_endpoints_gets_a_random_choice() {
         let mut p = port("web", Family::V4);
         p.cluster_endpoints = vec![ep("10.1.0.2", 8080), ep("10.1.0.3", 8080), ep("10.1.0.4", 8080)];
         p.external_endpoints = p.cluster_endpoints.clone();
-        let o = render_port(&p, CTX);
+        let o = render(&p, CTX);
         let service = format!("service-{}", port_base_name(&p.id));
         assert_eq!(o.chains.len(), 1);
+        let emap = endpoint_map(Family::V4, Protocol::Tcp, endpoint_shard(&p.id));
         assert_eq!(
             o.chains[&service],
             vec![
-                "ip saddr != @cluster-cidrs-v4 jump mark-for-masquerade".to_string(),
-                "numgen random mod 3 == 0 meta l4proto tcp dnat ip to 10.1.0.2:8080".into(),
-                "numgen random mod 2 == 0 meta l4proto tcp dnat ip to 10.1.0.3:8080".into(),
-                "meta l4proto tcp dnat ip to 10.1.0.4:8080".into(),
+                "ip saddr != @cluster-cidrs-v4 meta mark set meta mark or 0x4000".to_string(),
+                format!("meta l4proto tcp dnat ip to numgen random mod 3 offset 100 map @{emap}"),
             ]
         );
-        let elements: Vec<_> = o.elements.iter().collect();
-        assert_eq!(elements.len(), 1);
-        assert_eq!(elements[0].map, "service-ips-v4");
-        assert_eq!(elements[0].key, "10.96.0.10 . tcp . 80");
-        assert_eq!(elements[0].value, format!("goto {service}"));
+        let elements: Vec<(&str, &str, &str)> = o
+            .elements
+            .iter()
+            .map(|e| (e.map.as_str(), e.key.as_str(), e.value.as_str()))
+            .collect();
+        let goto = format!("goto {service}");
+        assert_eq!(
+            elements,
+            vec![
+                (emap.as_str(), "100", "10.1.0.2 . 8080"),
+                (emap.as_str(), "101", "10.1.0.3 . 8080"),
+                (emap.as_str(), "102", "10.1.0.4 . 8080"),
+                ("service-ips-v4", "10.96.0.10 . tcp . 80", goto.as_str()),
+            ]
+        );
         // No cluster CIDR for the family: no masquerade rule.
-        let o = render_port(
+        let o = render(
             &p,
             RenderCtx {
                 cidrs_v4: false,
                 cidrs_v6: false,
             },
         );
-        assert_eq!(o.chains[&service].len(), 3);
+        assert_eq!(o.chains[&service].len(), 1);
     }
 
     #[test]
@@ -1439,7 +1642,7 @@ mod tests {
         let mut p = port("web", Family::V4);
         p.node_port = Some(30080);
         p.load_balancer_ips = vec!["192.0.2.10".parse().unwrap()];
-        let o = render_port(&p, CTX);
+        let o = render(&p, CTX);
         assert!(o.chains.is_empty());
         let got: Vec<(&str, &str, &str)> = o
             .elements
@@ -1465,14 +1668,14 @@ mod tests {
         // externalTrafficPolicy Local, endpoints only elsewhere.
         p.external_local = true;
         p.cluster_endpoints = vec![ep("10.1.0.2", 8080)];
-        let o = render_port(&p, CTX);
+        let o = render(&p, CTX);
         let base = port_base_name(&p.id);
         let external = &o.chains[&format!("external-{base}")];
         assert_eq!(
             external,
             &vec![
                 format!("ip saddr @cluster-cidrs-v4 goto service-{base}"),
-                "fib saddr type local jump mark-for-masquerade".into(),
+                "fib saddr type local meta mark set meta mark or 0x4000".into(),
                 format!("fib saddr type local goto service-{base}"),
             ]
         );
@@ -1496,7 +1699,7 @@ mod tests {
         p.affinity_seconds = Some(60);
         p.cluster_endpoints = vec![ep("fd00:1::2", 80), ep("fd00:1::3", 80)];
         p.external_endpoints = vec![ep("fd00:1::2", 80)];
-        let o = render_port(&p, CTX);
+        let o = render(&p, CTX);
         let base = port_base_name(&p.id);
         let ext = &o.chains[&format!("ext-endpoints-{base}")];
         let set = affinity_set_name(&p.id, &p.external_endpoints[0], 60);
@@ -1515,7 +1718,7 @@ mod tests {
         assert_eq!(
             o.chains[&format!("external-{base}")],
             vec![
-                "fib saddr type local jump mark-for-masquerade".to_string(),
+                "fib saddr type local meta mark set meta mark or 0x4000".to_string(),
                 format!("fib saddr type local goto service-{base}"),
                 format!("goto ext-endpoints-{base}"),
             ]
@@ -1532,7 +1735,7 @@ mod tests {
         ];
         p.cluster_endpoints = vec![ep("10.1.0.2", 8080)];
         p.external_endpoints = p.cluster_endpoints.clone();
-        let o = render_port(&p, CTX);
+        let o = render(&p, CTX);
         let base = port_base_name(&p.id);
         assert_eq!(
             o.chains[&format!("firewall-{base}")],
