@@ -9,6 +9,7 @@ pub mod conntrack;
 pub mod dump;
 pub mod http;
 pub mod metrics;
+pub mod nft;
 pub mod plan;
 pub mod run;
 pub mod source;

@@ -1,0 +1,118 @@
+//! nftables over netlink: tables, chains, rules, sets and maps of one `inet` table,
+//! programmed with nf_tables messages on a NETLINK_NETFILTER socket, without the `nft`
+//! program.
+//!
+//! This module knows kernel objects, not Kubernetes: the back end decides which chains,
+//! rules and elements exist; this encodes them and commits them.
+//!
+//! # Message flow
+//!
+//! ```text
+//! Batch::new("ferry-proxy")            BATCH_BEGIN (res_id NFNL_SUBSYS_NFTABLES, seq 0)
+//!   .add_table()                       NFT_MSG_NEWTABLE   CREATE            seq 1
+//!   .add_chain("services", None)       NFT_MSG_NEWCHAIN   CREATE            seq 2
+//!   .add_set(&spec)                    NFT_MSG_NEWSET     CREATE            seq 3
+//!   .add_rule("services", &exprs)      NFT_MSG_NEWRULE    CREATE|APPEND     seq 4
+//!   .add_elements("m", &elems)         NFT_MSG_NEWSETELEM CREATE            seq 5, 6, ... (<= 64 KiB each)
+//! Socket::commit(&batch)               the above, ACK on the last message, BATCH_END: ONE sendmsg
+//!   <- NLMSG_ERROR for each message that failed (seq = its number), even without ACK
+//!   <- NLMSG_ERROR with seq 0 if the commit phase failed
+//!   <- the ack (error 0) of the last message: the transaction is done
+//! ```
+//!
+//! The kernel applies a batch as one transaction: every message is checked and prepared,
+//! and either all of them are committed or, if any failed, none is. Sending the whole
+//! batch in a single `sendmsg` (the send buffer is raised to fit with SO_SNDBUFFORCE) is
+//! what makes it one transaction; the kernel processes it inside that system call, so
+//! its answers are queued when `sendmsg` returns.
+//!
+//! # Choices
+//!
+//! - **Encoded as built.** Each `Batch::add_*` writes its message into one buffer right
+//!   away (nested attributes get their length patched when closed), so a full sync of
+//!   10k Services costs one buffer and a description per message, and committing sends
+//!   that buffer as is. Message `i` has sequence number `i + 1`, which is how an error
+//!   names it; the ACK flag of the last message is set in a separate iovec at commit, so a
+//!   batch can be committed twice (e.g. retried) without being rebuilt.
+//! - **No ack per message.** With NLM_F_ACK on every message, a 100k-message batch would
+//!   get 100k acks and overflow the receive buffer. The kernel reports a failing message
+//!   whether or not it asked for an ack, and sends acks only after the whole batch, so an
+//!   ack on the last message alone tells that the batch was processed. The socket asks
+//!   for capped acks (errors do not echo a 64 KiB message back) and extended acks (the
+//!   kernel's offset of the bad attribute, turned into "expression 4 (lookup)" or
+//!   "element 12 (key ...)" in [`CommitError`]).
+//! - **Element messages are split** so that each element list stays under 64 KiB: the
+//!   list is one netlink attribute, whose length is 16 bits (nft splits the same way).
+//!   Elements are grouped hundreds per message, so their cost is the element itself
+//!   (a verdict map element is about 80 bytes).
+//! - **Idempotent adds.** Table, chain and set messages carry NLM_F_CREATE without
+//!   NLM_F_EXCL, like `nft add`: adding what exists is not an error (a different
+//!   declaration is). Element adds do not use NLM_F_EXCL either: an element with the same
+//!   key and data is left alone, one with other data fails with EEXIST.
+//! - **As nft encodes them.** Expressions, set declarations and their user data are
+//!   what nft 1.0.6 sends for the same nft text (the unit tests compare the encodings with
+//!   nft's, captured with `strace -e write=all`), so `nft list table inet <t>` prints
+//!   everything as ordinary nft syntax: sets with their `type a . b : c` or `typeof`
+//!   declaration, elements as addresses, ports and protocol names, rules as written.
+//!   Registers are numbered as nft numbers them, so `nft --debug=netlink list` shows the
+//!   same register numbers too.
+//! - **Interval sets** (single-field keys) use nft's encoding: a range is its first key
+//!   and, flagged as an interval end, the key after its last; a range that reaches the
+//!   largest key has no end element and carries nft's "open interval" flag. nft 1.0.6
+//!   also sends a leading `0.0.0.0` interval end; the kernel does not need it, and nft
+//!   lists the set the same without it.
+//!
+//! # Kernel facts the caller should know
+//!
+//! - Sets are looked up by name with a walk of the table's set list, for every rule and
+//!   element message that names one: keep few sets.
+//! - Binding a map to a rule walks the map's elements (for rules in a chain not yet bound
+//!   to it), and adding an element to a map walks the rules bound to it: order a big batch
+//!   as sets, chains, rules, then elements, and prefer few rules per map.
+//! - `delete_chain` removes the chain's rules itself; it fails while something else
+//!   still jumps to the chain.
+//!
+//! ```no_run
+//! use ferry_proxy::nft::*;
+//!
+//! let mut b = Batch::new("example");
+//! b.add_table();
+//! b.add_chain("nat-prerouting", Some(&BaseChain { kind: ChainType::Nat, hook: Hook::Prerouting, priority: -100 }));
+//! b.add_chain("services", None);
+//! b.add_rule("nat-prerouting", &[Expr::Verdict(Verdict::Jump("services".into()))]);
+//! let mut rule = match_l4proto(17).to_vec();
+//! rule.extend([
+//!     Expr::Immediate { dreg: Reg::R32(0), data: vec![10, 0, 0, 1] },
+//!     Expr::Immediate { dreg: Reg::R32(1), data: port_bytes(8080).to_vec() },
+//!     Expr::Nat { kind: NatKind::Dnat, family: Family::Ipv4, addr: Some(Reg::R32(0)),
+//!                 proto: Some(Reg::R32(1)), flags: NAT_PROTO_SPECIFIED },
+//! ]);
+//! b.add_rule("services", &rule); // meta l4proto udp dnat ip to 10.0.0.1:8080
+//! Socket::open()?.commit(&b)?;
+//! # Ok::<(), std::io::Error>(())
+//! ```
+
+mod batch;
+mod expr;
+mod set;
+mod socket;
+mod wire;
+
+pub use batch::{BaseChain, Batch, ChainType, Hook};
+pub use expr::{
+    ip_addr, mark_set, match_ct_bits, match_family, match_fib_local, match_l4proto, match_prefix,
+    prefix_mask, th_dport, th_sport, Addr, CmpOp, CtKey, DynsetOp, Expr, Family, FibResult, MetaKey,
+    NatFamily, NatKind, PayloadBase, Reg, RejectKind, Verdict, CT_STATE_ESTABLISHED, CT_STATE_INVALID,
+    CT_STATE_NEW, CT_STATE_RELATED, CT_STATE_UNTRACKED, CT_STATUS_DNAT, CT_STATUS_SNAT, FIB_DADDR, FIB_IIF,
+    FIB_MARK, FIB_OIF, FIB_PRESENT, FIB_SADDR, NAT_FULLY_RANDOM, NAT_PERSISTENT, NAT_PROTO_SPECIFIED,
+    NAT_RANDOM, RTN_LOCAL, RTN_UNICAST,
+};
+pub use set::{
+    concat, ip_bytes, port_bytes, proto_bytes, u32_bytes, DataType, ElemData, Element, SetSpec, Typeof,
+};
+pub use socket::{CommitError, Socket};
+
+/// IP protocol numbers for [`match_l4proto`] and `inet_proto` keys.
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_SCTP: u8 = 132;

@@ -1,0 +1,736 @@
+//! The NETLINK_NETFILTER socket: commits a [`Batch`] as one transaction, dumps chain and
+//! set names.
+
+use std::fmt;
+use std::io;
+use std::os::fd::AsRawFd;
+
+use netlink_sys::protocols::NETLINK_NETFILTER;
+
+use super::batch::Batch;
+use super::wire::*;
+
+/// A commit that failed: nothing of the batch was applied.
+///
+/// The kernel reports every message that failed; this names the first (later failures
+/// are usually its consequences, e.g. rules added to a chain whose creation failed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommitError {
+    /// The errno the kernel (or the socket) returned.
+    pub errno: i32,
+    /// The failing message (0-based, see [`Batch::describe`]); `None` when the batch as a
+    /// whole failed: while sending it, or in the commit phase after every message passed.
+    pub index: Option<usize>,
+    /// What the failing message does (`add rule to chain service-X`), or what failed.
+    pub description: String,
+    /// What the kernel pointed at inside the message, when it did: `expression 4
+    /// (lookup)`, `element 12 (key 0a000001 06000000 00500000)`, and its text if any.
+    pub detail: Option<String>,
+    /// Messages of the batch.
+    pub batch_len: usize,
+    /// How many other messages failed too.
+    pub more_failures: usize,
+}
+
+impl fmt::Display for CommitError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.description)?;
+        if let Some(d) = &self.detail {
+            write!(f, ", {d}")?;
+        }
+        write!(f, ": {}", io::Error::from_raw_os_error(self.errno))?;
+        match self.index {
+            Some(i) => write!(f, " (message {} of {}", i + 1, self.batch_len)?,
+            None => write!(f, " (batch of {} messages", self.batch_len)?,
+        }
+        if self.more_failures > 0 {
+            write!(f, "; {} more failed", self.more_failures)?;
+        }
+        write!(f, "; nothing was applied)")
+    }
+}
+
+impl std::error::Error for CommitError {}
+
+impl From<CommitError> for io::Error {
+    fn from(e: CommitError) -> io::Error {
+        io::Error::new(io::Error::from_raw_os_error(e.errno).kind(), e)
+    }
+}
+
+/// How long to wait for the kernel's answer to a commit that is not in the receive queue
+/// when `sendmsg` returns. The kernel processes a batch inside `sendmsg` and queues its
+/// answers before returning, so this only guards against surprises.
+const ANSWER_TIMEOUT_MS: i32 = 5000;
+/// Receive buffer: a dump datagram is at most 32 KiB (the kernel caps dump skbs there).
+const RECV_BUF: usize = 64 * 1024;
+
+/// A NETLINK_NETFILTER socket in the network namespace of the thread that opened it.
+pub struct Socket {
+    sock: netlink_sys::Socket,
+    /// SO_SNDBUF as the kernel reports it.
+    sndbuf: usize,
+    rbuf: Vec<u8>,
+    seq: u32,
+}
+
+impl fmt::Debug for Socket {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Socket")
+            .field("fd", &self.sock.as_raw_fd())
+            .finish()
+    }
+}
+
+impl Socket {
+    /// Opens and binds the socket; asks for extended acks (the kernel then says which
+    /// attribute of a message it rejected) and capped acks (errors do not echo the
+    /// message, which may be 64 KiB of elements).
+    pub fn open() -> io::Result<Socket> {
+        let mut sock = netlink_sys::Socket::new(NETLINK_NETFILTER)?;
+        sock.bind_auto()?;
+        // Both are optional: a kernel without them still works, with less detail.
+        let _ = sock.set_ext_ack(true);
+        let _ = sock.set_cap_ack(true);
+        let sndbuf = getsockopt_int(&sock, libc::SO_SNDBUF)? as usize;
+        Ok(Socket {
+            sock,
+            sndbuf,
+            rbuf: vec![0; RECV_BUF],
+            seq: 0,
+        })
+    }
+
+    /// Sends `batch` as one transaction and waits for the kernel's verdict: either every
+    /// message is applied, or none is and the error names the first failing message.
+    ///
+    /// One `sendmsg` carries BATCH_BEGIN, the messages and BATCH_END (the send buffer is
+    /// raised to fit with SO_SNDBUFFORCE). Only the last message asks for an ack: the
+    /// kernel sends an error for every failing message anyway, and acks are delivered
+    /// after the whole batch was processed, so the ack of the last message says the
+    /// transaction is done. An empty batch sends nothing.
+    pub fn commit(&mut self, batch: &Batch) -> Result<(), CommitError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let n = batch.len();
+        let batch_error = |errno: i32, description: String| CommitError {
+            errno,
+            index: None,
+            description,
+            detail: None,
+            batch_len: n,
+            more_failures: 0,
+        };
+        let bytes = batch.bytes();
+        let flags_at = batch.offset(n - 1) + 6;
+        let last_flags = u16::from_ne_bytes([bytes[flags_at], bytes[flags_at + 1]]) | NLM_F_ACK;
+        let mut end = Writer::with_capacity(20);
+        let e = end.begin_msg(
+            NFNL_MSG_BATCH_END,
+            NLM_F_REQUEST,
+            n as u32 + 1,
+            NFPROTO_UNSPEC,
+            NFNL_SUBSYS_NFTABLES,
+        );
+        end.end_msg(e);
+        let total = bytes.len() + end.buf.len();
+        let sending = || format!("send the batch ({n} messages, {total} bytes)");
+
+        self.drain();
+        self.ensure_sndbuf(total).map_err(|e| {
+            batch_error(
+                e.raw_os_error().unwrap_or(libc::EIO),
+                format!("{}: SO_SNDBUFFORCE", sending()),
+            )
+        })?;
+        let parts: [&[u8]; 4] = [
+            &bytes[..flags_at],
+            &last_flags.to_ne_bytes(),
+            &bytes[flags_at + 2..],
+            &end.buf,
+        ];
+        match self.sendmsg(&parts) {
+            Ok(sent) if sent == total => {}
+            Ok(sent) => return Err(batch_error(libc::EIO, format!("{}: only {sent} sent", sending()))),
+            Err(e) => return Err(batch_error(e.raw_os_error().unwrap_or(libc::EIO), sending())),
+        }
+
+        // The answers: an error per failing message (seq = index + 1), an error with seq 0
+        // if the commit phase failed, the ack (or error) of the last message.
+        let last_seq = n as u32;
+        let mut first: Option<(u32, i32, Option<String>, Option<u32>)> = None;
+        let mut failures = 0usize;
+        let mut answered = false;
+        let mut lost = false;
+        let mut waited = false;
+        loop {
+            let got = match self.recv(libc::MSG_DONTWAIT) {
+                Ok(len) => len,
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                // The queue overflowed: some errors were dropped. The first ones came in
+                // first, so what we have names the first failure.
+                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
+                    lost = true;
+                    continue;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if answered || first.is_some() || lost || waited {
+                        break;
+                    }
+                    waited = true;
+                    if !self.poll_readable(ANSWER_TIMEOUT_MS) {
+                        break;
+                    }
+                    continue;
+                }
+                Err(e) => {
+                    return Err(batch_error(
+                        e.raw_os_error().unwrap_or(libc::EIO),
+                        "read the kernel's answer to the batch".into(),
+                    ))
+                }
+            };
+            for m in messages(&self.rbuf[..got]) {
+                if m.ty != NLMSG_ERROR {
+                    continue;
+                }
+                let Some(err) = parse_error(m.flags, m.payload) else {
+                    continue;
+                };
+                if err.seq == last_seq {
+                    answered = true;
+                }
+                if err.errno == 0 {
+                    continue;
+                }
+                failures += 1;
+                if first.is_none() {
+                    first = Some((err.seq, err.errno, err.msg, err.offset));
+                }
+            }
+        }
+
+        if let Some((seq, errno, msg, offset)) = first {
+            let (index, description, mut detail) = match seq {
+                0 => (None, "commit of the batch".to_string(), None),
+                s if (s as usize) <= n => {
+                    let i = s as usize - 1;
+                    let detail = offset.and_then(|o| locate(batch, i, o as usize));
+                    (Some(i), batch.describe(i), detail)
+                }
+                s => (None, format!("message with sequence number {s}"), None),
+            };
+            if let Some(msg) = msg {
+                detail = Some(match detail {
+                    Some(d) => format!("{d}, \"{msg}\""),
+                    None => format!("\"{msg}\""),
+                });
+            }
+            return Err(CommitError {
+                errno,
+                index,
+                description,
+                detail,
+                batch_len: n,
+                more_failures: failures - 1,
+            });
+        }
+        if lost {
+            return Err(batch_error(
+                libc::ENOBUFS,
+                "read the kernel's answer to the batch (answers were lost)".into(),
+            ));
+        }
+        if !answered {
+            return Err(batch_error(
+                libc::ETIMEDOUT,
+                "the kernel did not acknowledge the batch".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Names of the `inet` tables.
+    pub fn list_tables(&mut self) -> io::Result<Vec<String>> {
+        let mut out = Vec::new();
+        self.dump(NFT_MSG_GETTABLE, None, |payload| {
+            if let Some((_, name, _)) = attrs(payload).find(|a| a.0 == NFTA_TABLE_NAME) {
+                out.push(attr_str(name));
+            }
+        })?;
+        Ok(out)
+    }
+
+    /// Names of the chains of `inet <table>`; empty if there is no such table. One dump
+    /// of the inet family's chains (the kernel has no table filter for chain dumps).
+    pub fn list_chains(&mut self, table: &str) -> io::Result<Vec<String>> {
+        let mut out = Vec::new();
+        self.dump(NFT_MSG_GETCHAIN, None, |payload| {
+            let mut in_table = false;
+            let mut name = None;
+            for (ty, p, _) in attrs(payload) {
+                match ty {
+                    NFTA_CHAIN_TABLE => in_table = strz(p) == table.as_bytes(),
+                    NFTA_CHAIN_NAME => name = Some(p),
+                    _ => {}
+                }
+            }
+            if let (true, Some(name)) = (in_table, name) {
+                out.push(attr_str(name));
+            }
+        })?;
+        Ok(out)
+    }
+
+    /// Names of the named sets and maps of `inet <table>`; empty if there is no such
+    /// table. One dump, filtered to the table by the kernel.
+    pub fn list_sets(&mut self, table: &str) -> io::Result<Vec<String>> {
+        let mut out = Vec::new();
+        let res = self.dump(NFT_MSG_GETSET, Some((NFTA_SET_TABLE, table)), |payload| {
+            let mut name = None;
+            let mut anonymous = false;
+            for (ty, p, _) in attrs(payload) {
+                match ty {
+                    NFTA_SET_NAME => name = Some(p),
+                    NFTA_SET_FLAGS => anonymous = be32(p).unwrap_or(0) & NFT_SET_ANONYMOUS != 0,
+                    _ => {}
+                }
+            }
+            if let (false, Some(name)) = (anonymous, name) {
+                out.push(attr_str(name));
+            }
+        });
+        match res {
+            Ok(()) => Ok(out),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(Vec::new()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Runs a dump of `ty` over the inet family, calling `f` with the attributes of each
+    /// object. Restarts (up to 10 times) when the kernel says the ruleset changed during
+    /// the dump.
+    fn dump(&mut self, ty: u16, filter: Option<(u16, &str)>, mut f: impl FnMut(&[u8])) -> io::Result<()> {
+        let mut collected: Vec<Vec<u8>> = Vec::new();
+        'attempt: for _ in 0..10 {
+            collected.clear();
+            self.drain();
+            self.seq = self.seq.wrapping_add(1).max(1);
+            let seq = self.seq;
+            let mut w = Writer::with_capacity(64);
+            let m = w.begin_msg(
+                NFNL_SUBSYS_NFTABLES << 8 | ty,
+                NLM_F_REQUEST | NLM_F_DUMP,
+                seq,
+                NFPROTO_INET,
+                0,
+            );
+            if let Some((attr, value)) = filter {
+                w.put_strz(attr, value);
+            }
+            w.end_msg(m);
+            self.sendmsg(&[&w.buf])?;
+            loop {
+                let got = self.recv(0)?;
+                let (mut done, mut intr, mut errno) = (false, false, 0);
+                for m in messages(&self.rbuf[..got]) {
+                    if m.seq != seq {
+                        continue;
+                    }
+                    intr |= m.flags & NLM_F_DUMP_INTR != 0;
+                    match m.ty {
+                        NLMSG_DONE => done = true,
+                        NLMSG_ERROR => {
+                            errno = parse_error(m.flags, m.payload).map_or(libc::EIO, |e| e.errno);
+                            done = true;
+                        }
+                        _ => {
+                            if let Some(a) = m.payload.get(NFGENMSG_LEN..) {
+                                collected.push(a.to_vec());
+                            }
+                        }
+                    }
+                }
+                if errno != 0 {
+                    return Err(io::Error::from_raw_os_error(errno));
+                }
+                if intr {
+                    // The ruleset changed during the dump: read the rest away, start over.
+                    if !done {
+                        self.finish_dump(seq)?;
+                    }
+                    continue 'attempt;
+                }
+                if done {
+                    for obj in &collected {
+                        f(obj);
+                    }
+                    return Ok(());
+                }
+            }
+        }
+        Err(io::Error::new(
+            io::ErrorKind::Interrupted,
+            "the ruleset kept changing during 10 dumps in a row",
+        ))
+    }
+
+    /// Reads until the end of dump `seq`.
+    fn finish_dump(&mut self, seq: u32) -> io::Result<()> {
+        loop {
+            let got = self.recv(0)?;
+            for m in messages(&self.rbuf[..got]) {
+                if m.seq == seq && (m.ty == NLMSG_DONE || m.ty == NLMSG_ERROR) {
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// Throws away whatever is queued (answers to an earlier call that gave up early).
+    fn drain(&mut self) {
+        loop {
+            match self.recv(libc::MSG_DONTWAIT) {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {}
+                Err(_) => return,
+            }
+        }
+    }
+
+    fn ensure_sndbuf(&mut self, len: usize) -> io::Result<()> {
+        // The kernel refuses a message longer than SO_SNDBUF - 32, and doubles what it
+        // is given.
+        let need = len + 4096;
+        if need <= self.sndbuf {
+            return Ok(());
+        }
+        let want = i32::try_from(need).unwrap_or(i32::MAX / 2);
+        if setsockopt_int(&self.sock, libc::SO_SNDBUFFORCE, want).is_err() {
+            // Without CAP_NET_ADMIN, SO_SNDBUF up to wmem_max; the send may then fail
+            // with EMSGSIZE, which the caller sees.
+            setsockopt_int(&self.sock, libc::SO_SNDBUF, want)?;
+        }
+        self.sndbuf = getsockopt_int(&self.sock, libc::SO_SNDBUF)? as usize;
+        Ok(())
+    }
+
+    fn sendmsg(&self, parts: &[&[u8]]) -> io::Result<usize> {
+        let iov: Vec<libc::iovec> = parts
+            .iter()
+            .map(|p| libc::iovec {
+                iov_base: p.as_ptr() as *mut libc::c_void,
+                iov_len: p.len(),
+            })
+            .collect();
+        // SAFETY: an all-zero sockaddr_nl and msghdr are valid values.
+        let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+        addr.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_name = &mut addr as *mut libc::sockaddr_nl as *mut libc::c_void;
+        msg.msg_namelen = std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t;
+        msg.msg_iov = iov.as_ptr() as *mut libc::iovec;
+        msg.msg_iovlen = iov.len() as _;
+        loop {
+            // SAFETY: msg points at iovecs over live slices and at addr, for the call.
+            let n = unsafe { libc::sendmsg(self.sock.as_raw_fd(), &msg, 0) };
+            if n >= 0 {
+                return Ok(n as usize);
+            }
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EINTR) {
+                return Err(e);
+            }
+        }
+    }
+
+    /// One datagram into `rbuf`; its length.
+    fn recv(&mut self, flags: libc::c_int) -> io::Result<usize> {
+        // SAFETY: rbuf is a live, writable buffer of rbuf.len() bytes.
+        let n = unsafe {
+            libc::recv(
+                self.sock.as_raw_fd(),
+                self.rbuf.as_mut_ptr() as *mut libc::c_void,
+                self.rbuf.len(),
+                flags | libc::MSG_TRUNC,
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let n = n as usize;
+        if n > self.rbuf.len() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("netlink datagram of {n} bytes truncated to {}", self.rbuf.len()),
+            ));
+        }
+        Ok(n)
+    }
+
+    fn poll_readable(&self, timeout_ms: i32) -> bool {
+        let mut pfd = libc::pollfd {
+            fd: self.sock.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        unsafe { libc::poll(&mut pfd, 1, timeout_ms) > 0 }
+    }
+}
+
+fn setsockopt_int(sock: &netlink_sys::Socket, opt: libc::c_int, v: i32) -> io::Result<()> {
+    // SAFETY: passes a pointer to a live c_int and its size.
+    let r = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            opt,
+            &v as *const i32 as *const libc::c_void,
+            std::mem::size_of::<i32>() as libc::socklen_t,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn getsockopt_int(sock: &netlink_sys::Socket, opt: libc::c_int) -> io::Result<i32> {
+    let mut v: i32 = 0;
+    let mut len = std::mem::size_of::<i32>() as libc::socklen_t;
+    // SAFETY: passes a pointer to a live c_int and its size.
+    let r = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            opt,
+            &mut v as *mut i32 as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(v)
+}
+
+/// A string attribute's bytes without the NUL.
+fn strz(p: &[u8]) -> &[u8] {
+    p.split(|&b| b == 0).next().unwrap_or(p)
+}
+
+struct NlMsg<'a> {
+    ty: u16,
+    flags: u16,
+    seq: u32,
+    /// After the netlink header.
+    payload: &'a [u8],
+}
+
+/// The netlink messages of one datagram.
+fn messages(data: &[u8]) -> impl Iterator<Item = NlMsg<'_>> {
+    let mut off = 0;
+    std::iter::from_fn(move || {
+        if off + NLMSG_HDRLEN > data.len() {
+            return None;
+        }
+        let len = u32::from_ne_bytes(data[off..off + 4].try_into().ok()?) as usize;
+        if len < NLMSG_HDRLEN || off + len > data.len() {
+            return None;
+        }
+        let m = NlMsg {
+            ty: u16::from_ne_bytes([data[off + 4], data[off + 5]]),
+            flags: u16::from_ne_bytes([data[off + 6], data[off + 7]]),
+            seq: u32::from_ne_bytes(data[off + 8..off + 12].try_into().ok()?),
+            payload: &data[off + NLMSG_HDRLEN..off + len],
+        };
+        off += align4(len);
+        Some(m)
+    })
+}
+
+struct NlError {
+    errno: i32,
+    /// Sequence number of the message the error is about.
+    seq: u32,
+    /// NLMSGERR_ATTR_MSG.
+    msg: Option<String>,
+    /// NLMSGERR_ATTR_OFFS: offset of the bad attribute from the start of that message.
+    offset: Option<u32>,
+}
+
+/// struct nlmsgerr (error, the original header, its payload unless capped), then the
+/// extended ack attributes.
+fn parse_error(flags: u16, p: &[u8]) -> Option<NlError> {
+    let error = i32::from_ne_bytes(p.get(..4)?.try_into().ok()?);
+    let orig = p.get(4..4 + NLMSG_HDRLEN)?;
+    let orig_len = u32::from_ne_bytes(orig[..4].try_into().ok()?) as usize;
+    let seq = u32::from_ne_bytes(orig[8..12].try_into().ok()?);
+    let mut err = NlError {
+        errno: -error,
+        seq,
+        msg: None,
+        offset: None,
+    };
+    if flags & NLM_F_ACK_TLVS != 0 {
+        let skip = if flags & NLM_F_CAPPED != 0 {
+            4 + NLMSG_HDRLEN
+        } else {
+            4 + align4(orig_len)
+        };
+        for (ty, a, _) in attrs(p.get(skip..).unwrap_or(&[])) {
+            match ty {
+                NLMSGERR_ATTR_MSG => err.msg = Some(attr_str(a)).filter(|s| !s.is_empty()),
+                NLMSGERR_ATTR_OFFS => err.offset = ne32(a),
+                _ => {}
+            }
+        }
+    }
+    Some(err)
+}
+
+/// What the attribute at `offset` of message `index` is part of: which expression of a
+/// rule, which element of an element list, else the attribute's number.
+fn locate(batch: &Batch, index: usize, offset: usize) -> Option<String> {
+    let msg = batch.message(index);
+    let base = NLMSG_HDRLEN + NFGENMSG_LEN;
+    let ty = u16::from_ne_bytes([msg[4], msg[5]]) & 0xff;
+    let rel = offset.checked_sub(base)?;
+    let top = msg.get(base..)?;
+    let (attr, payload, at) = attrs(top).find(|(_, p, at)| rel >= *at && rel < at + 4 + p.len())?;
+    // The offset inside the attribute's payload; the kernel may point at the attribute's
+    // header itself, then there is nothing inside to name.
+    let inner = rel.checked_sub(at + 4);
+    let containing = |list: &[u8]| {
+        let inner = inner?;
+        attrs(list)
+            .enumerate()
+            .find(|(_, (_, p, at))| inner >= *at && inner < at + 4 + p.len())
+            .map(|(k, (_, p, _))| (k, p.to_vec()))
+    };
+    match (ty, attr) {
+        (NFT_MSG_NEWRULE, NFTA_RULE_EXPRESSIONS) => {
+            let (k, e) = containing(payload)?;
+            let name = attrs(&e)
+                .find(|a| a.0 == NFTA_EXPR_NAME)
+                .map(|a| attr_str(a.1))
+                .unwrap_or_default();
+            Some(format!("expression {} ({name})", k + 1))
+        }
+        (NFT_MSG_NEWSETELEM | NFT_MSG_DELSETELEM, NFTA_SET_ELEM_LIST_ELEMENTS) => {
+            let (k, _) = containing(payload)?;
+            // Kernel elements flagged as interval ends belong to the element before them.
+            let mut caller = 0usize;
+            let mut key = Vec::new();
+            for (j, (_, e, _)) in attrs(payload).enumerate().take(k + 1) {
+                let is_end = attrs(e).any(|a| {
+                    a.0 == NFTA_SET_ELEM_FLAGS && be32(a.1).unwrap_or(0) & NFT_SET_ELEM_INTERVAL_END != 0
+                });
+                if j > 0 && !is_end {
+                    caller += 1;
+                }
+                if j == k {
+                    if let Some((_, k, _)) = attrs(e).find(|a| a.0 == NFTA_SET_ELEM_KEY) {
+                        key = attrs(k).next().map(|v| v.1.to_vec()).unwrap_or_default();
+                    }
+                }
+            }
+            let first = batch.first_element(index).unwrap_or(0);
+            Some(format!("element {} (key {})", first + caller, hex_words(&key)))
+        }
+        _ => Some(format!("attribute {attr} of the message")),
+    }
+}
+
+/// `0a000001 06000000`: bytes in groups of four, as nft's debug output shows registers.
+fn hex_words(b: &[u8]) -> String {
+    b.chunks(4)
+        .map(|c| c.iter().map(|x| format!("{x:02x}")).collect::<String>())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nft::{concat, Element, Expr, Verdict};
+
+    #[test]
+    fn errors_name_the_message_the_expression_and_the_element() {
+        let mut b = Batch::new("t");
+        b.add_chain("c", None);
+        b.add_rule(
+            "c",
+            &[
+                Expr::Counter,
+                Expr::Lookup {
+                    sreg: crate::nft::Reg::R32(0),
+                    set: "nope".into(),
+                    dreg: None,
+                    invert: false,
+                },
+            ],
+        );
+        b.add_elements(
+            "m",
+            &[
+                Element::prefix("10.0.0.0".parse().unwrap(), 8),
+                Element::verdict(concat(&[&[10, 0, 0, 1], &[6]]), Verdict::Drop),
+            ],
+        );
+        // Offsets as the kernel would report them: inside the 2nd expression, inside the
+        // 3rd kernel element (the 2nd caller element, after a range's start and end).
+        let rule = b.message(1);
+        let (_, list, at) = attrs(&rule[20..]).find(|a| a.0 == NFTA_RULE_EXPRESSIONS).unwrap();
+        let (_, _, second) = attrs(list).nth(1).unwrap();
+        let off = 20 + at + 4 + second + 8;
+        assert_eq!(locate(&b, 1, off).as_deref(), Some("expression 2 (lookup)"));
+        let elems = b.message(2);
+        let (_, list, at) = attrs(&elems[20..])
+            .find(|a| a.0 == NFTA_SET_ELEM_LIST_ELEMENTS)
+            .unwrap();
+        let (_, _, third) = attrs(list).nth(2).unwrap();
+        let off = 20 + at + 4 + third + 4;
+        assert_eq!(
+            locate(&b, 2, off).as_deref(),
+            Some("element 1 (key 0a000001 06000000)")
+        );
+    }
+
+    #[test]
+    fn error_text_says_what_failed() {
+        let e = CommitError {
+            errno: libc::ENOENT,
+            index: Some(16),
+            description: "add rule to chain service-X".into(),
+            detail: Some("expression 5 (lookup)".into()),
+            batch_len: 20,
+            more_failures: 2,
+        };
+        assert_eq!(
+            e.to_string(),
+            "add rule to chain service-X, expression 5 (lookup): No such file or directory (os error 2) \
+             (message 17 of 20; 2 more failed; nothing was applied)"
+        );
+        let io: io::Error = e.into();
+        assert_eq!(io.kind(), io::ErrorKind::NotFound);
+    }
+
+    #[test]
+    fn nlmsgerr_with_extended_ack() {
+        // error -2 about seq 7, capped, with an offset attribute.
+        let mut p = Vec::new();
+        p.extend_from_slice(&(-2i32).to_ne_bytes());
+        p.extend_from_slice(&100u32.to_ne_bytes());
+        p.extend_from_slice(&[0; 4]);
+        p.extend_from_slice(&7u32.to_ne_bytes());
+        p.extend_from_slice(&[0; 4]);
+        let mut w = Writer::default();
+        w.put(NLMSGERR_ATTR_OFFS, &48u32.to_ne_bytes());
+        p.extend_from_slice(&w.buf);
+        let e = parse_error(NLM_F_CAPPED | NLM_F_ACK_TLVS, &p).unwrap();
+        assert_eq!((e.errno, e.seq, e.offset), (2, 7, Some(48)));
+    }
+}
