@@ -1440,6 +1440,93 @@ fn listing_names_reads_only_this_table() {
     assert_eq!(tables, ["ferry", "other"]);
 }
 
+#[test]
+fn packets_follow_the_rules() {
+    require_root!();
+    use std::net::{TcpListener, TcpStream};
+    use DataType::{InetProto, InetService, Ipv4Addr};
+    let ns = Netns::new("nft-packets");
+    // Two "endpoints" on loopback; the "Service" is 127.0.0.2:80, and 127.0.0.3:80 is a
+    // Service without endpoints.
+    let listeners: Vec<TcpListener> = ns.run(|| {
+        (0..2)
+            .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+            .collect()
+    });
+    let mut b = Batch::new("ferry");
+    b.add_table();
+    b.add_set(&vmap("service-ips-v4", vec![Ipv4Addr, InetProto, InetService]));
+    b.add_set(&vmap("no-endpoints-v4", vec![Ipv4Addr, InetProto, InetService]));
+    b.add_set(&endpoints_map("endpoints-v4-00", Family::Ipv4));
+    let base = |kind, hook, priority| Some(BaseChain { kind, hook, priority });
+    b.add_chain("nat-output", base(ChainType::Nat, Hook::Output, -100).as_ref());
+    b.add_chain(
+        "filter-output",
+        base(ChainType::Filter, Hook::Output, -110).as_ref(),
+    );
+    for c in ["service-X", "reject-chain"] {
+        b.add_chain(c, None);
+    }
+    b.add_rule("nat-output", &service_vmap(Family::Ipv4, "service-ips-v4"));
+    b.add_rule("filter-output", &service_vmap(Family::Ipv4, "no-endpoints-v4"));
+    b.add_rule(
+        "service-X",
+        &dnat_numgen_map(Family::Ipv4, IPPROTO_TCP, 2, 40, "endpoints-v4-00"),
+    );
+    b.add_rule("reject-chain", &golden_rules()[19].0);
+    b.add_rule("reject-chain", &golden_rules()[20].0);
+    let key = |addr: &str| concat(&[&ipb(addr), &proto_bytes(IPPROTO_TCP), &port_bytes(80)]);
+    b.add_elements(
+        "service-ips-v4",
+        &[Element::verdict(
+            key("127.0.0.2"),
+            Verdict::Goto(chain("service-X")),
+        )],
+    );
+    b.add_elements(
+        "no-endpoints-v4",
+        &[Element::verdict(
+            key("127.0.0.3"),
+            Verdict::Goto(chain("reject-chain")),
+        )],
+    );
+    let endpoints: Vec<Element> = listeners
+        .iter()
+        .enumerate()
+        .map(|(i, l)| {
+            let port = l.local_addr().unwrap().port();
+            Element::value(
+                u32_bytes(40 + i as u32),
+                concat(&[&ipb("127.0.0.1"), &port_bytes(port)]),
+            )
+        })
+        .collect();
+    b.add_elements("endpoints-v4-00", &endpoints);
+    commit(&ns, &b).unwrap();
+
+    let refused = ns.run(|| {
+        for _ in 0..40 {
+            TcpStream::connect("127.0.0.2:80").expect("connect through the DNAT");
+        }
+        TcpStream::connect_timeout(&"127.0.0.3:80".parse().unwrap(), Duration::from_secs(3))
+            .map(|_| ())
+            .unwrap_err()
+    });
+    assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused, "{refused}");
+    let accepted: Vec<usize> = listeners
+        .iter()
+        .map(|l| {
+            l.set_nonblocking(true).unwrap();
+            std::iter::from_fn(|| l.accept().ok()).count()
+        })
+        .collect();
+    assert_eq!(accepted.iter().sum::<usize>(), 40, "{accepted:?}");
+    assert!(
+        accepted.iter().all(|&n| n > 0),
+        "numgen never chose one endpoint: {accepted:?}"
+    );
+}
+
 /// A Service table's worth of objects, in the order the kernel handles best: sets,
 /// chains, rules, elements. `services` Services with `endpoints` endpoints each; their
 /// endpoints in 16 shared maps per family (`numgen ... offset O map @endpoints-v4-NN`).
@@ -1732,4 +1819,59 @@ fn thread_cpu() -> (Duration, Duration) {
     unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut u) };
     let d = |t: libc::timeval| Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64);
     (d(u.ru_utime), d(u.ru_stime))
+}
+
+#[test]
+fn a_jump_loop_is_refused_by_the_message_that_closes_it() {
+    require_root!();
+    let ns = Netns::new("nft-loop");
+    let mut b = Batch::new("ferry");
+    b.add_table();
+    b.add_chain(
+        "in",
+        Some(&BaseChain {
+            kind: ChainType::Filter,
+            hook: Hook::Input,
+            priority: 0,
+        }),
+    );
+    b.add_chain("a", None);
+    b.add_chain("b", None);
+    b.add_set(&vmap("m", vec![DataType::InetProto]));
+    b.add_rule("in", &[verdict(Verdict::Jump(chain("a")))]);
+    b.add_rule("a", &[verdict(Verdict::Jump(chain("b")))]);
+    let mut looping = b.clone();
+    looping.add_rule("b", &[verdict(Verdict::Jump(chain("a")))]);
+    let e = commit(&ns, &looping).unwrap_err();
+    assert_eq!((e.errno, e.index), (libc::EMLINK, Some(7)), "{e}");
+    assert_eq!(e.description, "add rule to chain b");
+
+    // Through a verdict map: the element that closes the loop fails.
+    b.add_rule(
+        "b",
+        &[
+            Expr::Meta {
+                key: MetaKey::L4Proto,
+                dreg: Reg::R32(0),
+            },
+            Expr::Lookup {
+                sreg: Reg::R32(0),
+                set: "m".into(),
+                dreg: Some(Reg::Verdict),
+                invert: false,
+            },
+        ],
+    );
+    commit(&ns, &b).unwrap();
+    let mut b = Batch::new("ferry");
+    b.add_elements(
+        "m",
+        &[Element::verdict(
+            proto_bytes(IPPROTO_TCP),
+            Verdict::Jump(chain("a")),
+        )],
+    );
+    let e = commit(&ns, &b).unwrap_err();
+    assert_eq!((e.errno, e.index), (libc::EMLINK, Some(0)), "{e}");
+    assert_eq!(e.description, "add elements 0..1 to set m");
 }
