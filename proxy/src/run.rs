@@ -268,6 +268,9 @@ impl SyncLoop {
         }
         let planned = started.elapsed();
         let result = self.backend.sync(Arc::clone(&self.table)).await?;
+        // The back end has seen every change so far (a failed sync makes it converge from
+        // the kernel next time, whatever the log says).
+        Arc::make_mut(&mut self.table).mark_synced();
         let took = started.elapsed();
         match result {
             Ok(stats) => self.succeeded(stats, planned, took),
@@ -732,6 +735,7 @@ mod tests {
             .into_iter()
             .map(|p| (p.id.clone(), p))
             .collect(),
+            changed: None,
         };
         assert_eq!(count(&table), (2, 6));
     }

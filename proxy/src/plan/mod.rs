@@ -6,7 +6,7 @@
 
 pub mod services;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use ipnetwork::IpNetwork;
@@ -160,12 +160,40 @@ pub struct NodeSettings {
 }
 
 /// The whole plan: every Service port the node handles, keyed for diffing.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct ServiceTable {
     pub settings: NodeSettings,
     /// Serialized as a list (each port carries its id): JSON map keys must be strings.
     #[serde(serialize_with = "ports_as_list")]
     pub ports: BTreeMap<ServicePortId, ServicePort>,
+    /// A change log for back ends, so that a sync costs what changed rather than the size
+    /// of the table: the ids of the ports inserted, replaced or removed since the last
+    /// [`ServiceTable::mark_synced`], or `None` when unknown (a full plan). It is not part of
+    /// the table's value: `==` and serialization ignore it.
+    #[serde(skip)]
+    pub changed: Option<BTreeSet<ServicePortId>>,
+}
+
+impl PartialEq for ServiceTable {
+    fn eq(&self, other: &Self) -> bool {
+        self.settings == other.settings && self.ports == other.ports
+    }
+}
+
+impl Eq for ServiceTable {}
+
+impl ServiceTable {
+    /// A back end has seen this table: changes are logged from here on.
+    pub fn mark_synced(&mut self) {
+        self.changed = Some(BTreeSet::new());
+    }
+
+    /// Logs that the port `id` was inserted, replaced or removed (when logging).
+    pub fn note_change(&mut self, id: &ServicePortId) {
+        if let Some(changed) = &mut self.changed {
+            changed.insert(id.clone());
+        }
+    }
 }
 
 fn ports_as_list<S: serde::Serializer>(

@@ -47,6 +47,7 @@ pub fn plan(store: &Store, settings: &NodeSettings) -> ServiceTable {
     let mut table = ServiceTable {
         settings: settings.clone(),
         ports: BTreeMap::new(),
+        changed: None,
     };
     for (key, service) in store.services() {
         insert_service(&mut table, key, service, store);
@@ -72,6 +73,7 @@ pub fn plan_services<'a>(
 
 fn insert_service(table: &mut ServiceTable, key: &ServiceKey, service: &Service, store: &Store) {
     for port in plan_service(key, service, store.slices(key), &table.settings) {
+        table.note_change(&port.id);
         table.ports.insert(port.id.clone(), port);
     }
 }
@@ -94,6 +96,7 @@ fn remove_service(table: &mut ServiceTable, key: &ServiceKey) {
         .cloned()
         .collect();
     for id in ids {
+        table.note_change(&id);
         table.ports.remove(&id);
     }
 }
@@ -504,6 +507,7 @@ mod tests {
         ServiceTable {
             settings: settings(),
             ports: ports.into_iter().map(|p| (p.id.clone(), p)).collect(),
+            changed: None,
         }
     }
 
@@ -1207,6 +1211,7 @@ mod tests {
             let mut table = ServiceTable {
                 settings: settings(),
                 ports: BTreeMap::new(),
+                changed: None,
             };
             for step in 0..300 {
                 // A burst of one to three events, then one incremental re-plan.
