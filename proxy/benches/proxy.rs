@@ -6,11 +6,11 @@
 //! (the same JSON a manifests directory holds). Measured:
 //!
 //! - full sync (plan + apply) at 1k and N Services: a `Store` filled with the objects, the
-//!   real `plan`, then `NftablesBackend::sync`, on a thread inside a fresh node netns (nft
-//!   runs as its child, in that netns); each repetition in a fresh netns;
+//!   real `plan`, then `NftablesBackend::sync`, on a thread inside a fresh node netns (its
+//!   netlink socket is opened there); each repetition in a fresh netns;
 //! - at N, in the last of those: one added Service and one changed endpoint, each as the
 //!   sync loop does it (store upsert, `plan_services` of the dirty Service, sync), and a
-//!   resync with nothing changed (full re-plan, diff, no nft);
+//!   resync with nothing changed (full re-plan, every port compared, nothing sent);
 //! - the rule count (`SyncStats`, checked against `nft -a list table`);
 //! - the memory of a real `ferry-proxy run --manifests DIR` after its first sync, at 1k
 //!   and N (VmRSS, and VmHWM, the peak);
@@ -286,6 +286,7 @@ fn sync_size(n: usize, reps: usize, changes: usize) -> SizeReport {
                 .sync(&table)
                 .unwrap_or_else(|e| panic!("full sync of {n} Services failed: {e}"));
             let total = start.elapsed();
+            table.mark_synced();
             report.full.push(Timing {
                 plan: planned,
                 apply: total - planned,
@@ -311,6 +312,7 @@ fn sync_size(n: usize, reps: usize, changes: usize) -> SizeReport {
                     .sync(&table)
                     .unwrap_or_else(|e| panic!("{what} failed: {e}"));
                 let total = start.elapsed();
+                table.mark_synced();
                 assert_eq!(stats.changed_ports, 1, "{what} must change one Service port");
                 Timing {
                     plan: planned,
