@@ -62,15 +62,30 @@
 //!   also sends a leading `0.0.0.0` interval end; the kernel does not need it, and nft
 //!   lists the set the same without it.
 //!
-//! # Kernel facts the caller should know
+//! # Kernel facts the caller should know (Linux 6.18, measured)
 //!
 //! - Sets are looked up by name with a walk of the table's set list, for every rule and
 //!   element message that names one: keep few sets.
 //! - Binding a map to a rule walks the map's elements (for rules in a chain not yet bound
 //!   to it), and adding an element to a map walks the rules bound to it: order a big batch
 //!   as sets, chains, rules, then elements, and prefer few rules per map.
+//! - A rule whose expressions the kernel must validate against their chain's hooks (nat,
+//!   masquerade, reject, lookups into maps) and a verdict map element that jumps make the
+//!   commit walk the table's whole jump graph from every base chain: at 10k Services that
+//!   costs 3-6 ms per commit, whatever the batch's size; an empty chain, a counter rule or
+//!   a data map element commit in about 0.06 ms.
+//! - Errors: a failing message reports its own errno (ENOENT for a missing chain or set,
+//!   EEXIST for a set declared differently or an element with other data, EBUSY for
+//!   deleting a chain or set still in use, EMLINK for the rule or map element that closes
+//!   a jump loop), with an extended-ack offset for most; messages after it are still
+//!   checked, so one missing chain fails every rule that names it.
 //! - `delete_chain` removes the chain's rules itself; it fails while something else
-//!   still jumps to the chain.
+//!   still jumps to the chain (a flush of the jumping chain earlier in the same batch
+//!   counts).
+//! - A 10k-Service table (10k chains, 20k rules, 110k elements, 11 MiB in 30k messages)
+//!   takes this module about 45 ms to build and encode, and the kernel about 1 s to
+//!   commit into an empty table (`timing_at_ten_thousand_services` in
+//!   `proxy/tests/nft_netlink.rs`).
 //!
 //! ```no_run
 //! use ferry_proxy::nft::*;

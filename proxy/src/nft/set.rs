@@ -305,13 +305,13 @@ impl Udata {
 pub enum ElemData {
     /// A set element.
     None,
-    /// A data map element (e.g. [`concat`] of an address and a port).
+    /// A data map element (e.g. [`concat()`] of an address and a port).
     Value(Vec<u8>),
     /// A verdict map element.
     Verdict(Verdict),
 }
 
-/// One element. Keys are the bytes the kernel compares: [`concat`] for a concatenation,
+/// One element. Keys are the bytes the kernel compares: [`concat()`] for a concatenation,
 /// addresses and ports in network order ([`ip_bytes`], [`port_bytes`]), integers and marks
 /// in host order.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

@@ -28,7 +28,9 @@ pub struct CommitError {
     pub detail: Option<String>,
     /// Messages of the batch.
     pub batch_len: usize,
-    /// How many other messages failed too.
+    /// How many other messages failed too, of those the kernel reported (when thousands
+    /// fail, it drops the errors the socket's receive buffer cannot hold; the first ones
+    /// always arrive).
     pub more_failures: usize,
 }
 
