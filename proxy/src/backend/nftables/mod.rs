@@ -110,19 +110,19 @@
 //!   letter (see [`sanitize`]), so the text needs no quoting.
 //! - Reading the table back at a restart: chain and set names only (two netlink dumps).
 //!
-//! The back end itself, with that layout (the ignored test `timings` in
-//! `proxy/tests/nftables.rs`, release build, same machine), plan diff + render + commit;
-//! these rows are from the `nft -f` back end, before netlink:
+//! The back end itself (the ignored test `timings` in `proxy/tests/nftables.rs`, release
+//! build, same machine, one run each), plan diff + render + commit; "one added Service" and
+//! "one endpoint changed" with the table's change log, as the sync loop runs them:
 //!
-//! | Services x endpoints | full sync | one added Service | one endpoint changed | no change | restart (first sync over an existing table) |
+//! | Services x endpoints | full sync | one added Service | one endpoint changed | no change (log / no log) | restart (first sync over an existing table) |
 //! |---------------------:|----------:|------------------:|---------------------:|----------:|---------:|
-//! | 1,000 x 10           | 0.22 s    | 19 ms             | 15 ms                | 0.4 ms    | 0.36 s   |
-//! | 10,000 x 10          | 2.4 s     | 49 ms             | 44 ms                | 9 ms      | 5.4 s    |
+//! | 1,000 x 10           | 0.07 s    | 1.0 ms            | 0.13 ms              | 0.04 / 0.5 ms | 0.07 s |
+//! | 10,000 x 10          | 1.05 s    | 10 ms             | 0.8 ms               | 0.1 / 11 ms   | 1.03 s |
 //!
-//! (With a chain of 11 rules per Service instead of endpoint maps: 3.4-3.6 s, 74-95 ms,
-//! 80-117 ms.) At 10k, 2.2 s of the full sync is nft itself (`nft -f` of the same text:
-//! 1.35 s user, 0.85 s kernel). What remains of a one-Service change is nft's start, its
-//! chain-cache fetch and the kernel's validation walk.
+//! Before, through `nft -f` with the same layout: 2.4 s, 49 ms, 44 ms, 9 ms, 5.4 s at 10k;
+//! with a chain of 11 rules per Service: 3.4-3.6 s, 74-95 ms, 80-117 ms. What remains of an
+//! added Service is the kernel's validation walk (a goto element and a chain with a nat
+//! rule ask for one); an endpoint change (elements of a data map) needs none.
 //!
 //! # Sync
 //!
