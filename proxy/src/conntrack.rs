@@ -81,33 +81,31 @@ const CTA_PROTO_NUM: u16 = 1;
 const CTA_PROTO_SRC_PORT: u16 = 2;
 const CTA_PROTO_DST_PORT: u16 = 3;
 
-/// Deletes every UDP conntrack entry that one of `filters` matches, in the calling
-/// thread's network namespace. Returns how many were deleted.
-pub fn delete_udp_flows(filters: &[UdpFlowFilter]) -> io::Result<usize> {
-    if filters.is_empty() {
-        return Ok(0);
-    }
-    let mut ct = Ctnetlink::open()?;
-    let mut deleted = 0;
-    for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
-        let wanted = filters.iter().any(|f| family_of(f.endpoint.ip()) == family);
-        if !wanted {
-            continue;
-        }
-        let entries = ct.dump(family)?;
-        for e in entries.iter().filter(|e| filters.iter().any(|f| f.matches(e))) {
-            if ct.delete(family, e)? {
-                deleted += 1;
+impl Conntrack {
+    /// Deletes every UDP conntrack entry that one of `filters` matches. Returns how many
+    /// were deleted.
+    pub fn delete_udp_flows(&mut self, filters: &[UdpFlowFilter]) -> io::Result<usize> {
+        let mut deleted = 0;
+        for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
+            let wanted = filters.iter().any(|f| family_of(f.endpoint.ip()) == family);
+            if !wanted {
+                continue;
+            }
+            let entries = self.dump(family)?;
+            for e in entries.iter().filter(|e| filters.iter().any(|f| f.matches(e))) {
+                if self.delete(family, e)? {
+                    deleted += 1;
+                }
             }
         }
+        Ok(deleted)
     }
-    Ok(deleted)
 }
 
 /// Every conntrack entry of one family (`libc::AF_INET` or `AF_INET6`) in the calling
 /// thread's network namespace. For tests and diagnostics.
 pub fn list(family: u8) -> io::Result<Vec<Entry>> {
-    Ctnetlink::open()?.dump(family)
+    Conntrack::open()?.dump(family)
 }
 
 fn family_of(ip: IpAddr) -> u8 {
@@ -117,17 +115,19 @@ fn family_of(ip: IpAddr) -> u8 {
     }
 }
 
-struct Ctnetlink {
+/// A ctnetlink socket in the network namespace of the thread that opened it. Keep it:
+/// closing a netfilter netlink socket waits for an RCU grace period (~10 ms).
+pub struct Conntrack {
     socket: Socket,
     seq: u32,
     buf: Vec<u8>,
 }
 
-impl Ctnetlink {
-    fn open() -> io::Result<Ctnetlink> {
+impl Conntrack {
+    pub fn open() -> io::Result<Conntrack> {
         let mut socket = Socket::new(NETLINK_NETFILTER)?;
         socket.bind_auto()?;
-        Ok(Ctnetlink {
+        Ok(Conntrack {
             socket,
             seq: 0,
             buf: Vec::with_capacity(1 << 18),

@@ -963,6 +963,8 @@ pub struct NftablesBackend {
     /// Programs nothing (unit tests without root): reads an empty kernel, commits nowhere.
     dry_run: bool,
     socket: Option<nft::Socket>,
+    /// Kept open for the same reason as `socket`.
+    ct: Option<conntrack::Conntrack>,
     state: Option<Applied>,
     last_transaction: String,
     conntrack: bool,
@@ -981,6 +983,7 @@ impl NftablesBackend {
         NftablesBackend {
             dry_run: false,
             socket: None,
+            ct: None,
             state: None,
             last_transaction: String::new(),
             conntrack: true,
@@ -1321,8 +1324,13 @@ impl NftablesBackend {
             }
         }
         if self.conntrack && !stale_udp.is_empty() {
-            if let Err(e) = conntrack::delete_udp_flows(&stale_udp) {
-                tracing::warn!("clearing conntrack entries of removed UDP endpoints: {e}");
+            let ct = match self.ct.take() {
+                Some(ct) => Ok(ct),
+                None => conntrack::Conntrack::open(),
+            };
+            match ct.and_then(|mut ct| ct.delete_udp_flows(&stale_udp).map(|_| ct)) {
+                Ok(ct) => self.ct = Some(ct),
+                Err(e) => tracing::warn!("clearing conntrack entries of removed UDP endpoints: {e}"),
             }
         }
         Ok(SyncStats {
