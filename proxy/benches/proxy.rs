@@ -237,7 +237,6 @@ struct SizeReport {
     full: Vec<Timing>,
     rules: usize,
     listed_rules: usize,
-    transaction_bytes: usize,
     added: Vec<Timing>,
     endpoint_changed: Vec<Timing>,
     no_change: Vec<Timing>,
@@ -295,7 +294,6 @@ fn sync_size(n: usize, reps: usize, changes: usize) -> SizeReport {
             assert_eq!(table.ports.len(), n, "the plan must hold every generated Service");
             if last {
                 report.rules = stats.rules;
-                report.transaction_bytes = backend.last_transaction().len();
                 report.listed_rules = listed_rules();
             }
 
@@ -719,13 +717,6 @@ fn main() {
         reports
             .iter()
             .map(|r| format!("{} / {}", r.rules, r.listed_rules))
-            .collect(),
-    );
-    line(
-        "full-sync transaction text",
-        reports
-            .iter()
-            .map(|r| format!("{:.1} MB", r.transaction_bytes as f64 / 1e6))
             .collect(),
     );
     line(

@@ -928,8 +928,30 @@ impl Tx {
 }
 
 /// The transaction as nft commands, one per line (what `last_transaction` shows).
+/// Transactions longer than this are summed up in `last_transaction` instead of written
+/// out: the text of a full sync at 10k Services is 10 MB the process would keep for
+/// nothing.
+const MAX_LOGGED_OPS: usize = 5_000;
+
 fn ops_text(ops: &[Op]) -> String {
     let mut out = String::new();
+    if ops.len() > MAX_LOGGED_OPS {
+        let rules = ops.iter().filter(|op| matches!(op, Op::AddRule(..))).count();
+        let chains = ops.iter().filter(|op| matches!(op, Op::AddChain(..))).count();
+        let elements: usize = ops
+            .iter()
+            .map(|op| match op {
+                Op::AddElements(_, e) => e.len(),
+                _ => 0,
+            })
+            .sum();
+        let _ = writeln!(
+            out,
+            "# {} steps, not written out (more than {MAX_LOGGED_OPS}): {chains} chains added, {rules} rules, {elements} elements",
+            ops.len()
+        );
+        return out;
+    }
     for op in ops {
         let _ = writeln!(out, "{op}");
     }
@@ -952,11 +974,31 @@ struct Applied {
     rules: usize,
 }
 
+/// What was applied for one port. Its objects are not kept (they are most of the back
+/// end's memory): rendering the port again with the same context and slot gives them back.
 #[derive(Debug)]
 struct AppliedPort {
     port: ServicePort,
     slot: Slot,
-    objects: PortObjects,
+    /// Elements left out because another port held their key.
+    skipped: Vec<Element>,
+}
+
+impl AppliedPort {
+    /// The objects in the kernel for this port, given the context it was rendered in.
+    fn objects(&self, ctx: RenderCtx) -> PortObjects {
+        let mut o = render_port(&self.port, ctx, self.slot);
+        for e in &self.skipped {
+            o.elements.remove(e);
+        }
+        o
+    }
+}
+
+/// Whether two ports can claim the same key of this map (a Service address, a NodePort);
+/// keys of the endpoint maps are handed out, never shared.
+fn contested(map: &str) -> bool {
+    !map.starts_with("endpoints-")
 }
 
 pub struct NftablesBackend {
@@ -1006,7 +1048,8 @@ impl NftablesBackend {
     }
 
     /// The last transaction as nft commands, one per line ("" when the last sync had
-    /// nothing to do): for logs and tests. `nft -f` accepts it.
+    /// nothing to do; a one-line summary above 5,000 steps): for logs and tests. `nft -f`
+    /// accepts it.
     pub fn last_transaction(&self) -> &str {
         &self.last_transaction
     }
@@ -1097,6 +1140,8 @@ impl NftablesBackend {
         let mut tx = Tx::default();
         let first = self.state.is_none();
         let mut state = self.state.take().unwrap_or_default();
+        // What the applied objects were rendered with.
+        let old_ctx = RenderCtx::of(&state.settings);
 
         if first {
             // Whatever an earlier run left is replaced in the same transaction (see
@@ -1170,19 +1215,25 @@ impl NftablesBackend {
             }
         }
         let mut stale_udp: Vec<conntrack::UdpFlowFilter> = Vec::new();
-        let mut olds: HashMap<ServicePortId, AppliedPort> = HashMap::new();
+        let mut olds: HashMap<ServicePortId, (AppliedPort, PortObjects)> = HashMap::new();
         for id in changed.iter().map(|p| &p.id).chain(&removed) {
             if let Some(old) = state.ports.remove(id) {
-                for e in &old.objects.elements {
+                let objects = old.objects(old_ctx);
+                for e in objects.elements.iter().filter(|e| contested(&e.map)) {
                     state.owners.remove(&(e.map.clone(), e.key.clone()));
                 }
-                olds.insert(id.clone(), old);
+                olds.insert(id.clone(), (old, objects));
             }
         }
+        let mut skipped: HashMap<ServicePortId, Vec<Element>> = HashMap::new();
         for (port, _, objects) in &mut rendered {
             state.blocked.remove(&port.id);
             let mut kept = BTreeSet::new();
             for e in std::mem::take(&mut objects.elements) {
+                if !contested(&e.map) {
+                    kept.insert(e);
+                    continue;
+                }
                 let key = (e.map.clone(), e.key.clone());
                 match state.owners.get(&key) {
                     Some(owner) if *owner != port.id => {
@@ -1193,6 +1244,7 @@ impl NftablesBackend {
                             e.key
                         );
                         state.blocked.insert(port.id.clone());
+                        skipped.entry(port.id.clone()).or_default().push(e);
                     }
                     _ => {
                         state.owners.insert(key, port.id.clone());
@@ -1268,16 +1320,16 @@ impl NftablesBackend {
 
         for (port, _, objects) in &rendered {
             let old = olds.get(&port.id);
-            diff(&mut tx, old.map_or(&empty, |o| &o.objects), objects, &mut state);
-            if let Some(old) = old {
+            diff(&mut tx, old.map_or(&empty, |(_, o)| o), objects, &mut state);
+            if let Some((old, _)) = old {
                 if port.id.protocol == Protocol::Udp {
                     stale_udp.extend(stale_udp_flows(&old.port, Some(port)));
                 }
             }
         }
         for id in &removed {
-            if let Some(old) = olds.get(id) {
-                diff(&mut tx, &old.objects, &empty, &mut state);
+            if let Some((old, objects)) = olds.get(id) {
+                diff(&mut tx, objects, &empty, &mut state);
                 if id.protocol == Protocol::Udp {
                     stale_udp.extend(stale_udp_flows(&old.port, None));
                 }
@@ -1289,13 +1341,13 @@ impl NftablesBackend {
         for ip in &hairpin_del {
             tx.del_element(&hairpin_element(*ip));
         }
-        for (port, slot, objects) in rendered {
+        for (port, slot, _) in rendered {
             state.ports.insert(
                 port.id.clone(),
                 AppliedPort {
                     port: port.clone(),
                     slot,
-                    objects,
+                    skipped: skipped.remove(&port.id).unwrap_or_default(),
                 },
             );
         }
