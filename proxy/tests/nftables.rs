@@ -91,6 +91,11 @@ impl Cluster {
             "br0",
             "nodad",
         ]);
+        // The bridge's link-local address would go through duplicate address detection,
+        // and until it has, the node sends no neighbour solicitation for a forwarded IPv6
+        // packet: the first packets towards a Pod wait (one second or more, measured). A
+        // node's bridge has been up for long; a link-local address without DAD stands in.
+        ip(&["-n", &n, "addr", "add", "fe80::1/64", "dev", "br0", "nodad"]);
         ip(&["-n", &n, "link", "set", "br0", "up"]);
         let mut list = Vec::new();
         for i in 0..pods {
@@ -1431,22 +1436,6 @@ fn cluster_ip_sctp_reaches_every_backend_with_raw_init_packets() {
             .unwrap_or_else(|e| panic!("send INIT to {to}: {e}"));
     };
 
-    // The node's bridge is a moment old, so its own link-local address is still in duplicate
-    // address detection, and until that is done the kernel sends no neighbour solicitation
-    // for a forwarded packet (its source must then be a usable link-local address): the
-    // first IPv6 packets towards a Pod wait in an INCOMPLETE neighbour entry (measured:
-    // from one second to longer than this test waits). A node's bridge has been up for
-    // long; a link-local address without DAD stands in for that.
-    ip(&[
-        "-n",
-        c.node.name(),
-        "addr",
-        "add",
-        "fe80::1/64",
-        "dev",
-        "br0",
-        "nodad",
-    ]);
     // A corrupted checksum first: conntrack verifies it (nf_conntrack_checksum=1), marks the
     // packet invalid, and NAT never sees it. This is what makes the good packets' delivery
     // below a proof that our checksum is right.
