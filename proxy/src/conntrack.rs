@@ -21,6 +21,10 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use netlink_sys::{protocols::NETLINK_NETFILTER, Socket};
 
+use crate::nft::wire::{
+    align4, attrs, put_attr, NLA_F_NESTED, NLMSG_DONE, NLMSG_ERROR, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST,
+};
+
 /// Which UDP flows to delete: those DNATed to `endpoint` from a Service address.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UdpFlowFilter {
@@ -60,13 +64,6 @@ const IPPROTO_UDP: u8 = 17;
 const NFNL_SUBSYS_CTNETLINK: u16 = 1;
 const IPCTNL_MSG_CT_GET: u16 = 1;
 const IPCTNL_MSG_CT_DELETE: u16 = 2;
-const NLM_F_REQUEST: u16 = 0x1;
-const NLM_F_ACK: u16 = 0x4;
-const NLM_F_DUMP: u16 = 0x300;
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_DONE: u16 = 3;
-const NLA_F_NESTED: u16 = 0x8000;
-const NLA_TYPE_MASK: u16 = 0x3fff;
 
 const CTA_TUPLE_ORIG: u16 = 1;
 const CTA_TUPLE_REPLY: u16 = 2;
@@ -238,43 +235,13 @@ impl Conntrack {
     }
 }
 
-fn align4(n: usize) -> usize {
-    (n + 3) & !3
-}
-
-fn put_attr(buf: &mut Vec<u8>, ty: u16, payload: &[u8]) {
-    let len = 4 + payload.len();
-    buf.extend_from_slice(&(len as u16).to_ne_bytes());
-    buf.extend_from_slice(&ty.to_ne_bytes());
-    buf.extend_from_slice(payload);
-    buf.resize(buf.len() + align4(len) - len, 0);
-}
-
-/// The attributes in `data`: (type without flags, payload).
-fn attrs(data: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
-    let mut off = 0;
-    std::iter::from_fn(move || {
-        if off + 4 > data.len() {
-            return None;
-        }
-        let len = u16::from_ne_bytes([data[off], data[off + 1]]) as usize;
-        let ty = u16::from_ne_bytes([data[off + 2], data[off + 3]]) & NLA_TYPE_MASK;
-        if len < 4 || off + len > data.len() {
-            return None;
-        }
-        let payload = &data[off + 4..off + len];
-        off += align4(len);
-        Some((ty, payload))
-    })
-}
-
 /// (source, destination, protocol) of a CTA_TUPLE_* attribute.
 fn parse_tuple(data: &[u8]) -> Option<(SocketAddr, SocketAddr, u8)> {
     let (mut src, mut dst, mut proto, mut sport, mut dport) = (None, None, None, 0u16, 0u16);
-    for (ty, p) in attrs(data) {
+    for (ty, p, _) in attrs(data) {
         match ty {
             CTA_TUPLE_IP => {
-                for (ty, a) in attrs(p) {
+                for (ty, a, _) in attrs(p) {
                     let ip = match (ty, a.len()) {
                         (CTA_IP_V4_SRC | CTA_IP_V4_DST, 4) => {
                             IpAddr::V4(Ipv4Addr::from(<[u8; 4]>::try_from(a).ok()?))
@@ -292,7 +259,7 @@ fn parse_tuple(data: &[u8]) -> Option<(SocketAddr, SocketAddr, u8)> {
                 }
             }
             CTA_TUPLE_PROTO => {
-                for (ty, a) in attrs(p) {
+                for (ty, a, _) in attrs(p) {
                     match (ty, a.len()) {
                         (CTA_PROTO_NUM, 1) => proto = Some(a[0]),
                         (CTA_PROTO_SRC_PORT, 2) => sport = u16::from_be_bytes([a[0], a[1]]),
@@ -310,7 +277,7 @@ fn parse_tuple(data: &[u8]) -> Option<(SocketAddr, SocketAddr, u8)> {
 /// One conntrack entry from the attributes of an IPCTNL_MSG_CT_NEW message.
 fn parse_entry(data: &[u8]) -> Option<Entry> {
     let (mut orig, mut reply, mut zone) = (None, None, 0u16);
-    for (ty, p) in attrs(data) {
+    for (ty, p, _) in attrs(data) {
         match ty {
             CTA_TUPLE_ORIG => orig = parse_tuple(p),
             CTA_TUPLE_REPLY => reply = parse_tuple(p),

@@ -111,7 +111,7 @@ mod batch;
 mod expr;
 mod set;
 mod socket;
-mod wire;
+pub(crate) mod wire;
 
 pub use batch::{BaseChain, Batch, ChainType, Hook};
 pub use expr::{

@@ -168,13 +168,7 @@ impl Writer {
     /// One attribute; the payload is padded to 4 bytes.
     #[inline]
     pub fn put(&mut self, ty: u16, payload: &[u8]) {
-        let len = 4 + payload.len();
-        debug_assert!(len <= u16::MAX as usize, "attribute {ty} of {len} bytes");
-        self.buf.extend_from_slice(&(len as u16).to_ne_bytes());
-        self.buf.extend_from_slice(&ty.to_ne_bytes());
-        self.buf.extend_from_slice(payload);
-        let pad = align4(len) - len;
-        self.buf.extend_from_slice(&[0u8; 3][..pad]);
+        put_attr(&mut self.buf, ty, payload);
     }
 
     #[inline]
@@ -233,6 +227,18 @@ impl Writer {
         self.end_nest(v);
         self.end_nest(n);
     }
+}
+
+/// Appends one attribute (header, payload, padding) to `buf`.
+#[inline]
+pub fn put_attr(buf: &mut Vec<u8>, ty: u16, payload: &[u8]) {
+    let len = 4 + payload.len();
+    debug_assert!(len <= u16::MAX as usize, "attribute {ty} of {len} bytes");
+    buf.extend_from_slice(&(len as u16).to_ne_bytes());
+    buf.extend_from_slice(&ty.to_ne_bytes());
+    buf.extend_from_slice(payload);
+    let pad = align4(len) - len;
+    buf.extend_from_slice(&[0u8; 3][..pad]);
 }
 
 /// The attributes in `data`: (type without flags, payload, offset of the attribute header
