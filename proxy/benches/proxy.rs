@@ -691,7 +691,7 @@ fn main() {
         format!("resync, nothing changed, at {n}"),
         &at_n.no_change,
         "",
-        "(full re-plan + diff; nft not run)",
+        "(full re-plan + diff; nothing sent)",
     );
     println!(
         "(filling the Store from the objects, not part of a sync: {})",
