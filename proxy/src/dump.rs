@@ -190,6 +190,7 @@ mod tests {
             affinity_seconds: Some(10800),
             cluster_endpoints: vec![ep("10.244.0.7", true), ep("10.244.1.5", false)],
             external_endpoints: vec![ep("10.244.0.7", true)],
+            short_circuit_endpoints: Vec::new(),
         };
         let mut v6 = port.clone();
         v6.id.family = Family::V6;

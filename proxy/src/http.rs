@@ -893,6 +893,7 @@ mod tests {
             affinity_seconds: None,
             cluster_endpoints: endpoints.clone(),
             external_endpoints: endpoints.into_iter().filter(|e| e.is_local).collect(),
+            short_circuit_endpoints: Vec::new(),
         }
     }
 

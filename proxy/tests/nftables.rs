@@ -630,6 +630,49 @@ fn load_balancer_ips_external_ips_and_source_ranges() {
     assert_eq!(peer_ip_of(&a), c.pods[0].v4, "{a}");
 }
 
+/// Both traffic policies Local, endpoints on pod0 (local) and pod1 ("on another node"):
+/// the ClusterIP and traffic from outside reach only pod0, while Pods reaching the
+/// load-balancer IP short-circuit to every endpoint, as kube-proxy does.
+#[test]
+fn both_traffic_policies_local_short_circuit_pods_to_every_endpoint() {
+    require_root!();
+    let c = Cluster::new(3, 1);
+    let _s0 = tcp_server(&c.pods[0].ns, "pod0", sa(c.pods[0].v4, 8080));
+    let _s1 = tcp_server(&c.pods[1].ns, "pod1", sa(c.pods[1].v4, 8080));
+    let local_ep = c.pod_ep(0, Family::V4, 8080);
+    let mut remote_ep = c.pod_ep(1, Family::V4, 8080);
+    remote_ep.is_local = false;
+    let mut svc = service("both-local", Protocol::Tcp, Family::V4, "10.233.0.45", 80);
+    svc.load_balancer_ips = vec!["203.0.113.45".parse().unwrap()];
+    svc.internal_local = true;
+    svc.external_local = true;
+    svc.cluster_endpoints = vec![local_ep.clone()];
+    svc.external_endpoints = vec![local_ep.clone()];
+    svc.short_circuit_endpoints = vec![local_ep, remote_ep];
+    let mut backend = NftablesBackend::new();
+    c.sync(&mut backend, &table(c.settings(), vec![svc]));
+
+    let servers = |from: &Netns, to: &str| -> std::collections::BTreeSet<String> {
+        (0..24)
+            .map(|_| {
+                let a = tcp_ask(from, to.parse().unwrap(), TIMEOUT).unwrap_or_else(|e| panic!("{to}: {e}"));
+                server_of(&a).to_string()
+            })
+            .collect()
+    };
+    let pod2 = &c.pods[2].ns;
+    assert_eq!(servers(pod2, "10.233.0.45:80"), ["pod0".to_string()].into());
+    assert_eq!(
+        servers(pod2, "203.0.113.45:80"),
+        ["pod0".to_string(), "pod1".to_string()].into(),
+        "24 connects from a Pod to the LB IP: both endpoints (1 in 2^23 to fail by chance)"
+    );
+    assert_eq!(
+        servers(&c.clients[0].0, "203.0.113.45:80"),
+        ["pod0".to_string()].into()
+    );
+}
+
 #[test]
 fn client_ip_affinity_sticks_and_hairpin_reaches_itself() {
     require_root!();

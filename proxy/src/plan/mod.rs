@@ -123,6 +123,12 @@ pub struct ServicePort {
     /// Endpoints for traffic from outside to the NodePort, external and load-balancer IPs:
     /// the same selection, only local ones with `externalTrafficPolicy: Local`. Sorted.
     pub external_endpoints: Vec<Endpoint>,
+    /// With both traffic policies Local: the endpoints a Cluster policy would use, for
+    /// traffic from Pods and from the node to the NodePort, external and load-balancer IPs.
+    /// kube-proxy sends that traffic to every endpoint ("short-circuit": it is subject to
+    /// neither policy, as if it had gone out to the load balancer and come back). Empty
+    /// otherwise, when that traffic uses `cluster_endpoints`. Sorted.
+    pub short_circuit_endpoints: Vec<Endpoint>,
 }
 
 impl ServicePort {
@@ -143,6 +149,7 @@ impl ServicePort {
             affinity_seconds: None,
             cluster_endpoints: Vec::new(),
             external_endpoints: Vec::new(),
+            short_circuit_endpoints: Vec::new(),
         }
     }
 }

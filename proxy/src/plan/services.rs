@@ -193,7 +193,12 @@ pub fn plan_service<'a>(
                 } else {
                     all.clone()
                 },
-                external_endpoints: if external_local { local } else { all },
+                external_endpoints: if external_local { local } else { all.clone() },
+                short_circuit_endpoints: if internal_local && external_local {
+                    all
+                } else {
+                    Vec::new()
+                },
             });
         }
     }
@@ -838,6 +843,40 @@ mod tests {
         );
         want.internal_local = true;
         want.cluster_endpoints = vec![endpoint("10.244.0.7", 80, true)];
+        assert_eq!(got, table(vec![want]));
+    }
+
+    #[test]
+    fn both_traffic_policies_local_keep_every_endpoint_for_the_short_circuit() {
+        let got = plan_of(vec![
+            web(json!({
+                "type": "NodePort", "clusterIP": "10.96.0.10",
+                "internalTrafficPolicy": "Local", "externalTrafficPolicy": "Local",
+                "ports": [{"port": 80, "nodePort": 30080}]
+            })),
+            web_slice(
+                "",
+                "TCP",
+                80,
+                json!([ep("10.244.1.5", "node-b"), ep("10.244.0.7", NODE)]),
+            ),
+        ]);
+        let all = vec![
+            endpoint("10.244.0.7", 80, true),
+            endpoint("10.244.1.5", 80, false),
+        ];
+        let mut want = port(
+            id("web", "", Protocol::Tcp, Family::V4),
+            "10.96.0.10",
+            80,
+            all.clone(),
+        );
+        want.node_port = Some(30080);
+        want.internal_local = true;
+        want.external_local = true;
+        want.cluster_endpoints = vec![endpoint("10.244.0.7", 80, true)];
+        want.external_endpoints = want.cluster_endpoints.clone();
+        want.short_circuit_endpoints = all;
         assert_eq!(got, table(vec![want]));
     }
 

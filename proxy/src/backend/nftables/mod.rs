@@ -48,6 +48,10 @@
 //!   externalTrafficPolicy Local must keep the client address the service chain would mask).
 //! - `ext-endpoints-…`: the choice over `external_endpoints`, when `external-…` cannot share
 //!   the service chain.
+//! - `all-endpoints-…`: with both traffic policies Local, the choice over every endpoint
+//!   (`short_circuit_endpoints`) that traffic from Pods and from the node to an external
+//!   address goes to, as kube-proxy's "short-circuit" does (the service chain then holds
+//!   local endpoints only).
 //! - `firewall-…`: `loadBalancerSourceRanges`: `ip saddr <range> return` per range, `drop`.
 //!
 //! The random choice is ONE rule, `meta l4proto tcp dnat ip to numgen random mod N offset
@@ -212,7 +216,13 @@ const HELPER_CHAINS: [&str; 5] = [
 pub const ENDPOINT_MAPS: u32 = 32;
 /// Prefixes of per-port chains, in the order they are deleted (a chain that jumps to
 /// another comes before it).
-const PORT_CHAIN_PREFIXES: [&str; 4] = ["external-", "firewall-", "ext-endpoints-", "service-"];
+const PORT_CHAIN_PREFIXES: [&str; 5] = [
+    "external-",
+    "firewall-",
+    "ext-endpoints-",
+    "all-endpoints-",
+    "service-",
+];
 const AFFINITY_PREFIX: &str = "affinity-";
 
 const FAMILIES: [Family; 2] = [Family::V4, Family::V6];
@@ -375,7 +385,7 @@ fn slots_needed(p: &ServicePort) -> u32 {
     if p.affinity_seconds.is_some() {
         0
     } else {
-        (p.cluster_endpoints.len() + p.external_endpoints.len()) as u32
+        (p.cluster_endpoints.len() + p.external_endpoints.len() + p.short_circuit_endpoints.len()) as u32
     }
 }
 
@@ -454,12 +464,14 @@ fn render_port(p: &ServicePort, ctx: RenderCtx, slot: Slot) -> PortObjects {
     let service = format!("service-{base}");
     let external = format!("external-{base}");
     let ext_endpoints = format!("ext-endpoints-{base}");
+    let all_endpoints = format!("all-endpoints-{base}");
     let firewall = format!("firewall-{base}");
     let mut o = PortObjects::default();
 
     let has_cluster = !p.cluster_endpoints.is_empty();
     let has_external = !p.external_endpoints.is_empty();
-    let has_endpoints = has_cluster || has_external;
+    let has_short_circuit = !p.short_circuit_endpoints.is_empty();
+    let has_endpoints = has_cluster || has_external || has_short_circuit;
     // kube-proxy: no endpoints anywhere is rejected; endpoints that a Local policy keeps
     // out of reach are dropped.
     let none_verdict = if has_endpoints {
@@ -628,19 +640,34 @@ fn render_port(p: &ServicePort, ctx: RenderCtx, slot: Slot) -> PortObjects {
         let rules = choice(&p.external_endpoints, p.cluster_endpoints.len() as u32);
         o.chains.insert(ext_endpoints.clone(), rules);
     }
+    // Traffic from Pods and from the node to an externalTrafficPolicy Local address
+    // short-circuits to the Cluster-policy endpoints (kube-proxy's): the service chain's,
+    // unless internalTrafficPolicy Local narrowed those; then a choice chain of its own.
+    let short_circuit_target = if has_short_circuit {
+        let rules = choice(
+            &p.short_circuit_endpoints,
+            (p.cluster_endpoints.len() + p.external_endpoints.len()) as u32,
+        );
+        o.chains.insert(all_endpoints.clone(), rules);
+        Some(all_endpoints)
+    } else if has_cluster {
+        Some(service.clone())
+    } else {
+        None
+    };
     if uses_external_chain {
         let mut rules = Vec::new();
         if !p.external_local {
             rules.push(Rule::Mark);
-        } else if has_cluster {
+        } else if let Some(target) = short_circuit_target {
             if ctx.has_cidrs(f) {
                 rules.push(Rule::GotoIfFromCluster {
                     family: f,
-                    chain: service.clone(),
+                    chain: target.clone(),
                 });
             }
             rules.push(Rule::MarkIfFromNode);
-            rules.push(Rule::GotoIfFromNode(service.clone()));
+            rules.push(Rule::GotoIfFromNode(target));
         }
         if has_external {
             rules.push(Rule::Goto(external_target));
@@ -651,6 +678,7 @@ fn render_port(p: &ServicePort, ctx: RenderCtx, slot: Slot) -> PortObjects {
         .cluster_endpoints
         .iter()
         .chain(&p.external_endpoints)
+        .chain(&p.short_circuit_endpoints)
         .map(|e| e.ip)
         .collect();
     o
@@ -1413,6 +1441,7 @@ fn stale_udp_flows(old: &ServicePort, new: Option<&ServicePort>) -> Vec<conntrac
             n.cluster_endpoints
                 .iter()
                 .chain(&n.external_endpoints)
+                .chain(&n.short_circuit_endpoints)
                 .map(|e| (e.ip, e.port))
                 .collect()
         })
@@ -1421,6 +1450,7 @@ fn stale_udp_flows(old: &ServicePort, new: Option<&ServicePort>) -> Vec<conntrac
         .cluster_endpoints
         .iter()
         .chain(&old.external_endpoints)
+        .chain(&old.short_circuit_endpoints)
         .map(|e| (e.ip, e.port))
         .filter(|e| !keep.contains(e))
         .collect();
@@ -1730,6 +1760,63 @@ mod tests {
             key: "tcp . 30080".into(),
             value: format!("goto external-{base}")
         }));
+    }
+
+    #[test]
+    fn both_policies_local_short_circuit_to_every_endpoint() {
+        let mut p = port("web", Family::V4);
+        p.node_port = Some(30080);
+        p.internal_local = true;
+        p.external_local = true;
+        p.short_circuit_endpoints = vec![ep("10.1.0.2", 8080), ep("10.2.0.3", 8080)];
+        let base = port_base_name(&p.id);
+        let emap = endpoint_map(Family::V4, Protocol::Tcp, endpoint_shard(&p.id));
+        // No local endpoint: the ClusterIP and outside traffic are dropped, Pods and the
+        // node still reach the Service through its NodePort.
+        let o = render(&p, CTX);
+        assert_eq!(
+            o.chains[&format!("external-{base}")],
+            vec![
+                format!("ip saddr @cluster-cidrs-v4 goto all-endpoints-{base}"),
+                "fib saddr type local meta mark set meta mark or 0x4000".into(),
+                format!("fib saddr type local goto all-endpoints-{base}"),
+            ]
+        );
+        assert_eq!(
+            o.chains[&format!("all-endpoints-{base}")],
+            vec![format!(
+                "meta l4proto tcp dnat ip to numgen random mod 2 offset 100 map @{emap}"
+            )]
+        );
+        assert!(!o.chains.contains_key(&format!("service-{base}")));
+        for (map, key) in [
+            ("no-endpoint-services-v4", "10.96.0.10 . tcp . 80"),
+            ("no-endpoint-nodeports-v4", "tcp . 30080"),
+        ] {
+            assert!(
+                o.elements.contains(&El {
+                    map: map.into(),
+                    key: key.into(),
+                    value: "drop".into()
+                }),
+                "{map}"
+            );
+        }
+        // A local endpoint: it serves the ClusterIP and outside traffic; the short-circuit
+        // still spreads over both, after the other two choices in the port's slot.
+        p.cluster_endpoints = vec![ep("10.1.0.2", 8080)];
+        p.external_endpoints = p.cluster_endpoints.clone();
+        let o = render(&p, CTX);
+        assert_eq!(
+            o.chains[&format!("all-endpoints-{base}")],
+            vec![format!(
+                "meta l4proto tcp dnat ip to numgen random mod 2 offset 102 map @{emap}"
+            )]
+        );
+        assert_eq!(
+            o.chains[&format!("external-{base}")].last().unwrap(),
+            &format!("goto ext-endpoints-{base}")
+        );
     }
 
     #[test]
