@@ -1132,9 +1132,9 @@ impl NftablesBackend {
     }
 
     /// Writes the base layout: table, base and helper chains (flushed and refilled), maps
-    /// and sets (the cluster-cidrs and nodeport-ips sets flushed and refilled; the maps
-    /// and hairpin sets flushed too when `flush_maps`).
-    fn write_base(tx: &mut Tx, settings: &NodeSettings, flush_maps: bool) {
+    /// and sets (the cluster-cidrs and nodeport-ips sets flushed and refilled: they follow
+    /// the node settings; the other maps and sets keep their elements).
+    fn write_base(tx: &mut Tx, settings: &NodeSettings) {
         let h = &mut tx.head;
         h.push(Op::AddTable);
         for (name, kind, hook, prio) in BASE_CHAINS {
@@ -1145,7 +1145,7 @@ impl NftablesBackend {
         }
         for f in FAMILIES {
             for set in base_sets(f) {
-                let flush = flush_maps || matches!(set.kind, SetKind::Cidrs(_));
+                let flush = matches!(set.kind, SetKind::Cidrs(_));
                 h.push(Op::AddSet(set.clone()));
                 if flush {
                     h.push(Op::FlushSet(set));
@@ -1177,14 +1177,14 @@ impl NftablesBackend {
             if self.table_exists()? {
                 tx.head.push(Op::DelTable);
             }
-            Self::write_base(&mut tx, &table.settings, false);
+            Self::write_base(&mut tx, &table.settings);
             state.settings = table.settings.clone();
             state.rules = base_rules(&table.settings);
         }
         let settings_changed = !first && state.settings != table.settings;
         let ctx_changed = settings_changed && RenderCtx::of(&state.settings) != ctx;
         if settings_changed {
-            Self::write_base(&mut tx, &table.settings, false);
+            Self::write_base(&mut tx, &table.settings);
             state.settings = table.settings.clone();
         }
 
