@@ -9,7 +9,7 @@
 //! (default 100) and `FERRY_BENCH_ROUNDS` (default 5) set the sizes.
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use ferry_tests::bench::{env_usize, Comparison};
 use ferry_tests::{ferry_bin, reference_plugin, require_root, CniCall, Node, Pod};
@@ -125,15 +125,5 @@ fn main() {
         ours: "ferry",
         theirs: "reference",
     };
-    table.header();
-    let rows: [(&str, &[Vec<Duration>; 2], f64); 5] = [
-        ("ADD median", &add, 0.5),
-        ("ADD p90", &add, 0.9),
-        ("DEL median", &del, 0.5),
-        ("DEL p90", &del, 0.9),
-        ("50 parallel ADDs (median)", &parallel, 0.5),
-    ];
-    for (label, samples, p) in rows {
-        table.row(label, samples, p);
-    }
+    table.print_add_del_parallel(&add, &del, &parallel);
 }

@@ -43,4 +43,25 @@ impl Comparison {
             ours.as_secs_f64() / theirs.as_secs_f64()
         );
     }
+
+    /// The table both CNI benchmarks print: the header, then ADD and DEL (median, p90)
+    /// and the median of the rounds of parallel ADDs.
+    pub fn print_add_del_parallel(
+        &self,
+        add: &[Vec<Duration>; 2],
+        del: &[Vec<Duration>; 2],
+        parallel: &[Vec<Duration>; 2],
+    ) {
+        self.header();
+        let rows: [(&str, &[Vec<Duration>; 2], f64); 5] = [
+            ("ADD median", add, 0.5),
+            ("ADD p90", add, 0.9),
+            ("DEL median", del, 0.5),
+            ("DEL p90", del, 0.9),
+            ("50 parallel ADDs (median)", parallel, 0.5),
+        ];
+        for (label, samples, p) in rows {
+            self.row(label, samples, p);
+        }
+    }
 }
