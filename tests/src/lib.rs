@@ -40,7 +40,7 @@ pub use netns::{list_netns, unique_v4_subnet, unique_v6_subnet, Netns};
 pub use node::{Node, Pod};
 pub use pods::{PodNetwork, NODE_IP, OUTSIDE_IP};
 pub use proxy::{endpoint_slice, service, wait_until, ProxyProcess, SliceEndpoint, SvcPort};
-pub use root::{require_root, root_missing};
+pub use root::{require_root, root_missing, skip_or_fail};
 pub use traffic::{Server, TIMEOUT};
 
 /// Returns from the calling test (printing `SKIP`) when it cannot run for lack of root

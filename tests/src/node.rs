@@ -198,7 +198,10 @@ mod tests {
     fn cni_call_drives_the_reference_host_local() {
         crate::require_root!();
         let Some(host_local) = reference_plugin("host-local") else {
-            eprintln!("SKIP cni_call_drives_the_reference_host_local: no /usr/lib/cni/host-local");
+            crate::skip_or_fail(
+                crate::__function_name!(),
+                "no /usr/lib/cni/host-local: install containernetworking-plugins (scripts/setup.sh does)",
+            );
             return;
         };
         let node = Node::new("hl");

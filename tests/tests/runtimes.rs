@@ -933,7 +933,7 @@ fn print_file(what: &str, path: &Path) {
 }
 
 /// Whether `program` (from Debian package `package`) is installed. When it is not, the
-/// test skips with a message, or fails when FERRY_REQUIRE_ROOT=1 (CI) forbids skipping.
+/// test skips or fails as [`ferry_tests::skip_or_fail`] says.
 fn runtime_available(test: &str, program: &str, package: &str) -> bool {
     let found = Command::new(program)
         .arg("--version")
@@ -943,11 +943,8 @@ fn runtime_available(test: &str, program: &str, package: &str) -> bool {
     if found {
         return true;
     }
-    let reason =
-        format!("{program} is not installed: install the Debian package {package} (scripts/setup.sh does)");
-    if std::env::var("FERRY_REQUIRE_ROOT").as_deref() == Ok("1") {
-        panic!("{test}: {reason}; FERRY_REQUIRE_ROOT=1 forbids skipping");
-    }
-    eprintln!("SKIP {test}: {reason}");
-    false
+    ferry_tests::skip_or_fail(
+        test,
+        &format!("{program} is not installed: install the Debian package {package} (scripts/setup.sh does)"),
+    )
 }
