@@ -1,9 +1,44 @@
-//! NetworkPolicy test material that does not depend on the proxy.
+//! NetworkPolicy test material that does not depend on the proxy: upstream's model, its
+//! cases, and an oracle that says what each probe should see.
 //!
-//! [`cluster`] is upstream's x/y/z topology, [`model`] the oracle that says whether a
-//! connection is allowed, from the API reference alone, and [`reachability`] upstream's
-//! way of writing expectations and printing truth tables.
+//! Data flow, in the order an end-to-end test uses it:
+//!
+//! 1. [`cluster`]: upstream's topology — namespaces x, y, z, pods a, b, c, ports 80/81
+//!    on TCP, UDP and SCTP with upstream's port names — and [`PodAddresses`], which the
+//!    test fills with the addresses the testbed gave each pod.
+//! 2. [`cases`]: upstream's `network_policy.go` cases (and a few of Ferry's) as data:
+//!    steps of policies to apply and labels to change, then probes, each with upstream's
+//!    own expectation. [`Case::instantiate`] makes one concrete for an IP family.
+//! 3. [`model`]: the oracle. [`State::expected`] answers "does x/a reach y/b on 80/TCP
+//!    after this step", from the API reference alone.
+//! 4. [`reachability`]: upstream's way of writing expectations, and its truth tables.
+//!
+//! ```
+//! use ferry_tests::netpol::{self, Family, PodAddresses, Protocol};
+//!
+//! let mut addresses = PodAddresses::new();
+//! for (i, pod) in netpol::pod_keys().iter().enumerate() {
+//!     addresses.set(pod, &[format!("10.16.0.{}", 10 + i).parse().unwrap()]).unwrap();
+//! }
+//! let case = netpol::all_cases()
+//!     .into_iter()
+//!     .find(|c| c.title == "should support a 'default-deny-ingress' policy")
+//!     .unwrap();
+//! let scenario = case.instantiate(&addresses, Family::V4).unwrap();
+//! let state = &scenario.steps[0].state;
+//! assert!(!state.expected("y/a", "x/b", 80, Protocol::Tcp));
+//! assert!(state.expected("x/a", "y/b", 80, Protocol::Tcp));
+//! ```
 
+pub mod cases;
 pub mod cluster;
 pub mod model;
 pub mod reachability;
+
+pub use cases::{all as all_cases, Action, Case, CaseError, Probe, Scenario, State, Step, Suite};
+pub use cluster::{pod_keys, AddressError, PodAddresses};
+pub use model::{Family, NetworkPolicy, PolicyError, Protocol};
+pub use reachability::{Reachability, TruthTable, UPSTREAM_IGNORES_LOOPBACK};
+
+#[cfg(test)]
+mod tests;
