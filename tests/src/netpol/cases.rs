@@ -19,7 +19,7 @@ use std::net::IpAddr;
 use ipnetwork::IpNetwork;
 use serde_json::{json, Value};
 
-use super::cluster::{pod_keys, upstream_cluster, AddressError, PodAddresses};
+use super::cluster::{pod_keys, upstream_cluster, AddressError, PodAddresses, PORTS, PORT_RANGE_PORTS};
 use super::model::{Cluster, Connection, Endpoint, Family, NetworkPolicy, PolicyError, Protocol};
 use super::reachability::{Reachability, TruthTable};
 
@@ -39,6 +39,8 @@ pub enum Suite {
     Tcp,
     Udp,
     Sctp,
+    /// Upstream's endPort suite, which only older versions of the file have.
+    PortRange,
     /// Not in upstream's network_policy.go: Ferry's own, expectations by hand.
     Ferry,
 }
@@ -50,6 +52,7 @@ impl Suite {
             Suite::Tcp => "NetworkPolicy between server and client",
             Suite::Udp => "NetworkPolicy between server and client using UDP",
             Suite::Sctp => "NetworkPolicy between server and client using SCTP",
+            Suite::PortRange => "NetworkPolicy between server and client using port range",
             Suite::Ferry => "Ferry additions to upstream's cases",
         }
     }
@@ -58,8 +61,10 @@ impl Suite {
 #[derive(Clone, Debug)]
 pub struct Case {
     pub suite: Suite,
-    /// Upstream's `f.It` title, word for word.
+    /// Upstream's `f.It` title, word for word (without `[Feature:...]` tags).
     pub title: &'static str,
+    /// The ports every pod serves, on TCP, UDP and SCTP.
+    pub ports: &'static [u16],
     pub steps: Vec<Step>,
 }
 
@@ -203,7 +208,7 @@ impl Case {
         for pod in pod_keys() {
             addresses.get(&pod, family)?;
         }
-        let mut cluster = upstream_cluster(addresses);
+        let mut cluster = upstream_cluster(addresses, self.ports);
         let mut policies: Vec<Value> = Vec::new();
         let mut steps = Vec::new();
         for (index, step) in self.steps.iter().enumerate() {
@@ -339,7 +344,16 @@ fn fill_template(template: &str, addresses: &PodAddresses, family: Family) -> Re
 // Shorthands for writing cases: a case reads as upstream's test does.
 
 fn case(suite: Suite, title: &'static str, steps: Vec<Step>) -> Case {
-    Case { suite, title, steps }
+    let ports = match suite {
+        Suite::PortRange => &PORT_RANGE_PORTS[..],
+        _ => &PORTS[..],
+    };
+    Case {
+        suite,
+        title,
+        ports,
+        steps,
+    }
 }
 
 fn step(actions: Vec<Action>, probes: Vec<Probe>) -> Step {

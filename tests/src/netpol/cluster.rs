@@ -1,5 +1,6 @@
 //! Upstream's test topology: namespaces x, y, z; pods a, b, c in each; every pod serving
-//! ports 80 and 81 on TCP, UDP and SCTP, one Service per pod.
+//! ports 80 and 81 (111 to 116 for the port-range cases) on TCP, UDP and SCTP, one
+//! Service per pod.
 //!
 //! Names and labels follow upstream's `test/e2e/network/netpol/model.go`: a namespace is
 //! labelled `ns: <name>` (and `kubernetes.io/metadata.name: <name>` by the API server), a
@@ -19,7 +20,11 @@ use super::model::{Cluster, ContainerPort, Family, Labels, Namespace, Pod, Proto
 
 pub const NAMESPACES: [&str; 3] = ["x", "y", "z"];
 pub const POD_NAMES: [&str; 3] = ["a", "b", "c"];
+/// The ports every pod serves in upstream's main suites.
 pub const PORTS: [u16; 2] = [80, 81];
+/// The ports of upstream's port-range suite: it served 111 to 115 and probed 116 as well,
+/// so 116 is served too, or its probe would fail for want of a server, not of a rule.
+pub const PORT_RANGE_PORTS: [u16; 6] = [111, 112, 113, 114, 115, 116];
 
 /// The nine pods in upstream's order: x/a, x/b, x/c, y/a, ... z/c.
 pub fn pod_keys() -> Vec<String> {
@@ -125,16 +130,17 @@ impl PodAddresses {
     }
 }
 
-/// The topology with its starting labels, every pod holding the addresses given.
-pub fn upstream_cluster(addresses: &PodAddresses) -> Cluster {
+/// The topology with its starting labels, every pod holding the addresses given and
+/// serving `ports` on every protocol.
+pub fn upstream_cluster(addresses: &PodAddresses, ports: &[u16]) -> Cluster {
     let namespaces = NAMESPACES
         .iter()
         .map(|ns| Namespace::new(ns, namespace_labels(ns)))
         .collect();
-    let mut ports = Vec::new();
-    for port in PORTS {
+    let mut container_ports = Vec::new();
+    for &port in ports {
         for protocol in Protocol::ALL {
-            ports.push(ContainerPort {
+            container_ports.push(ContainerPort {
                 name: Some(port_name(port, protocol)),
                 protocol,
                 port,
@@ -149,7 +155,7 @@ pub fn upstream_cluster(addresses: &PodAddresses) -> Cluster {
             name: pod.to_string(),
             labels: pod_labels(pod),
             ips: addresses.all(&format!("{ns}/{pod}")),
-            ports: ports.clone(),
+            ports: container_ports.clone(),
         })
         .collect();
     Cluster { namespaces, pods }

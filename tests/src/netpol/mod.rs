@@ -8,7 +8,8 @@
 //!    test fills with the addresses the testbed gave each pod.
 //! 2. [`cases`]: upstream's `network_policy.go` cases (and a few of Ferry's) as data:
 //!    steps of policies to apply and labels to change, then probes, each with upstream's
-//!    own expectation. [`Case::instantiate`] makes one concrete for an IP family.
+//!    own expectation. [`Case::ports`] says which ports the pods must serve, and
+//!    [`Case::instantiate`] makes the case concrete for an IP family.
 //! 3. [`model`]: the oracle. [`State::expected`] answers "does x/a reach y/b on 80/TCP
 //!    after this step", from the API reference alone.
 //! 4. [`reachability`]: upstream's way of writing expectations, and its truth tables.

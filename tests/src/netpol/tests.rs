@@ -5,7 +5,7 @@ use std::net::IpAddr;
 use serde_json::{json, Value};
 
 use super::cases::{self, Case, Suite};
-use super::cluster::{pod_keys, port_name, upstream_cluster, PodAddresses};
+use super::cluster::{pod_keys, port_name, upstream_cluster, PodAddresses, PORTS};
 use super::model::{
     Cluster, Connection, ContainerPort, Endpoint, Family, Labels, Namespace, NetworkPolicy, Pod, Protocol,
 };
@@ -221,7 +221,7 @@ fn pod_to_pod(
 
 #[test]
 fn netpol_a_pod_no_policy_selects_is_not_isolated() {
-    let cluster = upstream_cluster(&addresses());
+    let cluster = upstream_cluster(&addresses(), &PORTS);
     let policies = [np("x", json!({"podSelector": {"matchLabels": {"pod": "a"}}}))];
     assert!(!pod_to_pod(
         &cluster,
@@ -255,7 +255,7 @@ fn netpol_a_pod_no_policy_selects_is_not_isolated() {
 
 #[test]
 fn netpol_rules_of_several_policies_add_up() {
-    let cluster = upstream_cluster(&addresses());
+    let cluster = upstream_cluster(&addresses(), &PORTS);
     let from = |pod: &str| {
         np(
             "x",
@@ -354,7 +354,7 @@ fn netpol_named_ports_resolve_on_each_destination_pod() {
 #[test]
 fn netpol_ip_blocks_match_pods_and_outside_addresses_of_their_family() {
     let addresses = addresses();
-    let cluster = upstream_cluster(&addresses);
+    let cluster = upstream_cluster(&addresses, &PORTS);
     let policies = vec![parse(np(
         "x",
         json!({"podSelector": {"matchLabels": {"pod": "a"}},
@@ -389,7 +389,7 @@ fn netpol_ip_blocks_match_pods_and_outside_addresses_of_their_family() {
 
 #[test]
 fn netpol_outside_sources_meet_only_ingress_and_never_a_selector() {
-    let cluster = upstream_cluster(&addresses());
+    let cluster = upstream_cluster(&addresses(), &PORTS);
     let case = cases::all()
         .into_iter()
         .find(|c| c.title == "should enforce policy to allow ingress traffic for a target")
@@ -405,7 +405,7 @@ fn netpol_outside_sources_meet_only_ingress_and_never_a_selector() {
 
 #[test]
 fn netpol_every_upstream_pod_serves_named_ports() {
-    let cluster = upstream_cluster(&addresses());
+    let cluster = upstream_cluster(&addresses(), &PORTS);
     assert_eq!(cluster.pods.len(), 9);
     for (pod, key) in cluster.pods.iter().zip(pod_keys()) {
         assert_eq!(pod.key(), key);

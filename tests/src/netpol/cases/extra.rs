@@ -1,9 +1,9 @@
-//! Ferry's own cases, for parts of the API upstream's network_policy.go (in the versions
-//! transcribed in `upstream`) does not probe: `endPort`, two policies of the same name in
-//! two namespaces, `ipBlock` on ingress, `Exists`/`DoesNotExist`, the `policyTypes`
-//! defaults, and named ports of UDP and SCTP. The expectations are written by hand in
-//! upstream's statements, from the API reference, and checked against the oracle like
-//! upstream's.
+//! Ferry's own cases, for what upstream's cases leave unprobed: an `endPort` range with a
+//! protocol and a range that ends inside the served ports, two policies of one name in
+//! two namespaces, `ipBlock` on ingress (upstream's are all egress), `Exists` and
+//! `DoesNotExist`, the `policyTypes` defaults (upstream always writes them), and named
+//! ports of UDP and SCTP. The expectations are written by hand in upstream's statements,
+//! from the API reference, and checked against the oracle like upstream's.
 
 use serde_json::json;
 

@@ -8,6 +8,12 @@
 //! `map[string]string{}` is `{}`. Ports with no protocol are upstream's, not omissions.
 //!
 //! Expectations use upstream's statements in upstream's order (see `reachability`).
+//!
+//! Three cases come from an older form of the file (before v1.25, when namespaces were
+//! selected by an `ns` label and egress rules also let DNS through): the two of the
+//! "using port range" context, upstream's only `endPort` cases, and the SCTP twin of
+//! "should not allow access by TCP when a policy specifies only UDP". They are written
+//! against today's topology; their tables are unchanged.
 
 use serde_json::json;
 
@@ -18,6 +24,7 @@ use super::{case, policy, probe, step, Action, Case, Suite};
 pub fn cases() -> Vec<Case> {
     let mut cases = tcp_cases();
     cases.extend(other_protocol_cases());
+    cases.extend(older_cases());
     cases
 }
 
@@ -451,4 +458,67 @@ fn pod_in_other_namespace(suite: Suite, port: u16, protocol: super::super::model
                 "podSelector": {"matchLabels": {"pod": "a"}}}]}]}))],
         vec![probe(port, protocol, R::all().all_ingress("x/a", false).pair("y/a", "x/a", true))],
     )])
+}
+
+/// From the pre-v1.25 file; see the module docs.
+fn older_cases() -> Vec<Case> {
+    let range = Suite::PortRange;
+    let ingress_probes = || {
+        let mut probes: Vec<_> = (111..=115)
+            .map(|port| probe(port, Tcp, R::all().all_ingress("x/a", true)))
+            .collect();
+        probes.push(probe(116, Tcp, R::all().all_ingress("x/a", false)));
+        probes
+    };
+    let egress_probes = || {
+        let mut probes: Vec<_> = (111..=115)
+            .map(|port| probe(port, Tcp, R::all().all_egress("x/a", true)))
+            .collect();
+        probes.push(probe(116, Tcp, R::all().all_egress("x/a", false)));
+        probes
+    };
+    vec![
+        case(
+            Suite::Tcp,
+            "should not allow access by TCP when a policy specifies only SCTP",
+            vec![step(
+                vec![policy(
+                    "x",
+                    "allow-only-sctp-ingress-on-port-81",
+                    json!({
+                "podSelector": {"matchLabels": {"pod": "a"}}, "policyTypes": ["Ingress"],
+                "ingress": [{"ports": [{"port": 81, "protocol": "SCTP"}]}]}),
+                )],
+                vec![probe(81, Tcp, R::all().all_ingress("x/a", false))],
+            )],
+        ),
+        case(
+            range,
+            "should enforce policy to allow ingress traffic using port range",
+            vec![step(
+                vec![policy(
+                    "x",
+                    "allow-ingress-use-port-range",
+                    json!({
+                "podSelector": {"matchLabels": {"pod": "a"}}, "policyTypes": ["Ingress"],
+                "ingress": [{"ports": [{"port": 111, "endPort": 115}]}]}),
+                )],
+                ingress_probes(),
+            )],
+        ),
+        case(
+            range,
+            "should enforce policy to allow egress traffic using port range",
+            vec![step(
+                vec![policy(
+                    "x",
+                    "allow-egress-use-port-range",
+                    json!({
+                "podSelector": {"matchLabels": {"pod": "a"}}, "policyTypes": ["Egress"],
+                "egress": [{"ports": [{"port": 111, "endPort": 115}]}]}),
+                )],
+                egress_probes(),
+            )],
+        ),
+    ]
 }
