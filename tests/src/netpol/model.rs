@@ -40,6 +40,9 @@
 //! 9. A connection between two pods is allowed only when the source's egress allows it
 //!    AND the destination's ingress allows it. A source or destination that is not a pod
 //!    (an address outside the cluster) has no policy of its own.
+//! 10. Not modelled: the API also lets a pod's own node reach it whatever the policies
+//!     (kubelet's probes). The oracle has no node endpoint; a test that probes from the
+//!     node must not ask it.
 //!
 //! Policies that the API server would refuse are refused here too, with the JSON path
 //! of the mistake, so a typo in a test case cannot silently mean "allow everything".
@@ -611,8 +614,14 @@ fn port(raw: &json::Port, path: &str) -> Result<PortMatch, Invalid> {
             ))
         }
         (Some(json::PortValue::Name(name)), None) => {
-            if name.is_empty() {
-                return Err((format!("{path}.port"), "a port name cannot be empty".into()));
+            if !is_port_name(name) {
+                return Err((
+                    format!("{path}.port"),
+                    format!(
+                        "{name:?} is not a port name (1-15 of a-z, 0-9 and '-', with a letter, \
+                         no '-' at either end or twice in a row); write a number as a number"
+                    ),
+                ));
             }
             Some(PortRef::Name(name.clone()))
         }
@@ -631,6 +640,18 @@ fn port(raw: &json::Port, path: &str) -> Result<PortMatch, Invalid> {
         }
     };
     Ok(PortMatch { protocol, port })
+}
+
+/// The API's rule for container port names (an IANA service name).
+fn is_port_name(name: &str) -> bool {
+    (1..=15).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && name.bytes().any(|b| b.is_ascii_lowercase())
+        && !name.starts_with('-')
+        && !name.ends_with('-')
+        && !name.contains("--")
 }
 
 fn selector(raw: &json::Selector, path: &str) -> Result<Selector, Invalid> {
