@@ -39,6 +39,17 @@ pub fn port_name(port: u16, protocol: Protocol) -> String {
     format!("serve-{port}-{}", protocol.as_str().to_lowercase())
 }
 
+/// The name of the Service upstream puts in front of `pod` (`x/a` gives `s-x-a`); it
+/// selects the pod by its `pod` label and exposes every served port.
+pub fn service_name(pod: &str) -> String {
+    format!("s-{}", pod.replace('/', "-"))
+}
+
+/// The name of that Service's port for `port`/`protocol`, e.g. `service-port-tcp-80`.
+pub fn service_port_name(port: u16, protocol: Protocol) -> String {
+    format!("service-port-{}-{port}", protocol.as_str().to_lowercase())
+}
+
 /// Labels a namespace of the topology starts with (before the API server's name label).
 pub fn namespace_labels(namespace: &str) -> Labels {
     Labels::from([("ns".to_string(), namespace.to_string())])

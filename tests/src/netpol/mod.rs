@@ -14,6 +14,15 @@
 //!    after this step", from the API reference alone.
 //! 4. [`reachability`]: upstream's way of writing expectations, and its truth tables.
 //!
+//! What an end-to-end test does with a case, step by step: start the nine pods, each
+//! serving [`Case::ports`] on TCP, UDP and SCTP behind a Service named
+//! [`cluster::service_name`]; [`Case::instantiate`] it for each family it probes; for each
+//! step apply its actions in order (`Apply` creates or replaces by namespace and name),
+//! then for each probe fill an observed [`TruthTable`] by probing every pair, to the pod's
+//! address and to its ClusterIP, and compare it with `step.state.truth_table(port,
+//! protocol)` through [`TruthTable::mismatches`] (upstream leaves the diagonal out:
+//! [`UPSTREAM_IGNORES_LOOPBACK`]), printing [`TruthTable::report`] when they differ.
+//!
 //! ```
 //! use ferry_tests::netpol::{self, Family, PodAddresses, Protocol};
 //!

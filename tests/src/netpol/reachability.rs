@@ -180,6 +180,15 @@ impl TruthTable {
         out
     }
 
+    /// The three grids upstream logs when a probe fails: expected (`self`), observed, and
+    /// their comparison, each under its heading.
+    pub fn report(&self, observed: &TruthTable) -> String {
+        format!(
+            "expected:\n{self}\nobserved:\n{observed}\ncomparison:\n{}",
+            self.comparison(observed)
+        )
+    }
+
     /// Upstream's "comparison" grid: `.` where the tables agree, `X` where they differ.
     pub fn comparison(&self, other: &TruthTable) -> TruthTable {
         let cells = self

@@ -5,7 +5,9 @@ use std::net::IpAddr;
 use serde_json::{json, Value};
 
 use super::cases::{self, Case, Suite};
-use super::cluster::{pod_keys, port_name, upstream_cluster, PodAddresses, PORTS};
+use super::cluster::{
+    pod_keys, port_name, service_name, service_port_name, upstream_cluster, PodAddresses, PORTS,
+};
 use super::model::{
     Cluster, Connection, ContainerPort, Endpoint, Family, Labels, Namespace, NetworkPolicy, Pod, Protocol,
 };
@@ -39,15 +41,14 @@ fn disagreements(cases: &[Case], family: Family) -> Vec<String> {
                 let oracle = step.state.truth_table(probe.port, probe.protocol);
                 let wrong = expected.mismatches(&oracle, true);
                 if !wrong.is_empty() {
+                    // Expected is upstream's table, observed the oracle's.
                     reports.push(format!(
-                        "{} ({family:?}), step {index}, {}/{}: {} pairs differ: {wrong:?}\n\
-                         expected (upstream):\n{expected}\nobserved (oracle):\n{oracle}\n\
-                         comparison:\n{}",
+                        "{} ({family:?}), step {index}, {}/{}: {} pairs differ: {wrong:?}\n{}",
                         scenario.name,
                         probe.port,
                         probe.protocol,
                         wrong.len(),
-                        expected.comparison(&oracle)
+                        expected.report(&oracle)
                     ));
                 }
             }
@@ -419,6 +420,8 @@ fn netpol_every_upstream_pod_serves_named_ports() {
         assert_eq!(pod.ips.len(), 2);
     }
     assert_eq!(port_name(80, Protocol::Udp), "serve-80-udp");
+    assert_eq!(service_name("y/c"), "s-y-c");
+    assert_eq!(service_port_name(81, Protocol::Sctp), "service-port-sctp-81");
     let y = cluster.namespace("y").unwrap();
     assert_eq!(y.labels.get("ns").map(String::as_str), Some("y"));
     assert_eq!(
