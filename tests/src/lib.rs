@@ -28,6 +28,7 @@ pub mod bench;
 mod bins;
 mod cni;
 mod netns;
+pub mod netpol;
 mod node;
 mod pods;
 mod proxy;
