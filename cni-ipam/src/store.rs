@@ -20,7 +20,9 @@
 //! whose file is never seen half-written, not even by a call that runs after kill -9 of
 //! the writer (host-local creates the name first, then writes: killed in between, it
 //! leaves an empty lease). An ADD writes its lease before it takes the lock (the bytes do
-//! not depend on the address, and all its leases are links to that one file). Where
+//! not depend on the address, and all its leases are links to that one file), so making
+//! its inode, the dearest step of an ADD (~110 us on this machine's ext4), does not hold
+//! up the other calls. Where
 //! `O_TMPFILE` is not available, a named temporary file is used, under the lock; those a
 //! killed call left behind are removed by the next call.
 //!
@@ -231,7 +233,7 @@ pub struct Store {
     stamps: Vec<String>,
     /// This boot's id, part of every stamp: a stamp from an earlier boot is not trusted.
     boot_id: Option<String>,
-    /// The lease an ADD wrote and flushed before taking the lock, ready to be linked.
+    /// The lease an ADD wrote before taking the lock, ready to be linked.
     prepared: Option<Prepared>,
     /// Held for its flock; closing the file releases it.
     _lock: File,
@@ -294,8 +296,8 @@ impl Store {
         Store::open_with(dir, true, None)
     }
 
-    /// As [`Store::open`], for an ADD of this attachment: its lease is written and flushed
-    /// before the lock is taken, for [`Store::reserve`] to link into place.
+    /// As [`Store::open`], for an ADD of this attachment: its lease is written before the
+    /// lock is taken, for [`Store::reserve`] to link into place.
     pub fn open_to_add(dir: &Path, container_id: &str, ifname: &str) -> Result<Store, Error> {
         Store::open_with(dir, true, Some(lease_content(container_id, Some(ifname))))
     }
@@ -1184,7 +1186,7 @@ mod tests {
     }
 
     #[test]
-    fn an_add_links_one_file_flushed_before_the_lock_for_all_its_leases() {
+    fn an_add_links_one_file_written_before_the_lock_for_all_its_leases() {
         use std::os::unix::fs::MetadataExt;
         let d = tempfile::tempdir().unwrap();
         let mut s = Store::open_to_add(d.path(), "c1", "eth0").unwrap();
