@@ -54,7 +54,9 @@
 //! (`/proc/sys/kernel/random/boot_id`): the first call of a new boot does not trust the
 //! index, reads every lease, and frees the empty ones. Complete leases of containers
 //! gone with the reboot stay until DEL or GC releases them, as with host-local: a leak
-//! until then, never a conflict.
+//! until then, never a conflict. They are not freed at boot: a runtime that brings a
+//! container back under its old id (podman's restart policy) ADDs it again and, the
+//! lease being there, gets its old address back.
 //!
 //! # The owner index
 //!
