@@ -84,11 +84,12 @@
 //! container, leaving an entry that names the wrong owner. So the index is trusted only
 //! while nobody else has changed the lease directory since a ferry-ipam call last left
 //! the index exact. That call, on its way out, sets the directory's mtime to one
-//! nanosecond before the real one and records the value in the name of the `exact-at.`
-//! file. Creating, removing or renaming anything in the directory afterwards sets its
-//! mtime to the current time, which is later, so the two no longer match: this covers
-//! host-local, hand edits, and ferry-ipam calls killed before their end. A call that finds
-//! no match reads every lease file, as before the index existed, and repairs the index.
+//! nanosecond before the real one and records the value, with the boot id, in the name
+//! of the `exact-at.` file. Creating, removing or renaming anything in the directory
+//! afterwards sets its mtime to the current time, which is later, so the two no longer
+//! match: this covers host-local, hand edits, and ferry-ipam calls killed before their
+//! end; a new boot does too. A call that finds no match reads every lease file, as
+//! before the index existed, and repairs the index.
 //! With the index trusted, a call also reads the leases filed under no key, and falls back
 //! to reading everything if a lease's content contradicts its entries.
 //!
@@ -117,8 +118,8 @@ const TEMP_PREFIX: &str = ".ferry-tmp-";
 const LINE_BREAK: &str = "\r\n";
 /// The owner index, inside the lease directory.
 pub const OWNERS_DIR: &str = ".ferry-owners";
-/// In the index: `exact-at.<seconds>.<nanoseconds>`, the lease directory's mtime when the
-/// index was last known exact.
+/// In the index: `exact-at.<seconds>.<nanoseconds>.<boot id>`, the lease directory's mtime
+/// when the index was last known exact, and the boot that was in.
 const STAMP_PREFIX: &str = "exact-at.";
 /// In the index: the empty file that every entry is a link to.
 const EMPTY_FILE: &str = "empty";
