@@ -86,7 +86,8 @@ fn owner_index(dir: &Path) -> Vec<(String, IpAddr)> {
     };
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        if name.starts_with("exact-at.") {
+        // The stamp, and the one empty file that entries are links to.
+        if name.starts_with("exact-at.") || name == "empty" {
             continue;
         }
         let (key, ip) = name
@@ -851,4 +852,172 @@ fn an_address_host_local_released_and_gave_to_another_container_is_that_containe
     call(&ipam(), "DEL", "j", None);
     assert_eq!(leases(&data), BTreeMap::new());
     assert_eq!(owner_index(&dir), vec![], "DEL removed the entry with the lease");
+}
+
+/// `FS_IOC_SHUTDOWN` (`_IOR('X', 125, u32)`, ext4 and xfs) and its flag that commits the
+/// journal but writes back no data: what a power cut does a few seconds after a write.
+const FS_IOC_SHUTDOWN: nix::libc::c_ulong = 0x8004_587d;
+const FS_GOING_FLAGS_LOGFLUSH: u32 = 1;
+
+/// Runs `f` on a thread of its own in a private mount namespace, with a fresh ext4 file
+/// system (a loop-mounted file under `scratch`) at the path it is given. The machine's
+/// mounts are untouched: the namespace, and the mount in it, end with the thread.
+fn on_scratch_ext4<T: Send>(scratch: &Path, f: impl FnOnce(&Path) -> T + Send) -> T {
+    use nix::mount::{mount, MsFlags};
+    use nix::sched::{unshare, CloneFlags};
+    let run = |what: &str, cmd: &mut std::process::Command| {
+        let out = cmd.output().unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert!(
+            out.status.success(),
+            "{what}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            unshare(CloneFlags::CLONE_NEWNS).expect("a mount namespace of our own");
+            mount(
+                None::<&str>,
+                "/",
+                None::<&str>,
+                MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+                None::<&str>,
+            )
+            .expect("making our mounts private");
+            let image = scratch.join("disk.img");
+            let mnt = scratch.join("mnt");
+            std::fs::create_dir_all(&mnt).unwrap();
+            std::fs::File::create(&image).unwrap().set_len(32 << 20).unwrap();
+            run(
+                "mkfs.ext4",
+                std::process::Command::new("mkfs.ext4")
+                    .args(["-q", "-F"])
+                    .arg(&image),
+            );
+            run(
+                "mount",
+                std::process::Command::new("mount")
+                    .args(["-o", "loop"])
+                    .arg(&image)
+                    .arg(&mnt),
+            );
+            f(&mnt)
+        })
+        .join()
+        .unwrap_or_else(|e| std::panic::resume_unwind(e))
+    })
+}
+
+#[test]
+fn after_a_power_cut_leases_are_whole_or_empty_and_the_next_boot_frees_the_empty_ones() {
+    require_root!();
+    let node = Node::new("ipam-crash");
+    let pod = node.pod("pod");
+    let add = |config: &Value, id: &str| {
+        CniCall::new(ipam(), "ADD", config.clone())
+            .container_id(id)
+            .netns(Some(&pod.path()))
+            .run_in(node.netns())
+            .ok()
+    };
+    on_scratch_ext4(node.state_dir(), |mnt| {
+        let data = mnt.join("ipam");
+        let config = dual_stack(&data);
+        let before: Vec<String> = (0..6).map(|i| format!("old{i}")).collect();
+        for id in &before {
+            add(&config, id);
+        }
+        // The power cut: the journal (names, sizes) reaches the disk, the leases' bytes
+        // (no fdatasync) do not. Then the disk is mounted again, as after the reboot.
+        let fd = std::fs::File::open(mnt).unwrap();
+        // SAFETY: ioctl(2) on an fd we own, reading one u32 we own.
+        let shut = unsafe {
+            nix::libc::ioctl(
+                std::os::fd::AsRawFd::as_raw_fd(&fd),
+                FS_IOC_SHUTDOWN,
+                &FS_GOING_FLAGS_LOGFLUSH,
+            )
+        };
+        assert_eq!(shut, 0, "FS_IOC_SHUTDOWN: {}", std::io::Error::last_os_error());
+        drop(fd);
+        let remount = |args: &[&str]| {
+            let out = std::process::Command::new(args[0])
+                .args(&args[1..])
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let m = mnt.to_str().unwrap();
+        let image = mnt.parent().unwrap().join("disk.img");
+        remount(&["umount", m]);
+        remount(&["mount", "-o", "loop", image.to_str().unwrap(), m]);
+
+        // Every lease is whole or empty, never garbage.
+        let survived = leases(&data);
+        let empty: Vec<IpAddr> = survived
+            .iter()
+            .filter(|(_, c)| c.is_empty())
+            .map(|(ip, _)| *ip)
+            .collect();
+        for (ip, content) in &survived {
+            assert!(
+                content.is_empty() || before.iter().any(|id| *content == format!("{id}\r\neth0")),
+                "{ip} holds {content:?}"
+            );
+        }
+        println!(
+            "after the power cut: {} lease files, {} of them empty",
+            survived.len(),
+            empty.len()
+        );
+
+        // The reboot: the index stamp names another boot, so the first call reads every
+        // lease and frees the empty ones; new sandboxes get addresses no whole lease holds.
+        let owners = data.join("testnet").join(OWNERS_DIR);
+        for e in std::fs::read_dir(&owners).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some((at, _boot)) = name.strip_prefix("exact-at.").and_then(|n| n.rsplit_once('.')) {
+                let earlier = format!("exact-at.{at}.00000000-0000-4000-8000-000000000000");
+                std::fs::rename(e.path(), owners.join(earlier)).unwrap();
+            }
+        }
+        let after: Vec<String> = (0..6).map(|i| format!("new{i}")).collect();
+        let mut given = HashSet::new();
+        for id in &after {
+            for a in addresses(&add(&config, id)) {
+                let ip: IpAddr = a.split('/').next().unwrap().parse().unwrap();
+                assert!(given.insert(ip), "{ip} given twice");
+                assert!(
+                    !survived.get(&ip).is_some_and(|c| !c.is_empty()),
+                    "{ip} is still leased to {:?}",
+                    survived[&ip]
+                );
+            }
+        }
+        assert!(
+            !leases(&data).values().any(String::is_empty),
+            "no empty lease is left: {:?}",
+            leases(&data)
+        );
+        // GC of the runtime, which knows only the new sandboxes, releases the rest.
+        let mut gc = config.clone();
+        gc["cni.dev/valid-attachments"] = json!(after
+            .iter()
+            .map(|id| json!({"containerID": id, "ifname": "eth0"}))
+            .collect::<Vec<_>>());
+        CniCall::new(ipam(), "GC", gc).run_in(node.netns()).ok();
+        let mut owners: Vec<String> = leases(&data).into_values().collect();
+        owners.sort();
+        // One lease per family.
+        let mut want: Vec<String> = after
+            .iter()
+            .flat_map(|id| [format!("{id}\r\neth0"), format!("{id}\r\neth0")])
+            .collect();
+        want.sort();
+        assert_eq!(owners, want);
+    });
 }
