@@ -71,8 +71,8 @@ impl fmt::Display for Error {
         match self {
             Error::Open { family, source } => write!(
                 f,
-                "cannot open a {family} netlink socket: {source} (Ferry needs CAP_NET_ADMIN in this \
-                 network namespace, and a kernel with {family})"
+                "cannot open a {family} netlink socket: {source} (\"Protocol not supported\" means \
+                 this kernel was built without {family})"
             ),
             Error::Socket { request, source } => write!(f, "{request}: {source}"),
             Error::Kernel {

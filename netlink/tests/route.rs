@@ -1,12 +1,15 @@
 //! rtnetlink over `Socket<Route>`, and `Netns::run`, in namespaces each test makes.
 
 use std::io::Write;
+use std::ops::ControlFlow;
 use std::process::Command;
 
 use ferry_netlink::route::Route;
-use ferry_netlink::{Error, Netns, Socket};
+use ferry_netlink::{Error, Frame, Netns, Socket};
 use ferry_tests::{require_root, unique_v4_subnet};
-use netlink_packet_core::{NLM_F_CREATE, NLM_F_EXCL};
+use netlink_packet_core::{
+    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REQUEST,
+};
 use netlink_packet_route::address::{AddressAttribute, AddressMessage};
 use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage};
 use netlink_packet_route::RouteNetlinkMessage;
@@ -187,4 +190,71 @@ fn netns_errors_say_which_namespace_and_why() {
     let (_ns, netns) = testbed("nl-panic");
     let panicked = netns.run(|| panic!("boom in the netns")).unwrap_err();
     assert!(panicked.to_string().contains("boom in the netns"), "{panicked}");
+}
+
+/// The raw layer an nf_tables batch needs: several framed requests in one send, each
+/// answered under its own sequence number, read until the answer of the last.
+#[test]
+fn raw_requests_in_one_send_are_answered_per_sequence_number() {
+    require_root!();
+    let (ns, netns) = testbed("nl-raw");
+    ns.exec_ok(&[
+        "ip",
+        "link",
+        "add",
+        "fyraw",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "fyraw-peer",
+    ]);
+    let answers = netns
+        .run(|| {
+            let mut s = Socket::<Route>::open().unwrap();
+            let mut bytes = Vec::new();
+            let mut seqs = Vec::new();
+            // Delete a link that is not there, then one that is, then the missing one again.
+            for name in ["fynothere", "fyraw", "fynothere"] {
+                let mut link = LinkMessage::default();
+                link.attributes.push(LinkAttribute::IfName(name.into()));
+                let mut header = NetlinkHeader::default();
+                header.flags = NLM_F_REQUEST | NLM_F_ACK;
+                header.sequence_number = s.next_seq();
+                seqs.push(header.sequence_number);
+                let mut m =
+                    NetlinkMessage::new(header, NetlinkPayload::from(RouteNetlinkMessage::DelLink(link)));
+                m.finalize();
+                let start = bytes.len();
+                bytes.resize(start + m.buffer_len(), 0);
+                m.serialize(&mut bytes[start..]);
+            }
+            s.send_raw(&bytes).unwrap();
+            let last = seqs[2];
+            let mut answers = Vec::new();
+            s.receive(|frame| {
+                let (seq, errno) = match frame {
+                    Frame::Ack { seq } => (seq, 0),
+                    Frame::Error { seq, errno, .. } => (seq, errno),
+                    _ => return ControlFlow::Continue(()),
+                };
+                answers.push((seq, errno));
+                if seq == last {
+                    ControlFlow::Break(())
+                } else {
+                    ControlFlow::Continue(())
+                }
+            })
+            .unwrap();
+            seqs.iter()
+                .map(|seq| answers.iter().find(|(s, _)| s == seq).map(|(_, errno)| *errno))
+                .collect::<Vec<_>>()
+        })
+        .unwrap();
+    assert_eq!(answers, [Some(libc::ENODEV), Some(0), Some(libc::ENODEV)]);
+    let links = ns.exec_ok(&["ip", "-o", "link", "show"]);
+    assert!(
+        !links.contains("fyraw"),
+        "the middle request was applied: {links}"
+    );
 }
