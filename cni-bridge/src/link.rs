@@ -1,10 +1,9 @@
 //! Links, addresses and routes: the rtnetlink requests the plugin makes, as methods on
-//! [`Socket`]. Each method is one request (or one dump) and returns the kernel's answer
-//! as an `io::Error` carrying the errno, which the caller turns into a CNI error naming
-//! what it was doing.
+//! [`Socket`]. Each method is one request (or one dump); a refusal comes back as
+//! ferry-netlink's [`Error`], naming the request, with the kernel's errno and reason, which
+//! the caller turns into a CNI error saying what it was doing.
 
 use std::fs::File;
-use std::io;
 use std::net::IpAddr;
 use std::os::fd::AsRawFd;
 
@@ -20,7 +19,7 @@ use netlink_packet_route::route::{
 };
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 
-use crate::netlink::Socket;
+use crate::netlink::{Error, Result, Socket};
 
 /// What the plugin needs to know of a link.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -139,34 +138,31 @@ fn link_message(index: u32) -> LinkMessage {
     m
 }
 
-fn is_errno(e: &io::Error, errno: i32) -> bool {
-    e.raw_os_error() == Some(errno)
-}
-
 /// "No such device" from the kernel: the link is not there.
-pub fn is_missing(e: &io::Error) -> bool {
-    is_errno(e, libc::ENODEV) || is_errno(e, libc::ENOENT)
+pub fn is_missing(e: &Error) -> bool {
+    matches!(e.errno(), Some(libc::ENODEV | libc::ENOENT))
 }
 
-pub fn is_exists(e: &io::Error) -> bool {
-    is_errno(e, libc::EEXIST)
+pub fn is_exists(e: &Error) -> bool {
+    e.errno() == Some(libc::EEXIST)
 }
 
 impl Socket {
-    pub fn link_by_name(&mut self, name: &str) -> io::Result<Option<Link>> {
+    pub fn link_by_name(&mut self, name: &str) -> Result<Option<Link>> {
         let mut m = link_message(0);
         m.attributes.push(LinkAttribute::IfName(name.to_string()));
         match self.get(RouteNetlinkMessage::GetLink(m)) {
             Ok(RouteNetlinkMessage::NewLink(m)) => Ok(Some(m.into())),
-            Ok(other) => Err(io::Error::other(format!(
-                "unexpected answer to GETLINK: {other:?}"
-            ))),
+            Ok(other) => Err(Error::Unexpected {
+                request: format!("rtnetlink RTM_GETLINK {name}"),
+                what: format!("the kernel answered with {other:?}"),
+            }),
             Err(e) if is_missing(&e) => Ok(None),
             Err(e) => Err(e),
         }
     }
 
-    pub fn links(&mut self) -> io::Result<Vec<Link>> {
+    pub fn links(&mut self) -> Result<Vec<Link>> {
         Ok(self
             .dump(RouteNetlinkMessage::GetLink(link_message(0)))?
             .into_iter()
@@ -184,7 +180,7 @@ impl Socket {
         mtu: Option<u32>,
         vlan_filtering: bool,
         mac: [u8; 6],
-    ) -> io::Result<()> {
+    ) -> Result<()> {
         let mut m = link_message(0);
         m.attributes.push(LinkAttribute::IfName(name.to_string()));
         m.attributes.push(LinkAttribute::Address(mac.to_vec()));
@@ -202,7 +198,7 @@ impl Socket {
     }
 
     /// Turns VLAN filtering on for an existing bridge.
-    pub fn set_vlan_filtering(&mut self, bridge: u32) -> io::Result<()> {
+    pub fn set_vlan_filtering(&mut self, bridge: u32) -> Result<()> {
         let mut m = link_message(bridge);
         m.attributes.push(LinkAttribute::LinkInfo(vec![
             LinkInfo::Kind(InfoKind::Bridge),
@@ -212,7 +208,7 @@ impl Socket {
     }
 
     /// Creates a veth pair with `peer` placed directly in `peer_netns`, in one request.
-    pub fn create_veth(&mut self, host: &VethEnd, peer: &VethEnd, peer_netns: &File) -> io::Result<()> {
+    pub fn create_veth(&mut self, host: &VethEnd, peer: &VethEnd, peer_netns: &File) -> Result<()> {
         let mut p = link_message(0);
         p.attributes.push(LinkAttribute::IfName(peer.name.to_string()));
         p.attributes.push(LinkAttribute::NetNsFd(peer_netns.as_raw_fd()));
@@ -238,40 +234,40 @@ impl Socket {
     }
 
     /// Sets the flags in `mask` to the values in `flags` (e.g. `Up`, `Promisc`).
-    pub fn set_flags(&mut self, index: u32, flags: LinkFlags, mask: LinkFlags) -> io::Result<()> {
+    pub fn set_flags(&mut self, index: u32, flags: LinkFlags, mask: LinkFlags) -> Result<()> {
         let mut m = link_message(index);
         m.header.flags = flags;
         m.header.change_mask = mask;
         self.request(RouteNetlinkMessage::SetLink(m), 0)
     }
 
-    pub fn set_up(&mut self, index: u32) -> io::Result<()> {
+    pub fn set_up(&mut self, index: u32) -> Result<()> {
         self.set_flags(index, LinkFlags::Up, LinkFlags::Up)
     }
 
     /// Makes the link a port of `bridge`.
-    pub fn set_controller(&mut self, index: u32, bridge: u32) -> io::Result<()> {
+    pub fn set_controller(&mut self, index: u32, bridge: u32) -> Result<()> {
         let mut m = link_message(index);
         m.attributes.push(LinkAttribute::Controller(bridge));
         self.request(RouteNetlinkMessage::SetLink(m), 0)
     }
 
     /// Renames a link (it must be down).
-    pub fn set_name(&mut self, index: u32, name: &str) -> io::Result<()> {
+    pub fn set_name(&mut self, index: u32, name: &str) -> Result<()> {
         let mut m = link_message(index);
         m.attributes.push(LinkAttribute::IfName(name.to_string()));
         self.request(RouteNetlinkMessage::SetLink(m), 0)
     }
 
     /// A free-text label on the link: how GC finds the veths of an attachment.
-    pub fn set_alias(&mut self, index: u32, alias: &str) -> io::Result<()> {
+    pub fn set_alias(&mut self, index: u32, alias: &str) -> Result<()> {
         let mut m = link_message(index);
         m.attributes.push(LinkAttribute::IfAlias(alias.to_string()));
         self.request(RouteNetlinkMessage::SetLink(m), 0)
     }
 
     /// Sets bridge port options (hairpin, isolation, ...) of a link that is a bridge port.
-    pub fn set_bridge_port(&mut self, index: u32, options: Vec<InfoBridgePort>) -> io::Result<()> {
+    pub fn set_bridge_port(&mut self, index: u32, options: Vec<InfoBridgePort>) -> Result<()> {
         let mut m = link_message(index);
         m.attributes.push(LinkAttribute::LinkInfo(vec![
             LinkInfo::PortKind(InfoPortKind::Bridge),
@@ -281,13 +277,7 @@ impl Socket {
     }
 
     /// Adds (or with `add == false` removes) VLAN `vid` on bridge port `index`.
-    pub fn bridge_vlan(
-        &mut self,
-        index: u32,
-        vid: u16,
-        flags: BridgeVlanInfoFlags,
-        add: bool,
-    ) -> io::Result<()> {
+    pub fn bridge_vlan(&mut self, index: u32, vid: u16, flags: BridgeVlanInfoFlags, add: bool) -> Result<()> {
         let mut m = link_message(index);
         m.header.interface_family = AddressFamily::Bridge;
         m.attributes
@@ -302,12 +292,12 @@ impl Socket {
         self.request(msg, 0)
     }
 
-    pub fn delete_link(&mut self, index: u32) -> io::Result<()> {
+    pub fn delete_link(&mut self, index: u32) -> Result<()> {
         self.request(RouteNetlinkMessage::DelLink(link_message(index)), 0)
     }
 
     /// Adds an address; `EEXIST` is returned as is.
-    pub fn add_address(&mut self, index: u32, addr: IpNetwork, nodad: bool) -> io::Result<()> {
+    pub fn add_address(&mut self, index: u32, addr: IpNetwork, nodad: bool) -> Result<()> {
         let mut m = AddressMessage::default();
         m.header.family = family(addr.ip());
         m.header.prefix_len = addr.prefix();
@@ -320,7 +310,7 @@ impl Socket {
         self.request(RouteNetlinkMessage::NewAddress(m), NLM_F_CREATE | NLM_F_EXCL)
     }
 
-    pub fn delete_address(&mut self, index: u32, addr: IpNetwork) -> io::Result<()> {
+    pub fn delete_address(&mut self, index: u32, addr: IpNetwork) -> Result<()> {
         let mut m = AddressMessage::default();
         m.header.family = family(addr.ip());
         m.header.prefix_len = addr.prefix();
@@ -330,7 +320,7 @@ impl Socket {
     }
 
     /// The addresses of link `index`, with their prefix lengths.
-    pub fn addresses(&mut self, index: u32) -> io::Result<Vec<IpNetwork>> {
+    pub fn addresses(&mut self, index: u32) -> Result<Vec<IpNetwork>> {
         let mut out = Vec::new();
         for m in self.dump(RouteNetlinkMessage::GetAddress(AddressMessage::default()))? {
             let RouteNetlinkMessage::NewAddress(a) = m else {
@@ -358,7 +348,7 @@ impl Socket {
     }
 
     /// Adds a route out of link `oif` in the main table; `EEXIST` is returned as is.
-    pub fn add_route(&mut self, route: &cni::Route, oif: u32) -> io::Result<()> {
+    pub fn add_route(&mut self, route: &cni::Route, oif: u32) -> Result<()> {
         let dst = route.dst;
         let mut m = RouteMessage::default();
         m.header.address_family = family(dst.ip());
@@ -398,7 +388,7 @@ impl Socket {
     }
 
     /// Unicast routes of the main table of one family.
-    pub fn routes(&mut self, v4: bool) -> io::Result<Vec<RouteEntry>> {
+    pub fn routes(&mut self, v4: bool) -> Result<Vec<RouteEntry>> {
         let mut query = RouteMessage::default();
         query.header.address_family = if v4 {
             AddressFamily::Inet

@@ -1,64 +1,54 @@
 //! Entering the Pod's network namespace.
 //!
 //! A network namespace belongs to a thread, not to a process: the Pod-side work runs on a
-//! thread of its own that enters the namespace and ends with it, so the plugin's main
-//! thread never leaves the node's namespace, whatever fails in between.
+//! thread of its own that enters the namespace and ends with it (ferry-netlink's
+//! [`Netns::run`]), so the plugin's main thread never leaves the node's namespace,
+//! whatever fails in between.
 
 use std::fs::File;
 use std::io;
 use std::path::Path;
 
 use cni::{Code, Error};
-use nix::sched::{setns, CloneFlags};
+use ferry_netlink::Netns;
 
 /// The Pod's namespace, opened (so it cannot go away under us while we work).
-pub struct PodNetns {
-    file: File,
-    path: String,
-}
+pub struct PodNetns(Netns);
 
 impl PodNetns {
     /// Opens `CNI_NETNS`; a path that is missing or not a network namespace is code 4.
     pub fn open(path: &Path) -> Result<PodNetns, Error> {
-        let shown = path.display().to_string();
-        let file = File::open(path).map_err(|e| {
+        Netns::open(path).map(PodNetns).map_err(|e| {
+            let reason = match &e {
+                ferry_netlink::Error::NetnsOpen { source, .. } => source.to_string(),
+                other => other.to_string(),
+            };
             Error::new(
                 Code::InvalidEnvironment,
-                format!("CNI_NETNS {shown}: {e}"),
+                format!("CNI_NETNS {}: {reason}", path.display()),
                 "CNI_NETNS must be the path of the container's network namespace, e.g. /run/netns/<name>",
             )
-        })?;
-        Ok(PodNetns { file, path: shown })
+        })
     }
 
     pub fn file(&self) -> &File {
-        &self.file
+        self.0.file()
     }
 
     pub fn path(&self) -> &str {
-        &self.path
+        self.0.path()
     }
 
     /// Runs `f` on a new thread inside this namespace and returns what it returns.
     pub fn run<T: Send>(&self, f: impl FnOnce() -> Result<T, Error> + Send) -> Result<T, Error> {
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                setns(&self.file, CloneFlags::CLONE_NEWNET).map_err(|e| {
-                    Error::new(
-                        Code::InvalidEnvironment,
-                        format!("CNI_NETNS {} is not a network namespace: {e}", self.path),
-                        "CNI_NETNS must be the path of the container's network namespace",
-                    )
-                })?;
-                f()
-            })
-            .join()
-            .unwrap_or_else(|_| {
-                Err(Error::new(
-                    Code::INTERNAL,
-                    "the thread in the Pod's namespace panicked",
-                    "",
-                ))
+        self.0.run(f).unwrap_or_else(|e| {
+            Err(match e {
+                ferry_netlink::Error::NetnsEnter { source, .. } => Error::new(
+                    Code::InvalidEnvironment,
+                    format!("CNI_NETNS {} is not a network namespace: {source}", self.path()),
+                    "CNI_NETNS must be the path of the container's network namespace",
+                ),
+                other => Error::new(Code::INTERNAL, other.to_string(), ""),
             })
         })
     }

@@ -51,7 +51,7 @@ fn alias(network: &str, container_id: &str, ifname: &str) -> String {
 }
 
 /// Wraps a netlink failure into a CNI error saying what was being done.
-fn nl(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
+fn nl(what: impl Into<String>) -> impl FnOnce(crate::netlink::Error) -> Error {
     let what = what.into();
     move |e| Error::new(Code::Io, format!("{what}: {e}"), "")
 }
@@ -394,7 +394,7 @@ impl Plugin for Bridge {
 /// a detached child of this binary then deletes the pair. Should anything of that fail (no
 /// netns to reach the Pod's end, a retired pair of the same name still there), the pair is
 /// deleted here instead. GC deletes retired pairs a reaper left.
-fn retire_veth(env: &cni::Env, host_name: &str) -> std::io::Result<()> {
+fn retire_veth(env: &cni::Env, host_name: &str) -> crate::netlink::Result<()> {
     let mut node = Socket::new()?;
     let Some(host) = node.link_by_name(host_name)? else {
         return Ok(()); // Gone already: DEL is idempotent.
@@ -508,8 +508,8 @@ fn ensure_bridge(node: &mut Socket, cfg: &BridgeConfig) -> Result<Link, Error> {
     Ok(link)
 }
 
-fn is_unsupported(e: &std::io::Error) -> bool {
-    e.raw_os_error() == Some(libc::EOPNOTSUPP)
+fn is_unsupported(e: &crate::netlink::Error) -> bool {
+    e.errno() == Some(libc::EOPNOTSUPP)
 }
 
 /// Kernels built without CONFIG_BRIDGE_VLAN_FILTERING refuse VLAN filtering outright.

@@ -1,0 +1,123 @@
+//! rtnetlink (`NETLINK_ROUTE`): links, addresses and routes, as netlink-packet-route's
+//! messages. `Socket<Route>` (opened with `Socket::<Route>::open()`) carries them; what to ask for is the caller's business
+//! (ferry-bridge's `link.rs` builds its requests on it).
+
+use netlink_packet_route::address::{AddressAttribute, AddressMessage};
+use netlink_packet_route::link::{LinkAttribute, LinkMessage};
+use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage};
+use netlink_packet_route::RouteNetlinkMessage;
+use netlink_sys::protocols::NETLINK_ROUTE;
+
+use crate::socket::Family;
+
+/// The rtnetlink family marker: `Socket<Route>`.
+#[derive(Debug, Clone, Copy)]
+pub enum Route {}
+
+impl Family for Route {
+    const PROTOCOL: isize = NETLINK_ROUTE;
+    const NAME: &'static str = "rtnetlink";
+    type Message = RouteNetlinkMessage;
+
+    fn describe(msg: &RouteNetlinkMessage) -> String {
+        let ty = msg.message_type();
+        let name = match ty {
+            16 => "RTM_NEWLINK",
+            17 => "RTM_DELLINK",
+            18 => "RTM_GETLINK",
+            19 => "RTM_SETLINK",
+            20 => "RTM_NEWADDR",
+            21 => "RTM_DELADDR",
+            22 => "RTM_GETADDR",
+            24 => "RTM_NEWROUTE",
+            25 => "RTM_DELROUTE",
+            26 => "RTM_GETROUTE",
+            _ => return format!("message type {ty}"),
+        };
+        let subject = match msg {
+            RouteNetlinkMessage::NewLink(m)
+            | RouteNetlinkMessage::DelLink(m)
+            | RouteNetlinkMessage::GetLink(m)
+            | RouteNetlinkMessage::SetLink(m) => link_subject(m),
+            RouteNetlinkMessage::NewAddress(m)
+            | RouteNetlinkMessage::DelAddress(m)
+            | RouteNetlinkMessage::GetAddress(m) => address_subject(m),
+            RouteNetlinkMessage::NewRoute(m)
+            | RouteNetlinkMessage::DelRoute(m)
+            | RouteNetlinkMessage::GetRoute(m) => route_subject(m),
+            _ => None,
+        };
+        match subject {
+            Some(s) => format!("{name} {s}"),
+            None => name.to_string(),
+        }
+    }
+}
+
+/// The link's name, else its index.
+fn link_subject(m: &LinkMessage) -> Option<String> {
+    let name = m.attributes.iter().find_map(|a| match a {
+        LinkAttribute::IfName(n) => Some(n.clone()),
+        _ => None,
+    });
+    name.or_else(|| (m.header.index != 0).then(|| format!("link index {}", m.header.index)))
+}
+
+fn address_subject(m: &AddressMessage) -> Option<String> {
+    let ip = m.attributes.iter().find_map(|a| match a {
+        AddressAttribute::Local(ip) | AddressAttribute::Address(ip) => Some(*ip),
+        _ => None,
+    })?;
+    Some(format!(
+        "{ip}/{} on link index {}",
+        m.header.prefix_len, m.header.index
+    ))
+}
+
+fn route_subject(m: &RouteMessage) -> Option<String> {
+    let dst = m.attributes.iter().find_map(|a| match a {
+        RouteAttribute::Destination(RouteAddress::Inet(ip)) => Some(ip.to_string()),
+        RouteAttribute::Destination(RouteAddress::Inet6(ip)) => Some(ip.to_string()),
+        _ => None,
+    });
+    match dst {
+        Some(d) => Some(format!("{d}/{}", m.header.destination_prefix_length)),
+        // No destination attribute: the default route of the family, or a dump.
+        None if m.header.destination_prefix_length == 0 && m.attributes.is_empty() => None,
+        None => Some("default".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_are_named_by_type_and_subject() {
+        let mut link = LinkMessage::default();
+        link.attributes.push(LinkAttribute::IfName("veth1".into()));
+        assert_eq!(
+            Route::describe(&RouteNetlinkMessage::NewLink(link)),
+            "RTM_NEWLINK veth1"
+        );
+        let mut by_index = LinkMessage::default();
+        by_index.header.index = 7;
+        assert_eq!(
+            Route::describe(&RouteNetlinkMessage::SetLink(by_index)),
+            "RTM_SETLINK link index 7"
+        );
+        let mut addr = AddressMessage::default();
+        addr.header.prefix_len = 24;
+        addr.header.index = 3;
+        addr.attributes
+            .push(AddressAttribute::Local("10.1.0.1".parse().unwrap()));
+        assert_eq!(
+            Route::describe(&RouteNetlinkMessage::NewAddress(addr)),
+            "RTM_NEWADDR 10.1.0.1/24 on link index 3"
+        );
+        assert_eq!(
+            Route::describe(&RouteNetlinkMessage::GetRoute(RouteMessage::default())),
+            "RTM_GETROUTE"
+        );
+    }
+}
