@@ -39,6 +39,11 @@ pub struct RuntimeConfig {
     pub port_mappings: Vec<PortMapping>,
 }
 
+/// The most `runtimeConfig.portMappings` a configuration may hold. Each becomes nftables
+/// rules installed in one transaction while the runtime waits; a Pod publishing more ports
+/// than this is refused (code 7) rather than left to take seconds per call.
+pub const MAX_PORT_MAPPINGS: usize = 1024;
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PortMapping {
     pub host_port: u16,
@@ -235,6 +240,15 @@ fn parse_port_mappings(v: &Value) -> Result<Vec<PortMapping>, Error> {
     let list = v.as_array().ok_or_else(|| {
         Error::invalid_config(format!("runtimeConfig.portMappings must be a list, not {v}"), "")
     })?;
+    if list.len() > MAX_PORT_MAPPINGS {
+        return Err(Error::invalid_config(
+            format!(
+                "runtimeConfig.portMappings has {} entries, more than {MAX_PORT_MAPPINGS}",
+                list.len()
+            ),
+            format!("publish at most {MAX_PORT_MAPPINGS} host ports per Pod"),
+        ));
+    }
     let mut out = Vec::with_capacity(list.len());
     for (i, item) in list.iter().enumerate() {
         let at = |field: &str| format!("runtimeConfig.portMappings[{i}].{field}");
@@ -259,21 +273,36 @@ fn parse_port_mappings(v: &Value) -> Result<Vec<PortMapping>, Error> {
         let protocol = match get("protocol") {
             None => "tcp".to_string(),
             Some(p) => {
-                let p = p.as_str().unwrap_or_default().to_ascii_lowercase();
-                if !matches!(p.as_str(), "tcp" | "udp" | "sctp") {
-                    return Err(Error::invalid_config(
-                        format!("{} = {:?} is not tcp, udp or sctp", at("protocol"), p),
-                        "",
-                    ));
-                }
+                let p = p
+                    .as_str()
+                    .map(str::to_ascii_lowercase)
+                    .filter(|p| matches!(p.as_str(), "tcp" | "udp" | "sctp"))
+                    .ok_or_else(|| {
+                        Error::invalid_config(
+                            format!("{} = {p} is not \"tcp\", \"udp\" or \"sctp\"", at("protocol")),
+                            "",
+                        )
+                    })?;
                 p
             }
         };
-        let host_ip = match get("hostIP").and_then(Value::as_str).filter(|s| !s.is_empty()) {
+        // Anything but an address (or nothing, or "") is refused: a hostIP silently dropped
+        // would publish the port on every address of the node.
+        let host_ip = match get("hostIP") {
             None => None,
-            Some(s) => Some(s.parse::<IpAddr>().map_err(|_| {
-                Error::invalid_config(format!("{} = {s:?} is not an IP address", at("hostIP")), "")
+            Some(Value::String(s)) if s.is_empty() => None,
+            Some(Value::String(s)) => Some(s.parse::<IpAddr>().map_err(|_| {
+                Error::invalid_config(
+                    format!("{} = {s:?} is not an IP address", at("hostIP")),
+                    "write hostIP as a string such as \"192.0.2.1\" or \"2001:db8::1\", or leave it out",
+                )
             })?),
+            Some(other) => {
+                return Err(Error::invalid_config(
+                    format!("{} = {other} is not an IP address string", at("hostIP")),
+                    "write hostIP as a string such as \"192.0.2.1\" or \"2001:db8::1\", or leave it out",
+                ))
+            }
         };
         out.push(PortMapping {
             host_port: port("hostPort")?,
@@ -437,6 +466,54 @@ mod tests {
                 )),
                 Code::InvalidConfig,
                 "portMappings[0].hostPort",
+            ),
+            (
+                parse(with(
+                    "runtimeConfig",
+                    json!({"portMappings": [{"hostPort": 80, "containerPort": 80, "hostIP": 1}]}),
+                )),
+                Code::InvalidConfig,
+                "portMappings[0].hostIP",
+            ),
+            (
+                parse(with(
+                    "runtimeConfig",
+                    json!({"portMappings": [{"hostPort": 80, "containerPort": 80}, {"hostPort": 80, "containerPort": 80, "HostIP": true}]}),
+                )),
+                Code::InvalidConfig,
+                "portMappings[1].hostIP",
+            ),
+            (
+                parse(with(
+                    "runtimeConfig",
+                    json!({"portMappings": [{"hostPort": 80, "containerPort": 80, "hostIP": {}}]}),
+                )),
+                Code::InvalidConfig,
+                "portMappings[0].hostIP",
+            ),
+            (
+                parse(with(
+                    "runtimeConfig",
+                    json!({"portMappings": [{"hostPort": 80, "containerPort": 80, "hostIP": "1"}]}),
+                )),
+                Code::InvalidConfig,
+                "portMappings[0].hostIP",
+            ),
+            (
+                parse(with(
+                    "runtimeConfig",
+                    json!({"portMappings": [{"hostPort": 80, "containerPort": 80, "protocol": 6}]}),
+                )),
+                Code::InvalidConfig,
+                "portMappings[0].protocol = 6",
+            ),
+            (
+                parse(with(
+                    "runtimeConfig",
+                    json!({"portMappings": vec![json!({"hostPort": 80, "containerPort": 80}); MAX_PORT_MAPPINGS + 1]}),
+                )),
+                Code::InvalidConfig,
+                "portMappings has 1025 entries, more than 1024",
             ),
             (
                 parse(with("prevResult", json!({"ips": [{"address": "x"}]}))),
