@@ -17,6 +17,14 @@ use crate::allocator::{from_num, num, Range, RangeSet};
 
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/cni/networks";
 
+/// The most range sets a configuration may hold, all sources together. Each gives the Pod
+/// one address, so one per family is the norm; every set costs a lease file on every ADD.
+pub const MAX_RANGE_SETS: usize = 16;
+/// The most ranges in one range set.
+pub const MAX_RANGES_PER_SET: usize = 64;
+/// The most routes in `ipam.routes`: each is a netlink request in the Pod on every ADD.
+pub const MAX_ROUTES: usize = 256;
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct IpamConfig {
     /// The network name: the store's directory below `data_dir`.
@@ -89,6 +97,23 @@ impl IpamConfig {
                 .enumerate()
                 .map(|(i, s)| (format!("ipam.ranges[{i}]"), s)),
         );
+        // Bounded before anything is canonicalised: overlap checks compare ranges pairwise.
+        if written.len() > MAX_RANGE_SETS {
+            return Err(Error::invalid_config(
+                format!(
+                    "ipam.ranges: {} range sets, more than {MAX_RANGE_SETS}",
+                    written.len()
+                ),
+                "each range set gives the Pod one address: use one per address family",
+            ));
+        }
+        if let Some((at, set)) = written.iter().find(|(_, set)| set.len() > MAX_RANGES_PER_SET) {
+            return Err(Error::invalid_config(
+                format!("{at}: {} ranges, more than {MAX_RANGES_PER_SET}", set.len()),
+                "use fewer, larger ranges (a subnet with rangeStart and rangeEnd)",
+            ));
+        }
+        check_routes(&ipam.routes)?;
         if written.is_empty() {
             return Err(Error::invalid_config(
                 "ipam: no address range given",
@@ -302,6 +327,28 @@ fn canonical_range(at: &str, r: &RangeConf) -> Result<Range, Error> {
         end,
         gateway,
     })
+}
+
+/// At most [`MAX_ROUTES`], and a next hop of the destination's own family.
+fn check_routes(routes: &[Route]) -> Result<(), Error> {
+    if routes.len() > MAX_ROUTES {
+        return Err(Error::invalid_config(
+            format!("ipam.routes: {} routes, more than {MAX_ROUTES}", routes.len()),
+            "give the Pod fewer, wider routes",
+        ));
+    }
+    for (i, r) in routes.iter().enumerate() {
+        if let Some(gw) = r.gw.filter(|gw| gw.is_ipv4() != r.dst.is_ipv4()) {
+            return Err(Error::invalid_config(
+                format!(
+                    "ipam.routes[{i}].gw {gw} is not of the same family as dst {}",
+                    r.dst
+                ),
+                "give an IPv4 route an IPv4 gateway and an IPv6 route an IPv6 one",
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn check_no_overlap(sets: &[RangeSet], written: &[(String, Vec<RangeConf>)]) -> Result<(), Error> {
