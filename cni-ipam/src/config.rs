@@ -70,6 +70,25 @@ impl IpamConfig {
                 "add \"ipam\": {\"type\": \"ferry-ipam\", \"ranges\": [[{\"subnet\": \"10.22.0.0/16\"}]]}",
             )),
         };
+        // The bounds are checked on the raw lists first, so a huge one costs no more than
+        // reading the JSON: deserializing 30,000 range sets took most of a rejected call.
+        for (list, at, max) in [
+            (section.get("ranges"), "ipam.ranges", MAX_RANGE_SETS),
+            (section.get("routes"), "ipam.routes", MAX_ROUTES),
+            (
+                raw.pointer("/runtimeConfig/ipRanges"),
+                "runtimeConfig.ipRanges",
+                MAX_RANGE_SETS,
+            ),
+        ] {
+            if let Some(n) = list.and_then(Value::as_array).map(Vec::len).filter(|n| *n > max) {
+                return Err(Error::invalid_config(
+                    format!("{at}: {n} entries, more than {max}"),
+                    "each range set gives the Pod one address (use one per address family); \
+                     each route is a request on every ADD",
+                ));
+            }
+        }
         let ipam: IpamSection = cni::config::parse_at(section, "ipam")?;
 
         // (where it was written, the ranges) for each range set, before canonicalization.
@@ -101,7 +120,8 @@ impl IpamConfig {
         if written.len() > MAX_RANGE_SETS {
             return Err(Error::invalid_config(
                 format!(
-                    "ipam.ranges: {} range sets, more than {MAX_RANGE_SETS}",
+                    "runtimeConfig.ipRanges, ipam.subnet and ipam.ranges: {} range sets together, \
+                     more than {MAX_RANGE_SETS}",
                     written.len()
                 ),
                 "each range set gives the Pod one address: use one per address family",
@@ -329,14 +349,8 @@ fn canonical_range(at: &str, r: &RangeConf) -> Result<Range, Error> {
     })
 }
 
-/// At most [`MAX_ROUTES`], and a next hop of the destination's own family.
+/// A next hop of the destination's own family (their number is bounded on the raw list).
 fn check_routes(routes: &[Route]) -> Result<(), Error> {
-    if routes.len() > MAX_ROUTES {
-        return Err(Error::invalid_config(
-            format!("ipam.routes: {} routes, more than {MAX_ROUTES}", routes.len()),
-            "give the Pod fewer, wider routes",
-        ));
-    }
     for (i, r) in routes.iter().enumerate() {
         if let Some(gw) = r.gw.filter(|gw| gw.is_ipv4() != r.dst.is_ipv4()) {
             return Err(Error::invalid_config(

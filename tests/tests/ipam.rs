@@ -902,7 +902,19 @@ fn hostile_input_is_refused_with_code_7_or_4_and_changes_nothing_on_disk() {
             "30,000 range sets",
             call("ADD", edit(&|v| v["ipam"]["ranges"] = json!(many_sets))),
             7,
-            "30000 range sets, more than 16",
+            "ipam.ranges: 30000 entries, more than 16",
+        ),
+        (
+            "17 range sets from two sources",
+            call(
+                "ADD",
+                edit(&|v| {
+                    v["ipam"]["ranges"] = json!(many_sets[..8]);
+                    v["runtimeConfig"] = json!({"ipRanges": many_sets[8..17]});
+                }),
+            ),
+            7,
+            "17 range sets together, more than 16",
         ),
         (
             "65 ranges in one set",
@@ -914,7 +926,7 @@ fn hostile_input_is_refused_with_code_7_or_4_and_changes_nothing_on_disk() {
             "257 routes",
             call("ADD", edit(&|v| v["ipam"]["routes"] = json!(many_routes))),
             7,
-            "257 routes, more than 256",
+            "ipam.routes: 257 entries, more than 256",
         ),
         (
             "a container id of 65,510 bytes",
