@@ -152,7 +152,7 @@ impl BridgeConfig {
             {
                 return Err(Error::new(
                     Code::UnsupportedField,
-                    format!("unknown option {key:?} = {}", obj[key]),
+                    format!("unknown option {key:?} = {}", cni::config::shown(&obj[key])),
                     "ferry-bridge takes the reference bridge plugin's options; remove it or check its spelling",
                 ));
             }
@@ -196,7 +196,7 @@ impl BridgeConfig {
                 Some(t) if !t.is_empty() => Some(t.to_string()),
                 _ => {
                     return Err(Error::invalid_config(
-                        "ipam.type is missing",
+                        "ipam.type is missing or not a non-empty string",
                         "name the IPAM plugin, e.g. \"ferry-ipam\"",
                     ))
                 }

@@ -492,7 +492,8 @@ pub fn reap(name: &str) {
 }
 
 /// Finds or creates the bridge, up, with the options the configuration needs. The bridge
-/// is shared by every Pod of the network: it is never removed by a rollback or a DEL.
+/// is shared by every Pod of the network: a DEL never removes it, and a rollback only when
+/// this ADD created it and no port is on it (see [`Rollback`]).
 fn ensure_bridge(node: &mut Socket, cfg: &BridgeConfig, undo: &mut Rollback) -> Result<Link, Error> {
     let name = &cfg.bridge;
     let link = match node
