@@ -53,6 +53,10 @@ fn retired_name(container_id: &str, ifname: &str) -> String {
 /// The alias of a retired veth: GC deletes those whose reaper did not.
 const RETIRED_ALIAS: &str = "ferry-bridge:retired";
 
+/// How long GC waits before it deletes a host veth with no alias: an ADD in flight labels
+/// its veth right after creating it; a killed one never does.
+const UNLABELLED_GRACE: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// The environment variable that makes the binary a reaper of one retired veth pair.
 pub const REAP_VAR: &str = "FERRY_BRIDGE_REAP";
 
@@ -388,27 +392,44 @@ impl Plugin for Bridge {
         }
         // A host veth's name is derived from its attachment, so the names of the valid
         // ones say which veths to keep. The network's are those whose alias says so, and
-        // those with no alias yet: an ADD killed between creating the pair and labelling it
-        // leaves one, never a bridge port, never usable.
+        // those with no alias: an ADD killed between creating the pair and labelling it
+        // leaves one, never a bridge port, never usable. A live ADD labels its veth within
+        // a millisecond or so, so an unlabelled one counts only if still unlabelled after
+        // UNLABELLED_GRACE: GC of one network then spares another's ADD in flight.
         let prefix = alias_prefix(&req.config.name);
         let keep: HashSet<String> = valid
             .iter()
             .map(|a| host_veth_name(&a.container_id, &a.ifname))
             .collect();
+        let unlabelled = |link: &Link| {
+            link.alias.is_none()
+                && link.kind == Some(InfoKind::Veth)
+                && is_host_veth_name(&link.name)
+                && !keep.contains(&link.name)
+        };
         let stale_links = Socket::new().and_then(|mut s| {
+            let delete = |s: &mut Socket, link: &Link| match s.delete_link(link.index) {
+                Err(e) if !is_missing(&e) => Err(e), // a reaper may be first
+                _ => Ok(()),
+            };
+            let mut suspects = Vec::new();
             for link in s.links()? {
-                let stale = match link.alias.as_deref() {
-                    Some(RETIRED_ALIAS) => true,
-                    Some(alias) => alias.starts_with(&prefix) && !keep.contains(&link.name),
-                    None => {
-                        link.kind == Some(InfoKind::Veth)
-                            && is_host_veth_name(&link.name)
-                            && !keep.contains(&link.name)
+                match link.alias.as_deref() {
+                    Some(RETIRED_ALIAS) => delete(&mut s, &link)?,
+                    Some(alias) if alias.starts_with(&prefix) && !keep.contains(&link.name) => {
+                        delete(&mut s, &link)?
                     }
-                };
-                match stale.then(|| s.delete_link(link.index)) {
-                    Some(Err(e)) if !is_missing(&e) => return Err(e), // a reaper may be first
+                    _ if unlabelled(&link) => suspects.push(link),
                     _ => {}
+                }
+            }
+            if suspects.is_empty() {
+                return Ok(());
+            }
+            std::thread::sleep(UNLABELLED_GRACE);
+            for link in s.links()? {
+                if unlabelled(&link) && suspects.iter().any(|x| x.index == link.index) {
+                    delete(&mut s, &link)?;
                 }
             }
             Ok(())
