@@ -393,9 +393,9 @@ impl Plugin for Bridge {
         // A host veth's name is derived from its attachment, so the names of the valid
         // ones say which veths to keep. The network's are those whose alias says so, and
         // those with no alias: an ADD killed between creating the pair and labelling it
-        // leaves one, never a bridge port, never usable. A live ADD labels its veth within
-        // a millisecond or so, so an unlabelled one counts only if still unlabelled after
-        // UNLABELLED_GRACE: GC of one network then spares another's ADD in flight.
+        // leaves one, never a bridge port, never usable. A live ADD labels its veth two
+        // netlink requests after creating it, so an unlabelled one counts only if still
+        // unlabelled after UNLABELLED_GRACE: GC of one network spares another's ADD in flight.
         let prefix = alias_prefix(&req.config.name);
         let keep: HashSet<String> = valid
             .iter()
