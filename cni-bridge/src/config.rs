@@ -78,6 +78,22 @@ struct VlanTrunk {
     id: Option<u32>,
 }
 
+/// Main plugins: each makes an interface, none hands out addresses. Named as an IPAM type,
+/// one would be run for addresses and, reading the same configuration, run its own IPAM
+/// type again: ferry-bridge as its own IPAM plugin spawned processes without end.
+const MAIN_PLUGINS: &[&str] = &[
+    "ferry-bridge",
+    "bridge",
+    "ptp",
+    "macvlan",
+    "ipvlan",
+    "vlan",
+    "host-device",
+    "loopback",
+    "tap",
+    "dummy",
+];
+
 /// Keys of the configuration ferry-bridge reads, or that the spec and runtimes put there.
 const KNOWN_KEYS: &[&str] = &[
     // The spec's and runtimes' own.
@@ -112,6 +128,19 @@ const KNOWN_KEYS: &[&str] = &[
 
 impl BridgeConfig {
     pub fn from_request(req: &Request) -> Result<BridgeConfig, Error> {
+        // Only an IPAM plugin is ever run by a Ferry plugin: run by one, ferry-bridge is
+        // some configuration's ipam.type (or a program that ipam.type runs), and would run
+        // its own IPAM plugin again.
+        if req.env.delegation_depth > 0 {
+            return Err(Error::invalid_config(
+                format!(
+                    "ipam.type leads to ferry-bridge, a main plugin, run here as an IPAM plugin ({} = {})",
+                    cni::env::DELEGATION_DEPTH_VAR,
+                    req.env.delegation_depth
+                ),
+                "name an IPAM plugin in ipam.type, e.g. \"ferry-ipam\" or \"host-local\"",
+            ));
+        }
         let raw = &req.config.raw;
         // Unknown options are refused rather than ignored: a typo ("isGateWay") would
         // otherwise give a network that silently behaves differently. Namespaced keys
@@ -123,7 +152,7 @@ impl BridgeConfig {
             {
                 return Err(Error::new(
                     Code::UnsupportedField,
-                    format!("unknown option {key:?} = {}", obj[key]),
+                    format!("unknown option {key:?} = {}", cni::config::shown(&obj[key])),
                     "ferry-bridge takes the reference bridge plugin's options; remove it or check its spelling",
                 ));
             }
@@ -167,12 +196,21 @@ impl BridgeConfig {
                 Some(t) if !t.is_empty() => Some(t.to_string()),
                 _ => {
                     return Err(Error::invalid_config(
-                        "ipam.type is missing",
+                        "ipam.type is missing or not a non-empty string",
                         "name the IPAM plugin, e.g. \"ferry-ipam\"",
                     ))
                 }
             },
         };
+        if let Some(t) = ipam_type
+            .as_deref()
+            .filter(|t| MAIN_PLUGINS.contains(t) || *t == req.config.plugin_type)
+        {
+            return Err(Error::invalid_config(
+                format!("ipam.type {t:?} is a main plugin, not an IPAM plugin"),
+                "name an IPAM plugin in ipam.type, e.g. \"ferry-ipam\" or \"host-local\"",
+            ));
+        }
         if o.disable_container_interface && ipam_type.is_some() {
             return Err(Error::invalid_config(
                 "disableContainerInterface is set together with ipam",

@@ -1,5 +1,6 @@
 //! ADD, DEL, CHECK, STATUS and GC of ferry-bridge.
 
+use std::collections::HashSet;
 use std::net::IpAddr;
 
 use cni::delegate::{delegate, delegate_add};
@@ -10,7 +11,7 @@ use sha2::{Digest, Sha256};
 
 use crate::config::BridgeConfig;
 use crate::firewall::{self, AttachmentId, AttachmentRules};
-use crate::link::{is_exists, Link, VethEnd};
+use crate::link::{is_exists, is_missing, Link, VethEnd};
 use crate::netlink::Socket;
 use crate::netns::{sysctl, PodNetns};
 
@@ -35,6 +36,15 @@ pub fn host_veth_name(container_id: &str, ifname: &str) -> String {
     format!("fy{hex}")
 }
 
+/// Whether `name` has the form of [`host_veth_name`]: "fy" and 12 lower-case hex digits.
+fn is_host_veth_name(name: &str) -> bool {
+    name.len() == 14
+        && name.starts_with("fy")
+        && name[2..]
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
 /// The name both ends of a veth pair get when DEL retires it (see [`retire_veth`]).
 fn retired_name(container_id: &str, ifname: &str) -> String {
     format!("fyr{}", &host_veth_name(container_id, ifname)[2..])
@@ -43,11 +53,29 @@ fn retired_name(container_id: &str, ifname: &str) -> String {
 /// The alias of a retired veth: GC deletes those whose reaper did not.
 const RETIRED_ALIAS: &str = "ferry-bridge:retired";
 
+/// How long GC waits before it deletes a host veth with no alias: an ADD in flight labels
+/// its veth right after creating it; a killed one never does.
+const UNLABELLED_GRACE: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// The environment variable that makes the binary a reaper of one retired veth pair.
 pub const REAP_VAR: &str = "FERRY_BRIDGE_REAP";
 
+/// The start of the alias of every host veth of `network`: how GC tells the network's
+/// veths from others'. A network name longer than 64 bytes is replaced by 16 hex digits of
+/// its SHA-256, so that with a container id of at most 128 bytes
+/// ([`cni::env::MAX_CONTAINER_ID_LEN`]) and an ifname of at most 15, an alias stays within
+/// the kernel's 255 bytes.
+fn alias_prefix(network: &str) -> String {
+    if network.len() <= 64 {
+        return format!("{ALIAS_PREFIX}{network}:");
+    }
+    let digest = Sha256::digest(network.as_bytes());
+    let hex: String = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
+    format!("{ALIAS_PREFIX}#{hex}:")
+}
+
 fn alias(network: &str, container_id: &str, ifname: &str) -> String {
-    format!("{ALIAS_PREFIX}{network}:{container_id}:{ifname}")
+    format!("{}{container_id}:{ifname}", alias_prefix(network))
 }
 
 /// Wraps a netlink failure into a CNI error saying what was being done.
@@ -79,9 +107,14 @@ impl Plugin for Bridge {
             Err(e) => Err(nl(format!("looking up {ifname} in {}", pod.path()))(e)),
         })?;
 
+        // A missing IPAM plugin is known before anything is made.
+        if let Some(ipam_type) = &cfg.ipam_type {
+            cni::delegate::find_plugin(ipam_type, &env.path)?;
+        }
+
         let mut node = Socket::new().map_err(nl("opening a netlink socket"))?;
-        let bridge = ensure_bridge(&mut node, &cfg)?;
         let mut undo = Rollback::new(req, &cfg);
+        let bridge = ensure_bridge(&mut node, &cfg, &mut undo)?;
         let host_name = host_veth_name(&env.container_id, ifname);
 
         // The IPAM plugin is a process of its own: it allocates while we build the veth
@@ -305,10 +338,14 @@ impl Plugin for Bridge {
                     env.ifname
                 )));
             }
+            // One dump per family, however many routes prevResult lists.
+            let mut dumps: [Option<Vec<crate::link::RouteEntry>>; 2] = [None, None];
             for route in &prev.routes {
-                let routes = s
-                    .routes(route.dst.is_ipv4())
-                    .map_err(nl("reading the Pod's routes"))?;
+                let v4 = route.dst.is_ipv4();
+                let routes = match &mut dumps[usize::from(v4)] {
+                    Some(routes) => routes,
+                    slot => slot.insert(s.routes(v4).map_err(nl("reading the Pod's routes"))?),
+                };
                 if !routes
                     .iter()
                     .any(|r| r.dst == route.dst && (route.gw.is_none() || r.gw == route.gw))
@@ -353,26 +390,46 @@ impl Plugin for Bridge {
         if let Err(e) = firewall::remove_stale(&req.config.name, valid) {
             first_error.get_or_insert(e);
         }
-        let prefix = format!("{ALIAS_PREFIX}{}:", req.config.name);
+        // A host veth's name is derived from its attachment, so the names of the valid
+        // ones say which veths to keep. The network's are those whose alias says so, and
+        // those with no alias: an ADD killed between creating the pair and labelling it
+        // leaves one, never a bridge port, never usable. A live ADD labels its veth two
+        // netlink requests after creating it, so an unlabelled one counts only if still
+        // unlabelled after UNLABELLED_GRACE: GC of one network spares another's ADD in flight.
+        let prefix = alias_prefix(&req.config.name);
+        let keep: HashSet<String> = valid
+            .iter()
+            .map(|a| host_veth_name(&a.container_id, &a.ifname))
+            .collect();
+        let unlabelled = |link: &Link| {
+            link.alias.is_none()
+                && link.kind == Some(InfoKind::Veth)
+                && is_host_veth_name(&link.name)
+                && !keep.contains(&link.name)
+        };
         let stale_links = Socket::new().and_then(|mut s| {
+            let delete = |s: &mut Socket, link: &Link| match s.delete_link(link.index) {
+                Err(e) if !is_missing(&e) => Err(e), // a reaper may be first
+                _ => Ok(()),
+            };
+            let mut suspects = Vec::new();
             for link in s.links()? {
-                if link.alias.as_deref() == Some(RETIRED_ALIAS) {
-                    s.delete_link(link.index)?;
-                    continue;
+                match link.alias.as_deref() {
+                    Some(RETIRED_ALIAS) => delete(&mut s, &link)?,
+                    Some(alias) if alias.starts_with(&prefix) && !keep.contains(&link.name) => {
+                        delete(&mut s, &link)?
+                    }
+                    _ if unlabelled(&link) => suspects.push(link),
+                    _ => {}
                 }
-                let Some((container_id, ifname)) = link
-                    .alias
-                    .as_deref()
-                    .and_then(|a| a.strip_prefix(&prefix))
-                    .and_then(|r| r.rsplit_once(':'))
-                else {
-                    continue;
-                };
-                if !valid
-                    .iter()
-                    .any(|a| a.container_id == container_id && a.ifname == ifname)
-                {
-                    s.delete_link(link.index)?;
+            }
+            if suspects.is_empty() {
+                return Ok(());
+            }
+            std::thread::sleep(UNLABELLED_GRACE);
+            for link in s.links()? {
+                if unlabelled(&link) && suspects.iter().any(|x| x.index == link.index) {
+                    delete(&mut s, &link)?;
                 }
             }
             Ok(())
@@ -456,8 +513,9 @@ pub fn reap(name: &str) {
 }
 
 /// Finds or creates the bridge, up, with the options the configuration needs. The bridge
-/// is shared by every Pod of the network: it is never removed by a rollback or a DEL.
-fn ensure_bridge(node: &mut Socket, cfg: &BridgeConfig) -> Result<Link, Error> {
+/// is shared by every Pod of the network: a DEL never removes it, and a rollback only when
+/// this ADD created it and no port is on it (see [`Rollback`]).
+fn ensure_bridge(node: &mut Socket, cfg: &BridgeConfig, undo: &mut Rollback) -> Result<Link, Error> {
     let name = &cfg.bridge;
     let link = match node
         .link_by_name(name)
@@ -466,7 +524,7 @@ fn ensure_bridge(node: &mut Socket, cfg: &BridgeConfig) -> Result<Link, Error> {
         Some(link) => link,
         None => {
             match node.create_bridge(name, cfg.mtu, cfg.uses_vlans(), bridge_mac(name)) {
-                Ok(()) => {}
+                Ok(()) => undo.bridge = Some(name.clone()),
                 Err(e) if is_exists(&e) => {} // another ADD made it first
                 Err(e) if cfg.uses_vlans() && is_unsupported(&e) => return Err(no_vlan_filtering(cfg)),
                 Err(e) => return Err(nl(format!("creating bridge {name}"))(e)),
@@ -787,6 +845,8 @@ fn attachment_rules<'a>(
 struct Rollback<'a> {
     req: &'a Request,
     ipam_type: Option<String>,
+    /// The bridge, when this call created it: a failed ADD leaves the node as it found it.
+    bridge: Option<String>,
     veth: Option<String>,
     ipam: bool,
     firewall: bool,
@@ -798,6 +858,7 @@ impl<'a> Rollback<'a> {
         Rollback {
             req,
             ipam_type: cfg.ipam_type.clone(),
+            bridge: None,
             veth: None,
             ipam: false,
             firewall: false,
@@ -831,6 +892,20 @@ impl Drop for Rollback<'_> {
             let _ = Socket::new().and_then(|mut s| match s.link_by_name(name)? {
                 Some(l) => s.delete_link(l.index),
                 None => Ok(()),
+            });
+        }
+        // Only while no port is on it: a parallel ADD may have found the bridge this call
+        // made and be using it already. (One that attaches between the look and the delete
+        // fails with "no such device" and rolls back; its runtime retries.)
+        if let Some(name) = &self.bridge {
+            let _ = Socket::new().and_then(|mut s| {
+                let Some(bridge) = s.link_by_name(name)? else {
+                    return Ok(());
+                };
+                if s.links()?.iter().any(|l| l.controller == Some(bridge.index)) {
+                    return Ok(());
+                }
+                s.delete_link(bridge.index)
             });
         }
     }

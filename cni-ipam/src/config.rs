@@ -17,6 +17,14 @@ use crate::allocator::{from_num, num, Range, RangeSet};
 
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/cni/networks";
 
+/// The most range sets a configuration may hold, all sources together. Each gives the Pod
+/// one address, so one per family is the norm; every set costs a lease file on every ADD.
+pub const MAX_RANGE_SETS: usize = 16;
+/// The most ranges in one range set.
+pub const MAX_RANGES_PER_SET: usize = 64;
+/// The most routes in `ipam.routes`: each is a netlink request in the Pod on every ADD.
+pub const MAX_ROUTES: usize = 256;
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct IpamConfig {
     /// The network name: the store's directory below `data_dir`.
@@ -62,6 +70,25 @@ impl IpamConfig {
                 "add \"ipam\": {\"type\": \"ferry-ipam\", \"ranges\": [[{\"subnet\": \"10.22.0.0/16\"}]]}",
             )),
         };
+        // The bounds are checked on the raw lists first, so a huge one costs no more than
+        // reading the JSON: deserializing 30,000 range sets took most of a rejected call.
+        for (list, at, max) in [
+            (section.get("ranges"), "ipam.ranges", MAX_RANGE_SETS),
+            (section.get("routes"), "ipam.routes", MAX_ROUTES),
+            (
+                raw.pointer("/runtimeConfig/ipRanges"),
+                "runtimeConfig.ipRanges",
+                MAX_RANGE_SETS,
+            ),
+        ] {
+            if let Some(n) = list.and_then(Value::as_array).map(Vec::len).filter(|n| *n > max) {
+                return Err(Error::invalid_config(
+                    format!("{at}: {n} entries, more than {max}"),
+                    "each range set gives the Pod one address (use one per address family); \
+                     each route is a request on every ADD",
+                ));
+            }
+        }
         let ipam: IpamSection = cni::config::parse_at(section, "ipam")?;
 
         // (where it was written, the ranges) for each range set, before canonicalization.
@@ -89,6 +116,24 @@ impl IpamConfig {
                 .enumerate()
                 .map(|(i, s)| (format!("ipam.ranges[{i}]"), s)),
         );
+        // Bounded before anything is canonicalised: overlap checks compare ranges pairwise.
+        if written.len() > MAX_RANGE_SETS {
+            return Err(Error::invalid_config(
+                format!(
+                    "runtimeConfig.ipRanges, ipam.subnet and ipam.ranges: {} range sets together, \
+                     more than {MAX_RANGE_SETS}",
+                    written.len()
+                ),
+                "each range set gives the Pod one address: use one per address family",
+            ));
+        }
+        if let Some((at, set)) = written.iter().find(|(_, set)| set.len() > MAX_RANGES_PER_SET) {
+            return Err(Error::invalid_config(
+                format!("{at}: {} ranges, more than {MAX_RANGES_PER_SET}", set.len()),
+                "use fewer, larger ranges (a subnet with rangeStart and rangeEnd)",
+            ));
+        }
+        check_routes(&ipam.routes)?;
         if written.is_empty() {
             return Err(Error::invalid_config(
                 "ipam: no address range given",
@@ -302,6 +347,22 @@ fn canonical_range(at: &str, r: &RangeConf) -> Result<Range, Error> {
         end,
         gateway,
     })
+}
+
+/// A next hop of the destination's own family (their number is bounded on the raw list).
+fn check_routes(routes: &[Route]) -> Result<(), Error> {
+    for (i, r) in routes.iter().enumerate() {
+        if let Some(gw) = r.gw.filter(|gw| gw.is_ipv4() != r.dst.is_ipv4()) {
+            return Err(Error::invalid_config(
+                format!(
+                    "ipam.routes[{i}].gw {gw} is not of the same family as dst {}",
+                    r.dst
+                ),
+                "give an IPv4 route an IPv4 gateway and an IPv6 route an IPv6 one",
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn check_no_overlap(sets: &[RangeSet], written: &[(String, Vec<RangeConf>)]) -> Result<(), Error> {

@@ -110,8 +110,20 @@ impl Plugin for HostLocal {
 
     fn check(&self, req: &Request) -> Result<(), Error> {
         let cfg = IpamConfig::from_request(req)?;
-        let mut store = Store::open_read_only(&cfg.store_dir())?;
         let (id, ifname) = (&req.env.container_id, &req.env.ifname);
+        // No store, no lease: opening one would make the directory and its lock file, and
+        // a failed CHECK must leave nothing behind.
+        if !cfg.store_dir().is_dir() {
+            return Err(Error::new(
+                codes::LEASE_MISSING,
+                format!("{id}/{ifname} holds no lease: network {} has none", cfg.network),
+                format!(
+                    "no lease directory {}; ADD the attachment",
+                    cfg.store_dir().display()
+                ),
+            ));
+        }
+        let mut store = Store::open_read_only(&cfg.store_dir())?;
         let mine = store.leases_of(id, ifname)?;
         for (i, set) in cfg.range_sets.iter().enumerate() {
             if !mine.iter().any(|l| set.range_for(l.ip).is_some()) {

@@ -39,6 +39,11 @@ pub struct RuntimeConfig {
     pub port_mappings: Vec<PortMapping>,
 }
 
+/// The most `runtimeConfig.portMappings` a configuration may hold. Each becomes nftables
+/// rules installed in one transaction while the runtime waits; a Pod publishing more ports
+/// than this is refused (code 7) rather than left to take seconds per call.
+pub const MAX_PORT_MAPPINGS: usize = 1024;
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PortMapping {
     pub host_port: u16,
@@ -123,7 +128,7 @@ pub fn version_of(raw: &Value) -> Result<Version, Error> {
     match obj.get("cniVersion") {
         Some(Value::String(s)) => Version::parse(s),
         Some(other) => Err(Error::invalid_config(
-            format!("cniVersion must be a string, not {other}"),
+            format!("cniVersion must be a string, not {}", shown(other)),
             "write it as a string, for example \"cniVersion\": \"1.1.0\"",
         )),
         None => Err(Error::invalid_config(
@@ -150,6 +155,17 @@ pub fn parse_at<T: DeserializeOwned>(value: &Value, path: &str) -> Result<T, Err
     })
 }
 
+/// A value as JSON for an error message, cut short: hostile input can be megabytes, and
+/// the message only has to show which value it is.
+pub fn shown(value: &Value) -> String {
+    const MAX: usize = 64;
+    let text = value.to_string();
+    match text.char_indices().nth(MAX) {
+        Some((cut, _)) => format!("{}...", &text[..cut]),
+        None => text,
+    }
+}
+
 fn required_str<'a>(obj: &'a Map<String, Value>, key: &str) -> Result<&'a str, Error> {
     match obj.get(key) {
         Some(Value::String(s)) if !s.is_empty() => Ok(s),
@@ -158,7 +174,7 @@ fn required_str<'a>(obj: &'a Map<String, Value>, key: &str) -> Result<&'a str, E
             format!("add a non-empty \"{key}\""),
         )),
         Some(other) => Err(Error::invalid_config(
-            format!("{key} must be a string, not {other}"),
+            format!("{key} must be a string, not {}", shown(other)),
             format!("write \"{key}\" as a string"),
         )),
     }
@@ -181,7 +197,7 @@ impl RuntimeConfig {
     fn parse(value: &Value) -> Result<RuntimeConfig, Error> {
         let Some(obj) = value.as_object() else {
             return Err(Error::invalid_config(
-                format!("runtimeConfig must be an object, not {value}"),
+                format!("runtimeConfig must be an object, not {}", shown(value)),
                 "",
             ));
         };
@@ -194,7 +210,7 @@ impl RuntimeConfig {
                         v.as_str()
                             .ok_or_else(|| {
                                 Error::invalid_config(
-                                    format!("runtimeConfig.mac must be a string, not {v}"),
+                                    format!("runtimeConfig.mac must be a string, not {}", shown(v)),
                                     "",
                                 )
                             })?
@@ -212,9 +228,9 @@ impl RuntimeConfig {
 }
 
 fn parse_ips(v: &Value) -> Result<Vec<IpAddr>, Error> {
-    let list = v
-        .as_array()
-        .ok_or_else(|| Error::invalid_config(format!("runtimeConfig.ips must be a list, not {v}"), ""))?;
+    let list = v.as_array().ok_or_else(|| {
+        Error::invalid_config(format!("runtimeConfig.ips must be a list, not {}", shown(v)), "")
+    })?;
     list.iter()
         .enumerate()
         .map(|(i, ip)| {
@@ -223,7 +239,7 @@ fn parse_ips(v: &Value) -> Result<Vec<IpAddr>, Error> {
                 .or_else(|_| s.parse::<IpNetwork>().map(|n| n.ip()))
                 .map_err(|_| {
                     Error::invalid_config(
-                        format!("runtimeConfig.ips[{i}]: {ip} is not an IP address"),
+                        format!("runtimeConfig.ips[{i}]: {} is not an IP address", shown(ip)),
                         "write addresses like \"10.22.0.5/16\" or \"fd00::5\"",
                     )
                 })
@@ -233,8 +249,20 @@ fn parse_ips(v: &Value) -> Result<Vec<IpAddr>, Error> {
 
 fn parse_port_mappings(v: &Value) -> Result<Vec<PortMapping>, Error> {
     let list = v.as_array().ok_or_else(|| {
-        Error::invalid_config(format!("runtimeConfig.portMappings must be a list, not {v}"), "")
+        Error::invalid_config(
+            format!("runtimeConfig.portMappings must be a list, not {}", shown(v)),
+            "",
+        )
     })?;
+    if list.len() > MAX_PORT_MAPPINGS {
+        return Err(Error::invalid_config(
+            format!(
+                "runtimeConfig.portMappings has {} entries, more than {MAX_PORT_MAPPINGS}",
+                list.len()
+            ),
+            format!("publish at most {MAX_PORT_MAPPINGS} host ports per Pod"),
+        ));
+    }
     let mut out = Vec::with_capacity(list.len());
     for (i, item) in list.iter().enumerate() {
         let at = |field: &str| format!("runtimeConfig.portMappings[{i}].{field}");
@@ -253,27 +281,46 @@ fn parse_port_mappings(v: &Value) -> Result<Vec<PortMapping>, Error> {
                 .and_then(|n| u16::try_from(n).ok())
                 .filter(|n| *n != 0)
                 .ok_or_else(|| {
-                    Error::invalid_config(format!("{} = {v} is not a port (1-65535)", at(name)), "")
+                    Error::invalid_config(format!("{} = {} is not a port (1-65535)", at(name), shown(v)), "")
                 })
         };
         let protocol = match get("protocol") {
             None => "tcp".to_string(),
             Some(p) => {
-                let p = p.as_str().unwrap_or_default().to_ascii_lowercase();
-                if !matches!(p.as_str(), "tcp" | "udp" | "sctp") {
-                    return Err(Error::invalid_config(
-                        format!("{} = {:?} is not tcp, udp or sctp", at("protocol"), p),
-                        "",
-                    ));
-                }
+                let p = p
+                    .as_str()
+                    .map(str::to_ascii_lowercase)
+                    .filter(|p| matches!(p.as_str(), "tcp" | "udp" | "sctp"))
+                    .ok_or_else(|| {
+                        Error::invalid_config(
+                            format!(
+                                "{} = {} is not \"tcp\", \"udp\" or \"sctp\"",
+                                at("protocol"),
+                                shown(p)
+                            ),
+                            "",
+                        )
+                    })?;
                 p
             }
         };
-        let host_ip = match get("hostIP").and_then(Value::as_str).filter(|s| !s.is_empty()) {
+        // Anything but an address (or nothing, or "") is refused: a hostIP silently dropped
+        // would publish the port on every address of the node.
+        let host_ip = match get("hostIP") {
             None => None,
-            Some(s) => Some(s.parse::<IpAddr>().map_err(|_| {
-                Error::invalid_config(format!("{} = {s:?} is not an IP address", at("hostIP")), "")
+            Some(Value::String(s)) if s.is_empty() => None,
+            Some(Value::String(s)) => Some(s.parse::<IpAddr>().map_err(|_| {
+                Error::invalid_config(
+                    format!("{} = {s:?} is not an IP address", at("hostIP")),
+                    "write hostIP as a string such as \"192.0.2.1\" or \"2001:db8::1\", or leave it out",
+                )
             })?),
+            Some(other) => {
+                return Err(Error::invalid_config(
+                    format!("{} = {} is not an IP address string", at("hostIP"), shown(other)),
+                    "write hostIP as a string such as \"192.0.2.1\" or \"2001:db8::1\", or leave it out",
+                ))
+            }
         };
         out.push(PortMapping {
             host_port: port("hostPort")?,
@@ -439,6 +486,54 @@ mod tests {
                 "portMappings[0].hostPort",
             ),
             (
+                parse(with(
+                    "runtimeConfig",
+                    json!({"portMappings": [{"hostPort": 80, "containerPort": 80, "hostIP": 1}]}),
+                )),
+                Code::InvalidConfig,
+                "portMappings[0].hostIP",
+            ),
+            (
+                parse(with(
+                    "runtimeConfig",
+                    json!({"portMappings": [{"hostPort": 80, "containerPort": 80}, {"hostPort": 80, "containerPort": 80, "HostIP": true}]}),
+                )),
+                Code::InvalidConfig,
+                "portMappings[1].hostIP",
+            ),
+            (
+                parse(with(
+                    "runtimeConfig",
+                    json!({"portMappings": [{"hostPort": 80, "containerPort": 80, "hostIP": {}}]}),
+                )),
+                Code::InvalidConfig,
+                "portMappings[0].hostIP",
+            ),
+            (
+                parse(with(
+                    "runtimeConfig",
+                    json!({"portMappings": [{"hostPort": 80, "containerPort": 80, "hostIP": "1"}]}),
+                )),
+                Code::InvalidConfig,
+                "portMappings[0].hostIP",
+            ),
+            (
+                parse(with(
+                    "runtimeConfig",
+                    json!({"portMappings": [{"hostPort": 80, "containerPort": 80, "protocol": 6}]}),
+                )),
+                Code::InvalidConfig,
+                "portMappings[0].protocol = 6",
+            ),
+            (
+                parse(with(
+                    "runtimeConfig",
+                    json!({"portMappings": vec![json!({"hostPort": 80, "containerPort": 80}); MAX_PORT_MAPPINGS + 1]}),
+                )),
+                Code::InvalidConfig,
+                "portMappings has 1025 entries, more than 1024",
+            ),
+            (
                 parse(with("prevResult", json!({"ips": [{"address": "x"}]}))),
                 Code::Decode,
                 "prevResult: field `ips[0].address`",
@@ -449,6 +544,19 @@ mod tests {
             assert_eq!(e.code, code, "{needle}: {e}");
             assert!(e.msg.contains(needle), "{needle}: {e}");
         }
+    }
+
+    #[test]
+    fn a_huge_value_is_shown_cut_short() {
+        let mut v = spec_bridge_conf();
+        v["runtimeConfig"] = json!({"portMappings": {"x": "y".repeat(1_000_000)}});
+        let e = parse(v).unwrap_err();
+        assert!(
+            e.msg
+                .starts_with("runtimeConfig.portMappings must be a list, not {\"x\""),
+            "{e}"
+        );
+        assert!(e.msg.len() < 200, "{} bytes", e.msg.len());
     }
 
     #[test]

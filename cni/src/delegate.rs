@@ -9,7 +9,7 @@ use std::process::{Command as Process, Stdio};
 
 use serde_json::Value;
 
-use crate::env::{Command, Env};
+use crate::env::{Command, Env, DELEGATION_DEPTH_VAR, MAX_DELEGATION_DEPTH};
 use crate::error::{Code, Error};
 use crate::result::CniResult;
 
@@ -47,6 +47,36 @@ pub fn find_plugin(plugin_type: &str, path: &[PathBuf]) -> Result<PathBuf, Error
         })
 }
 
+/// A delegate that is this very program, or a chain already [`MAX_DELEGATION_DEPTH`] deep,
+/// would call itself again and again (each call a process, none ever returning): code 7.
+fn refuse_loops(env: &Env, plugin_type: &str, exe: &Path) -> Result<(), Error> {
+    let same_program = std::env::current_exe()
+        .and_then(std::fs::canonicalize)
+        .ok()
+        .is_some_and(|me| std::fs::canonicalize(exe).is_ok_and(|it| it == me));
+    if same_program {
+        return Err(Error::invalid_config(
+            format!(
+                "ipam.type {plugin_type:?} is this plugin itself ({})",
+                exe.display()
+            ),
+            "name an IPAM plugin in ipam.type, e.g. \"ferry-ipam\" or \"host-local\"",
+        ));
+    }
+    if env.delegation_depth >= MAX_DELEGATION_DEPTH {
+        return Err(Error::invalid_config(
+            format!(
+                "ipam.type {plugin_type:?}: {} plugins already delegated in a chain to get here, \
+                 a loop",
+                env.delegation_depth
+            ),
+            "an IPAM plugin's configuration names a plugin that leads back to a main plugin: \
+             name an IPAM plugin in ipam.type, e.g. \"ferry-ipam\" or \"host-local\"",
+        ));
+    }
+    Ok(())
+}
+
 fn is_executable(p: &Path) -> bool {
     std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
@@ -60,6 +90,7 @@ pub fn delegate(
     config: &[u8],
 ) -> Result<Option<Value>, Error> {
     let exe = find_plugin(plugin_type, &env.path)?;
+    refuse_loops(env, plugin_type, &exe)?;
     // The delegate sees the same CNI_* parameters as we did, except the verb; they are set
     // from `env` rather than inherited so a caller's `Env` is the one source of truth.
     let mut process = Process::new(&exe);
@@ -68,7 +99,8 @@ pub fn delegate(
         .env("CNI_CONTAINERID", &env.container_id)
         .env("CNI_IFNAME", &env.ifname)
         .env("CNI_ARGS", env.args.raw())
-        .env("CNI_PATH", std::env::join_paths(&env.path).unwrap_or_default());
+        .env("CNI_PATH", std::env::join_paths(&env.path).unwrap_or_default())
+        .env(DELEGATION_DEPTH_VAR, (env.delegation_depth + 1).to_string());
     match &env.netns {
         Some(netns) => process.env("CNI_NETNS", netns),
         None => process.env_remove("CNI_NETNS"),
@@ -153,6 +185,7 @@ mod tests {
             ifname: "eth0".into(),
             args: CniArgs::parse("IgnoreUnknown=1").unwrap(),
             path: vec!["/nonexistent".into(), dir.to_path_buf()],
+            delegation_depth: 0,
         }
     }
 
@@ -202,6 +235,41 @@ mod tests {
         let e = delegate(&env(&d), Command::Del, "crashing", b"{}").unwrap_err();
         assert_eq!(e.code, Code::INTERNAL);
         assert!(e.details.contains("boom"), "{e}");
+        fs::remove_dir_all(d).unwrap();
+    }
+
+    #[test]
+    fn the_delegate_learns_its_depth_and_a_chain_too_deep_is_refused() {
+        let d = tempdir("depth");
+        script(
+            &d,
+            "depth-ipam",
+            &format!(
+                r#"printf '{{"cniVersion":"1.0.0","ips":[{{"address":"10.9.0.2/24"}}],"dns":{{"domain":"%s"}}}}' "${DELEGATION_DEPTH_VAR}""#
+            ),
+        );
+        let mut e = env(&d);
+        e.delegation_depth = 2;
+        let r = delegate_add(&e, "depth-ipam", b"{}").unwrap();
+        assert_eq!(r.dns.domain.as_deref(), Some("3"));
+        e.delegation_depth = MAX_DELEGATION_DEPTH;
+        let err = delegate_add(&e, "depth-ipam", b"{}").unwrap_err();
+        assert_eq!(err.code, Code::InvalidConfig);
+        assert!(err.msg.contains("ipam.type \"depth-ipam\""), "{err}");
+        fs::remove_dir_all(d).unwrap();
+    }
+
+    #[test]
+    fn a_plugin_never_delegates_to_itself() {
+        // This test binary stands in for the plugin: put it on the path under another name.
+        let d = tempdir("self");
+        std::os::unix::fs::symlink(std::env::current_exe().unwrap(), d.join("me-again")).unwrap();
+        let err = delegate(&env(&d), Command::Del, "me-again", b"{}").unwrap_err();
+        assert_eq!(err.code, Code::InvalidConfig);
+        assert!(
+            err.msg.contains("ipam.type \"me-again\" is this plugin itself"),
+            "{err}"
+        );
         fs::remove_dir_all(d).unwrap();
     }
 

@@ -71,7 +71,28 @@ pub struct Env {
     pub args: CniArgs,
     /// Directories to search for delegated plugins, in order.
     pub path: Vec<PathBuf>,
+    /// How many plugins up the chain delegated to reach this call ([`DELEGATION_DEPTH_VAR`]):
+    /// 0 when a runtime ran us.
+    pub delegation_depth: u32,
 }
+
+/// The variable a delegating plugin sets for its delegate: its own depth plus one. A runtime
+/// never sets it, so it counts the plugins between the runtime and this call; a chain that
+/// comes back to a plugin already in it (an IPAM type naming a main plugin, directly or
+/// through another) would otherwise spawn processes without end.
+pub const DELEGATION_DEPTH_VAR: &str = "FERRY_CNI_DELEGATION_DEPTH";
+
+/// The longest delegation chain allowed: a main plugin calling an IPAM plugin is depth 1;
+/// a meta plugin in front of it makes 2. Anything past this is a loop.
+pub const MAX_DELEGATION_DEPTH: u32 = 4;
+
+/// The longest `CNI_CONTAINERID` accepted, in bytes. Runtimes send 64 hex digits; the bound
+/// keeps every name and label derived from the id (lease files, link aliases, rule
+/// comments, netlink attributes) within the kernel's and the file system's limits.
+pub const MAX_CONTAINER_ID_LEN: usize = 128;
+
+/// The kernel's IFNAMSIZ less its terminating NUL.
+pub const MAX_IFNAME_LEN: usize = 15;
 
 impl Env {
     /// Reads the process environment.
@@ -122,6 +143,16 @@ impl Env {
             validate_ifname(&ifname)?;
         }
         let args = CniArgs::parse(&value("CNI_ARGS").unwrap_or_default())?;
+        let delegation_depth = match value(DELEGATION_DEPTH_VAR) {
+            None => 0,
+            Some(d) => d.parse::<u32>().map_err(|_| {
+                Error::new(
+                    Code::InvalidEnvironment,
+                    format!("{DELEGATION_DEPTH_VAR} \"{d}\" is not a number"),
+                    "this variable is set by a delegating CNI plugin; unset it when running a plugin by hand",
+                )
+            })?,
+        };
         let path = value("CNI_PATH")
             .map(|p| {
                 std::env::split_paths(&p)
@@ -137,12 +168,26 @@ impl Env {
             ifname,
             args,
             path,
+            delegation_depth,
         })
     }
 }
 
-/// The spec: not empty, an alphanumeric first character, then alphanumerics, `_`, `.`, `-`.
+/// The spec: not empty, an alphanumeric first character, then alphanumerics, `_`, `.`, `-`;
+/// and at most [`MAX_CONTAINER_ID_LEN`] bytes.
 fn validate_container_id(id: &str) -> Result<(), Error> {
+    if id.len() > MAX_CONTAINER_ID_LEN {
+        // Not quoted in full: the message would be as long as the id.
+        return Err(Error::new(
+            Code::InvalidEnvironment,
+            format!(
+                "CNI_CONTAINERID is {} bytes long (\"{}...\"), more than {MAX_CONTAINER_ID_LEN}",
+                id.len(),
+                id.chars().take(32).collect::<String>()
+            ),
+            format!("a container id has at most {MAX_CONTAINER_ID_LEN} bytes (runtimes use 64 hex digits)"),
+        ));
+    }
     let mut chars = id.chars();
     let first_ok = chars.next().is_some_and(|c| c.is_ascii_alphanumeric());
     if first_ok && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')) {
@@ -150,19 +195,26 @@ fn validate_container_id(id: &str) -> Result<(), Error> {
     }
     Err(Error::new(
         Code::InvalidEnvironment,
-        format!("CNI_CONTAINERID \"{id}\" is not a valid container id"),
+        format!("CNI_CONTAINERID {id:?} is not a valid container id"),
         "a container id starts with a letter or digit, followed by letters, digits, '_', '.' or '-'",
     ))
 }
 
-/// What the kernel accepts as an interface name.
+/// What the kernel accepts as an interface name, less `%`: the kernel reads a name with
+/// `%d` as a template and picks a free name of its own, which the plugin would then not find.
 fn validate_ifname(name: &str) -> Result<(), Error> {
-    let problem = if name.len() > 15 {
-        Some("is longer than 15 bytes")
+    let problem = if name.len() > MAX_IFNAME_LEN {
+        Some(format!(
+            "is {} bytes long, more than {MAX_IFNAME_LEN}",
+            name.len()
+        ))
     } else if name == "." || name == ".." {
-        Some("is . or ..")
-    } else if name.chars().any(|c| c == '/' || c == ':' || c.is_whitespace()) {
-        Some("contains '/', ':' or white space")
+        Some("is . or ..".to_string())
+    } else if name
+        .chars()
+        .any(|c| matches!(c, '/' | ':' | '%') || c.is_whitespace() || c.is_control())
+    {
+        Some("contains '/', ':', '%', white space or a control character".to_string())
     } else {
         None
     };
@@ -170,8 +222,8 @@ fn validate_ifname(name: &str) -> Result<(), Error> {
         None => Ok(()),
         Some(p) => Err(Error::new(
             Code::InvalidEnvironment,
-            format!("CNI_IFNAME \"{name}\" {p}"),
-            "an interface name has 1 to 15 bytes, none of them '/', ':' or white space",
+            format!("CNI_IFNAME {name:?} {p}"),
+            "an interface name has 1 to 15 bytes, none of them '/', ':', '%' or white space, and is not . or ..",
         )),
     }
 }
@@ -241,6 +293,36 @@ mod tests {
     }
 
     #[test]
+    fn the_longest_names_allowed_are_accepted() {
+        let id = "a".repeat(MAX_CONTAINER_ID_LEN);
+        let pairs: Vec<_> = ADD
+            .iter()
+            .copied()
+            .filter(|(k, _)| !matches!(*k, "CNI_CONTAINERID" | "CNI_IFNAME"))
+            .chain([
+                ("CNI_CONTAINERID", id.as_str()),
+                ("CNI_IFNAME", "fifteen-bytes-x"),
+            ])
+            .collect();
+        let e = env(&pairs).unwrap();
+        assert_eq!((e.container_id.len(), e.ifname.len()), (128, 15));
+        assert_eq!(e.delegation_depth, 0);
+    }
+
+    #[test]
+    fn a_long_container_id_is_not_quoted_in_full() {
+        let id = "0".repeat(65_510);
+        let pairs: Vec<_> = ADD
+            .iter()
+            .copied()
+            .filter(|(k, _)| *k != "CNI_CONTAINERID")
+            .chain([("CNI_CONTAINERID", id.as_str())])
+            .collect();
+        let e = env(&pairs).unwrap_err();
+        assert!(e.msg.contains("65510 bytes") && e.msg.len() < 200, "{e}");
+    }
+
+    #[test]
     fn bad_values_are_rejected_with_the_variable_named() {
         let cases = [
             ("CNI_COMMAND", "ADDD"),
@@ -250,6 +332,15 @@ mod tests {
             ("CNI_IFNAME", "a/b"),
             ("CNI_IFNAME", ".."),
             ("CNI_ARGS", "novalue"),
+            ("CNI_CONTAINERID", &"a".repeat(MAX_CONTAINER_ID_LEN + 1)),
+            ("CNI_CONTAINERID", &"0".repeat(65_510)),
+            ("CNI_CONTAINERID", "has space"),
+            ("CNI_IFNAME", "eth%d"),
+            ("CNI_IFNAME", "."),
+            ("CNI_IFNAME", "a b"),
+            ("CNI_IFNAME", "eth\t0"),
+            ("CNI_IFNAME", "sixteen-bytes-xx"),
+            (DELEGATION_DEPTH_VAR, "x"),
         ];
         for (k, v) in cases {
             let pairs: Vec<_> = ADD

@@ -41,6 +41,7 @@ pub struct Outcome {
 
 /// Runs `plugin` for the verb in the process environment and exits the process.
 pub fn run<P: Plugin>(plugin: &P) -> ! {
+    report_panics();
     // Configurations are a few KiB: read them in one go, not in growing chunks.
     let mut stdin = Vec::with_capacity(64 * 1024);
     let outcome = match std::io::stdin().read_to_end(&mut stdin) {
@@ -58,6 +59,34 @@ pub fn run<P: Plugin>(plugin: &P) -> ! {
         let _ = out.flush();
     }
     std::process::exit(outcome.exit_code)
+}
+
+/// A panic is a bug, but the runtime still gets the spec's error object on stdout rather
+/// than nothing. With `panic = "abort"` (the release profile) the process dies right after
+/// the hook, so it reports a panic on any thread; when unwinding, a panic off the thread
+/// that called [`run`] is caught where the thread is joined and becomes the call's error,
+/// so the hook reports only that thread's.
+fn report_panics() {
+    let default = std::panic::take_hook();
+    let main = std::thread::current().id();
+    std::panic::set_hook(Box::new(move |info| {
+        if cfg!(panic = "abort") || std::thread::current().id() == main {
+            let mut out = std::io::stdout().lock();
+            let _ = serde_json::to_writer(&mut out, &panic_error(&info.to_string()).to_json(Version::LATEST));
+            let _ = out.write_all(b"\n");
+            let _ = out.flush();
+        }
+        default(info);
+    }));
+}
+
+fn panic_error(what: &str) -> Error {
+    Error::new(
+        Code::INTERNAL,
+        format!("internal error (a bug in the plugin): {what}"),
+        "what the call made may be left behind: DEL the attachment, and report the bug with \
+         the configuration and CNI_* variables that caused it",
+    )
 }
 
 /// The whole protocol minus process I/O, so it can be tested without spawning anything.

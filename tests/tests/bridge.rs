@@ -918,3 +918,434 @@ fn gc_deletes_a_retired_pair_whose_reaper_never_ran() {
     CniCall::new(bridge(), "GC", gc).run_in(net.node()).ok();
     assert!(links(net.node()).iter().all(|l| l["ifname"] != "fyr0123456789ab"));
 }
+
+// ---- Hostile input and killed calls (issue 10) ----
+
+/// Everything on the node a call could change: links (kind, bridge, alias, flags), their
+/// addresses, the nftables ruleset, and every file below the node's state directory (leases,
+/// locks, indexes) with its size. A rejected call leaves this exactly as it was.
+fn node_state(node: &Node) -> Vec<String> {
+    let ns = node.netns();
+    // A DEL's reaper deletes a retired pair moments after the DEL returned.
+    ferry_tests::wait_until(std::time::Duration::from_secs(2), || {
+        !links(ns)
+            .iter()
+            .any(|l| l["ifname"].as_str().is_some_and(|n| n.starts_with("fyr")))
+    });
+    let mut out: Vec<String> = links(ns)
+        .iter()
+        .map(|l| {
+            // Administratively up or not; carrier comes and goes with the ports.
+            let up = l["flags"].as_array().unwrap().contains(&json!("UP"));
+            format!(
+                "link {} kind={} master={} alias={} up={up}",
+                l["ifname"], l["linkinfo"]["info_kind"], l["master"], l["ifalias"]
+            )
+        })
+        .collect();
+    for l in json_of(ns, &["ip", "-j", "addr", "show"]).as_array().unwrap() {
+        for a in l["addr_info"].as_array().unwrap() {
+            out.push(format!("addr {} {}/{}", l["ifname"], a["local"], a["prefixlen"]));
+        }
+    }
+    out.extend(
+        ns.exec_ok(&["nft", "list", "ruleset"])
+            .lines()
+            .map(|l| format!("nft {l}")),
+    );
+    fn files(dir: &Path, out: &mut Vec<String>) {
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let (p, meta) = (e.path(), e.metadata().unwrap());
+            out.push(format!("file {} {}", p.display(), meta.len()));
+            if meta.is_dir() {
+                files(&p, out);
+            }
+        }
+    }
+    files(node.state_dir(), &mut out);
+    out.sort();
+    out
+}
+
+/// Processes in process group `pgid`, whoever their parent is now.
+fn group_members(pgid: u32) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            // Fields after "(comm)": state, ppid, pgrp.
+            let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+            rest.split_whitespace().nth(2) == Some(pgid.to_string().as_str())
+        })
+        .collect()
+}
+
+/// Starts `call` in `ns` as the leader of a process group of its own, so that what it
+/// starts (the IPAM plugin, the reaper) can be found and waited for after it is killed.
+fn spawn_in_group(call: &CniCall, plugin: &Path, conf: &Value, ns: &Netns) -> std::process::Child {
+    use std::io::Write;
+    use std::os::unix::process::CommandExt;
+    let mut cmd = ns.command(plugin);
+    cmd.env_clear();
+    if let Some(path) = std::env::var_os("PATH") {
+        cmd.env("PATH", path);
+    }
+    cmd.envs(call.env())
+        .process_group(0)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let mut child = cmd.spawn().unwrap();
+    let _ = child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(&serde_json::to_vec(conf).unwrap());
+    child
+}
+
+/// Runs `call` to its end, or kills its whole process group after `limit` and fails:
+/// a plugin that calls itself without end must fail this test, not hang it.
+fn run_bounded(
+    call: &CniCall,
+    conf: &Value,
+    ns: &Netns,
+    limit: std::time::Duration,
+) -> ferry_tests::CniOutput {
+    let start = std::time::Instant::now();
+    let mut child = spawn_in_group(call, &bridge(), conf, ns);
+    let pgid = child.id();
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        if start.elapsed() > limit {
+            let members = group_members(pgid).len();
+            // Processes may fork while the group is killed: until none is left.
+            ferry_tests::wait_until(std::time::Duration::from_secs(10), || {
+                let _ = nix::sys::signal::killpg(
+                    nix::unistd::Pid::from_raw(pgid as i32),
+                    nix::sys::signal::SIGKILL,
+                );
+                group_members(pgid).is_empty()
+            });
+            let _ = child.wait();
+            panic!("{call:?} still running after {limit:?}, {members} processes in its group");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    // The outcome again, now that it is known to return: through the runtime stand-in.
+    call.run_in(ns)
+}
+
+#[test]
+fn an_ipam_type_that_leads_back_to_a_main_plugin_is_refused_with_code_7() {
+    require_root!();
+    let net = Net::new("br-loop", json!({}));
+    let pod = net.node.pod("pod");
+    let bin = net.node.state_dir().join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    // The same program under another name, and a program that runs it.
+    std::os::unix::fs::symlink(bridge(), bin.join("renamed-bridge")).unwrap();
+    let wrapper = bin.join("wrapper-ipam");
+    std::fs::write(
+        &wrapper,
+        format!("#!/bin/sh\nexec {} \"$@\"\n", bridge().display()),
+    )
+    .unwrap();
+    std::fs::set_permissions(&wrapper, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let cni_path = format!("{}:{}", bin.display(), ferry_tests::bin_dir().display());
+    let before = node_state(&net.node);
+
+    for ipam_type in ["ferry-bridge", "bridge", "renamed-bridge", "wrapper-ipam"] {
+        for verb in ["ADD", "CHECK", "DEL", "STATUS", "GC"] {
+            let mut conf = net.conf.clone();
+            conf["ipam"]["type"] = json!(ipam_type);
+            if verb == "GC" {
+                conf["cni.dev/valid-attachments"] = json!([]);
+            }
+            if verb == "CHECK" {
+                conf["prevResult"] = json!({"ips": [{"address": "10.1.0.5/24"}]});
+            }
+            let call = CniCall::new(bridge(), verb, conf.clone())
+                .for_pod(&pod)
+                .cni_path(cni_path.clone());
+            let out = run_bounded(&call, &conf, net.node(), std::time::Duration::from_secs(5));
+            let (code, msg, _) = out.err();
+            assert_eq!(code, 7, "{ipam_type} {verb}\n{out}");
+            assert!(
+                msg.contains("ipam.type"),
+                "{ipam_type} {verb}: name ipam.type\n{out}"
+            );
+        }
+        assert_eq!(node_state(&net.node), before, "{ipam_type}: the node changed");
+    }
+}
+
+#[test]
+fn gc_removes_what_adds_killed_at_every_step_left() {
+    require_root!();
+    let net = Net::new(
+        "br-kill",
+        json!({"ipMasq": true, "runtimeConfig": {"portMappings": [{"hostPort": 8080, "containerPort": 80}]}}),
+    );
+    // How long a whole ADD takes here, so the kills cover it from start to end.
+    let first = net.node.pod("whole");
+    let whole = net.call("ADD", &first).run_in(net.node());
+    whole.ok();
+    let span = whole.elapsed.mul_f64(1.3);
+    const ROUNDS: u32 = 40;
+    let mut pods = vec![first];
+    for round in 0..ROUNDS {
+        let pod = net.node.pod(&format!("k{round}"));
+        let call = net.call("ADD", &pod);
+        let mut child = spawn_in_group(&call, &bridge(), &net.conf, net.node());
+        std::thread::sleep(span * round / ROUNDS);
+        // As a runtime does at a timeout: the plugin only. What it started runs on.
+        let _ = child.kill();
+        let _ = child.wait();
+        let pgid = child.id();
+        assert!(
+            ferry_tests::wait_until(std::time::Duration::from_secs(10), || group_members(pgid)
+                .is_empty())
+            .is_some(),
+            "round {round}: processes of the killed ADD still run: {:?}",
+            group_members(pgid)
+        );
+        pods.push(pod);
+    }
+    let mut gc = net.conf.clone();
+    gc["cni.dev/valid-attachments"] = json!([]);
+    CniCall::new(bridge(), "GC", gc).run_in(net.node()).ok();
+
+    assert_eq!(
+        net.leftovers(),
+        Vec::<String>::new(),
+        "GC left something of the network"
+    );
+    for pod in &pods {
+        assert!(
+            links(pod).iter().all(|l| l["ifname"] != "eth0"),
+            "eth0 left in {}",
+            pod.name()
+        );
+    }
+}
+
+#[test]
+fn a_container_id_or_ifname_the_kernel_cannot_take_is_refused_before_anything_is_made() {
+    require_root!();
+    let net = Net::new("br-ids", json!({"ipMasq": true}));
+    let pod = net.node.pod("pod");
+    let before = node_state(&net.node);
+    let cases = [
+        ("0".repeat(65_510), "eth0", "CNI_CONTAINERID"),
+        ("a".repeat(240), "eth0", "CNI_CONTAINERID"),
+        ("a".repeat(129), "eth0", "CNI_CONTAINERID"),
+        ("-starts-with-a-dash".into(), "eth0", "CNI_CONTAINERID"),
+        ("ctr".into(), "eth%d", "CNI_IFNAME"),
+        ("ctr".into(), "a b", "CNI_IFNAME"),
+        ("ctr".into(), "..", "CNI_IFNAME"),
+        ("ctr".into(), "sixteen-bytes-xx", "CNI_IFNAME"),
+    ];
+    for verb in ["ADD", "CHECK", "DEL"] {
+        for (id, ifname, var) in &cases {
+            let out = net
+                .call(verb, &pod)
+                .container_id(id.clone())
+                .ifname(*ifname)
+                .run_in(net.node());
+            let (code, msg, _) = out.err();
+            assert_eq!(code, 4, "{verb} {var} ({} bytes)\n{}", id.len(), msg);
+            assert!(msg.contains(var) && msg.len() < 300, "{verb}: {msg}");
+            assert_eq!(node_state(&net.node), before, "{verb} {var}: the node changed");
+        }
+    }
+    // The longest id and ifname allowed work, and DEL takes them all away.
+    let id = "a".repeat(128);
+    let r = net
+        .call("ADD", &pod)
+        .container_id(id.clone())
+        .ifname("fifteen-bytes-x")
+        .run_in(net.node())
+        .ok();
+    assert_eq!(r["interfaces"][2]["name"], "fifteen-bytes-x");
+    net.call("DEL", &pod)
+        .container_id(id)
+        .ifname("fifteen-bytes-x")
+        .run_in(net.node())
+        .ok();
+    assert_eq!(net.leftovers(), Vec::<String>::new());
+}
+
+#[test]
+fn rejected_calls_change_nothing_on_the_node() {
+    require_root!();
+    // A node with no bridge yet: a rejected first ADD must not leave one.
+    let net = Net::new("br-rej", json!({"ipMasq": true}));
+    let pod = net.node.pod("pod");
+    let with = |extra: Value| {
+        let mut c = net.conf.clone();
+        merge(&mut c, extra);
+        c
+    };
+    let many_sets: Vec<Value> = (0..30_000)
+        .map(|i| json!([{"subnet": format!("10.{}.{}.0/24", 100 + i / 256, i % 256)}]))
+        .collect();
+    let many_ports: Vec<Value> = (0..10_000)
+        .map(|i| json!({"hostPort": 10_000 + i, "containerPort": 80}))
+        .collect();
+    let pm = |host_ip: Value| json!({"runtimeConfig": {"portMappings": [{"hostPort": 8080, "containerPort": 80, "hostIP": host_ip}]}});
+    let cases: Vec<(&str, &str, Value, u64, &str)> = vec![
+        (
+            "ADD",
+            "IPAM refuses its config",
+            with(json!({"ipam": {"ranges": [[{"subnet": "10.1.0.0/33"}]]}})),
+            7,
+            "ipam.ranges[0][0].subnet",
+        ),
+        (
+            "ADD",
+            "IPAM plugin missing",
+            with(json!({"ipam": {"type": "no-such-ipam"}})),
+            7,
+            "no-such-ipam",
+        ),
+        (
+            "ADD",
+            "ipam.type a main plugin",
+            with(json!({"ipam": {"type": "ferry-bridge"}})),
+            7,
+            "ipam.type",
+        ),
+        (
+            "ADD",
+            "hostIP a number",
+            with(pm(json!(1))),
+            7,
+            "portMappings[0].hostIP",
+        ),
+        (
+            "ADD",
+            "hostIP true",
+            with(pm(json!(true))),
+            7,
+            "portMappings[0].hostIP",
+        ),
+        (
+            "ADD",
+            "hostIP an object",
+            with(pm(json!({}))),
+            7,
+            "portMappings[0].hostIP",
+        ),
+        (
+            "ADD",
+            "hostIP \"1\"",
+            with(pm(json!("1"))),
+            7,
+            "portMappings[0].hostIP",
+        ),
+        (
+            "ADD",
+            "route gw of the other family",
+            with(json!({"ipam": {"routes": [{"dst": "0.0.0.0/0", "gw": "fd00::1"}]}})),
+            7,
+            "ipam.routes[0].gw",
+        ),
+        (
+            "ADD",
+            "30,000 range sets",
+            with(json!({"ipam": {"ranges": many_sets}})),
+            7,
+            "more than 16",
+        ),
+        (
+            "ADD",
+            "10,000 portMappings",
+            with(json!({"runtimeConfig": {"portMappings": many_ports}})),
+            7,
+            "more than 1024",
+        ),
+        (
+            "CHECK",
+            "CHECK of an attachment never added",
+            with(json!({"prevResult": {"ips": [{"address": "10.1.0.5/24"}]}})),
+            102,
+            "holds no lease",
+        ),
+    ];
+    for (verb, what, conf, code, needle) in cases {
+        let before = node_state(&net.node);
+        let out = CniCall::new(bridge(), verb, conf)
+            .for_pod(&pod)
+            .run_in(net.node());
+        let (got, msg, _) = out.err();
+        assert_eq!(got, code, "{what}: wrong code\n{out}");
+        assert!(
+            msg.contains(needle),
+            "{what}: the message should name {needle:?}\n{out}"
+        );
+        assert_eq!(node_state(&net.node), before, "{what}: the node changed");
+        assert!(
+            links(&pod).iter().all(|l| l["ifname"] != "eth0"),
+            "{what}: eth0 left in the Pod"
+        );
+    }
+}
+
+#[test]
+fn the_hostile_corpus_end_to_end_leaves_nothing_when_rejected() {
+    require_root!();
+    let corpus = Path::new(env!("CARGO_MANIFEST_DIR")).join("../cni/tests/corpus");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&corpus)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    assert!(!files.is_empty(), "no corpus in {}", corpus.display());
+    let node = Node::new("br-corpus");
+    let pod = node.pod("pod");
+    let data = node.state_dir().join("ipam");
+    for file in files {
+        let bytes = std::fs::read(&file).unwrap();
+        let name = file.file_name().unwrap().to_string_lossy().into_owned();
+        // Leases go to the node's own directory, never the machine's.
+        let stdin = match serde_json::from_slice::<Value>(&bytes) {
+            Ok(mut v) if v.get("ipam").is_some_and(Value::is_object) => {
+                v["ipam"]["dataDir"] = json!(data);
+                serde_json::to_vec(&v).unwrap()
+            }
+            _ => bytes,
+        };
+        for plugin in [bridge(), ferry_bin("ferry-ipam")] {
+            for verb in ["ADD", "CHECK", "DEL", "GC", "STATUS"] {
+                let before = node_state(&node);
+                let out = CniCall::new(&plugin, verb, Value::Null)
+                    .stdin_raw(stdin.clone())
+                    .for_pod(&pod)
+                    .run_in(node.netns());
+                if out.status.success() {
+                    if verb == "ADD" {
+                        CniCall::new(&plugin, "DEL", Value::Null)
+                            .stdin_raw(stdin.clone())
+                            .for_pod(&pod)
+                            .run_in(node.netns())
+                            .ok();
+                    }
+                    continue;
+                }
+                let what = format!("{name} {verb} {}", plugin.display());
+                let (code, _, _) = out.err();
+                assert!(
+                    [1, 2, 3, 4, 5, 6, 7, 11, 50, 51].contains(&code) || code >= 100,
+                    "{what}: code {code}\n{out}"
+                );
+                assert!(out.status.code() == Some(1), "{what}: no clean exit\n{out}");
+                assert_eq!(node_state(&node), before, "{what}: the node changed\n{out}");
+            }
+        }
+    }
+}

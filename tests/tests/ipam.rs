@@ -1021,3 +1021,111 @@ fn after_a_power_cut_leases_are_whole_or_empty_and_the_next_boot_frees_the_empty
         assert_eq!(owners, want);
     });
 }
+
+#[test]
+fn hostile_input_is_refused_with_code_7_or_4_and_changes_nothing_on_disk() {
+    require_root!();
+    let node = Node::new("ipam-hostile");
+    let pod = node.pod("pod");
+    let data = node.state_dir().join("ipam");
+    let good = dual_stack(&data);
+    let edit = |f: &dyn Fn(&mut Value)| {
+        let mut v = good.clone();
+        f(&mut v);
+        v
+    };
+    let call = |verb: &str, config: Value| {
+        CniCall::new(ipam(), verb, config)
+            .container_id("c1")
+            .netns(Some(&pod.path()))
+    };
+    let many_sets: Vec<Value> = (0..30_000)
+        .map(|i| json!([{"subnet": format!("10.{}.{}.0/24", 100 + i / 256, i % 256)}]))
+        .collect();
+    let many_ranges: Vec<Value> = (0..65)
+        .map(|i| json!({"subnet": format!("10.20.{i}.0/24")}))
+        .collect();
+    let many_routes: Vec<Value> = (0..257)
+        .map(|i| json!({"dst": format!("10.{}.{}.0/24", 30 + i / 256, i % 256)}))
+        .collect();
+    let cases: Vec<(&str, CniCall, u64, &str)> = vec![
+        (
+            "an IPv4 route via an IPv6 gateway",
+            call(
+                "ADD",
+                edit(&|v| v["ipam"]["routes"] = json!([{"dst": "0.0.0.0/0", "gw": "fd00::1"}])),
+            ),
+            7,
+            "ipam.routes[0].gw fd00::1",
+        ),
+        (
+            "an IPv6 route via an IPv4 gateway",
+            call(
+                "ADD",
+                edit(&|v| v["ipam"]["routes"][1] = json!({"dst": "fd00:1::/64", "gw": "10.10.0.254"})),
+            ),
+            7,
+            "ipam.routes[1].gw",
+        ),
+        (
+            "30,000 range sets",
+            call("ADD", edit(&|v| v["ipam"]["ranges"] = json!(many_sets))),
+            7,
+            "ipam.ranges: 30000 entries, more than 16",
+        ),
+        (
+            "17 range sets from two sources",
+            call(
+                "ADD",
+                edit(&|v| {
+                    v["ipam"]["ranges"] = json!(many_sets[..8]);
+                    v["runtimeConfig"] = json!({"ipRanges": many_sets[8..17]});
+                }),
+            ),
+            7,
+            "17 range sets together, more than 16",
+        ),
+        (
+            "65 ranges in one set",
+            call("ADD", edit(&|v| v["ipam"]["ranges"] = json!([many_ranges]))),
+            7,
+            "ipam.ranges[0]: 65 ranges, more than 64",
+        ),
+        (
+            "257 routes",
+            call("ADD", edit(&|v| v["ipam"]["routes"] = json!(many_routes))),
+            7,
+            "ipam.routes: 257 entries, more than 256",
+        ),
+        (
+            "a container id of 65,510 bytes",
+            call("ADD", good.clone()).container_id("0".repeat(65_510)),
+            4,
+            "CNI_CONTAINERID",
+        ),
+        (
+            "a container id of 240 bytes",
+            call("ADD", good.clone()).container_id("a".repeat(240)),
+            4,
+            "CNI_CONTAINERID",
+        ),
+        (
+            "CHECK of a network with no lease yet",
+            call("CHECK", good.clone()),
+            102,
+            "holds no lease",
+        ),
+    ];
+    // An empty node first: no lease directory may appear.
+    let before = snapshot(node.state_dir());
+    for (what, call, code, needle) in cases {
+        let out = call.run_in(node.netns());
+        let (got, msg, _) = out.err();
+        assert_eq!(got, code, "{what}: wrong code\n{out}");
+        assert!(
+            msg.contains(needle),
+            "{what}: the message should name {needle:?}\n{out}"
+        );
+        assert_eq!(snapshot(node.state_dir()), before, "{what}: the disk changed");
+    }
+}
