@@ -992,7 +992,7 @@ fn after_a_power_cut_leases_are_whole_or_empty_and_the_next_boot_frees_the_empty
                 let ip: IpAddr = a.split('/').next().unwrap().parse().unwrap();
                 assert!(given.insert(ip), "{ip} given twice");
                 assert!(
-                    !survived.get(&ip).is_some_and(|c| !c.is_empty()),
+                    survived.get(&ip).is_none_or(|c| c.is_empty()),
                     "{ip} is still leased to {:?}",
                     survived[&ip]
                 );
