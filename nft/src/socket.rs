@@ -96,6 +96,14 @@ impl fmt::Debug for Socket {
     }
 }
 
+/// The descriptor, for a caller that must manage its lifetime itself (e.g. leave the last
+/// reference, whose release can wait for the kernel, to another process).
+impl AsRawFd for Socket {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.sock.as_raw_fd()
+    }
+}
+
 impl Socket {
     /// Opens and binds the socket; asks for extended acks (the kernel then says which
     /// attribute of a message it rejected) and capped acks (errors do not echo the
