@@ -87,6 +87,10 @@
 //!   deleting a chain or set still in use, EMLINK for the rule or map element that closes
 //!   a jump loop), with an extended-ack offset for most; messages after it are still
 //!   checked, so one missing chain fails every rule that names it.
+//! - Closing a socket after a transaction that deleted anything waits until the kernel has
+//!   freed the deleted objects (an RCU grace period, 4-22 ms measured), holding the
+//!   namespace's commit lock: keep sockets open in a daemon; a short-lived process can
+//!   hand the last reference to another process ([`Socket`] is `AsRawFd`).
 //! - `delete_chain` removes the chain's rules itself; it fails while something else
 //!   still jumps to the chain (a flush of the jumping chain earlier in the same batch
 //!   counts).

@@ -56,6 +56,18 @@
 //! chains are only added when the listing lacks them. Nothing to delete means no write;
 //! rules with nothing in them open no socket at all. No `nft` program is run.
 //!
+//! Measured on Linux 6.18 (release build, 2 CPUs shared with other work, median of 50 in
+//! a fresh netns, an attachment of 5 rules: v4+v6 masquerade, one hostPort; the ignored
+//! test `timing_of_add_and_remove`): `add` 0.2 ms, `check` 0.04 ms, `add` over existing
+//! rules of the same attachment 0.4 ms, `remove` 0.4 ms. With 200 other rules in the
+//! table: `add` 0.65 ms, `check` 0.4 ms, `remove` 1 ms (the listing grows with the
+//! table). Through the nft program these were 4.5-6 ms, 2-3.5 ms, 16 ms and 16 ms, and
+//! 15, 13 and 24-28 ms with 200 rules. One kernel cost remains: releasing the socket
+//! after a transaction that deleted rules waits for an RCU grace period (4-22 ms); the
+//! driver hands that release to a detached process (see `driver.rs`), so it is not in
+//! `remove`'s figure, but a write that follows within that time waits for it (an add,
+//! a remove and an add back to back: 12-16 ms).
+//!
 //! The code is split by concern: `plan` (which rules an attachment has, as data that
 //! prints as nft text, see [`nft_script`]) and `driver` (listing and committing).
 
