@@ -5,6 +5,9 @@
 //!   `strace -f -e trace=sendmsg -e write=all nft -f golden.nft`.
 //! - The other tests need root: each builds its table through the API in a fresh netns
 //!   and asserts what `nft list table` prints, or how a failing batch is reported.
+//! - The last section does the same for [`Rule`]s, comments, the bridge family and rule
+//!   listing (what ferry-bridge uses): `rule_encodings_are_what_nft_sends` against
+//!   [`GOLDEN_RULES`], and the oracle `rules_list_as_nft_lists_its_own`.
 //!
 //! `FERRY_REQUIRE_ROOT=1 cargo test -p ferry-nft --test nft_netlink`; the timing test:
 //! `cargo test --release -p ferry-nft --test nft_netlink -- --ignored --nocapture`.

@@ -57,13 +57,16 @@ impl Driver {
         Ok(rules)
     }
 
-    /// Rules and chains of both tables.
-    pub fn list(&mut self) -> Result<Listed, Error> {
+    /// Rules of both tables, and their chains when `with_chains` (only an add needs them).
+    pub fn list(&mut self, with_chains: bool) -> Result<Listed, Error> {
         let rules = self.rules()?;
-        let chains = self
-            .socket
-            .list_chains_in(None, TABLE)
-            .map_err(|e| Error::io(format!("cannot list the chains of the {TABLE} tables"), &e))?;
+        let chains = if with_chains {
+            self.socket
+                .list_chains_in(None, TABLE)
+                .map_err(|e| Error::io(format!("cannot list the chains of the {TABLE} tables"), &e))?
+        } else {
+            Vec::new()
+        };
         Ok(Listed { rules, chains })
     }
 
@@ -80,18 +83,19 @@ impl Driver {
         })
     }
 
-    /// Lists, lets `build` fill a batch from the listing, and commits it. `build` returns
+    /// Lists (see [`Driver::list`]), lets `build` fill a batch from the listing, and commits it. `build` returns
     /// None when there is nothing to write, else whether the batch deletes rules. A failure
     /// of a batch that deletes is retried once on a fresh listing: a concurrent DEL or GC may
     /// have deleted a listed rule in between, and its handle is then gone.
     pub fn list_and_commit(
         &mut self,
         what: &str,
+        with_chains: bool,
         mut build: impl FnMut(&Listed, &mut Batch) -> Result<Option<bool>, Error>,
     ) -> Result<(), Error> {
         let mut retried = false;
         loop {
-            let listed = self.list()?;
+            let listed = self.list(with_chains)?;
             let mut batch = Batch::new(TABLE);
             let Some(deletes) = build(&listed, &mut batch)? else {
                 return Ok(());

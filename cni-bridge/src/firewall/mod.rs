@@ -169,7 +169,7 @@ pub fn add(rules: &AttachmentRules) -> Result<(), Error> {
         return Ok(());
     }
     let key = rules.id.key();
-    Driver::open()?.list_and_commit(&format!("add the rules of {key}"), |listed, batch| {
+    Driver::open()?.list_and_commit(&format!("add the rules of {key}"), true, |listed, batch| {
         let deletes = delete_owned(&listed.rules, batch, |k| k == key);
         add_planned(listed, &planned, batch)?;
         Ok(Some(deletes))
@@ -180,7 +180,7 @@ pub fn add(rules: &AttachmentRules) -> Result<(), Error> {
 /// or the tables do not exist; then nothing is written.
 pub fn remove(id: &AttachmentId) -> Result<(), Error> {
     let key = id.key();
-    Driver::open()?.list_and_commit(&format!("delete the rules of {key}"), |listed, batch| {
+    Driver::open()?.list_and_commit(&format!("delete the rules of {key}"), false, |listed, batch| {
         Ok(delete_owned(&listed.rules, batch, |k| k == key).then_some(true))
     })
 }
@@ -202,6 +202,7 @@ pub fn remove_stale(network: &str, valid: &[Attachment]) -> Result<(), Error> {
         .collect();
     Driver::open()?.list_and_commit(
         &format!("delete stale rules of network {network}"),
+        false,
         |listed, batch| {
             Ok(delete_owned(&listed.rules, batch, |k| {
                 key_network(k) == Some(ours.as_str()) && !keep.contains(k)
