@@ -25,14 +25,6 @@ impl TableFamily {
         }
     }
 
-    pub(crate) fn from_nfproto(family: u8) -> Option<TableFamily> {
-        match family {
-            NFPROTO_INET => Some(TableFamily::Inet),
-            NFPROTO_BRIDGE => Some(TableFamily::Bridge),
-            _ => None,
-        }
-    }
-
     /// The family as nft writes it (`inet`, `bridge`).
     pub fn name(self) -> &'static str {
         match self {

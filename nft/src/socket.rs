@@ -276,7 +276,7 @@ impl Socket {
     /// Names of the `inet` tables.
     pub fn list_tables(&mut self) -> io::Result<Vec<String>> {
         let mut out = Vec::new();
-        self.dump(NFT_MSG_GETTABLE, NFPROTO_INET, None, |_, payload| {
+        self.dump(NFT_MSG_GETTABLE, NFPROTO_INET, None, |payload| {
             if let Some((_, name, _)) = attrs(payload).find(|a| a.0 == NFTA_TABLE_NAME) {
                 out.push(attr_str(name));
             }
@@ -288,7 +288,7 @@ impl Socket {
     /// of the inet family's chains (the kernel has no table filter for chain dumps).
     pub fn list_chains(&mut self, table: &str) -> io::Result<Vec<String>> {
         let mut out = Vec::new();
-        self.dump(NFT_MSG_GETCHAIN, NFPROTO_INET, None, |_, payload| {
+        self.dump(NFT_MSG_GETCHAIN, NFPROTO_INET, None, |payload| {
             let mut in_table = false;
             let mut name = None;
             for (ty, p, _) in attrs(payload) {
@@ -313,7 +313,7 @@ impl Socket {
             NFT_MSG_GETSET,
             NFPROTO_INET,
             Some((NFTA_SET_TABLE, table)),
-            |_, payload| {
+            |payload| {
                 let mut name = None;
                 let mut anonymous = false;
                 for (ty, p, _) in attrs(payload) {
@@ -335,33 +335,44 @@ impl Socket {
         }
     }
 
-    /// Chains of every table named `table` in `family` (or in every family with
-    /// `None`): (family, chain name). One dump; the kernel has no table filter for chains.
-    pub fn list_chains_in(
-        &mut self,
-        family: Option<TableFamily>,
-        table: &str,
-    ) -> io::Result<Vec<(TableFamily, String)>> {
-        let mut out = Vec::new();
-        let family = family.map_or(NFPROTO_UNSPEC, TableFamily::nfproto);
-        self.dump(NFT_MSG_GETCHAIN, family, None, |family, payload| {
-            let Some(family) = TableFamily::from_nfproto(family) else {
-                return;
-            };
-            let mut in_table = false;
-            let mut name = None;
-            for (ty, p, _) in attrs(payload) {
-                match ty {
-                    NFTA_CHAIN_TABLE => in_table = strz(p) == table.as_bytes(),
-                    NFTA_CHAIN_NAME => name = Some(p),
-                    _ => {}
+    /// Whether chain `<family> <table> <chain>` exists (false also when the table does
+    /// not). One request for that chain alone: a chain dump has no table filter and would
+    /// read every chain of the family, e.g. the proxy's thousands.
+    pub fn has_chain(&mut self, family: TableFamily, table: &str, chain: &str) -> io::Result<bool> {
+        self.drain();
+        self.seq = self.seq.wrapping_add(1).max(1);
+        let seq = self.seq;
+        let mut w = Writer::with_capacity(64);
+        let m = w.begin_msg(
+            NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_GETCHAIN,
+            NLM_F_REQUEST | NLM_F_ACK,
+            seq,
+            family.nfproto(),
+            0,
+        );
+        w.put_strz(NFTA_CHAIN_TABLE, table);
+        w.put_strz(NFTA_CHAIN_NAME, chain);
+        w.end_msg(m);
+        self.sendmsg(&[&w.buf])?;
+        // The chain (if any), then the ack or the error.
+        let mut found = false;
+        loop {
+            let got = self.recv(0)?;
+            for m in messages(&self.rbuf[..got]) {
+                if m.seq != seq {
+                    continue;
                 }
+                if m.ty != NLMSG_ERROR {
+                    found = true;
+                    continue;
+                }
+                return match parse_error(m.flags, m.payload).map_or(libc::EIO, |e| e.errno) {
+                    0 => Ok(found),
+                    libc::ENOENT => Ok(false),
+                    errno => Err(io::Error::from_raw_os_error(errno)),
+                };
             }
-            if let (true, Some(name)) = (in_table, name) {
-                out.push((family, attr_str(name)));
-            }
-        })?;
-        Ok(out)
+        }
     }
 
     /// The rules of table `<family> <table>`, in the kernel's order, with their handles and
@@ -375,7 +386,7 @@ impl Socket {
             NFT_MSG_GETRULE,
             nfproto,
             Some((NFTA_RULE_TABLE, table)),
-            |_, payload| {
+            |payload| {
                 let mut rule = ListedRule {
                     family,
                     table: String::new(),
@@ -404,17 +415,16 @@ impl Socket {
         }
     }
 
-    /// Runs a dump of `ty` over `family` (NFPROTO_UNSPEC: all), calling `f` with the
-    /// family and the attributes of each object. Restarts (up to 10 times) when the kernel
+    /// Runs a dump of `ty` over `family`, calling `f` with the attributes of each object. Restarts (up to 10 times) when the kernel
     /// says the ruleset changed during the dump.
     fn dump(
         &mut self,
         ty: u16,
         family: u8,
         filter: Option<(u16, &str)>,
-        mut f: impl FnMut(u8, &[u8]),
+        mut f: impl FnMut(&[u8]),
     ) -> io::Result<()> {
-        let mut collected: Vec<(u8, Vec<u8>)> = Vec::new();
+        let mut collected: Vec<Vec<u8>> = Vec::new();
         'attempt: for _ in 0..10 {
             collected.clear();
             self.drain();
@@ -448,10 +458,8 @@ impl Socket {
                             done = true;
                         }
                         _ => {
-                            if let (Some(&family), Some(a)) =
-                                (m.payload.first(), m.payload.get(NFGENMSG_LEN..))
-                            {
-                                collected.push((family, a.to_vec()));
+                            if let Some(a) = m.payload.get(NFGENMSG_LEN..) {
+                                collected.push(a.to_vec());
                             }
                         }
                     }
@@ -467,8 +475,8 @@ impl Socket {
                     continue 'attempt;
                 }
                 if done {
-                    for (family, obj) in &collected {
-                        f(*family, obj);
+                    for obj in &collected {
+                        f(obj);
                     }
                     return Ok(());
                 }

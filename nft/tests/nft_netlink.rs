@@ -2149,6 +2149,10 @@ fn rules_are_listed_with_handle_and_comment_and_deleted_by_handle() {
         s.commit(&rules_batch("t")).unwrap();
         let mut all = s.list_rules(TableFamily::Inet, "t").unwrap();
         all.extend(s.list_rules(TableFamily::Bridge, "t").unwrap());
+        assert!(s.has_chain(TableFamily::Inet, "t", "output").unwrap());
+        assert!(s.has_chain(TableFamily::Bridge, "t", "prerouting").unwrap());
+        assert!(!s.has_chain(TableFamily::Bridge, "t", "output").unwrap());
+        assert!(!s.has_chain(TableFamily::Inet, "no-such-table", "output").unwrap());
         all
     });
     let mut seen: Vec<(TableFamily, String, Option<String>)> = listed

@@ -21,7 +21,7 @@ thread_local! {
 #[derive(Debug, Default)]
 pub(crate) struct Listed {
     pub rules: Vec<ListedRule>,
-    pub chains: Vec<(TableFamily, String)>,
+    pub chains: Vec<(TableFamily, &'static str)>,
 }
 
 /// A socket in the calling thread's network namespace (a socket stays in the namespace it
@@ -57,16 +57,24 @@ impl Driver {
         Ok(rules)
     }
 
-    /// Rules of both tables, and their chains when `with_chains` (only an add needs them).
+    /// Rules of both tables, and which of the plan's base chains exist when `with_chains`
+    /// (only an add needs them): a request per chain, never a dump of all chains.
     pub fn list(&mut self, with_chains: bool) -> Result<Listed, Error> {
         let rules = self.rules()?;
-        let chains = if with_chains {
-            self.socket
-                .list_chains_in(None, TABLE)
-                .map_err(|e| Error::io(format!("cannot list the chains of the {TABLE} tables"), &e))?
-        } else {
-            Vec::new()
-        };
+        let mut chains = Vec::new();
+        if with_chains {
+            for c in CHAINS {
+                let exists = self.socket.has_chain(c.family, TABLE, c.name).map_err(|e| {
+                    Error::io(
+                        format!("cannot look up chain {} {TABLE} {}", c.family, c.name),
+                        &e,
+                    )
+                })?;
+                if exists {
+                    chains.push((c.family, c.name));
+                }
+            }
+        }
         Ok(Listed { rules, chains })
     }
 

@@ -48,7 +48,8 @@
 //!
 //! Every call opens one NETLINK_NETFILTER socket (ferry-nft) in the network namespace of
 //! the calling thread and lists the two Ferry tables: two rule dumps (the kernel filters a
-//! rule dump to one table) and, for `add`, one chain dump. Each write is one nf_tables
+//! rule dump to one table) and, for `add`, a lookup of each base chain (a chain dump
+//! would read every chain of the family, thousands on a node running ferry-proxy). Each write is one nf_tables
 //! transaction, so an attachment's rules appear and disappear atomically. `add` deletes
 //! what carries the attachment's key in the same transaction as it adds the new rules: ADD
 //! is idempotent, and a re-ADD after a failed or crashed one (or with new addresses)
