@@ -9,7 +9,9 @@ pub mod conntrack;
 pub mod dump;
 pub mod http;
 pub mod metrics;
-pub mod nft;
+/// nf_tables over netlink, from the `ferry-nft` crate; kept under this name so that the
+/// back end's `crate::nft::...` paths stay as they are.
+pub use ferry_nft as nft;
 pub mod plan;
 pub mod run;
 pub mod source;

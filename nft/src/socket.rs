@@ -1,5 +1,5 @@
 //! The NETLINK_NETFILTER socket: commits a [`Batch`] as one transaction, dumps chain and
-//! set names.
+//! set names and the rules of a table (with their handles and comments).
 
 use std::fmt;
 use std::io;
@@ -7,7 +7,7 @@ use std::os::fd::AsRawFd;
 
 use netlink_sys::protocols::NETLINK_NETFILTER;
 
-use super::batch::Batch;
+use super::batch::{Batch, TableFamily};
 use super::wire::*;
 
 /// A commit that failed: nothing of the batch was applied.
@@ -67,6 +67,18 @@ const ANSWER_TIMEOUT_MS: i32 = 5000;
 /// Receive buffer: a dump datagram is at most 32 KiB (the kernel caps dump skbs there).
 const RECV_BUF: usize = 64 * 1024;
 
+/// A rule as the kernel lists it: enough to find it again ([`Batch::delete_rule`]) and to
+/// tell whose it is (its comment). The expressions are not read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListedRule {
+    pub family: TableFamily,
+    pub table: String,
+    pub chain: String,
+    pub handle: u64,
+    /// The comment nft (or [`Batch::add_rule_with_comment`]) stored, if any.
+    pub comment: Option<String>,
+}
+
 /// A NETLINK_NETFILTER socket in the network namespace of the thread that opened it.
 pub struct Socket {
     sock: netlink_sys::Socket,
@@ -81,6 +93,14 @@ impl fmt::Debug for Socket {
         f.debug_struct("Socket")
             .field("fd", &self.sock.as_raw_fd())
             .finish()
+    }
+}
+
+/// The descriptor, for a caller that must manage its lifetime itself (e.g. leave the last
+/// reference, whose release can wait for the kernel, to another process).
+impl AsRawFd for Socket {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.sock.as_raw_fd()
     }
 }
 
@@ -256,7 +276,7 @@ impl Socket {
     /// Names of the `inet` tables.
     pub fn list_tables(&mut self) -> io::Result<Vec<String>> {
         let mut out = Vec::new();
-        self.dump(NFT_MSG_GETTABLE, None, |payload| {
+        self.dump(NFT_MSG_GETTABLE, NFPROTO_INET, None, |payload| {
             if let Some((_, name, _)) = attrs(payload).find(|a| a.0 == NFTA_TABLE_NAME) {
                 out.push(attr_str(name));
             }
@@ -268,7 +288,7 @@ impl Socket {
     /// of the inet family's chains (the kernel has no table filter for chain dumps).
     pub fn list_chains(&mut self, table: &str) -> io::Result<Vec<String>> {
         let mut out = Vec::new();
-        self.dump(NFT_MSG_GETCHAIN, None, |payload| {
+        self.dump(NFT_MSG_GETCHAIN, NFPROTO_INET, None, |payload| {
             let mut in_table = false;
             let mut name = None;
             for (ty, p, _) in attrs(payload) {
@@ -289,20 +309,25 @@ impl Socket {
     /// table. One dump, filtered to the table by the kernel.
     pub fn list_sets(&mut self, table: &str) -> io::Result<Vec<String>> {
         let mut out = Vec::new();
-        let res = self.dump(NFT_MSG_GETSET, Some((NFTA_SET_TABLE, table)), |payload| {
-            let mut name = None;
-            let mut anonymous = false;
-            for (ty, p, _) in attrs(payload) {
-                match ty {
-                    NFTA_SET_NAME => name = Some(p),
-                    NFTA_SET_FLAGS => anonymous = be32(p).unwrap_or(0) & NFT_SET_ANONYMOUS != 0,
-                    _ => {}
+        let res = self.dump(
+            NFT_MSG_GETSET,
+            NFPROTO_INET,
+            Some((NFTA_SET_TABLE, table)),
+            |payload| {
+                let mut name = None;
+                let mut anonymous = false;
+                for (ty, p, _) in attrs(payload) {
+                    match ty {
+                        NFTA_SET_NAME => name = Some(p),
+                        NFTA_SET_FLAGS => anonymous = be32(p).unwrap_or(0) & NFT_SET_ANONYMOUS != 0,
+                        _ => {}
+                    }
                 }
-            }
-            if let (false, Some(name)) = (anonymous, name) {
-                out.push(attr_str(name));
-            }
-        });
+                if let (false, Some(name)) = (anonymous, name) {
+                    out.push(attr_str(name));
+                }
+            },
+        );
         match res {
             Ok(()) => Ok(out),
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(Vec::new()),
@@ -310,10 +335,95 @@ impl Socket {
         }
     }
 
-    /// Runs a dump of `ty` over the inet family, calling `f` with the attributes of each
-    /// object. Restarts (up to 10 times) when the kernel says the ruleset changed during
-    /// the dump.
-    fn dump(&mut self, ty: u16, filter: Option<(u16, &str)>, mut f: impl FnMut(&[u8])) -> io::Result<()> {
+    /// Whether chain `<family> <table> <chain>` exists (false also when the table does
+    /// not). One request for that chain alone: a chain dump has no table filter and would
+    /// read every chain of the family, e.g. the proxy's thousands.
+    pub fn has_chain(&mut self, family: TableFamily, table: &str, chain: &str) -> io::Result<bool> {
+        self.drain();
+        self.seq = self.seq.wrapping_add(1).max(1);
+        let seq = self.seq;
+        let mut w = Writer::with_capacity(64);
+        let m = w.begin_msg(
+            NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_GETCHAIN,
+            NLM_F_REQUEST | NLM_F_ACK,
+            seq,
+            family.nfproto(),
+            0,
+        );
+        w.put_strz(NFTA_CHAIN_TABLE, table);
+        w.put_strz(NFTA_CHAIN_NAME, chain);
+        w.end_msg(m);
+        self.sendmsg(&[&w.buf])?;
+        // The chain (if any), then the ack or the error.
+        let mut found = false;
+        loop {
+            let got = self.recv(0)?;
+            for m in messages(&self.rbuf[..got]) {
+                if m.seq != seq {
+                    continue;
+                }
+                if m.ty != NLMSG_ERROR {
+                    found = true;
+                    continue;
+                }
+                return match parse_error(m.flags, m.payload).map_or(libc::EIO, |e| e.errno) {
+                    0 => Ok(found),
+                    libc::ENOENT => Ok(false),
+                    errno => Err(io::Error::from_raw_os_error(errno)),
+                };
+            }
+        }
+    }
+
+    /// The rules of table `<family> <table>`, in the kernel's order, with their handles and
+    /// comments. A missing table lists as empty. One dump, filtered to the table by the
+    /// kernel (which stops a filtered rule dump after the first table of that name, so
+    /// there is no one-dump listing of several families).
+    pub fn list_rules(&mut self, family: TableFamily, table: &str) -> io::Result<Vec<ListedRule>> {
+        let mut out = Vec::new();
+        let nfproto = family.nfproto();
+        let res = self.dump(
+            NFT_MSG_GETRULE,
+            nfproto,
+            Some((NFTA_RULE_TABLE, table)),
+            |payload| {
+                let mut rule = ListedRule {
+                    family,
+                    table: String::new(),
+                    chain: String::new(),
+                    handle: 0,
+                    comment: None,
+                };
+                for (ty, p, _) in attrs(payload) {
+                    match ty {
+                        NFTA_RULE_TABLE => rule.table = attr_str(p),
+                        NFTA_RULE_CHAIN => rule.chain = attr_str(p),
+                        NFTA_RULE_HANDLE => rule.handle = be64(p).unwrap_or(0),
+                        NFTA_RULE_USERDATA => rule.comment = rule_comment(p),
+                        _ => {}
+                    }
+                }
+                if rule.table == table {
+                    out.push(rule);
+                }
+            },
+        );
+        match res {
+            Ok(()) => Ok(out),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(Vec::new()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Runs a dump of `ty` over `family`, calling `f` with the attributes of each object. Restarts (up to 10 times) when the kernel
+    /// says the ruleset changed during the dump.
+    fn dump(
+        &mut self,
+        ty: u16,
+        family: u8,
+        filter: Option<(u16, &str)>,
+        mut f: impl FnMut(&[u8]),
+    ) -> io::Result<()> {
         let mut collected: Vec<Vec<u8>> = Vec::new();
         'attempt: for _ in 0..10 {
             collected.clear();
@@ -325,7 +435,7 @@ impl Socket {
                 NFNL_SUBSYS_NFTABLES << 8 | ty,
                 NLM_F_REQUEST | NLM_F_DUMP,
                 seq,
-                NFPROTO_INET,
+                family,
                 0,
             );
             if let Some((attr, value)) = filter {
@@ -518,6 +628,19 @@ fn getsockopt_int(sock: &netlink_sys::Socket, opt: libc::c_int) -> io::Result<i3
     Ok(v)
 }
 
+/// The comment in a rule's user data (libnftnl TLVs: type, length, value), if any.
+fn rule_comment(udata: &[u8]) -> Option<String> {
+    let mut rest = udata;
+    while let [ty, len, tail @ ..] = rest {
+        let value = tail.get(..usize::from(*len))?;
+        if *ty == UDATA_RULE_COMMENT {
+            return Some(attr_str(value));
+        }
+        rest = &tail[usize::from(*len)..];
+    }
+    None
+}
+
 /// A string attribute's bytes without the NUL.
 fn strz(p: &[u8]) -> &[u8] {
     p.split(|&b| b == 0).next().unwrap_or(p)
@@ -657,7 +780,7 @@ fn hex_words(b: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nft::{concat, Element, Expr, Verdict};
+    use crate::{concat, Element, Expr, Verdict};
 
     #[test]
     fn errors_name_the_message_the_expression_and_the_element() {
@@ -668,7 +791,7 @@ mod tests {
             &[
                 Expr::Counter,
                 Expr::Lookup {
-                    sreg: crate::nft::Reg::R32(0),
+                    sreg: crate::Reg::R32(0),
                     set: "nope".into(),
                     dreg: None,
                     invert: false,

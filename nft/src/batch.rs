@@ -8,6 +8,61 @@ use super::set::{
 };
 use super::wire::*;
 
+/// The family of a table: `inet` (IPv4 and IPv6, what the proxy and the bridge's NAT
+/// use) or `bridge` (frames crossing a Linux bridge, for the MAC spoof check).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum TableFamily {
+    Inet,
+    Bridge,
+}
+
+impl TableFamily {
+    /// NFPROTO_INET / NFPROTO_BRIDGE, the nfgenmsg family of the table's messages.
+    pub fn nfproto(self) -> u8 {
+        match self {
+            TableFamily::Inet => NFPROTO_INET,
+            TableFamily::Bridge => NFPROTO_BRIDGE,
+        }
+    }
+
+    /// The family as nft writes it (`inet`, `bridge`).
+    pub fn name(self) -> &'static str {
+        match self {
+            TableFamily::Inet => "inet",
+            TableFamily::Bridge => "bridge",
+        }
+    }
+}
+
+impl fmt::Display for TableFamily {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// nft keeps at most this many bytes of a rule comment (NFTNL_UDATA_COMMENT_MAXLEN) and
+/// refuses longer ones; [`Batch::add_rule_with_comment`] does the same.
+pub const COMMENT_MAX: usize = 128;
+
+/// A comment nft would refuse: longer than [`COMMENT_MAX`] bytes, or with a NUL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BadComment {
+    pub comment: String,
+}
+
+impl fmt::Display for BadComment {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "rule comment {:?} ({} bytes) is not usable: keep it within {COMMENT_MAX} bytes, without NUL",
+            self.comment,
+            self.comment.len()
+        )
+    }
+}
+
+impl std::error::Error for BadComment {}
+
 /// A chain's hook, for base chains (`type nat hook prerouting priority dstnat; policy
 /// accept;`). The policy is always accept.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -69,6 +124,10 @@ enum What {
     FlushChain(String),
     DeleteChain(String),
     AddRule(String),
+    DeleteRule {
+        chain: String,
+        handle: u64,
+    },
     AddSet(String),
     FlushSet(String),
     DeleteSet(String),
@@ -89,9 +148,12 @@ enum What {
 struct Msg {
     offset: usize,
     what: What,
+    /// Index into `Batch::tables`.
+    table: usize,
 }
 
-/// An ordered list of nf_tables messages on one `inet` table, already encoded: what
+/// An ordered list of nf_tables messages on one table (or several, see
+/// [`Batch::use_table`]), already encoded: what
 /// [`super::Socket::commit`] sends as one transaction.
 ///
 /// Each `add_*`/`delete_*` call appends one message (element lists may take several,
@@ -100,7 +162,8 @@ struct Msg {
 /// jumps to a missing chain fails at commit, with the message's description.
 #[derive(Clone)]
 pub struct Batch {
-    table: String,
+    /// The tables the messages go to; the last one takes the next message.
+    tables: Vec<(TableFamily, String)>,
     w: Writer,
     msgs: Vec<Msg>,
     /// NFTA_SET_ID of the last set added (the kernel requires one per new set).
@@ -110,7 +173,7 @@ pub struct Batch {
 impl fmt::Debug for Batch {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Batch")
-            .field("table", &self.table)
+            .field("tables", &self.tables)
             .field("messages", &self.msgs.len())
             .field("bytes", &self.w.buf.len())
             .finish()
@@ -130,6 +193,11 @@ impl fmt::Display for Batch {
 impl Batch {
     /// An empty batch on table `inet <table>`.
     pub fn new(table: &str) -> Batch {
+        Batch::new_in(TableFamily::Inet, table)
+    }
+
+    /// An empty batch on table `<family> <table>`.
+    pub fn new_in(family: TableFamily, table: &str) -> Batch {
         let mut w = Writer::with_capacity(4096);
         let begin = w.begin_msg(
             NFNL_MSG_BATCH_BEGIN,
@@ -140,15 +208,29 @@ impl Batch {
         );
         w.end_msg(begin);
         Batch {
-            table: table.to_string(),
+            tables: vec![(family, table.to_string())],
             w,
             msgs: Vec::new(),
             set_id: 0,
         }
     }
 
+    /// The table the next message goes to.
     pub fn table(&self) -> &str {
-        &self.table
+        current(&self.tables)
+    }
+
+    /// The family of [`Batch::table`].
+    pub fn family(&self) -> TableFamily {
+        self.tables[self.tables.len() - 1].0
+    }
+
+    /// Sends the messages added from now on to table `<family> <table>`: one batch, and
+    /// so one transaction, may change tables of several families.
+    pub fn use_table(&mut self, family: TableFamily, table: &str) {
+        if self.family() != family || self.table() != table {
+            self.tables.push((family, table.to_string()));
+        }
     }
 
     /// Number of messages.
@@ -169,6 +251,7 @@ impl Batch {
     pub fn clear(&mut self) {
         self.w.buf.truncate(20);
         self.msgs.clear();
+        self.tables.truncate(1);
         self.set_id = 0;
     }
 
@@ -177,14 +260,15 @@ impl Batch {
         let Some(m) = self.msgs.get(index) else {
             return format!("message {index} (not in the batch)");
         };
-        let t = &self.table;
-        match &m.what {
-            What::AddTable => format!("add table inet {t}"),
-            What::DeleteTable => format!("delete table inet {t}"),
+        let (family, t) = &self.tables[m.table];
+        let what = match &m.what {
+            What::AddTable => return format!("add table {family} {t}"),
+            What::DeleteTable => return format!("delete table {family} {t}"),
             What::AddChain(c) => format!("add chain {c}"),
             What::FlushChain(c) => format!("flush chain {c}"),
             What::DeleteChain(c) => format!("delete chain {c}"),
             What::AddRule(c) => format!("add rule to chain {c}"),
+            What::DeleteRule { chain, handle } => format!("delete rule handle {handle} of chain {chain}"),
             What::AddSet(s) => format!("add set {s}"),
             What::FlushSet(s) => format!("flush set {s}"),
             What::DeleteSet(s) => format!("delete set {s}"),
@@ -194,6 +278,12 @@ impl Batch {
             What::DeleteElements { set, first, count } => {
                 format!("delete elements {first}..{} from set {set}", first + count)
             }
+        };
+        // A batch on one table says nothing more; one on several names the table.
+        if self.tables.len() > 1 {
+            format!("{what} in table {family} {t}")
+        } else {
+            what
         }
     }
 
@@ -229,28 +319,33 @@ impl Batch {
             NFNL_SUBSYS_NFTABLES << 8 | ty,
             NLM_F_REQUEST | flags,
             seq,
-            NFPROTO_INET,
+            self.family().nfproto(),
             0,
         )
     }
 
     fn finish(&mut self, start: usize, what: What) {
         self.w.end_msg(start);
-        self.msgs.push(Msg { offset: start, what });
+        let table = self.tables.len() - 1;
+        self.msgs.push(Msg {
+            offset: start,
+            what,
+            table,
+        });
     }
 
-    /// `add table inet <t>`: creates the table, or does nothing if it exists.
+    /// `add table <family> <t>`: creates the table, or does nothing if it exists.
     pub fn add_table(&mut self) {
         let m = self.begin(NFT_MSG_NEWTABLE, NLM_F_CREATE);
-        self.w.put_strz(NFTA_TABLE_NAME, &self.table);
+        self.w.put_strz(NFTA_TABLE_NAME, current(&self.tables));
         self.w.put_be32(NFTA_TABLE_FLAGS, 0);
         self.finish(m, What::AddTable);
     }
 
-    /// `delete table inet <t>`, with everything in it. Fails (ENOENT) if it does not exist.
+    /// `delete table <family> <t>`, with everything in it. Fails (ENOENT) if it does not exist.
     pub fn delete_table(&mut self) {
         let m = self.begin(NFT_MSG_DELTABLE, 0);
-        self.w.put_strz(NFTA_TABLE_NAME, &self.table);
+        self.w.put_strz(NFTA_TABLE_NAME, current(&self.tables));
         self.finish(m, What::DeleteTable);
     }
 
@@ -258,7 +353,7 @@ impl Batch {
     /// then have the same hook and priority, else EEXIST/EBUSY at commit).
     pub fn add_chain(&mut self, name: &str, base: Option<&BaseChain>) {
         let m = self.begin(NFT_MSG_NEWCHAIN, NLM_F_CREATE);
-        self.w.put_strz(NFTA_CHAIN_TABLE, &self.table);
+        self.w.put_strz(NFTA_CHAIN_TABLE, current(&self.tables));
         self.w.put_strz(NFTA_CHAIN_NAME, name);
         if let Some(b) = base {
             self.w.put_strz(NFTA_CHAIN_TYPE, b.kind.name());
@@ -274,7 +369,7 @@ impl Batch {
     /// `flush chain`: deletes every rule of the chain.
     pub fn flush_chain(&mut self, name: &str) {
         let m = self.begin(NFT_MSG_DELRULE, 0);
-        self.w.put_strz(NFTA_RULE_TABLE, &self.table);
+        self.w.put_strz(NFTA_RULE_TABLE, current(&self.tables));
         self.w.put_strz(NFTA_RULE_CHAIN, name);
         self.finish(m, What::FlushChain(name.to_string()));
     }
@@ -284,22 +379,67 @@ impl Batch {
     /// earlier in the same batch.
     pub fn delete_chain(&mut self, name: &str) {
         let m = self.begin(NFT_MSG_DELCHAIN, 0);
-        self.w.put_strz(NFTA_CHAIN_TABLE, &self.table);
+        self.w.put_strz(NFTA_CHAIN_TABLE, current(&self.tables));
         self.w.put_strz(NFTA_CHAIN_NAME, name);
         self.finish(m, What::DeleteChain(name.to_string()));
     }
 
     /// `add rule`: appends a rule at the end of the chain.
     pub fn add_rule(&mut self, chain: &str, exprs: &[Expr]) {
+        self.encode_rule(chain, exprs, None);
+    }
+
+    /// `add rule ... comment "<comment>"`: the comment goes in the rule's user data as nft
+    /// writes it, so `nft list` shows it and [`super::Socket::list_rules`] reads it back.
+    pub fn add_rule_with_comment(
+        &mut self,
+        chain: &str,
+        exprs: &[Expr],
+        comment: &str,
+    ) -> Result<(), BadComment> {
+        if comment.len() > COMMENT_MAX || comment.contains('\0') {
+            return Err(BadComment {
+                comment: comment.to_string(),
+            });
+        }
+        self.encode_rule(chain, exprs, Some(comment));
+        Ok(())
+    }
+
+    fn encode_rule(&mut self, chain: &str, exprs: &[Expr], comment: Option<&str>) {
         let m = self.begin(NFT_MSG_NEWRULE, NLM_F_CREATE | NLM_F_APPEND);
-        self.w.put_strz(NFTA_RULE_TABLE, &self.table);
+        self.w.put_strz(NFTA_RULE_TABLE, current(&self.tables));
         self.w.put_strz(NFTA_RULE_CHAIN, chain);
         let list = self.w.begin_nest(NFTA_RULE_EXPRESSIONS);
         for e in exprs {
             e.encode(&mut self.w);
         }
         self.w.end_nest(list);
+        if let Some(c) = comment {
+            // libnftnl's TLV: type, length (with the NUL), the NUL-terminated text.
+            let mut udata = Vec::with_capacity(c.len() + 3);
+            udata.extend_from_slice(&[UDATA_RULE_COMMENT, c.len() as u8 + 1]);
+            udata.extend_from_slice(c.as_bytes());
+            udata.push(0);
+            self.w.put(NFTA_RULE_USERDATA, &udata);
+        }
         self.finish(m, What::AddRule(chain.to_string()));
+    }
+
+    /// `delete rule <chain> handle <h>`: deletes one rule, by the handle the kernel gave
+    /// it (see [`super::Socket::list_rules`]). Fails (ENOENT) when it is gone.
+    pub fn delete_rule(&mut self, chain: &str, handle: u64) {
+        let m = self.begin(NFT_MSG_DELRULE, 0);
+        self.w.put_strz(NFTA_RULE_TABLE, current(&self.tables));
+        self.w.put_strz(NFTA_RULE_CHAIN, chain);
+        self.w.put_be64(NFTA_RULE_HANDLE, handle);
+        self.finish(
+            m,
+            What::DeleteRule {
+                chain: chain.to_string(),
+                handle,
+            },
+        );
     }
 
     /// `add set`/`add map`: creates it, or does nothing if one with the same
@@ -323,7 +463,7 @@ impl Batch {
             flags |= NFT_SET_EVAL;
         }
         let m = self.begin(NFT_MSG_NEWSET, NLM_F_CREATE);
-        self.w.put_strz(NFTA_SET_TABLE, &self.table);
+        self.w.put_strz(NFTA_SET_TABLE, current(&self.tables));
         self.w.put_strz(NFTA_SET_NAME, &spec.name);
         self.w.put_be32(NFTA_SET_FLAGS, flags);
         self.w.put_be32(NFTA_SET_KEY_TYPE, key_type);
@@ -362,7 +502,7 @@ impl Batch {
     /// `flush set`: deletes every element.
     pub fn flush_set(&mut self, name: &str) {
         let m = self.begin(NFT_MSG_DELSETELEM, 0);
-        self.w.put_strz(NFTA_SET_ELEM_LIST_TABLE, &self.table);
+        self.w.put_strz(NFTA_SET_ELEM_LIST_TABLE, current(&self.tables));
         self.w.put_strz(NFTA_SET_ELEM_LIST_SET, name);
         self.finish(m, What::FlushSet(name.to_string()));
     }
@@ -370,7 +510,7 @@ impl Batch {
     /// `delete set`. Fails (EBUSY) while a rule uses it.
     pub fn delete_set(&mut self, name: &str) {
         let m = self.begin(NFT_MSG_DELSET, 0);
-        self.w.put_strz(NFTA_SET_TABLE, &self.table);
+        self.w.put_strz(NFTA_SET_TABLE, current(&self.tables));
         self.w.put_strz(NFTA_SET_NAME, name);
         self.finish(m, What::DeleteSet(name.to_string()));
     }
@@ -395,7 +535,7 @@ impl Batch {
         while i < elems.len() {
             let first = i;
             let m = self.begin(ty, flags);
-            self.w.put_strz(NFTA_SET_ELEM_LIST_TABLE, &self.table);
+            self.w.put_strz(NFTA_SET_ELEM_LIST_TABLE, current(&self.tables));
             self.w.put_strz(NFTA_SET_ELEM_LIST_SET, set);
             let list = self.w.begin_nest(NFTA_SET_ELEM_LIST_ELEMENTS);
             while i < elems.len() {
@@ -424,6 +564,12 @@ impl Batch {
             self.finish(m, what);
         }
     }
+}
+
+/// The name of the table that takes the next message (a free function so that the
+/// encoder can borrow it beside the writer).
+fn current(tables: &[(TableFamily, String)]) -> &str {
+    &tables[tables.len() - 1].1
 }
 
 /// One element as the kernel wants it: a range becomes its start and, as a separate
@@ -462,7 +608,7 @@ fn encode_element(w: &mut Writer, e: &Element, with_data: bool) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nft::set::{concat, port_bytes, proto_bytes};
+    use crate::set::{concat, port_bytes, proto_bytes};
 
     fn messages(b: &Batch) -> Vec<&[u8]> {
         (0..b.len()).map(|i| b.message(i)).collect()

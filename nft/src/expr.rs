@@ -5,7 +5,7 @@
 //! read a source register and stop the rule when they do not match, statements (nat,
 //! masquerade, reject, immediate verdicts) act. Each expression is encoded as nft 1.0.6
 //! encodes it (the same attributes, the same values), so `nft list` prints it back as the
-//! nft syntax it came from; [`crate::nft`]'s tests compare the encodings with nft's own.
+//! nft syntax it came from; [`crate`]'s tests compare the encodings with nft's own.
 //!
 //! The helpers at the end ([`match_family`], [`ip_addr`], [`match_prefix`], ...) build
 //! the expression sequences nft emits for the common matches of an `inet` table.
@@ -592,6 +592,17 @@ pub fn match_prefix(family: Family, which: Addr, net: &[u8], prefix_len: u32, op
     assert_eq!(net.len() as u32, full, "address length for {family:?}");
     let prefix_len = prefix_len.min(full * 8);
     let mut out = match_family(family).to_vec();
+    out.extend(match_addr_prefix(family, which, net, prefix_len, op));
+    out
+}
+
+/// [`match_prefix`] without its `meta nfproto` match, for a rule that has matched the
+/// family already (nft adds that dependency once per rule). Empty for a prefix of 0.
+pub fn match_addr_prefix(family: Family, which: Addr, net: &[u8], prefix_len: u32, op: CmpOp) -> Vec<Expr> {
+    let full = family.addr_len();
+    assert_eq!(net.len() as u32, full, "address length for {family:?}");
+    let prefix_len = prefix_len.min(full * 8);
+    let mut out = Vec::with_capacity(3);
     if prefix_len == 0 {
         return out;
     }
@@ -634,6 +645,44 @@ pub fn match_prefix(family: Family, which: Addr, net: &[u8], prefix_len: u32, op
         });
     }
     out
+}
+
+/// `iifname "<name>"` (`MetaKey::IifName`) or `oifname`: nft compares the whole
+/// 16-byte (IFNAMSIZ) name, zero-padded. Uses register 0. `name` must be shorter than
+/// 16 bytes (the kernel's limit for interface names).
+pub fn match_ifname(key: MetaKey, name: &str) -> [Expr; 2] {
+    let mut data = vec![0u8; 16];
+    let n = name.len().min(15);
+    data[..n].copy_from_slice(&name.as_bytes()[..n]);
+    [
+        Expr::Meta {
+            key,
+            dreg: Reg::R32(0),
+        },
+        Expr::Cmp {
+            sreg: Reg::R32(0),
+            op: CmpOp::Eq,
+            data,
+        },
+    ]
+}
+
+/// `ether saddr <mac>` (`op` Eq) or `ether saddr != <mac>` (Neq): the link header's
+/// source address, as a bridge (or netdev) table sees it. Uses register 0.
+pub fn match_ether_saddr(mac: [u8; 6], op: CmpOp) -> [Expr; 2] {
+    [
+        Expr::Payload {
+            base: PayloadBase::Link,
+            offset: 6,
+            len: 6,
+            dreg: Reg::R32(0),
+        },
+        Expr::Cmp {
+            sreg: Reg::R32(0),
+            op,
+            data: mac.to_vec(),
+        },
+    ]
 }
 
 /// `len` bytes with the first `prefix_len` bits set.

@@ -37,6 +37,7 @@ pub const NFGENMSG_LEN: usize = 4;
 // linux/netfilter.h
 pub const NFPROTO_UNSPEC: u8 = 0;
 pub const NFPROTO_INET: u8 = 1;
+pub const NFPROTO_BRIDGE: u8 = 7;
 pub const NFPROTO_IPV4: u32 = 2;
 pub const NFPROTO_IPV6: u32 = 10;
 pub const NF_DROP: i32 = 0;
@@ -50,6 +51,7 @@ pub const NFT_MSG_NEWCHAIN: u16 = 3;
 pub const NFT_MSG_GETCHAIN: u16 = 4;
 pub const NFT_MSG_DELCHAIN: u16 = 5;
 pub const NFT_MSG_NEWRULE: u16 = 6;
+pub const NFT_MSG_GETRULE: u16 = 7;
 pub const NFT_MSG_DELRULE: u16 = 8;
 pub const NFT_MSG_NEWSET: u16 = 9;
 pub const NFT_MSG_GETSET: u16 = 10;
@@ -74,7 +76,11 @@ pub const NFTA_HOOK_PRIORITY: u16 = 2;
 // enum nft_rule_attributes
 pub const NFTA_RULE_TABLE: u16 = 1;
 pub const NFTA_RULE_CHAIN: u16 = 2;
+pub const NFTA_RULE_HANDLE: u16 = 3;
 pub const NFTA_RULE_EXPRESSIONS: u16 = 4;
+pub const NFTA_RULE_USERDATA: u16 = 7;
+/// libnftnl's enum nftnl_udata_rule_types: the comment TLV inside NFTA_RULE_USERDATA.
+pub const UDATA_RULE_COMMENT: u8 = 0;
 
 // enum nft_list_attributes, enum nft_expr_attributes
 pub const NFTA_LIST_ELEM: u16 = 1;
@@ -268,6 +274,10 @@ pub fn attr_str(payload: &[u8]) -> String {
 
 pub fn be32(payload: &[u8]) -> Option<u32> {
     Some(u32::from_be_bytes(payload.get(..4)?.try_into().ok()?))
+}
+
+pub fn be64(payload: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(payload.get(..8)?.try_into().ok()?))
 }
 
 pub fn ne32(payload: &[u8]) -> Option<u32> {

@@ -1,18 +1,21 @@
-//! nftables over netlink (`ferry_proxy::nft`), checked against nft itself.
+//! nftables over netlink (`ferry_nft`), checked against nft itself.
 //!
 //! - `encodings_are_what_nft_sends` (no root): the messages of a batch are compared with
 //!   the ones nft 1.0.6 sent for the same nft text ([`GOLDEN_NFT`]), captured with
 //!   `strace -f -e trace=sendmsg -e write=all nft -f golden.nft`.
 //! - The other tests need root: each builds its table through the API in a fresh netns
 //!   and asserts what `nft list table` prints, or how a failing batch is reported.
+//! - The last section does the same for [`Rule`]s, comments, the bridge family and rule
+//!   listing (what ferry-bridge uses): `rule_encodings_are_what_nft_sends` against
+//!   [`GOLDEN_RULES`], and the oracle `rules_list_as_nft_lists_its_own`.
 //!
-//! `FERRY_REQUIRE_ROOT=1 cargo test -p ferry-proxy --test nft_netlink`; the timing test:
-//! `cargo test --release -p ferry-proxy --test nft_netlink -- --ignored --nocapture`.
+//! `FERRY_REQUIRE_ROOT=1 cargo test -p ferry-nft --test nft_netlink`; the timing test:
+//! `cargo test --release -p ferry-nft --test nft_netlink -- --ignored --nocapture`.
 
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use ferry_proxy::nft::*;
+use ferry_nft::*;
 use ferry_tests::{require_root, Netns};
 
 const MARK: u32 = 0x4000;
@@ -1629,7 +1632,7 @@ fn a_large_batch_is_one_transaction() {
     assert_eq!(chains.len(), 1002, "the batch was partly applied");
 }
 
-/// `cargo test --release -p ferry-proxy --test nft_netlink -- --ignored --nocapture timing`
+/// `cargo test --release -p ferry-nft --test nft_netlink -- --ignored --nocapture timing`
 #[test]
 #[ignore = "timing: run in release with --nocapture"]
 fn timing_at_ten_thousand_services() {
@@ -1874,4 +1877,326 @@ fn a_jump_loop_is_refused_by_the_message_that_closes_it() {
     let e = commit(&ns, &b).unwrap_err();
     assert_eq!((e.errno, e.index), (libc::EMLINK, Some(0)), "{e}");
     assert_eq!(e.description, "add elements 0..1 to set m");
+}
+
+// ---------------------------------------------------------------------------------------
+// Rules as data (`Rule`), rule comments, the bridge family, listing and deleting rules:
+// what the bridge plugin uses.
+
+/// The nft text [`rules_batch`] mirrors: the shapes of ferry-bridge's rules.
+const GOLDEN_RULES_NFT: &str = r#"table inet t {
+  chain postrouting { type nat hook postrouting priority srcnat; policy accept;
+    ip saddr 10.22.0.5 ip daddr != 10.22.0.0/24 ip daddr != 224.0.0.0/4 masquerade comment "ferry:net1:c1:eth0 masq.00112233"
+    ip6 saddr fd00::5 ip6 daddr != fd00::/64 ip6 daddr != ff00::/8 masquerade
+    ct status dnat ip6 saddr fd00::5 ip6 daddr fd00::5 masquerade comment "k hairpin.1"
+  }
+  chain prerouting { type nat hook prerouting priority dstnat; policy accept;
+    meta l4proto tcp th dport 8080 meta nfproto ipv4 fib daddr type local dnat ip to 10.22.0.5:80 comment "k dnat.1"
+    meta l4proto udp th dport 5353 ip6 daddr 2001:db8::1 dnat ip6 to [fd00::5]:53
+  }
+  chain output { type nat hook output priority -100; policy accept;
+    meta l4proto sctp th dport 8080 ip daddr != 127.0.0.0/8 fib daddr type local dnat ip to 10.22.0.5:80
+  }
+}
+table bridge t {
+  chain prerouting { type filter hook prerouting priority -300; policy accept;
+    iifname "fy0123456789ab" ether saddr != 0a:58:0a:16:00:05 drop comment "k mac.1"
+  }
+}
+"#;
+
+/// What nft 1.0.6 sent for [`GOLDEN_RULES_NFT`]: (message type, nfgenmsg family, attributes
+/// after the nfgenmsg header, hex), captured as [`GOLDEN`] was.
+const GOLDEN_RULES: &[(&str, u8, &str)] = &[
+    ("NEWTABLE", 1, "06000100740000000800020000000000"),
+    ("NEWCHAIN", 1, "060001007400000010000300706f7374726f7574696e6700080007006e61740008000500000000011400048008000100000000040800020000000064"),
+    ("NEWCHAIN", 1, "06000100740000000f000300707265726f7574696e670000080007006e617400080005000000000114000480080001000000000008000200ffffff9c"),
+    ("NEWCHAIN", 1, "06000100740000000b0003006f75747075740000080007006e617400080005000000000114000480080001000000000308000200ffffff9c"),
+    ("NEWRULE", 1, "060001007400000010000200706f7374726f7574696e6700cc01048024000180090001006d6574610000000014000280080002000000000f08000100000000012c00018008000100636d700020000280080001000000000108000200000000000c0003800500010002000000340001800c0001007061796c6f6164002400028008000100000000010800020000000001080003000000000c08000400000000042c00018008000100636d700020000280080001000000000108000200000000000c000380080001000a160005340001800c0001007061796c6f6164002400028008000100000000010800020000000001080003000000001008000400000000032c00018008000100636d700020000280080001000000000108000200000000010c000380070001000a160000340001800c0001007061796c6f616400240002800800010000000001080002000000000108000300000000100800040000000004440001800c0001006269747769736500340002800800010000000001080002000000000108000300000000040c00048008000100f00000000c00058008000100000000002c00018008000100636d700020000280080001000000000108000200000000010c00038008000100e000000014000180090001006d617371000000000400028027000700002166657272793a6e6574313a63313a65746830206d6173712e30303131323233330000"),
+    ("NEWRULE", 1, "060001007400000010000200706f7374726f7574696e67009801048024000180090001006d6574610000000014000280080002000000000f08000100000000012c00018008000100636d700020000280080001000000000108000200000000000c000380050001000a000000340001800c0001007061796c6f6164002400028008000100000000010800020000000001080003000000000808000400000000103800018008000100636d70002c000280080001000000000108000200000000001800038014000100fd000000000000000000000000000005340001800c0001007061796c6f6164002400028008000100000000010800020000000001080003000000001808000400000000083000018008000100636d70002400028008000100000000010800020000000001100003800c000100fd00000000000000340001800c0001007061796c6f6164002400028008000100000000010800020000000001080003000000001808000400000000012c00018008000100636d700020000280080001000000000108000200000000010c00038005000100ff00000014000180090001006d6173710000000004000280"),
+    ("NEWRULE", 1, "060001007400000010000200706f7374726f7574696e6700d00104802000018007000100637400001400028008000200000000020800010000000001440001800c0001006269747769736500340002800800010000000001080002000000000108000300000000040c00048008000100200000000c00058008000100000000002c00018008000100636d700020000280080001000000000108000200000000010c000380080001000000000024000180090001006d6574610000000014000280080002000000000f08000100000000012c00018008000100636d700020000280080001000000000108000200000000000c000380050001000a000000340001800c0001007061796c6f6164002400028008000100000000010800020000000001080003000000000808000400000000103800018008000100636d70002c000280080001000000000108000200000000001800038014000100fd000000000000000000000000000005340001800c0001007061796c6f6164002400028008000100000000010800020000000001080003000000001808000400000000103800018008000100636d70002c000280080001000000000108000200000000001800038014000100fd00000000000000000000000000000514000180090001006d617371000000000400028012000700000c6b206861697270696e2e31000000"),
+    ("NEWRULE", 1, "06000100740000000f000200707265726f7574696e670000e801048024000180090001006d6574610000000014000280080002000000001008000100000000012c00018008000100636d700020000280080001000000000108000200000000000c0003800500010006000000340001800c0001007061796c6f6164002400028008000100000000010800020000000002080003000000000208000400000000022c00018008000100636d700020000280080001000000000108000200000000000c000380060001001f90000024000180090001006d6574610000000014000280080002000000000f08000100000000012c00018008000100636d700020000280080001000000000108000200000000000c00038005000100020000002800018008000100666962001c0002800800030000000002080002000000000308000100000000012c00018008000100636d700020000280080001000000000108000200000000000c00038008000100020000002c0001800e000100696d6d6564696174650000001800028008000100000000010c000280080001000a1600052c0001800e000100696d6d6564696174650000001800028008000100000000020c000280060001000050000038000180080001006e6174002c000280080001000000000108000200000000020800030000000001080005000000000208000700000000020f00070000096b20646e61742e310000"),
+    ("NEWRULE", 1, "06000100740000000f000200707265726f7574696e6700000c02048024000180090001006d6574610000000014000280080002000000001008000100000000012c00018008000100636d700020000280080001000000000108000200000000000c0003800500010011000000340001800c0001007061796c6f6164002400028008000100000000010800020000000002080003000000000208000400000000022c00018008000100636d700020000280080001000000000108000200000000000c0003800600010014e9000024000180090001006d6574610000000014000280080002000000000f08000100000000012c00018008000100636d700020000280080001000000000108000200000000000c000380050001000a000000340001800c0001007061796c6f6164002400028008000100000000010800020000000001080003000000001808000400000000103800018008000100636d70002c00028008000100000000010800020000000000180003801400010020010db8000000000000000000000001380001800e000100696d6d6564696174650000002400028008000100000000011800028014000100fd0000000000000000000000000000052c0001800e000100696d6d6564696174650000001800028008000100000000020c000280060001000035000038000180080001006e6174002c0002800800010000000001080002000000000a080003000000000108000500000000020800070000000002"),
+    ("NEWRULE", 1, "06000100740000000b0002006f757470757400004802048024000180090001006d6574610000000014000280080002000000001008000100000000012c00018008000100636d700020000280080001000000000108000200000000000c0003800500010084000000340001800c0001007061796c6f6164002400028008000100000000010800020000000002080003000000000208000400000000022c00018008000100636d700020000280080001000000000108000200000000000c000380060001001f90000024000180090001006d6574610000000014000280080002000000000f08000100000000012c00018008000100636d700020000280080001000000000108000200000000000c0003800500010002000000340001800c0001007061796c6f6164002400028008000100000000010800020000000001080003000000001008000400000000012c00018008000100636d700020000280080001000000000108000200000000010c000380050001007f0000002800018008000100666962001c0002800800030000000002080002000000000308000100000000012c00018008000100636d700020000280080001000000000108000200000000000c00038008000100020000002c0001800e000100696d6d6564696174650000001800028008000100000000010c000280080001000a1600052c0001800e000100696d6d6564696174650000001800028008000100000000020c000280060001000050000038000180080001006e6174002c00028008000100000000010800020000000002080003000000000108000500000000020800070000000002"),
+    ("NEWTABLE", 7, "06000100740000000800020000000000"),
+    ("NEWCHAIN", 7, "06000100740000000f000300707265726f7574696e6700000b00070066696c7465720000080005000000000114000480080001000000000008000200fffffed4"),
+    ("NEWRULE", 7, "06000100740000000f000200707265726f7574696e670000f400048024000180090001006d6574610000000014000280080002000000000608000100000000013800018008000100636d70002c00028008000100000000010800020000000000180003801400010066793031323334353637383961620000340001800c0001007061796c6f6164002400028008000100000000010800020000000000080003000000000608000400000000063000018008000100636d70002400028008000100000000010800020000000001100003800a0001000a580a1600050000300001800e000100696d6d6564696174650000001c0002800800010000000000100002800c00028008000100000000000e00070000086b206d61632e31000000"),
+];
+
+/// The rules of [`GOLDEN_RULES_NFT`], by table family and chain, in order.
+fn golden_rule_list() -> Vec<(TableFamily, &'static str, Rule)> {
+    use Addr::{Daddr, Saddr};
+    use CmpOp::{Eq, Neq};
+    let prefix = |which, addr: &str, prefix_len| Match::Addr {
+        which,
+        op: Neq,
+        addr: ip(addr),
+        prefix_len,
+    };
+    let rule = |matches: Vec<Match>, statement, comment: Option<&str>| Rule {
+        matches,
+        statement,
+        comment: comment.map(str::to_string),
+    };
+    let dnat = |addr: &str, port| Statement::Dnat { addr: ip(addr), port };
+    let inet = TableFamily::Inet;
+    vec![
+        (
+            inet,
+            "postrouting",
+            rule(
+                vec![
+                    Match::addr(Saddr, Eq, ip("10.22.0.5")),
+                    prefix(Daddr, "10.22.0.0", 24),
+                    prefix(Daddr, "224.0.0.0", 4),
+                ],
+                Statement::Masquerade,
+                Some("ferry:net1:c1:eth0 masq.00112233"),
+            ),
+        ),
+        (
+            inet,
+            "postrouting",
+            rule(
+                vec![
+                    Match::addr(Saddr, Eq, ip("fd00::5")),
+                    prefix(Daddr, "fd00::", 64),
+                    prefix(Daddr, "ff00::", 8),
+                ],
+                Statement::Masquerade,
+                None,
+            ),
+        ),
+        (
+            inet,
+            "postrouting",
+            rule(
+                vec![
+                    Match::CtStatusDnat,
+                    Match::addr(Saddr, Eq, ip("fd00::5")),
+                    Match::addr(Daddr, Eq, ip("fd00::5")),
+                ],
+                Statement::Masquerade,
+                Some("k hairpin.1"),
+            ),
+        ),
+        (
+            inet,
+            "prerouting",
+            rule(
+                vec![
+                    Match::L4proto(IPPROTO_TCP),
+                    Match::ThDport(8080),
+                    Match::Nfproto(Family::Ipv4),
+                    Match::FibDaddrLocal,
+                ],
+                dnat("10.22.0.5", 80),
+                Some("k dnat.1"),
+            ),
+        ),
+        (
+            inet,
+            "prerouting",
+            rule(
+                vec![
+                    Match::L4proto(IPPROTO_UDP),
+                    Match::ThDport(5353),
+                    Match::addr(Daddr, Eq, ip("2001:db8::1")),
+                ],
+                dnat("fd00::5", 53),
+                None,
+            ),
+        ),
+        (
+            inet,
+            "output",
+            rule(
+                vec![
+                    Match::L4proto(IPPROTO_SCTP),
+                    Match::ThDport(8080),
+                    prefix(Daddr, "127.0.0.0", 8),
+                    Match::FibDaddrLocal,
+                ],
+                dnat("10.22.0.5", 80),
+                None,
+            ),
+        ),
+        (
+            TableFamily::Bridge,
+            "prerouting",
+            rule(
+                vec![
+                    Match::IifName("fy0123456789ab".into()),
+                    Match::EtherSaddr {
+                        op: Neq,
+                        mac: [0x0a, 0x58, 0x0a, 0x16, 0x00, 0x05],
+                    },
+                ],
+                Statement::Drop,
+                Some("k mac.1"),
+            ),
+        ),
+    ]
+}
+
+/// [`GOLDEN_RULES_NFT`] through the API, in nft's order: per table, the table, its
+/// chains, its rules; both tables in one batch.
+fn rules_batch(table: &str) -> Batch {
+    let base = |kind, hook, priority| BaseChain { kind, hook, priority };
+    let mut b = Batch::new(table);
+    b.add_table();
+    b.add_chain("postrouting", Some(&base(ChainType::Nat, Hook::Postrouting, 100)));
+    b.add_chain("prerouting", Some(&base(ChainType::Nat, Hook::Prerouting, -100)));
+    b.add_chain("output", Some(&base(ChainType::Nat, Hook::Output, -100)));
+    let rules = golden_rule_list();
+    for (_, chain, r) in rules.iter().filter(|r| r.0 == TableFamily::Inet) {
+        add_rule(&mut b, chain, r);
+    }
+    b.use_table(TableFamily::Bridge, table);
+    b.add_table();
+    b.add_chain(
+        "prerouting",
+        Some(&base(ChainType::Filter, Hook::Prerouting, -300)),
+    );
+    for (_, chain, r) in rules.iter().filter(|r| r.0 == TableFamily::Bridge) {
+        add_rule(&mut b, chain, r);
+    }
+    b
+}
+
+fn add_rule(b: &mut Batch, chain: &str, r: &Rule) {
+    match &r.comment {
+        Some(c) => b.add_rule_with_comment(chain, &r.exprs(), c).unwrap(),
+        None => b.add_rule(chain, &r.exprs()),
+    }
+}
+
+#[test]
+fn rule_encodings_are_what_nft_sends() {
+    let batch = rules_batch("t");
+    assert_eq!(batch.len(), GOLDEN_RULES.len(), "{batch}");
+    for (i, (kind, family, hex)) in GOLDEN_RULES.iter().enumerate() {
+        let msg = batch.message(i);
+        assert_eq!(
+            msg[16],
+            *family,
+            "family of message {} ({})",
+            i + 1,
+            batch.describe(i)
+        );
+        let mut want = parse(&hex_decode(hex));
+        let mut got = parse(&msg[20..]);
+        drop_nft_only(kind, &mut want);
+        drop_nft_only(kind, &mut got);
+        sort_structs(&mut want);
+        sort_structs(&mut got);
+        assert_eq!(
+            got,
+            want,
+            "message {} ({}) differs from nft's {kind}",
+            i + 1,
+            batch.describe(i)
+        );
+    }
+    // Each rule prints as the text it encodes.
+    let text: Vec<String> = golden_rule_list().iter().map(|(_, _, r)| r.to_string()).collect();
+    for line in &text {
+        assert!(GOLDEN_RULES_NFT.contains(line.as_str()), "{line}");
+    }
+    assert_eq!(
+        batch.describe(12),
+        "add rule to chain prerouting in table bridge t"
+    );
+}
+
+#[test]
+fn over_long_comments_are_refused() {
+    let mut b = Batch::new("t");
+    let e = b
+        .add_rule_with_comment("c", &[Expr::Counter], &"x".repeat(COMMENT_MAX + 1))
+        .unwrap_err();
+    assert!(e.to_string().contains("129 bytes"), "{e}");
+    assert!(b.is_empty());
+    b.add_rule_with_comment("c", &[Expr::Counter], &"x".repeat(COMMENT_MAX))
+        .unwrap();
+}
+
+/// The oracle: [`GOLDEN_RULES_NFT`] loaded by `nft -f` in one namespace, the same rules
+/// through netlink in another, and `nft list ruleset` must print the same in both.
+#[test]
+fn rules_list_as_nft_lists_its_own() {
+    require_root!();
+    let theirs_ns = Netns::new("nft-rules-nft");
+    let ours_ns = Netns::new("nft-rules-ours");
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), GOLDEN_RULES_NFT).unwrap();
+    theirs_ns.exec_ok(&["nft", "-f", file.path().to_str().unwrap()]);
+    commit(&ours_ns, &rules_batch("t")).unwrap();
+    let theirs = theirs_ns.exec_ok(&["nft", "list", "ruleset"]);
+    let ours = ours_ns.exec_ok(&["nft", "list", "ruleset"]);
+    assert_eq!(ours, theirs);
+    assert!(ours.contains("comment \"k mac.1\""), "{ours}");
+}
+
+#[test]
+fn rules_are_listed_with_handle_and_comment_and_deleted_by_handle() {
+    require_root!();
+    let ns = Netns::new("nft-rule-list");
+    let listed = ns.run(|| {
+        let mut s = Socket::open().unwrap();
+        // No table yet: an empty listing, not an error.
+        assert!(s.list_rules(TableFamily::Inet, "t").unwrap().is_empty());
+        s.commit(&rules_batch("t")).unwrap();
+        let mut all = s.list_rules(TableFamily::Inet, "t").unwrap();
+        all.extend(s.list_rules(TableFamily::Bridge, "t").unwrap());
+        assert!(s.has_chain(TableFamily::Inet, "t", "output").unwrap());
+        assert!(s.has_chain(TableFamily::Bridge, "t", "prerouting").unwrap());
+        assert!(!s.has_chain(TableFamily::Bridge, "t", "output").unwrap());
+        assert!(!s.has_chain(TableFamily::Inet, "no-such-table", "output").unwrap());
+        all
+    });
+    let mut seen: Vec<(TableFamily, String, Option<String>)> = listed
+        .iter()
+        .map(|r| (r.family, r.chain.clone(), r.comment.clone()))
+        .collect();
+    let mut want: Vec<(TableFamily, String, Option<String>)> = golden_rule_list()
+        .into_iter()
+        .map(|(f, c, r)| (f, c.to_string(), r.comment))
+        .collect();
+    seen.sort();
+    want.sort();
+    assert_eq!(seen, want);
+    assert!(listed.iter().all(|r| r.table == "t" && r.handle > 0));
+    // Handles are what `nft -a` prints.
+    let mac = listed.iter().find(|r| r.family == TableFamily::Bridge).unwrap();
+    let text = ns.exec_ok(&["nft", "-a", "list", "table", "bridge", "t"]);
+    assert!(
+        text.contains(&format!("comment \"k mac.1\" # handle {}", mac.handle)),
+        "{text}"
+    );
+    // A delete by handle in a batch spanning both tables.
+    let hairpin = listed
+        .iter()
+        .find(|r| r.comment.as_deref() == Some("k hairpin.1"))
+        .unwrap();
+    let mut b = Batch::new("t");
+    b.delete_rule(&hairpin.chain, hairpin.handle);
+    b.use_table(TableFamily::Bridge, "t");
+    b.delete_rule(&mac.chain, mac.handle);
+    commit(&ns, &b).unwrap();
+    let left = ns.run(|| {
+        let mut s = Socket::open().unwrap();
+        let mut all = s.list_rules(TableFamily::Inet, "t").unwrap();
+        all.extend(s.list_rules(TableFamily::Bridge, "t").unwrap());
+        all
+    });
+    assert_eq!(left.len(), listed.len() - 2);
+    assert!(left
+        .iter()
+        .all(|r| r.handle != hairpin.handle && r.handle != mac.handle));
+    // Deleting a handle that is gone names the message and applies nothing.
+    let e = commit(&ns, &b).unwrap_err();
+    assert_eq!(e.errno, libc::ENOENT);
+    assert_eq!(e.index, Some(0));
+    assert!(e.description.starts_with("delete rule handle"), "{e}");
 }
