@@ -1,12 +1,85 @@
-//! Ferry's eBPF Service data plane: socket-level load balancing (programs in
-//! `src/bpf/*.c`, built by build.rs; the loader comes next).
+//! Ferry's eBPF Service data plane: socket-level load balancing.
+//!
+//! Cgroup socket programs (`src/bpf/sock_addr.c`) translate a Service frontend into one of
+//! its endpoints when a socket connects or sends, and back when it asks for its peer or
+//! receives, so Pods and node processes reach ClusterIPs, externalIPs and load-balancer
+//! IPs without any per-packet NAT:
+//!
+//! | program | hook | does |
+//! |---|---|---|
+//! | `ferry_connect4/6` | `connect()` (TCP, connected UDP) | frontend → endpoint; no endpoint: `ECONNREFUSED` |
+//! | `ferry_sendmsg4/6` | `sendto()`/`sendmsg()` on unconnected UDP | the same, sticking to the socket's first choice |
+//! | `ferry_recvmsg4/6` | `recvfrom()`/`recvmsg()` on UDP | endpoint → frontend as the reply's source |
+//! | `ferry_getpeername4/6` | `getpeername()` | endpoint → frontend |
+//!
+//! The programs act on every socket made by a process in the cgroup they are attached to
+//! (and its descendants), whatever its network namespace. A node attaches them to the root
+//! of its cgroup v2 hierarchy; tests attach them only to a cgroup they make.
+//!
+//! # Maps
+//!
+//! Addresses are 16 bytes, IPv4 v4-mapped (so an IPv6 socket reaching `::ffff:<ClusterIP>`
+//! is balanced too), ports in network order; layouts in `src/bpf/ferry.h`, mirrored in
+//! `maps.rs` and checked against `layout.rs` at build time on both sides.
+//!
+//! | map | type | key → value | written by |
+//! |---|---|---|---|
+//! | `ferry_services` | hash | frontend ip . port . protocol → Service id, endpoint count, affinity timeout | daemon |
+//! | `ferry_backends` | hash | Service id . slot → endpoint ip . port | daemon |
+//! | `ferry_revnat` | LRU hash | socket cookie . endpoint → frontend | connect, sendmsg |
+//! | `ferry_udp_sticky` | LRU hash | socket cookie . frontend → endpoint (slot, last use) | sendmsg |
+//! | `ferry_affinity` | LRU hash | client netns cookie . Service id → endpoint (slot, last use) | connect, sendmsg |
+//!
+//! Which endpoints a frontend has is decided by the daemon's plan: its
+//! `cluster_endpoints` already apply the terminating fallback (ready endpoints, else
+//! serving and terminating ones) and internalTrafficPolicy Local, so the maps hold that
+//! list and the programs only pick among it, uniformly at random (or by affinity).
+//! Session affinity keys on the client's network namespace, not its IP: at connect time a
+//! socket has no source address yet, and one Pod is one netns. A remembered endpoint is
+//! reused only while the Service still has it at the same slot, so endpoint changes never
+//! send a client to a removed Pod.
+//!
+//! One changed frontend is a handful of map writes ([`EbpfDataplane::upsert_service`]
+//! returns how many), never a reload. Maps and links are pinned under the pin directory
+//! (`/sys/fs/bpf/ferry/<node>/` for the daemon): a restarted daemon reuses the maps as
+//! they are and replaces the links without a moment where sockets go untranslated.
+//!
+//! # Kernel requirements
+//!
+//! The whole data plane needs Linux 5.18 ([`EbpfDataplane::load`] checks); the newest
+//! feature sets that floor:
+//!
+//! | feature | since |
+//! |---|---|
+//! | cgroup `connect4/6` programs | 4.17 |
+//! | cgroup `sendmsg4/6` | 4.18 |
+//! | cgroup `recvmsg4/6` | 5.2 |
+//! | BPF links for cgroups (`bpf_link_create`), `bpf_get_netns_cookie` in sock_addr programs | 5.7 |
+//! | cgroup `getpeername4/6` | 5.8 |
+//! | `bpf_set_retval` (ECONNREFUSED instead of EPERM) | 5.18 |
+//!
+//! A connect to a frontend without endpoints: a cgroup program that rejects makes the
+//! syscall fail with `EPERM`; the program first sets the return value to `-ECONNREFUSED`
+//! (`bpf_set_retval`), which the kernel keeps, so the application sees what it would see
+//! against a closed port. The same holds for `sendto` on UDP.
+//!
+//! # Building
+//!
+//! `build.rs` compiles the C with clang (`-target bpf -O2 -g`) against libbpf-dev's headers
+//! (Debian packages `clang` and `libbpf-dev`, which `scripts/setup.sh` installs) and the
+//! object is embedded in the crate.
 
+mod dataplane;
+mod error;
 #[allow(dead_code)] // shared with build.rs, which reads the parts this crate does not
 mod layout;
-#[allow(dead_code)] // used by the loader
 mod maps;
+mod sys;
 
+pub use dataplane::{
+    assign_slots, ferry_programs_attached, CleanupReport, Dump, DumpedService, EbpfDataplane, Frontend,
+    ServiceBackends, MAPS, PROGRAMS,
+};
+pub use error::Error;
 pub use maps::Protocol;
-
-/// The object built from `src/bpf/sock_addr.c`.
-pub static SOCK_ADDR_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sock_addr.o"));
+pub use sys::{attached_program_ids, BPFFS_ROOT};
