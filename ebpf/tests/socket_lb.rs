@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 use std::net::SocketAddr;
 
 use common::{refused, unreachable, Bench};
-use ferry_ebpf::{ferry_programs_attached, EbpfDataplane, Protocol, ServiceBackends, PROGRAMS};
+use ferry_ebpf::{ferry_programs_attached, EbpfDataplane, Frontend, Protocol, ServiceBackends, PROGRAMS};
 
 #[test]
 fn tcp_connect_reaches_an_endpoint_and_getpeername_shows_the_service() {
@@ -63,6 +63,36 @@ fn udp_replies_come_from_the_service_address_and_stick_to_one_endpoint() {
         reached.extend(said);
     }
     assert_eq!(reached.len(), 2, "10 sockets all went to {reached:?}");
+}
+
+#[test]
+fn ipv6_services_translate_connect_getpeername_sendto_and_replies() {
+    ferry_tests::require_root!();
+    let bench = Bench::new("ebpf-v6");
+    let mut dp = bench.load();
+    let v6 = |port, protocol| Frontend {
+        ip: bench.vip6,
+        port,
+        protocol,
+    };
+    let backends = ServiceBackends {
+        endpoints: bench.endpoints6.clone(),
+        affinity_seconds: None,
+    };
+    dp.upsert_service(v6(80, Protocol::Tcp), &backends).unwrap();
+    dp.upsert_service(v6(53, Protocol::Udp), &backends).unwrap();
+    let (tcp, udp) = (SocketAddr::new(bench.vip6, 80), SocketAddr::new(bench.vip6, 53));
+
+    let p = bench.probe(true, &["tcp", &tcp.to_string()]);
+    assert_eq!(p.value("peer"), Some(tcp.to_string()), "{}", p.stdout);
+    assert!(bench.endpoints6.contains(&p.servers_said()[0]), "{}", p.stdout);
+    let p = bench.probe(true, &["udp", &udp.to_string(), "3"]);
+    assert_eq!(p.values("from"), vec![udp.to_string(); 3], "{}", p.stdout);
+    assert!(bench.endpoints6.contains(&p.servers_said()[0]), "{}", p.stdout);
+
+    dp.upsert_service(v6(80, Protocol::Tcp), &ServiceBackends::default())
+        .unwrap();
+    assert_eq!(bench.probe(true, &["tcp", &tcp.to_string()]).errno(), refused());
 }
 
 #[test]

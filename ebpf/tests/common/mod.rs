@@ -15,7 +15,7 @@ use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use ferry_ebpf::{EbpfDataplane, Frontend, Protocol, ServiceBackends};
-use ferry_tests::{unique_v4_subnet, Netns, Node, Server};
+use ferry_tests::{unique_v4_subnet, unique_v6_subnet, Netns, Node, Server};
 
 /// Where this hybrid machine mounts the cgroup v2 hierarchy.
 const CGROUP2_ROOT: &str = "/sys/fs/cgroup/unified";
@@ -116,8 +116,25 @@ pub struct Bench {
     pub node: Node,
     /// The servers' addresses, port SERVER_PORT.
     pub endpoints: Vec<SocketAddr>,
+    /// The same servers' IPv6 addresses.
+    pub endpoints6: Vec<SocketAddr>,
     /// A Service address nothing has: only translation makes it reachable.
     pub vip: IpAddr,
+    /// An IPv6 one.
+    pub vip6: IpAddr,
+}
+
+fn v6_host(net: std::net::Ipv6Addr, host: u128) -> std::net::Ipv6Addr {
+    (u128::from(net) + host).into()
+}
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("run ip");
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Runs `EbpfDataplane::cleanup` on drop, so a panicking test leaves no attached program.
@@ -140,20 +157,50 @@ impl Bench {
         let mut servers = Vec::new();
         let mut running = Vec::new();
         let mut endpoints = Vec::new();
+        let mut endpoints6 = Vec::new();
         for i in 0..2 {
             let server = node.client(&format!("srv{i}"));
             let subnet = unique_v4_subnet(30);
             let base: std::net::Ipv4Addr = subnet.split('/').next().unwrap().parse().unwrap();
             let node_ip = std::net::Ipv4Addr::from(u32::from(base) + 1);
             let server_ip = std::net::Ipv4Addr::from(u32::from(base) + 2);
-            node.connect_client(&server, &format!("{server_ip}/30"), &format!("{node_ip}/30"));
+            let node_if = node.connect_client(&server, &format!("{server_ip}/30"), &format!("{node_ip}/30"));
             let addr = SocketAddr::new(server_ip.into(), SERVER_PORT);
             running.push(server.tcp_server(addr));
             running.push(server.udp_server(addr));
             endpoints.push(addr);
+            // The same link in IPv6 (on-link both ways, so no route is needed).
+            let net6: std::net::Ipv6Addr = unique_v6_subnet().split('/').next().unwrap().parse().unwrap();
+            let (node6, server6) = (v6_host(net6, 1), v6_host(net6, 2));
+            ip(&[
+                "-n",
+                node.name(),
+                "addr",
+                "add",
+                &format!("{node6}/64"),
+                "dev",
+                &node_if,
+                "nodad",
+            ]);
+            ip(&[
+                "-n",
+                server.name(),
+                "addr",
+                "add",
+                &format!("{server6}/64"),
+                "dev",
+                "eth0",
+                "nodad",
+            ]);
+            let addr6 = SocketAddr::new(server6.into(), SERVER_PORT);
+            running.push(server.tcp_server(addr6));
+            running.push(server.udp_server(addr6));
+            endpoints6.push(addr6);
             servers.push(server);
         }
         let vip = unique_v4_subnet(30).split('/').next().unwrap().parse().unwrap();
+        let net6: std::net::Ipv6Addr = unique_v6_subnet().split('/').next().unwrap().parse().unwrap();
+        let vip6 = v6_host(net6, 1).into();
         let cgroup = TestCgroup::new(tag);
         let bpffs = TestBpffs::new();
         let pins = PinsGuard {
@@ -168,7 +215,9 @@ impl Bench {
             servers,
             node,
             endpoints,
+            endpoints6,
             vip,
+            vip6,
         }
     }
 
