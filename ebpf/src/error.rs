@@ -18,6 +18,8 @@ pub enum Error {
     NotBpffs { path: PathBuf },
     /// Mounting bpffs at /sys/fs/bpf failed.
     MountBpffs { source: nix::Error },
+    /// No cgroup v2 mount was visible and mounting one on /sys/fs/cgroup failed.
+    MountCgroup2 { source: nix::Error },
     /// The embedded object could not be loaded (a map could not be made or reused).
     Load(Box<aya::EbpfError>),
     /// A program failed to load (verifier) or attach.
@@ -73,6 +75,12 @@ impl std::fmt::Display for Error {
                 "/sys/fs/bpf is not a bpf file system and mounting one there failed: {source} \
                  (the daemon needs CAP_SYS_ADMIN, or mount it before starting)"
             ),
+            Error::MountCgroup2 { source } => write!(
+                f,
+                "no cgroup v2 hierarchy is mounted here and mounting one on /sys/fs/cgroup failed: \
+                 {source} (start the daemon with nsenter rather than `ip netns exec`, or mount \
+                 cgroup2 first)"
+            ),
             Error::Load(e) => {
                 write!(f, "cannot load the eBPF object: {e}")?;
                 write_causes(f, &**e)
@@ -108,7 +116,7 @@ impl std::error::Error for Error {
             Error::Cgroup { source, .. } | Error::PinDir { source, .. } | Error::Query { source, .. } => {
                 Some(source)
             }
-            Error::MountBpffs { source } => Some(source),
+            Error::MountBpffs { source } | Error::MountCgroup2 { source } => Some(source),
             Error::Load(e) => Some(&**e),
             Error::Program { source, .. } => Some(&**source),
             Error::Map { source, .. } => Some(&**source),

@@ -44,6 +44,25 @@
 //! (`/sys/fs/bpf/ferry/<node>/` for the daemon): a restarted daemon reuses the maps as
 //! they are and replaces the links without a moment where sockets go untranslated.
 //!
+//! # From the plan to frontends
+//!
+//! For a plan `ServicePort` a back end programs one [`Frontend`] per address: the
+//! ClusterIP, each externalIP and each load-balancer IP, all with `cluster_endpoints`
+//! (with both traffic policies Local, the external and load-balancer IPs take
+//! `short_circuit_endpoints` instead, as kube-proxy sends in-cluster traffic there). A
+//! NodePort reached from the node or a Pod is one more frontend per node address. Traffic
+//! from outside the node never passes a socket hook; it needs the tc programs (not yet
+//! here).
+//!
+//! # Where the daemon runs
+//!
+//! With `nsenter --net=...` the daemon sees the machine's mounts. `ip netns exec` gives it
+//! a fresh /sys without bpffs and without cgroup mounts: [`EbpfDataplane::load`] then
+//! mounts bpffs on /sys/fs/bpf and [`cgroup2_root`] mounts the cgroup v2 hierarchy on
+//! /sys/fs/cgroup, both private to the command's mount namespace. Its pins die with that
+//! namespace, so a restart under `ip netns exec` starts from empty maps and the programs
+//! detach when the daemon exits; use nsenter where the node must outlive the daemon.
+//!
 //! # Kernel requirements
 //!
 //! The whole data plane needs Linux 5.18 ([`EbpfDataplane::load`] checks); the newest
@@ -82,4 +101,4 @@ pub use dataplane::{
 };
 pub use error::Error;
 pub use maps::Protocol;
-pub use sys::{attached_program_ids, BPFFS_ROOT};
+pub use sys::{attached_program_ids, cgroup2_root, BPFFS_ROOT};

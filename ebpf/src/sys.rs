@@ -69,6 +69,46 @@ pub(crate) fn prepare_pin_dir(pin_dir: &Path) -> Result<(), Error> {
     })
 }
 
+/// Where the cgroup v2 hierarchy's root is mounted as this process sees it (the first
+/// `cgroup2` mount of the root cgroup in /proc/self/mountinfo: /sys/fs/cgroup on unified
+/// systems, /sys/fs/cgroup/unified on hybrid ones).
+///
+/// `ip netns exec` gives its command a fresh /sys with no cgroup mount at all: then the
+/// hierarchy is mounted on /sys/fs/cgroup, which is an empty directory in that fresh /sys and
+/// private to the command's mount namespace. It is the same hierarchy, so programs attached
+/// through it act on the node's processes as through any other mount.
+pub fn cgroup2_root() -> Result<PathBuf, Error> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").map_err(|source| Error::PinDir {
+        path: PathBuf::from("/proc/self/mountinfo"),
+        source,
+    })?;
+    if let Some(found) = mountinfo.lines().find_map(cgroup2_root_mount) {
+        return Ok(found);
+    }
+    let target = Path::new("/sys/fs/cgroup");
+    nix::mount::mount(
+        Some("cgroup2"),
+        target,
+        Some("cgroup2"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(|source| Error::MountCgroup2 { source })?;
+    Ok(target.to_owned())
+}
+
+/// The mount point of a mountinfo line that mounts the root of the cgroup v2 hierarchy.
+fn cgroup2_root_mount(line: &str) -> Option<PathBuf> {
+    // "<id> <parent> <maj:min> <root> <mount point> <options> [<optional>...] - <type> ..."
+    let (before, after) = line.split_once(" - ")?;
+    let fstype = after.split_whitespace().next()?;
+    let mut fields = before.split_whitespace();
+    let root = fields.nth(3)?;
+    let mount_point = fields.next()?;
+    // Spaces and the like are octal-escaped; a cgroup mount point with them is not ours.
+    (fstype == "cgroup2" && root == "/" && !mount_point.contains('\\')).then(|| PathBuf::from(mount_point))
+}
+
 /// The ids of the programs attached to `cgroup` (directly, not inherited) for one attach
 /// type (`BPF_PROG_QUERY`, Linux 4.15).
 pub fn attached_program_ids(cgroup: &Path, attach_type: u32) -> Result<Vec<u32>, Error> {
@@ -110,4 +150,23 @@ pub(crate) fn links_dir(pin_dir: &Path) -> PathBuf {
 
 pub(crate) fn maps_dir(pin_dir: &Path) -> PathBuf {
     pin_dir.join("maps")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cgroup2_root_mount_is_found_in_mountinfo() {
+        let hybrid = "35 25 0:30 / /sys/fs/cgroup/unified rw,nosuid shared:10 - cgroup2 cgroup2 rw";
+        assert_eq!(
+            cgroup2_root_mount(hybrid),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+        let v1 = "36 25 0:31 / /sys/fs/cgroup/cpu rw shared:11 - cgroup cgroup rw,cpu";
+        assert_eq!(cgroup2_root_mount(v1), None);
+        // A container's view of its own sub-cgroup is not the root.
+        let nested = "40 25 0:30 /kubepods/pod1 /sys/fs/cgroup rw - cgroup2 cgroup2 rw";
+        assert_eq!(cgroup2_root_mount(nested), None);
+    }
 }
