@@ -59,9 +59,9 @@
 //! With `nsenter --net=...` the daemon sees the machine's mounts. `ip netns exec` gives it
 //! a fresh /sys without bpffs and without cgroup mounts: [`EbpfDataplane::load`] then
 //! mounts bpffs on /sys/fs/bpf and [`cgroup2_root`] mounts the cgroup v2 hierarchy on
-//! /sys/fs/cgroup, both private to the command's mount namespace. Its pins die with that
-//! namespace, so a restart under `ip netns exec` starts from empty maps and the programs
-//! detach when the daemon exits; use nsenter where the node must outlive the daemon.
+//! /sys/fs/cgroup, both private to the command's mount namespace. Its pins go with that
+//! namespace, so a restart under `ip netns exec` does not find the maps and links of the
+//! last run; use nsenter where the node must be carried across a restart.
 //!
 //! # Kernel requirements
 //!

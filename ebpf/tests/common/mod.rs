@@ -41,8 +41,9 @@ impl TestCgroup {
             magic, 0x6367_7270,
             "{CGROUP2_ROOT} is not a cgroup v2 mount: the socket tests need one (mount -t cgroup2 none {CGROUP2_ROOT})"
         );
+        sweep_stale_once();
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let path = Path::new(CGROUP2_ROOT).join(format!("ferry-test-{}-{n}-{tag}", std::process::id()));
+        let path = Path::new(CGROUP2_ROOT).join(format!("{CGROUP_PREFIX}{}-{n}-{tag}", std::process::id()));
         std::fs::create_dir(&path).unwrap_or_else(|e| panic!("mkdir {}: {e}", path.display()));
         TestCgroup { path }
     }
@@ -72,6 +73,48 @@ impl Drop for TestCgroup {
     }
 }
 
+const CGROUP_PREFIX: &str = "ferry-test-";
+const BPFFS_PREFIX: &str = "ferry-bpffs-";
+
+/// The pid in `<prefix><pid>-...`, if that process is gone.
+fn dead_owner(name: &str, prefix: &str) -> bool {
+    let Some(pid) = name
+        .strip_prefix(prefix)
+        .and_then(|r| r.split('-').next())
+        .and_then(|p| p.parse::<i32>().ok())
+    else {
+        return false;
+    };
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None) == Err(nix::errno::Errno::ESRCH)
+}
+
+/// Once per process, removes the cgroups and bpffs mounts of test processes killed before
+/// their guards ran (those of live processes are left alone).
+fn sweep_stale_once() {
+    static SWEEP: std::sync::Once = std::sync::Once::new();
+    SWEEP.call_once(|| {
+        for entry in std::fs::read_dir(CGROUP2_ROOT).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if dead_owner(&name, CGROUP_PREFIX) {
+                drop(TestCgroup { path: entry.path() });
+                eprintln!("ferry-ebpf tests: removed stale cgroup {name}");
+            }
+        }
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        for mount_point in mountinfo.lines().filter_map(|l| l.split_whitespace().nth(4)) {
+            let name = Path::new(mount_point)
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy();
+            if dead_owner(&name, BPFFS_PREFIX) {
+                let _ = nix::mount::umount2(mount_point, nix::mount::MntFlags::MNT_DETACH);
+                let _ = std::fs::remove_dir(mount_point);
+                eprintln!("ferry-ebpf tests: unmounted stale bpffs {mount_point}");
+            }
+        }
+    });
+}
+
 /// A private bpf file system mounted on a temporary directory, unmounted on drop: the
 /// test's pins never meet the machine's /sys/fs/bpf.
 pub struct TestBpffs {
@@ -80,7 +123,11 @@ pub struct TestBpffs {
 
 impl TestBpffs {
     pub fn new() -> TestBpffs {
-        let dir = tempfile::Builder::new().prefix("ferry-bpffs-").tempdir().unwrap();
+        sweep_stale_once();
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("{BPFFS_PREFIX}{}-", std::process::id()))
+            .tempdir()
+            .unwrap();
         nix::mount::mount(
             Some("bpf"),
             dir.path(),
