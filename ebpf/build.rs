@@ -13,7 +13,7 @@ mod layout {
 }
 
 /// The programs, one object per program type.
-const PROGRAMS: &[&str] = &["sock_addr"];
+const PROGRAMS: &[&str] = &["sock_addr", "tc"];
 
 fn main() {
     let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
@@ -69,6 +69,7 @@ fn defines() -> Vec<String> {
         ("FERRY_MAX_BACKENDS", layout::MAX_BACKENDS),
         ("FERRY_MAX_SOCKETS", layout::MAX_SOCKETS),
         ("FERRY_MAX_AFFINITY", layout::MAX_AFFINITY),
+        ("FERRY_MAX_NAT_FLOWS", layout::MAX_NAT_FLOWS),
     ]
     .iter()
     .map(|(k, v)| format!("-D{k}={v}"))

@@ -8,17 +8,24 @@ use std::path::{Path, PathBuf};
 
 use aya::maps::{HashMap as BpfHashMap, MapData};
 use aya::programs::links::{CgroupAttachMode, FdLink, PinnedLink};
-use aya::programs::CgroupSockAddr;
+use aya::programs::{CgroupSockAddr, SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
 
 use crate::error::map_err;
 use crate::layout::MAX_BACKENDS_PER_SERVICE;
-use crate::maps::{same_family, AffinityKey, BackendKey, Protocol, SockAddr, SockKey, Sticky, Svc, SvcKey};
+use crate::maps::{
+    same_family, AffinityKey, BackendKey, Flow4, NodeConfig, Protocol, SockAddr, SockKey, Sticky, Svc,
+    SvcKey, SVC_KEEP_SOURCE,
+};
 use crate::sys::{self, attached_program_ids};
 use crate::Error;
 
-/// The object built from `src/bpf/sock_addr.c`.
+/// The objects built from `src/bpf/sock_addr.c` and `src/bpf/tc.c`.
 static SOCK_ADDR_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sock_addr.o"));
+static TC_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tc.o"));
+
+/// The tc program, attached to the ingress of the node's interfaces.
+pub const TC_PROGRAM: &str = "ferry_tc_ingress";
 
 /// The cgroup programs: function name in sock_addr.c and `enum bpf_attach_type` value.
 pub const PROGRAMS: [(&str, u32); 8] = [
@@ -32,27 +39,78 @@ pub const PROGRAMS: [(&str, u32); 8] = [
     ("ferry_getpeername6", 30),
 ];
 
-/// Every map of the object (all pinned by name under `<pin_dir>/maps`).
-pub const MAPS: [&str; 5] = [
+/// Every map of the objects (all pinned by name under `<pin_dir>/maps`).
+pub const MAPS: [&str; 7] = [
     "ferry_services",
     "ferry_backends",
     "ferry_revnat",
     "ferry_udp_sticky",
     "ferry_affinity",
+    "ferry_nat4",
+    "ferry_node_config",
 ];
 
-/// A Service frontend: an address clients connect to (ClusterIP, externalIP or
-/// load-balancer IP), its port and protocol.
+/// Whom a frontend entry serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Scope {
+    /// Sockets of the node's Pods and processes (cgroup programs): ClusterIPs, and
+    /// external, load-balancer and node addresses reached from inside.
+    Inside,
+    /// Packets arriving from outside (tc program): NodePorts on node addresses, externalIPs,
+    /// load-balancer IPs. IPv4 only for now.
+    Outside,
+}
+
+impl Scope {
+    fn number(self) -> u8 {
+        match self {
+            Scope::Inside => 0,
+            Scope::Outside => 1,
+        }
+    }
+}
+
+/// A Service frontend: an address clients reach (ClusterIP, externalIP, load-balancer IP,
+/// node address for a NodePort), its port and protocol, and whom it serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Frontend {
     pub ip: IpAddr,
     pub port: u16,
     pub protocol: Protocol,
+    pub scope: Scope,
+}
+
+impl Frontend {
+    /// A frontend for the node's own sockets.
+    pub fn inside(ip: IpAddr, port: u16, protocol: Protocol) -> Frontend {
+        Frontend {
+            ip,
+            port,
+            protocol,
+            scope: Scope::Inside,
+        }
+    }
+
+    /// A frontend for packets from outside the node.
+    pub fn outside(ip: IpAddr, port: u16, protocol: Protocol) -> Frontend {
+        Frontend {
+            scope: Scope::Outside,
+            ..Frontend::inside(ip, port, protocol)
+        }
+    }
+
+    fn key(&self) -> SvcKey {
+        SvcKey::new(self.ip, self.port, self.protocol, self.scope.number())
+    }
 }
 
 impl std::fmt::Display for Frontend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", SocketAddr::new(self.ip, self.port), self.protocol)
+        write!(f, "{}/{}", SocketAddr::new(self.ip, self.port), self.protocol)?;
+        if self.scope == Scope::Outside {
+            f.write_str(" (from outside)")?;
+        }
+        Ok(())
     }
 }
 
@@ -65,6 +123,9 @@ pub struct ServiceBackends {
     pub endpoints: Vec<SocketAddr>,
     /// `sessionAffinity: ClientIP` timeout in seconds; `None` without affinity.
     pub affinity_seconds: Option<u32>,
+    /// Outside scope only: keep the client's source address (externalTrafficPolicy Local)
+    /// instead of SNATing to the node's.
+    pub keep_source: bool,
 }
 
 /// One frontend as the maps hold it, for `dump`.
@@ -83,6 +144,8 @@ pub struct Dump {
     pub revnat_entries: usize,
     pub udp_sticky_entries: usize,
     pub affinity_entries: usize,
+    /// Entries of translated flows from outside (two per flow).
+    pub nat4_entries: usize,
 }
 
 /// What [`EbpfDataplane::cleanup`] removed.
@@ -101,14 +164,17 @@ pub struct CleanupReport {
 pub struct EbpfDataplane {
     pin_dir: PathBuf,
     cgroup: PathBuf,
-    // Owns the programs; the links are pinned, so this can go without detaching them.
+    // Own the programs; the links are pinned, so these can go without detaching them.
     _ebpf: Ebpf,
+    tc: Ebpf,
     services: BpfHashMap<MapData, SvcKey, Svc>,
     backends: BpfHashMap<MapData, BackendKey, SockAddr>,
     // The programs' own maps, read by `dump` only.
     revnat: BpfHashMap<MapData, SockKey, SockAddr>,
     udp_sticky: BpfHashMap<MapData, SockKey, Sticky>,
     affinity: BpfHashMap<MapData, AffinityKey, Sticky>,
+    nat4: BpfHashMap<MapData, Flow4, Flow4>,
+    node_config: aya::maps::Array<MapData, NodeConfig>,
     /// What the maps hold, read back at load: the maps are the truth, this is an index.
     programmed: BTreeMap<Frontend, (u32, ServiceBackends)>,
     free_ids: BTreeSet<u32>,
@@ -141,15 +207,35 @@ impl EbpfDataplane {
         let revnat = take_map(&mut ebpf, "ferry_revnat")?;
         let udp_sticky = take_map(&mut ebpf, "ferry_udp_sticky")?;
         let affinity = take_map(&mut ebpf, "ferry_affinity")?;
+        // The tc object finds the Service maps pinned by the first one.
+        let mut tc = EbpfLoader::new()
+            .default_map_pin_directory(sys::maps_dir(pin_dir))
+            .load(TC_OBJ)
+            .map_err(|e| Error::Load(Box::new(e)))?;
+        let nat4 = take_map(&mut tc, "ferry_nat4")?;
+        let node_config = tc.take_map("ferry_node_config").ok_or_else(|| Error::Map {
+            map: "ferry_node_config",
+            source: Box::new(aya::maps::MapError::InvalidName {
+                name: "ferry_node_config".to_owned(),
+            }),
+        })?;
+        let node_config = aya::maps::Array::try_from(node_config).map_err(map_err("ferry_node_config"))?;
+        tc_program(&mut tc)?.load().map_err(|e| Error::Program {
+            program: TC_PROGRAM,
+            source: Box::new(e),
+        })?;
         let mut dp = EbpfDataplane {
             pin_dir: pin_dir.to_owned(),
             cgroup: cgroup.to_owned(),
             _ebpf: ebpf,
+            tc,
             services,
             backends,
             revnat,
             udp_sticky,
             affinity,
+            nat4,
+            node_config,
             programmed: BTreeMap::new(),
             free_ids: BTreeSet::new(),
             next_id: 0,
@@ -202,10 +288,11 @@ impl EbpfDataplane {
         let programmed = ServiceBackends {
             endpoints: slots,
             affinity_seconds: backends.affinity_seconds,
+            keep_source: backends.keep_source,
         };
         let new_svc = svc_value(id, &programmed);
         if old.as_ref().map(|o| svc_value(id, o)) != Some(new_svc) {
-            let key = SvcKey::new(frontend.ip, frontend.port, frontend.protocol);
+            let key = frontend.key();
             self.services
                 .insert(key, new_svc, 0)
                 .map_err(map_err("ferry_services"))?;
@@ -230,7 +317,7 @@ impl EbpfDataplane {
         let Some((id, old)) = self.programmed.remove(frontend) else {
             return Ok(false);
         };
-        let key = SvcKey::new(frontend.ip, frontend.port, frontend.protocol);
+        let key = frontend.key();
         self.services.remove(&key).map_err(map_err("ferry_services"))?;
         for slot in 0..old.endpoints.len() {
             self.backends
@@ -260,6 +347,7 @@ impl EbpfDataplane {
             revnat_entries: self.revnat.keys().count(),
             udp_sticky_entries: self.udp_sticky.keys().count(),
             affinity_entries: self.affinity.keys().count(),
+            nat4_entries: self.nat4.keys().count(),
         })
     }
 
@@ -313,6 +401,41 @@ impl EbpfDataplane {
             }
         }
         Ok(report)
+    }
+
+    /// Attaches the tc program to the ingress of interface `ifname` (tcx, Linux 6.6; the
+    /// caller's thread must be in the node's network namespace, where the name is looked
+    /// up) and pins the link as `links/tc-<ifname>`, replacing an earlier one. Outside
+    /// frontends are served on every interface it is attached to: attach it to those
+    /// packets from outside arrive on and those endpoints' replies arrive on.
+    pub fn attach_tc(&mut self, ifname: &str) -> Result<(), Error> {
+        let prog_err = |e: aya::programs::ProgramError| Error::Program {
+            program: TC_PROGRAM,
+            source: Box::new(e),
+        };
+        let program = tc_program(&mut self.tc)?;
+        let link_id = program.attach(ifname, TcAttachType::Ingress).map_err(prog_err)?;
+        let link = program.take_link(link_id).map_err(prog_err)?;
+        let path = sys::links_dir(&self.pin_dir).join(format!("tc-{ifname}"));
+        let fd_link: FdLink = link
+            .try_into()
+            .map_err(|e: aya::programs::links::LinkError| Error::Link {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
+        pin_replacing(fd_link, &path)
+    }
+
+    /// The node address packets from outside are SNATed to (unless their Service keeps
+    /// the source): one of the node's own, so that endpoints' replies come back to it.
+    pub fn set_snat_ipv4(&mut self, ip: std::net::Ipv4Addr) -> Result<(), Error> {
+        let config = NodeConfig {
+            snat_ip4: u32::from_ne_bytes(ip.octets()),
+            pad: 0,
+        };
+        self.node_config
+            .set(0, config, 0)
+            .map_err(map_err("ferry_node_config"))
     }
 
     fn allocate_id(&mut self) -> u32 {
@@ -392,20 +515,39 @@ fn attach(ebpf: &mut Ebpf, name: &'static str, cgroup: &File, links: &Path) -> R
         .map_err(prog_err)?;
     let link = program.take_link(link_id).map_err(prog_err)?;
     let path = links.join(name);
+    let fd_link: FdLink = link
+        .try_into()
+        .map_err(|e: aya::programs::links::LinkError| Error::Link {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+    pin_replacing(fd_link, &path)
+}
+
+fn tc_program(tc: &mut Ebpf) -> Result<&mut SchedClassifier, Error> {
+    tc.program_mut(TC_PROGRAM)
+        .ok_or(aya::programs::ProgramError::UnexpectedProgramType)
+        .and_then(TryInto::try_into)
+        .map_err(|e| Error::Program {
+            program: TC_PROGRAM,
+            source: Box::new(e),
+        })
+}
+
+/// Pins `link` at `path`; a link pinned there before is detached only once the new one
+/// is in place.
+fn pin_replacing(link: FdLink, path: &Path) -> Result<(), Error> {
     let link_err = |reason: String| Error::Link {
-        path: path.clone(),
+        path: path.to_owned(),
         reason,
     };
     let old = if path.exists() {
-        let old = PinnedLink::from_pin(&path).map_err(|e| link_err(e.to_string()))?;
+        let old = PinnedLink::from_pin(path).map_err(|e| link_err(e.to_string()))?;
         Some(old.unpin().map_err(|e| link_err(e.to_string()))?)
     } else {
         None
     };
-    let fd_link: FdLink = link
-        .try_into()
-        .map_err(|e: aya::programs::links::LinkError| link_err(e.to_string()))?;
-    fd_link.pin(&path).map_err(|e| link_err(e.to_string()))?;
+    link.pin(path).map_err(|e| link_err(e.to_string()))?;
     // The old program detaches here, after the new one runs.
     drop(old);
     Ok(())
@@ -459,7 +601,7 @@ fn svc_value(id: u32, b: &ServiceBackends) -> Svc {
         id,
         count: b.endpoints.len() as u32,
         affinity_timeout_s: b.affinity_seconds.unwrap_or(0),
-        flags: 0,
+        flags: if b.keep_source { SVC_KEEP_SOURCE } else { 0 },
     }
 }
 
@@ -496,6 +638,25 @@ fn validate(frontend: &Frontend, backends: &ServiceBackends) -> Result<(), Error
     if let Some(ep) = backends.endpoints.iter().find(|ep| ep.port() == 0) {
         return Err(invalid(format!("endpoint {ep} has port 0")));
     }
+    if frontend.scope == Scope::Inside && backends.keep_source {
+        return Err(invalid(
+            "keep_source (externalTrafficPolicy Local) applies to frontends from outside only; \
+             inside, sockets are never SNATed"
+                .into(),
+        ));
+    }
+    if frontend.scope == Scope::Outside && !frontend.ip.is_ipv4() {
+        return Err(invalid(
+            "frontends from outside are IPv4 only for now (the tc program)".into(),
+        ));
+    }
+    if frontend.scope == Scope::Outside && backends.affinity_seconds.is_some() {
+        return Err(invalid(
+            "session affinity is not implemented for traffic from outside yet; program the \
+             frontend without it"
+                .into(),
+        ));
+    }
     if backends.affinity_seconds == Some(0) {
         return Err(invalid(
             "session affinity timeout 0: give 1..=86400 seconds, or None for no affinity".into(),
@@ -508,13 +669,19 @@ fn read_services(map: &BpfHashMap<MapData, SvcKey, Svc>) -> Result<Vec<(Frontend
     let mut out = Vec::new();
     for entry in map.iter() {
         let (key, svc) = entry.map_err(map_err("ferry_services"))?;
-        let Some(protocol) = Protocol::from_number(key.proto) else {
+        let (Some(protocol), Some(scope)) = (
+            Protocol::from_number(key.proto),
+            [Scope::Inside, Scope::Outside]
+                .into_iter()
+                .find(|s| s.number() == key.scope),
+        ) else {
             continue; // never written by us
         };
         let frontend = Frontend {
             ip: crate::maps::words_ip(key.ip),
             port: crate::maps::word_port(key.port),
             protocol,
+            scope,
         };
         out.push((frontend, svc.id, svc));
     }
@@ -536,6 +703,7 @@ fn read_backends(
     Ok(ServiceBackends {
         endpoints,
         affinity_seconds: (svc.affinity_timeout_s != 0).then_some(svc.affinity_timeout_s),
+        keep_source: svc.flags & SVC_KEEP_SOURCE != 0,
     })
 }
 
@@ -569,17 +737,14 @@ mod tests {
 
     #[test]
     fn bad_services_are_refused_naming_the_fix() {
-        let fe = Frontend {
-            ip: "10.96.0.1".parse().unwrap(),
-            port: 80,
-            protocol: Protocol::Tcp,
-        };
+        let fe = Frontend::inside("10.96.0.1".parse().unwrap(), 80, Protocol::Tcp);
         let check = |endpoints: Vec<SocketAddr>, affinity_seconds, fe: &Frontend| {
             validate(
                 fe,
                 &ServiceBackends {
                     endpoints,
                     affinity_seconds,
+                    keep_source: false,
                 },
             )
             .unwrap_err()
@@ -601,7 +766,8 @@ mod tests {
             &fe,
             &ServiceBackends {
                 endpoints: eps(&[1, 2]),
-                affinity_seconds: Some(10800)
+                affinity_seconds: Some(10800),
+                keep_source: false,
             }
         )
         .is_ok());

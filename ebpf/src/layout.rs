@@ -15,7 +15,7 @@ pub struct Layout {
 pub const SVC_KEY: Layout = Layout {
     c_name: "ferry_svc_key",
     size: 20,
-    fields: &[("ip", 0), ("port", 16), ("proto", 18), ("pad", 19)],
+    fields: &[("ip", 0), ("port", 16), ("proto", 18), ("scope", 19)],
 };
 
 pub const SVC: Layout = Layout {
@@ -67,6 +67,25 @@ pub const STICKY: Layout = Layout {
     ],
 };
 
+pub const FLOW4: Layout = Layout {
+    c_name: "ferry_flow4",
+    size: 16,
+    fields: &[
+        ("saddr", 0),
+        ("daddr", 4),
+        ("sport", 8),
+        ("dport", 10),
+        ("proto", 12),
+        ("pad", 13),
+    ],
+};
+
+pub const NODE_CONFIG: Layout = Layout {
+    c_name: "ferry_node_config",
+    size: 8,
+    fields: &[("snat_ip4", 0), ("pad", 4)],
+};
+
 pub const ALL: &[Layout] = &[
     SVC_KEY,
     SVC,
@@ -75,6 +94,8 @@ pub const ALL: &[Layout] = &[
     SOCK_KEY,
     AFFINITY_KEY,
     STICKY,
+    FLOW4,
+    NODE_CONFIG,
 ];
 
 /// Sizes of the maps (entries), passed to C as `-D` so both sides agree.
@@ -86,5 +107,7 @@ pub const MAX_BACKENDS: u32 = 262_144;
 pub const MAX_BACKENDS_PER_SERVICE: u32 = 4_096;
 /// Live sockets remembered for reverse translation and UDP stickiness (LRU).
 pub const MAX_SOCKETS: u32 = 262_144;
+/// Translated connections from outside (two entries each, LRU).
+pub const MAX_NAT_FLOWS: u32 = 262_144;
 /// Client netns x Service pairs remembered for session affinity (LRU).
 pub const MAX_AFFINITY: u32 = 65_536;

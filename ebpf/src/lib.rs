@@ -12,7 +12,13 @@
 //! | `ferry_recvmsg4/6` | `recvfrom()`/`recvmsg()` on UDP | endpoint → frontend as the reply's source |
 //! | `ferry_getpeername4/6` | `getpeername()` | endpoint → frontend |
 //!
-//! The programs act on every socket made by a process in the cgroup they are attached to
+//! Packets from outside the node to a NodePort, externalIP or load-balancer IP meet the tc
+//! program `ferry_tc_ingress` (`src/bpf/tc.c`, tcx ingress on the node's interfaces): it
+//! DNATs a new flow to an endpoint, SNATs it to the node's address unless the Service
+//! keeps the source (externalTrafficPolicy Local), and translates the flow's later packets
+//! and replies from its own flow table. IPv4 only; see tc.c for what the node must allow.
+//!
+//! The cgroup programs act on every socket made by a process in the cgroup they are attached to
 //! (and its descendants), whatever its network namespace. A node attaches them to the root
 //! of its cgroup v2 hierarchy; tests attach them only to a cgroup they make.
 //!
@@ -29,6 +35,12 @@
 //! | `ferry_revnat` | LRU hash | socket cookie . endpoint → frontend | connect, sendmsg |
 //! | `ferry_udp_sticky` | LRU hash | socket cookie . frontend → endpoint (slot, last use) | sendmsg |
 //! | `ferry_affinity` | LRU hash | client netns cookie . Service id → endpoint (slot, last use) | connect, sendmsg |
+//! | `ferry_nat4` | LRU hash | IPv4 flow on the wire → what to rewrite it to (both directions) | tc |
+//! | `ferry_node_config` | array | the node's SNAT address | daemon |
+//!
+//! A frontend key also says whom the entry serves ([`Scope`]): the node's sockets, or
+//! packets from outside. One address and port can lead to different endpoint lists for
+//! each, as externalTrafficPolicy applies only to traffic from outside.
 //!
 //! Which endpoints a frontend has is decided by the daemon's plan: its
 //! `cluster_endpoints` already apply the terminating fallback (ready endpoints, else
@@ -51,8 +63,9 @@
 //! (with both traffic policies Local, the external and load-balancer IPs take
 //! `short_circuit_endpoints` instead, as kube-proxy sends in-cluster traffic there). A
 //! NodePort reached from the node or a Pod is one more frontend per node address. Traffic
-//! from outside the node never passes a socket hook; it needs the tc programs (not yet
-//! here).
+//! from outside the node never passes a socket hook: for it, each node address with the
+//! NodePort, each externalIP and each load-balancer IP is an outside-scope frontend with
+//! `external_endpoints`, `keep_source` set under externalTrafficPolicy Local.
 //!
 //! # Where the daemon runs
 //!
@@ -76,6 +89,7 @@
 //! | BPF links for cgroups (`bpf_link_create`), `bpf_get_netns_cookie` in sock_addr programs | 5.7 |
 //! | cgroup `getpeername4/6` | 5.8 |
 //! | `bpf_set_retval` (ECONNREFUSED instead of EPERM) | 5.18 |
+//! | tcx links for the tc program ([`EbpfDataplane::attach_tc`]; aya falls back to netlink before) | 6.6 |
 //!
 //! A connect to a frontend without endpoints: a cgroup program that rejects makes the
 //! syscall fail with `EPERM`; the program first sets the return value to `-ECONNREFUSED`
@@ -97,7 +111,7 @@ mod sys;
 
 pub use dataplane::{
     assign_slots, ferry_programs_attached, CleanupReport, Dump, DumpedService, EbpfDataplane, Frontend,
-    ServiceBackends, MAPS, PROGRAMS,
+    Scope, ServiceBackends, MAPS, PROGRAMS, TC_PROGRAM,
 };
 pub use error::Error;
 pub use maps::Protocol;

@@ -42,14 +42,38 @@ impl std::fmt::Display for Protocol {
     }
 }
 
-/// `struct ferry_svc_key`: a frontend (ClusterIP, externalIP or load-balancer IP).
+/// `struct ferry_svc_key`: a frontend (ClusterIP, externalIP, load-balancer IP or node
+/// address) and whom the entry serves (`FERRY_SCOPE_*`).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) struct SvcKey {
     pub ip: [u32; 4],
     pub port: u16,
     pub proto: u8,
-    pub pad: u8,
+    pub scope: u8,
+}
+
+/// `FERRY_SVC_KEEP_SOURCE`: no SNAT for traffic from outside.
+pub(crate) const SVC_KEEP_SOURCE: u32 = 1;
+
+/// `struct ferry_flow4`: an IPv4 flow, as a key of `ferry_nat4` or what it is rewritten to.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct Flow4 {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub pad: [u8; 3],
+}
+
+/// `struct ferry_node_config`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct NodeConfig {
+    pub snat_ip4: u32,
+    pub pad: u32,
 }
 
 /// `struct ferry_svc`: a frontend's Service id, endpoint count and affinity timeout.
@@ -120,6 +144,8 @@ unsafe impl aya::Pod for SockAddr {}
 unsafe impl aya::Pod for SockKey {}
 unsafe impl aya::Pod for AffinityKey {}
 unsafe impl aya::Pod for Sticky {}
+unsafe impl aya::Pod for Flow4 {}
+unsafe impl aya::Pod for NodeConfig {}
 
 /// Compile-time check of one mirror against the layout table: size, and each field's
 /// offset in the table's order.
@@ -139,13 +165,15 @@ macro_rules! check_layout {
     };
 }
 
-check_layout!(SvcKey, layout::SVC_KEY, [ip, port, proto, pad]);
+check_layout!(SvcKey, layout::SVC_KEY, [ip, port, proto, scope]);
 check_layout!(Svc, layout::SVC, [id, count, affinity_timeout_s, flags]);
 check_layout!(BackendKey, layout::BACKEND_KEY, [svc_id, slot]);
 check_layout!(SockAddr, layout::SOCKADDR, [ip, port, pad]);
 check_layout!(SockKey, layout::SOCK_KEY, [cookie, ip, port, proto, pad, pad2]);
 check_layout!(AffinityKey, layout::AFFINITY_KEY, [netns_cookie, svc_id, pad]);
 check_layout!(Sticky, layout::STICKY, [last_used_ns, slot, pad, backend, pad2]);
+check_layout!(Flow4, layout::FLOW4, [saddr, daddr, sport, dport, proto, pad]);
+check_layout!(NodeConfig, layout::NODE_CONFIG, [snat_ip4, pad]);
 
 /// An address as the maps hold it: 16 bytes in network order, IPv4 v4-mapped.
 pub(crate) fn ip_words(ip: IpAddr) -> [u32; 4] {
@@ -187,12 +215,12 @@ pub(crate) fn word_port(word: u16) -> u16 {
 }
 
 impl SvcKey {
-    pub(crate) fn new(ip: IpAddr, port: u16, protocol: Protocol) -> SvcKey {
+    pub(crate) fn new(ip: IpAddr, port: u16, protocol: Protocol, scope: u8) -> SvcKey {
         SvcKey {
             ip: ip_words(ip),
             port: port_word(port),
             proto: protocol.number(),
-            pad: 0,
+            scope,
         }
     }
 }

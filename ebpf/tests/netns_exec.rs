@@ -83,14 +83,11 @@ fn child(spec: &str) {
     let cgroup = root.join(cgroup_name);
     let pin_dir = Path::new("/sys/fs/bpf/ferry/nsexec-test");
     let mut dp = EbpfDataplane::load(pin_dir, &cgroup).unwrap_or_else(|e| panic!("load: {e}"));
-    let frontend = Frontend {
-        ip: vip,
-        port: 80,
-        protocol: Protocol::Tcp,
-    };
+    let frontend = Frontend::inside(vip, 80, Protocol::Tcp);
     let backends = ServiceBackends {
         endpoints: vec![endpoint],
         affinity_seconds: None,
+        keep_source: false,
     };
     dp.upsert_service(frontend, &backends).unwrap();
     let probe = Command::new(env!("CARGO_BIN_EXE_ferry-ebpf-probe"))

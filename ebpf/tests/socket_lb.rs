@@ -70,14 +70,11 @@ fn ipv6_services_translate_connect_getpeername_sendto_and_replies() {
     ferry_tests::require_root!();
     let bench = Bench::new("ebpf-v6");
     let mut dp = bench.load();
-    let v6 = |port, protocol| Frontend {
-        ip: bench.vip6,
-        port,
-        protocol,
-    };
+    let v6 = |port, protocol| Frontend::inside(bench.vip6, port, protocol);
     let backends = ServiceBackends {
         endpoints: bench.endpoints6.clone(),
         affinity_seconds: None,
+        keep_source: false,
     };
     dp.upsert_service(v6(80, Protocol::Tcp), &backends).unwrap();
     dp.upsert_service(v6(53, Protocol::Udp), &backends).unwrap();
@@ -138,6 +135,7 @@ fn session_affinity_keeps_a_client_on_one_endpoint() {
     let mut dp = bench.load();
     let backends = ServiceBackends {
         affinity_seconds: Some(60),
+        keep_source: false,
         ..bench.backends()
     };
     dp.upsert_service(bench.frontend(80, Protocol::Tcp), &backends)
@@ -154,6 +152,7 @@ fn session_affinity_keeps_a_client_on_one_endpoint() {
     let left = ServiceBackends {
         endpoints: bench.endpoints.iter().copied().filter(|e| *e != gone).collect(),
         affinity_seconds: Some(60),
+        keep_source: false,
     };
     dp.upsert_service(bench.frontend(80, Protocol::Tcp), &left)
         .unwrap();
@@ -171,6 +170,7 @@ fn an_update_is_a_handful_of_map_writes_and_takes_effect_at_once() {
     let only = |ep: SocketAddr| ServiceBackends {
         endpoints: vec![ep],
         affinity_seconds: None,
+        keep_source: false,
     };
 
     // New frontend: one slot and the entry.
@@ -192,6 +192,7 @@ fn an_update_is_a_handful_of_map_writes_and_takes_effect_at_once() {
     let mut many = ServiceBackends {
         endpoints: (1..=500).map(|p| SocketAddr::from(([10, 1, 0, 1], p))).collect(),
         affinity_seconds: None,
+        keep_source: false,
     };
     assert_eq!(dp.upsert_service(big, &many).unwrap(), 501);
     many.endpoints[250] = SocketAddr::from(([10, 1, 0, 2], 1));
@@ -257,6 +258,7 @@ fn bad_input_is_refused_with_what_to_fix() {
     let v6 = ServiceBackends {
         endpoints: vec!["[fd00::1]:80".parse().unwrap()],
         affinity_seconds: None,
+        keep_source: false,
     };
     let err = dp.upsert_service(fe, &v6).unwrap_err().to_string();
     assert!(err.contains("address family"), "{err}");
@@ -292,6 +294,7 @@ fn connect_latency_through_the_service_vs_direct() {
     let one = ServiceBackends {
         endpoints: vec![bench.endpoints[0]],
         affinity_seconds: None,
+        keep_source: false,
     };
     dp.upsert_service(bench.frontend(80, Protocol::Tcp), &one)
         .unwrap();

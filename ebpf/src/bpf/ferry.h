@@ -14,12 +14,19 @@
 
 #include <linux/types.h>
 
-/* A frontend: ClusterIP, externalIP or load-balancer IP, port and IP protocol. */
+/* Who a frontend entry serves: sockets on the node (its Pods and processes, through the
+ * cgroup programs) or packets from outside (the tc programs). One address and port can
+ * lead to different endpoints for each: externalTrafficPolicy applies only outside. */
+#define FERRY_SCOPE_INSIDE 0
+#define FERRY_SCOPE_OUTSIDE 1
+
+/* A frontend: ClusterIP, externalIP, load-balancer IP or node address (NodePort), port,
+ * IP protocol and scope. */
 struct ferry_svc_key {
 	__u32 ip[4];
 	__u16 port;
 	__u8 proto;
-	__u8 pad;
+	__u8 scope;
 };
 
 /* What the daemon programmed for a frontend. `count` endpoints sit in ferry_backends
@@ -28,8 +35,11 @@ struct ferry_svc {
 	__u32 id;
 	__u32 count;
 	__u32 affinity_timeout_s; /* sessionAffinity ClientIP timeout; 0: no affinity */
-	__u32 flags;              /* reserved, 0 */
+	__u32 flags;              /* FERRY_SVC_* */
 };
+
+/* Outside scope: keep the client's address (externalTrafficPolicy Local), no SNAT. */
+#define FERRY_SVC_KEEP_SOURCE 1
 
 struct ferry_backend_key {
 	__u32 svc_id;
@@ -71,6 +81,24 @@ struct ferry_sticky {
 	__u32 pad;
 	struct ferry_sockaddr backend;
 	__u32 pad2;
+};
+
+/* An IPv4 flow as the tc programs see it on the wire, and what to rewrite it to. Each
+ * translated connection has two entries in ferry_nat4: client->frontend becomes
+ * source->endpoint, and endpoint->source becomes frontend->client. */
+struct ferry_flow4 {
+	__u32 saddr;
+	__u32 daddr;
+	__u16 sport;
+	__u16 dport;
+	__u8 proto;
+	__u8 pad[3];
+};
+
+/* Node settings the tc programs read (array, one entry). */
+struct ferry_node_config {
+	__u32 snat_ip4; /* the node's address that SNATed packets leave with */
+	__u32 pad;
 };
 
 #endif

@@ -25,23 +25,7 @@
 /* No GPL-only helper is used, so the project's own license applies. */
 char LICENSE[] SEC("license") = "Apache-2.0";
 
-/* Written by the daemon: frontend -> Service. */
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, FERRY_MAX_SERVICES);
-	__type(key, struct ferry_svc_key);
-	__type(value, struct ferry_svc);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} ferry_services SEC(".maps");
-
-/* Written by the daemon: (Service id, slot) -> endpoint. */
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, FERRY_MAX_BACKENDS);
-	__type(key, struct ferry_backend_key);
-	__type(value, struct ferry_sockaddr);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} ferry_backends SEC(".maps");
+#include "service_maps.h"
 
 /* Written by connect/sendmsg: (socket, endpoint) -> frontend, read by recvmsg and
  * getpeername. Keyed by endpoint too, so one unconnected UDP socket can talk to several
@@ -84,11 +68,6 @@ static __always_inline int same_sockaddr(const struct ferry_sockaddr *a,
 {
 	return a->ip[0] == b->ip[0] && a->ip[1] == b->ip[1] && a->ip[2] == b->ip[2] &&
 	       a->ip[3] == b->ip[3] && a->port == b->port;
-}
-
-static __always_inline int is_v4_mapped(const __u32 ip[4])
-{
-	return ip[0] == 0 && ip[1] == 0 && ip[2] == bpf_htonl(0xffff);
 }
 
 /* A remembered endpoint, if the Service still has it at the same slot. */

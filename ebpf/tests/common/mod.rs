@@ -163,6 +163,8 @@ pub struct Bench {
     pub node: Node,
     /// The servers' addresses, port SERVER_PORT.
     pub endpoints: Vec<SocketAddr>,
+    /// The node's interfaces towards the servers.
+    pub server_links: Vec<String>,
     /// The same servers' IPv6 addresses.
     pub endpoints6: Vec<SocketAddr>,
     /// A Service address nothing has: only translation makes it reachable.
@@ -205,6 +207,7 @@ impl Bench {
         let mut running = Vec::new();
         let mut endpoints = Vec::new();
         let mut endpoints6 = Vec::new();
+        let mut server_links = Vec::new();
         for i in 0..2 {
             let server = node.client(&format!("srv{i}"));
             let subnet = unique_v4_subnet(30);
@@ -212,6 +215,7 @@ impl Bench {
             let node_ip = std::net::Ipv4Addr::from(u32::from(base) + 1);
             let server_ip = std::net::Ipv4Addr::from(u32::from(base) + 2);
             let node_if = node.connect_client(&server, &format!("{server_ip}/30"), &format!("{node_ip}/30"));
+            server_links.push(node_if.clone());
             let addr = SocketAddr::new(server_ip.into(), SERVER_PORT);
             running.push(server.tcp_server(addr));
             running.push(server.udp_server(addr));
@@ -263,6 +267,7 @@ impl Bench {
             node,
             endpoints,
             endpoints6,
+            server_links,
             vip,
             vip6,
         }
@@ -273,17 +278,14 @@ impl Bench {
     }
 
     pub fn frontend(&self, port: u16, protocol: Protocol) -> Frontend {
-        Frontend {
-            ip: self.vip,
-            port,
-            protocol,
-        }
+        Frontend::inside(self.vip, port, protocol)
     }
 
     pub fn backends(&self) -> ServiceBackends {
         ServiceBackends {
             endpoints: self.endpoints.clone(),
             affinity_seconds: None,
+            keep_source: false,
         }
     }
 
