@@ -31,9 +31,9 @@ fn main() {
         let obj = out.join(format!("{name}.o"));
         let result = Command::new(&clang)
             .args(["-target", "bpf", "-O2", "-g", "-Wall", "-Werror"])
-            // libbpf-dev's <bpf/bpf_helpers.h>; the multiarch dir holds <asm/...> that
-            // <linux/bpf.h> includes (clang -target bpf does not search it by itself).
-            .arg("-I/usr/include/x86_64-linux-gnu")
+            // libbpf-dev's <bpf/bpf_helpers.h>; Debian's multiarch dir holds the <asm/...>
+            // that <linux/bpf.h> includes (clang -target bpf does not search it by itself).
+            .arg(format!("-I/usr/include/{}", multiarch()))
             .arg(format!("-I{}", out.display()))
             .args(defines())
             .arg("-c")
@@ -59,6 +59,17 @@ fn main() {
             }
             Ok(_) => {}
         }
+    }
+}
+
+/// Debian's multiarch directory name for the target the crate is built for.
+fn multiarch() -> String {
+    let arch = std::env::var("CARGO_CFG_TARGET_ARCH").unwrap_or_else(|_| "x86_64".to_owned());
+    match arch.as_str() {
+        "x86_64" => "x86_64-linux-gnu".to_owned(),
+        "aarch64" => "aarch64-linux-gnu".to_owned(),
+        "arm" => "arm-linux-gnueabihf".to_owned(),
+        other => format!("{other}-linux-gnu"),
     }
 }
 

@@ -1,7 +1,7 @@
 //! Loading the socket programs, attaching them to a cgroup, and keeping the Service maps
 //! in step with the daemon's plan, one frontend at a time.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fs::File;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -572,8 +572,8 @@ fn take_map<K: aya::Pod, V: aya::Pod>(
 /// update proportional to what changed, and keeps session affinity (which remembers a
 /// slot) for the clients of endpoints that stay.
 pub fn assign_slots(old: &[SocketAddr], new: &[SocketAddr]) -> Vec<SocketAddr> {
-    let wanted: BTreeSet<&SocketAddr> = new.iter().collect();
-    let had: BTreeSet<&SocketAddr> = old.iter().collect();
+    let wanted: HashSet<&SocketAddr> = new.iter().collect();
+    let had: HashSet<&SocketAddr> = old.iter().collect();
     let mut added = new.iter().filter(|ep| !had.contains(ep));
     let mut slots: Vec<Option<SocketAddr>> = old
         .iter()
@@ -631,7 +631,7 @@ fn validate(frontend: &Frontend, backends: &ServiceBackends) -> Result<(), Error
              endpoints and an IPv6 one IPv6 endpoints"
         )));
     }
-    let mut seen = BTreeSet::new();
+    let mut seen = HashSet::with_capacity(backends.endpoints.len());
     if let Some(ep) = backends.endpoints.iter().find(|ep| !seen.insert(**ep)) {
         return Err(invalid(format!("endpoint {ep} is listed twice")));
     }

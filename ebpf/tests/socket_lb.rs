@@ -283,7 +283,9 @@ fn bad_input_is_refused_with_what_to_fix() {
 }
 
 /// Connect latency through the Service address against straight to the endpoint, each
-/// over 1000 connects of one probe process in the test cgroup (figures, not pass/fail):
+/// over 1000 connects of one probe process in the test cgroup, and the cost of an update
+/// that changes one endpoint of a 500-endpoint Service against programming it whole
+/// (figures, not pass/fail):
 /// `FERRY_REQUIRE_ROOT=1 cargo test -p ferry-ebpf --release --test socket_lb -- --ignored --nocapture`
 #[test]
 #[ignore = "a measurement: run with --ignored --nocapture"]
@@ -311,4 +313,47 @@ fn connect_latency_through_the_service_vs_direct() {
             median(&v) / median(&d)
         );
     }
+
+    let big = bench.frontend(81, Protocol::Tcp);
+    let endpoints = |variant: u16| -> ServiceBackends {
+        ServiceBackends {
+            endpoints: (1..=500)
+                .map(|p| {
+                    SocketAddr::from((
+                        [10, 1, (p % 2) as u8, 1],
+                        if p == 250 { 10_000 + variant } else { p },
+                    ))
+                })
+                .collect(),
+            ..Default::default()
+        }
+    };
+    let mut whole = Vec::new();
+    let mut one = Vec::new();
+    for i in 0..50u16 {
+        let first = endpoints(i);
+        let start = std::time::Instant::now();
+        dp.upsert_service(big, &first).unwrap();
+        whole.push(start.elapsed());
+        for j in 1..=20u16 {
+            let next = endpoints(i * 100 + j);
+            let start = std::time::Instant::now();
+            let writes = dp.upsert_service(big, &next).unwrap();
+            one.push(start.elapsed());
+            assert_eq!(writes, 1);
+        }
+        dp.remove_service(&big).unwrap();
+    }
+    whole.sort();
+    one.sort();
+    let (w, o) = (whole[whole.len() / 2], one[one.len() / 2]);
+    println!(
+        "update of a 500-endpoint Service: programming it whole median {:.1} us ({} samples), \
+         one endpoint changed median {:.1} us ({} samples), ratio {:.0}x",
+        w.as_secs_f64() * 1e6,
+        whole.len(),
+        o.as_secs_f64() * 1e6,
+        one.len(),
+        w.as_secs_f64() / o.as_secs_f64()
+    );
 }
