@@ -79,6 +79,17 @@ fn a_nodeport_from_outside_reaches_both_endpoints_snated_to_the_node() {
     assert_eq!(peer_and_server(&answer).0, node_ip, "{answer}");
     assert!(dp.dump().unwrap().nat4_entries >= 4);
 
+    // Without endpoints a new flow is dropped (a tc program cannot refuse): the client
+    // times out, where without the program the node's own stack would refuse at once.
+    let empty = Frontend::outside(node_ip, 30082, Protocol::Tcp);
+    dp.upsert_service(empty, &ServiceBackends::default()).unwrap();
+    let to = SocketAddr::new(node_ip, 30082);
+    let short = std::time::Duration::from_millis(500);
+    let err = outside
+        .run(|| std::net::TcpStream::connect_timeout(&to, short))
+        .unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::TimedOut, "{err}");
+
     // Cleanup detaches the tc program: the node's own stack answers, and nothing listens.
     drop(dp);
     EbpfDataplane::cleanup(&bench.pins.pin_dir, bench.cgroup.path()).unwrap();
