@@ -1,0 +1,311 @@
+/* Socket-level Service load balancing: cgroup sock_addr programs.
+ *
+ * connect4/6 and sendmsg4/6 rewrite a socket's destination from a Service frontend
+ * (ClusterIP, externalIP, load-balancer IP) to one of its endpoints before the kernel
+ * routes anything, so no packet ever carries the Service address and no NAT state is
+ * kept per packet. recvmsg4/6 and getpeername4/6 rewrite the endpoint back to the
+ * frontend, so the application sees the address it asked for (UDP replies, getpeername).
+ *
+ * Which endpoints a frontend has is the daemon's plan (ready ones, else serving and
+ * terminating ones, only local ones under internalTrafficPolicy Local): the map holds
+ * the list the plan chose, and these programs only pick among it.
+ *
+ * Maps, their keys and values are described in ferry.h; the daemon writes ferry_services
+ * and ferry_backends, these programs write the three LRU maps.
+ */
+#include <linux/bpf.h>
+#include <linux/in.h>
+#include <asm-generic/errno.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+#include "ferry.h"
+#include "layout_check.h"
+
+/* No GPL-only helper is used, so the project's own license applies. */
+char LICENSE[] SEC("license") = "Apache-2.0";
+
+#include "service_maps.h"
+
+/* Written by connect/sendmsg: (socket, endpoint) -> frontend, read by recvmsg and
+ * getpeername. Keyed by endpoint too, so one unconnected UDP socket can talk to several
+ * Services. LRU: entries of closed sockets age out. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, FERRY_MAX_SOCKETS);
+	__type(key, struct ferry_sock_key);
+	__type(value, struct ferry_sockaddr);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} ferry_revnat SEC(".maps");
+
+/* Written by sendmsg: (socket, frontend) -> endpoint, so the datagrams of one
+ * unconnected UDP socket keep going to the endpoint its first one went to. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, FERRY_MAX_SOCKETS);
+	__type(key, struct ferry_sock_key);
+	__type(value, struct ferry_sticky);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} ferry_udp_sticky SEC(".maps");
+
+/* Written by connect/sendmsg: (client netns, Service) -> endpoint, for
+ * sessionAffinity ClientIP; valid while used within the Service's timeout. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, FERRY_MAX_AFFINITY);
+	__type(key, struct ferry_affinity_key);
+	__type(value, struct ferry_sticky);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} ferry_affinity SEC(".maps");
+
+#define SYS_PROCEED 1
+#define SYS_REJECT 0
+
+enum verdict { NOT_A_SERVICE, TRANSLATED, NO_ENDPOINT };
+
+static __always_inline int same_sockaddr(const struct ferry_sockaddr *a,
+					 const struct ferry_sockaddr *b)
+{
+	return a->ip[0] == b->ip[0] && a->ip[1] == b->ip[1] && a->ip[2] == b->ip[2] &&
+	       a->ip[3] == b->ip[3] && a->port == b->port;
+}
+
+/* A remembered endpoint, if the Service still has it at the same slot. */
+static __always_inline int sticky_still_valid(const struct ferry_svc *svc,
+					      const struct ferry_sticky *s)
+{
+	if (s->slot >= svc->count)
+		return 0;
+	struct ferry_backend_key bkey = { .svc_id = svc->id, .slot = s->slot };
+	struct ferry_sockaddr *now = bpf_map_lookup_elem(&ferry_backends, &bkey);
+	return now && same_sockaddr(now, &s->backend);
+}
+
+/* Picks the endpoint for a socket going to `key`. `udp_sendmsg` is set for sendmsg: the
+ * socket's earlier choice for this frontend wins, then affinity, then a random slot. */
+static __always_inline enum verdict pick_endpoint(void *ctx, const struct ferry_svc_key *key,
+						  int udp_sendmsg,
+						  struct ferry_sockaddr *out)
+{
+	struct ferry_svc *svc = bpf_map_lookup_elem(&ferry_services, key);
+	if (!svc)
+		return NOT_A_SERVICE;
+	if (svc->count == 0)
+		return NO_ENDPOINT;
+
+	__u64 now = bpf_ktime_get_ns();
+	struct ferry_sock_key skey = {};
+	if (udp_sendmsg) {
+		skey.cookie = bpf_get_socket_cookie(ctx);
+		__builtin_memcpy(skey.ip, key->ip, sizeof(skey.ip));
+		skey.port = key->port;
+		skey.proto = key->proto;
+		struct ferry_sticky *s = bpf_map_lookup_elem(&ferry_udp_sticky, &skey);
+		if (s && sticky_still_valid(svc, s)) {
+			*out = s->backend;
+			s->last_used_ns = now;
+			return TRANSLATED;
+		}
+	}
+
+	struct ferry_sticky chosen = { .last_used_ns = now };
+	int remembered = 0;
+	struct ferry_affinity_key akey = {};
+	if (svc->affinity_timeout_s) {
+		akey.netns_cookie = bpf_get_netns_cookie(ctx);
+		akey.svc_id = svc->id;
+		struct ferry_sticky *a = bpf_map_lookup_elem(&ferry_affinity, &akey);
+		if (a && now - a->last_used_ns <= (__u64)svc->affinity_timeout_s * 1000000000ULL &&
+		    sticky_still_valid(svc, a)) {
+			a->last_used_ns = now;
+			chosen.slot = a->slot;
+			chosen.backend = a->backend;
+			remembered = 1;
+		}
+	}
+
+	if (!remembered) {
+		chosen.slot = bpf_get_prandom_u32() % svc->count;
+		struct ferry_backend_key bkey = { .svc_id = svc->id, .slot = chosen.slot };
+		struct ferry_sockaddr *be = bpf_map_lookup_elem(&ferry_backends, &bkey);
+		/* The daemon writes slots before raising count, so a hole means a bug or a
+		 * daemon killed mid-update: refuse rather than guess. */
+		if (!be)
+			return NO_ENDPOINT;
+		chosen.backend = *be;
+		if (svc->affinity_timeout_s)
+			bpf_map_update_elem(&ferry_affinity, &akey, &chosen, BPF_ANY);
+	}
+	if (udp_sendmsg)
+		bpf_map_update_elem(&ferry_udp_sticky, &skey, &chosen, BPF_ANY);
+	*out = chosen.backend;
+	return TRANSLATED;
+}
+
+/* Remembers which frontend the socket asked for, for recvmsg and getpeername. */
+static __always_inline void remember_frontend(void *ctx, const struct ferry_svc_key *key,
+					      const struct ferry_sockaddr *be)
+{
+	struct ferry_sock_key rkey = {};
+	rkey.cookie = bpf_get_socket_cookie(ctx);
+	__builtin_memcpy(rkey.ip, be->ip, sizeof(rkey.ip));
+	rkey.port = be->port;
+	rkey.proto = key->proto;
+	struct ferry_sockaddr fe = {};
+	__builtin_memcpy(fe.ip, key->ip, sizeof(fe.ip));
+	fe.port = key->port;
+	bpf_map_update_elem(&ferry_revnat, &rkey, &fe, BPF_ANY);
+}
+
+/* The verdict for a socket whose frontend has no endpoint: the syscall fails with
+ * ECONNREFUSED, as it would against a closed port, instead of the EPERM a plain
+ * rejection gives (bpf_set_retval, Linux 5.18). */
+static __always_inline int refuse(void)
+{
+	bpf_set_retval(-ECONNREFUSED);
+	return SYS_REJECT;
+}
+
+static __always_inline int xlate_forward4(struct bpf_sock_addr *ctx, int udp_sendmsg)
+{
+	struct ferry_svc_key key = {};
+	key.ip[2] = bpf_htonl(0xffff);
+	key.ip[3] = ctx->user_ip4;
+	key.port = (__u16)ctx->user_port;
+	key.proto = (__u8)ctx->protocol;
+
+	struct ferry_sockaddr be;
+	switch (pick_endpoint(ctx, &key, udp_sendmsg, &be)) {
+	case NOT_A_SERVICE:
+		return SYS_PROCEED;
+	case NO_ENDPOINT:
+		return refuse();
+	case TRANSLATED:
+		break;
+	}
+	/* An IPv4 socket can only go to an IPv4 endpoint; the daemon never programs
+	 * another, so this is a broken map: refuse. */
+	if (!is_v4_mapped(be.ip))
+		return refuse();
+	ctx->user_ip4 = be.ip[3];
+	ctx->user_port = be.port;
+	remember_frontend(ctx, &key, &be);
+	return SYS_PROCEED;
+}
+
+static __always_inline int xlate_forward6(struct bpf_sock_addr *ctx, int udp_sendmsg)
+{
+	struct ferry_svc_key key = {};
+	key.ip[0] = ctx->user_ip6[0];
+	key.ip[1] = ctx->user_ip6[1];
+	key.ip[2] = ctx->user_ip6[2];
+	key.ip[3] = ctx->user_ip6[3];
+	key.port = (__u16)ctx->user_port;
+	key.proto = (__u8)ctx->protocol;
+
+	struct ferry_sockaddr be;
+	switch (pick_endpoint(ctx, &key, udp_sendmsg, &be)) {
+	case NOT_A_SERVICE:
+		return SYS_PROCEED;
+	case NO_ENDPOINT:
+		return refuse();
+	case TRANSLATED:
+		break;
+	}
+	/* A v4-mapped frontend (an IPv4 Service reached from an IPv6 socket) has v4-mapped
+	 * endpoints, which this socket reaches the same way. */
+	ctx->user_ip6[0] = be.ip[0];
+	ctx->user_ip6[1] = be.ip[1];
+	ctx->user_ip6[2] = be.ip[2];
+	ctx->user_ip6[3] = be.ip[3];
+	ctx->user_port = be.port;
+	remember_frontend(ctx, &key, &be);
+	return SYS_PROCEED;
+}
+
+/* The frontend a socket asked for, when its peer `ip`/`port` is an endpoint it was
+ * sent to; NULL otherwise. */
+static __always_inline struct ferry_sockaddr *frontend_of(void *ctx, const __u32 ip[4],
+							  __u16 port, __u8 proto)
+{
+	struct ferry_sock_key rkey = {};
+	rkey.cookie = bpf_get_socket_cookie(ctx);
+	__builtin_memcpy(rkey.ip, ip, sizeof(rkey.ip));
+	rkey.port = port;
+	rkey.proto = proto;
+	return bpf_map_lookup_elem(&ferry_revnat, &rkey);
+}
+
+static __always_inline int xlate_reverse4(struct bpf_sock_addr *ctx, __u8 proto)
+{
+	__u32 ip[4] = { 0, 0, bpf_htonl(0xffff), ctx->user_ip4 };
+	struct ferry_sockaddr *fe = frontend_of(ctx, ip, (__u16)ctx->user_port, proto);
+	if (fe) {
+		ctx->user_ip4 = fe->ip[3];
+		ctx->user_port = fe->port;
+	}
+	return SYS_PROCEED;
+}
+
+static __always_inline int xlate_reverse6(struct bpf_sock_addr *ctx, __u8 proto)
+{
+	__u32 ip[4] = { ctx->user_ip6[0], ctx->user_ip6[1], ctx->user_ip6[2], ctx->user_ip6[3] };
+	struct ferry_sockaddr *fe = frontend_of(ctx, ip, (__u16)ctx->user_port, proto);
+	if (fe) {
+		ctx->user_ip6[0] = fe->ip[0];
+		ctx->user_ip6[1] = fe->ip[1];
+		ctx->user_ip6[2] = fe->ip[2];
+		ctx->user_ip6[3] = fe->ip[3];
+		ctx->user_port = fe->port;
+	}
+	return SYS_PROCEED;
+}
+
+SEC("cgroup/connect4")
+int ferry_connect4(struct bpf_sock_addr *ctx)
+{
+	return xlate_forward4(ctx, 0);
+}
+
+SEC("cgroup/connect6")
+int ferry_connect6(struct bpf_sock_addr *ctx)
+{
+	return xlate_forward6(ctx, 0);
+}
+
+SEC("cgroup/sendmsg4")
+int ferry_sendmsg4(struct bpf_sock_addr *ctx)
+{
+	return xlate_forward4(ctx, 1);
+}
+
+SEC("cgroup/sendmsg6")
+int ferry_sendmsg6(struct bpf_sock_addr *ctx)
+{
+	return xlate_forward6(ctx, 1);
+}
+
+/* recvmsg runs for UDP only; its context has no protocol to read. */
+SEC("cgroup/recvmsg4")
+int ferry_recvmsg4(struct bpf_sock_addr *ctx)
+{
+	return xlate_reverse4(ctx, IPPROTO_UDP);
+}
+
+SEC("cgroup/recvmsg6")
+int ferry_recvmsg6(struct bpf_sock_addr *ctx)
+{
+	return xlate_reverse6(ctx, IPPROTO_UDP);
+}
+
+SEC("cgroup/getpeername4")
+int ferry_getpeername4(struct bpf_sock_addr *ctx)
+{
+	return xlate_reverse4(ctx, (__u8)ctx->protocol);
+}
+
+SEC("cgroup/getpeername6")
+int ferry_getpeername6(struct bpf_sock_addr *ctx)
+{
+	return xlate_reverse6(ctx, (__u8)ctx->protocol);
+}

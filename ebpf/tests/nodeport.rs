@@ -1,0 +1,117 @@
+//! Services reached from outside the node: the tc program on the node's interfaces DNATs
+//! a client outside to an endpoint, SNATs it to the node's address unless the Service
+//! keeps the source, and translates the replies back. Needs root.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, SocketAddr};
+
+use common::Bench;
+use ferry_ebpf::{EbpfDataplane, Frontend, Protocol, ServiceBackends};
+use ferry_tests::{Netns, NODE_IP, OUTSIDE_IP};
+
+/// The bench, a machine outside wired to the node, and the tc program on every node
+/// interface. The node forwards, and accepts its own address as a source on the wire
+/// (accept_local): SNATed packets and translated replies carry it (see tc.c).
+fn setup(tag: &str) -> (Bench, Netns, EbpfDataplane) {
+    let bench = Bench::new(tag);
+    let outside = bench.node.client("outside");
+    let ext = bench
+        .node
+        .connect_client(&outside, &format!("{OUTSIDE_IP}/24"), &format!("{NODE_IP}/24"));
+    bench.node.netns().exec_ok(&[
+        "sysctl",
+        "-qw",
+        "net.ipv4.ip_forward=1",
+        "net.ipv4.conf.all.accept_local=1",
+    ]);
+    let mut dp = bench.load();
+    let links: Vec<String> = bench.server_links.iter().cloned().chain([ext]).collect();
+    bench.node.netns().run(|| {
+        for link in &links {
+            dp.attach_tc(link)
+                .unwrap_or_else(|e| panic!("attach tc to {link}: {e}"));
+        }
+    });
+    dp.set_snat_ipv4(NODE_IP.parse().unwrap()).unwrap();
+    (bench, outside, dp)
+}
+
+fn peer_and_server(answer: &str) -> (IpAddr, SocketAddr) {
+    let mut words = answer.split_whitespace();
+    let peer: SocketAddr = words.next().unwrap().parse().unwrap();
+    (peer.ip(), words.next().unwrap().parse().unwrap())
+}
+
+#[test]
+fn a_nodeport_from_outside_reaches_both_endpoints_snated_to_the_node() {
+    ferry_tests::require_root!();
+    let (bench, outside, mut dp) = setup("ebpf-nodeport");
+    let node_ip: IpAddr = NODE_IP.parse().unwrap();
+    dp.upsert_service(
+        Frontend::outside(node_ip, 30080, Protocol::Tcp),
+        &bench.backends(),
+    )
+    .unwrap();
+    dp.upsert_service(
+        Frontend::outside(node_ip, 30053, Protocol::Udp),
+        &bench.backends(),
+    )
+    .unwrap();
+
+    let nodeport = SocketAddr::new(node_ip, 30080);
+    let mut reached = BTreeSet::new();
+    for _ in 0..20 {
+        let answer = outside.tcp_request(nodeport).expect("TCP to the NodePort");
+        let (peer, server) = peer_and_server(&answer);
+        assert_eq!(peer, node_ip, "the endpoint saw {answer}: not SNATed to the node");
+        assert!(bench.endpoints.contains(&server), "{answer}");
+        reached.insert(server);
+    }
+    assert_eq!(reached.len(), 2, "20 connections all went to {reached:?}");
+
+    // An answer at all shows the reply was translated back: untranslated, it would come
+    // from the endpoint's address to a port the outside socket never sent from.
+    let answer = outside
+        .udp_request(SocketAddr::new(node_ip, 30053))
+        .expect("UDP to the NodePort");
+    assert_eq!(peer_and_server(&answer).0, node_ip, "{answer}");
+    assert!(dp.dump().unwrap().nat4_entries >= 4);
+
+    // Without endpoints a new flow is dropped (a tc program cannot refuse): the client
+    // times out, where without the program the node's own stack would refuse at once.
+    let empty = Frontend::outside(node_ip, 30082, Protocol::Tcp);
+    dp.upsert_service(empty, &ServiceBackends::default()).unwrap();
+    let to = SocketAddr::new(node_ip, 30082);
+    let short = std::time::Duration::from_millis(500);
+    let err = outside
+        .run(|| std::net::TcpStream::connect_timeout(&to, short))
+        .unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::TimedOut, "{err}");
+
+    // Cleanup detaches the tc program: the node's own stack answers, and nothing listens.
+    drop(dp);
+    EbpfDataplane::cleanup(&bench.pins.pin_dir, bench.cgroup.path()).unwrap();
+    let err = outside.tcp_request(nodeport).unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
+}
+
+#[test]
+fn external_traffic_policy_local_keeps_the_client_address() {
+    ferry_tests::require_root!();
+    let (bench, outside, mut dp) = setup("ebpf-etp-local");
+    let node_ip: IpAddr = NODE_IP.parse().unwrap();
+    let backends = ServiceBackends {
+        keep_source: true,
+        ..bench.backends()
+    };
+    dp.upsert_service(Frontend::outside(node_ip, 30081, Protocol::Tcp), &backends)
+        .unwrap();
+    let answer = outside
+        .tcp_request(SocketAddr::new(node_ip, 30081))
+        .expect("TCP to the NodePort");
+    let (peer, server) = peer_and_server(&answer);
+    assert_eq!(peer, OUTSIDE_IP.parse::<IpAddr>().unwrap(), "{answer}");
+    assert!(bench.endpoints.contains(&server), "{answer}");
+}
