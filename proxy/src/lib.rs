@@ -11,6 +11,8 @@ pub mod http;
 pub mod metrics;
 pub mod nft;
 pub mod plan;
+// Between the plans and the back ends: what changed, for every back end.
+pub mod changes;
 pub mod run;
 pub mod source;
 pub mod store;

@@ -21,7 +21,7 @@
 //!   NodePort, LoadBalancer, or ClusterIP with externalIPs (kube-proxy's
 //!   `ExternallyAccessible`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use ipnetwork::IpNetwork;
@@ -31,6 +31,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use tracing::debug;
 
 use super::{Endpoint, Family, NodeSettings, Protocol, ServicePort, ServicePortId, ServiceTable};
+use crate::changes;
 use crate::store::{ServiceKey, Store};
 
 /// Services with this label are handled by another proxy (kube-proxy skips them too).
@@ -47,7 +48,6 @@ pub fn plan(store: &Store, settings: &NodeSettings) -> ServiceTable {
     let mut table = ServiceTable {
         settings: settings.clone(),
         ports: BTreeMap::new(),
-        changed: None,
     };
     for (key, service) in store.services() {
         insert_service(&mut table, key, service, store);
@@ -57,30 +57,42 @@ pub fn plan(store: &Store, settings: &NodeSettings) -> ServiceTable {
 
 /// Re-plans the given Services in place (typically [`Store::take_dirty`]): their old
 /// ports leave the table, their new ones enter it. A Service no longer in the store just
-/// leaves. Uses the table's own settings.
+/// leaves. Uses the table's own settings. Returns the ids of the ports that differ from
+/// before (added, removed, or with another value), for the sync loop's change tracker.
 pub fn plan_services<'a>(
     table: &mut ServiceTable,
     store: &Store,
     keys: impl IntoIterator<Item = &'a ServiceKey>,
-) {
+) -> BTreeSet<ServicePortId> {
+    let mut changed = BTreeSet::new();
     for key in keys {
-        remove_service(table, key);
+        let old = remove_service(table, key);
         if let Some(service) = store.service(key) {
             insert_service(table, key, service, store);
         }
+        changed.extend(changes::diff_ports(&old, service_ports(table, key)));
     }
+    changed
 }
 
 fn insert_service(table: &mut ServiceTable, key: &ServiceKey, service: &Service, store: &Store) {
     for port in plan_service(key, service, store.slices(key), &table.settings) {
-        table.note_change(&port.id);
         table.ports.insert(port.id.clone(), port);
     }
 }
 
-/// Removes every port of one Service: ids sort by (namespace, name, ...), so they form
+/// Removes every port of one Service and returns them.
+fn remove_service(table: &mut ServiceTable, key: &ServiceKey) -> Vec<ServicePort> {
+    let ids: Vec<ServicePortId> = service_ports(table, key).map(|p| p.id.clone()).collect();
+    ids.iter().filter_map(|id| table.ports.remove(id)).collect()
+}
+
+/// The ports of one Service in the table: ids sort by (namespace, name, ...), so they form
 /// one contiguous range of the map, found in O(log n).
-fn remove_service(table: &mut ServiceTable, key: &ServiceKey) {
+fn service_ports<'t>(
+    table: &'t ServiceTable,
+    key: &'t ServiceKey,
+) -> impl Iterator<Item = &'t ServicePort> + 't {
     let first = ServicePortId {
         namespace: key.namespace.clone(),
         name: key.name.clone(),
@@ -88,17 +100,11 @@ fn remove_service(table: &mut ServiceTable, key: &ServiceKey) {
         protocol: Protocol::Tcp,
         family: Family::V4,
     };
-    let ids: Vec<ServicePortId> = table
+    table
         .ports
         .range(first..)
-        .map(|(id, _)| id)
-        .take_while(|id| id.namespace == key.namespace && id.name == key.name)
-        .cloned()
-        .collect();
-    for id in ids {
-        table.note_change(&id);
-        table.ports.remove(&id);
-    }
+        .take_while(|(id, _)| id.namespace == key.namespace && id.name == key.name)
+        .map(|(_, port)| port)
 }
 
 /// The ports of one Service, from the Service and its EndpointSlices.
@@ -512,7 +518,6 @@ mod tests {
         ServiceTable {
             settings: settings(),
             ports: ports.into_iter().map(|p| (p.id.clone(), p)).collect(),
-            changed: None,
         }
     }
 
@@ -1250,7 +1255,6 @@ mod tests {
             let mut table = ServiceTable {
                 settings: settings(),
                 ports: BTreeMap::new(),
-                changed: None,
             };
             for step in 0..300 {
                 // A burst of one to three events, then one incremental re-plan.

@@ -179,12 +179,13 @@ use ipnetwork::IpNetwork;
 use sha2::{Digest, Sha256};
 
 use super::{Backend, BackendError, SyncStats};
+use crate::changes::{stale_udp_flows, Changes, ServiceChanges};
 use crate::conntrack;
 use crate::nft;
 use rules::{fam, Element, Key, Rule, SetDecl, SetKind, Value};
 
 mod rules;
-use crate::plan::{Endpoint, Family, NodeSettings, Protocol, ServicePort, ServicePortId, ServiceTable};
+use crate::plan::{Endpoint, Family, NodeSettings, Plan, Protocol, ServicePort, ServicePortId, ServiceTable};
 
 /// The table Ferry owns, in family `inet`.
 pub const TABLE: &str = "ferry-proxy";
@@ -431,12 +432,14 @@ impl SlotAllocator {
         }
         let next = self.next.entry(map).or_default();
         let offset = *next;
-        *next = offset.checked_add(capacity).ok_or_else(|| {
-            BackendError(format!(
-                "the keys of endpoint map {} are used up; restart ferry-proxy to renumber",
-                endpoint_map(id.family, id.protocol, shard)
-            ))
-        })?;
+        *next = offset
+            .checked_add(capacity)
+            .ok_or_else(|| BackendError::Exhausted {
+                what: format!(
+                    "the keys of endpoint map {} are used up; restart ferry-proxy to renumber",
+                    endpoint_map(id.family, id.protocol, shard)
+                ),
+            })?;
         Ok(Slot {
             shard,
             offset,
@@ -1088,8 +1091,10 @@ impl NftablesBackend {
     /// commit costs.
     fn socket(&mut self) -> Result<&mut nft::Socket, BackendError> {
         if self.socket.is_none() {
-            let socket = nft::Socket::open()
-                .map_err(|e| BackendError(format!("opening a netfilter netlink socket: {e}")))?;
+            let socket = nft::Socket::open().map_err(|source| BackendError::Socket {
+                what: "opening a netfilter netlink socket".into(),
+                source,
+            })?;
             self.socket = Some(socket);
         }
         Ok(self.socket.as_mut().expect("just opened"))
@@ -1100,22 +1105,27 @@ impl NftablesBackend {
         if self.dry_run {
             return Ok(false);
         }
-        let tables = self.socket()?.list_tables().map_err(|e| {
+        let tables = self.socket()?.list_tables().map_err(|source| {
             self.socket = None;
-            BackendError(format!("listing the inet tables: {e}"))
+            BackendError::Socket {
+                what: "listing the inet tables".into(),
+                source,
+            }
         })?;
         Ok(tables.iter().any(|t| t == TABLE))
     }
 
-    /// Sends `batch` as one transaction; the error says what failed. A socket that failed
-    /// is not used again.
-    fn send(&mut self, batch: &nft::Batch) -> Result<(), String> {
-        let socket = self.socket().map_err(|e| e.0)?;
-        let result = socket.commit(batch).map_err(|e| e.to_string());
-        if result.is_err() {
+    /// Sends `batch` as one transaction (`what` says what it does, for the error). A
+    /// socket that failed is not used again.
+    fn send(&mut self, batch: &nft::Batch, what: &str) -> Result<(), BackendError> {
+        let result = self.socket()?.commit(batch);
+        result.map_err(|source| {
             self.socket = None;
-        }
-        result
+            BackendError::Commit {
+                what: what.to_string(),
+                source,
+            }
+        })
     }
 
     /// Sends `ops` as one transaction.
@@ -1127,8 +1137,7 @@ impl NftablesBackend {
         for op in ops {
             op.lower(&mut batch);
         }
-        self.send(&batch)
-            .map_err(|e| BackendError(format!("nftables transaction failed, nothing applied: {e}")))
+        self.send(&batch, "nftables transaction failed, nothing applied")
     }
 
     /// Writes the base layout: table, base and helper chains (flushed and refilled), maps
@@ -1162,7 +1171,11 @@ impl NftablesBackend {
         tx.commands += 1;
     }
 
-    fn sync_inner(&mut self, table: &ServiceTable) -> Result<SyncStats, BackendError> {
+    fn sync_inner(
+        &mut self,
+        table: &ServiceTable,
+        changes: &ServiceChanges,
+    ) -> Result<SyncStats, BackendError> {
         let start = Instant::now();
         let ctx = RenderCtx::of(&table.settings);
         let mut tx = Tx::default();
@@ -1196,8 +1209,8 @@ impl NftablesBackend {
             Some(old) => old.port != *port || ctx_changed || state.blocked.contains(id),
             None => true,
         };
-        match &table.changed {
-            Some(log) if !first && !ctx_changed => {
+        match changes {
+            ServiceChanges::Ports(log) if !first && !ctx_changed => {
                 for id in log
                     .iter()
                     .chain(state.blocked.iter().filter(|id| !log.contains(*id)))
@@ -1350,17 +1363,13 @@ impl NftablesBackend {
             let old = olds.get(&port.id);
             diff(&mut tx, old.map_or(&empty, |(_, o)| o), objects, &mut state);
             if let Some((old, _)) = old {
-                if port.id.protocol == Protocol::Udp {
-                    stale_udp.extend(stale_udp_flows(&old.port, Some(port)));
-                }
+                stale_udp.extend(stale_udp_flows(&old.port, Some(port)));
             }
         }
         for id in &removed {
             if let Some((old, objects)) = olds.get(id) {
                 diff(&mut tx, objects, &empty, &mut state);
-                if id.protocol == Protocol::Udp {
-                    stale_udp.extend(stale_udp_flows(&old.port, None));
-                }
+                stale_udp.extend(stale_udp_flows(&old.port, None));
             }
         }
         for ip in &hairpin_add {
@@ -1433,50 +1442,9 @@ fn hairpin_element(ip: IpAddr) -> Element {
     }
 }
 
-/// The UDP flows toward endpoints that `old` had and `new` (None: the port is gone) has
-/// not: the Service addresses and ports they were sent to, and the endpoint.
-fn stale_udp_flows(old: &ServicePort, new: Option<&ServicePort>) -> Vec<conntrack::UdpFlowFilter> {
-    let keep: HashSet<(IpAddr, u16)> = new
-        .map(|n| {
-            n.cluster_endpoints
-                .iter()
-                .chain(&n.external_endpoints)
-                .chain(&n.short_circuit_endpoints)
-                .map(|e| (e.ip, e.port))
-                .collect()
-        })
-        .unwrap_or_default();
-    let gone: BTreeSet<(IpAddr, u16)> = old
-        .cluster_endpoints
-        .iter()
-        .chain(&old.external_endpoints)
-        .chain(&old.short_circuit_endpoints)
-        .map(|e| (e.ip, e.port))
-        .filter(|e| !keep.contains(e))
-        .collect();
-    if gone.is_empty() {
-        return Vec::new();
-    }
-    let service_ips: Vec<IpAddr> = old
-        .cluster_ip
-        .iter()
-        .chain(&old.external_ips)
-        .chain(&old.load_balancer_ips)
-        .copied()
-        .collect();
-    gone.into_iter()
-        .map(|(ip, port)| conntrack::UdpFlowFilter {
-            service_ips: service_ips.clone(),
-            service_port: old.port,
-            node_port: old.node_port,
-            endpoint: SocketAddr::new(ip, port),
-        })
-        .collect()
-}
-
 impl Backend for NftablesBackend {
-    fn sync(&mut self, table: &ServiceTable) -> Result<SyncStats, BackendError> {
-        self.sync_inner(table)
+    fn sync(&mut self, plan: &Plan, changes: &Changes) -> Result<SyncStats, BackendError> {
+        self.sync_inner(&plan.services, &changes.services)
     }
 
     fn cleanup(&mut self) -> Result<(), BackendError> {
@@ -1489,8 +1457,7 @@ impl Backend for NftablesBackend {
         }
         let mut batch = nft::Batch::new(TABLE);
         batch.delete_table();
-        self.send(&batch)
-            .map_err(|e| BackendError(format!("deleting table inet {TABLE}: {e}")))
+        self.send(&batch, &format!("deleting table inet {TABLE}"))
     }
 }
 
@@ -1506,7 +1473,6 @@ pub fn synthetic_table(services: usize, endpoints: usize, offset: usize) -> Serv
             nodeport_addresses: Vec::new(),
         },
         ports: BTreeMap::new(),
-        changed: None,
     };
     for i in offset..offset + services {
         let id = ServicePortId {
@@ -1880,29 +1846,12 @@ mod tests {
         );
     }
 
-    #[test]
-    fn stale_udp_flows_name_only_removed_endpoints() {
-        let mut old = port("dns", Family::V4);
-        old.id.protocol = Protocol::Udp;
-        old.node_port = Some(30053);
-        old.cluster_endpoints = vec![ep("10.1.0.2", 53), ep("10.1.0.3", 53)];
-        old.external_endpoints = old.cluster_endpoints.clone();
-        let mut new = old.clone();
-        new.cluster_endpoints.remove(0);
-        new.external_endpoints.remove(0);
-        let flows = stale_udp_flows(&old, Some(&new));
-        assert_eq!(flows.len(), 1);
-        assert_eq!(flows[0].endpoint, "10.1.0.2:53".parse().unwrap());
-        assert_eq!(
-            flows[0].service_ips,
-            vec!["10.96.0.10".parse::<IpAddr>().unwrap()]
-        );
-        assert_eq!(flows[0].node_port, Some(30053));
-        assert!(stale_udp_flows(&old, Some(&old)).is_empty());
-        assert_eq!(stale_udp_flows(&old, None).len(), 2);
+    /// An `nft` stand-in that swallows its input and lists an empty ruleset.
+    /// A sync that compares every port, as after a full plan.
+    fn sync_all(backend: &mut NftablesBackend, t: &ServiceTable) -> Result<SyncStats, BackendError> {
+        backend.sync(&Plan { services: t.clone() }, &Changes::all())
     }
 
-    /// An `nft` stand-in that swallows its input and lists an empty ruleset.
     #[test]
     fn a_contested_external_ip_goes_to_one_port_then_to_the_other() {
         let mut backend = NftablesBackend::dry_run();
@@ -1918,13 +1867,13 @@ mod tests {
         let mut t = ServiceTable::default();
         t.ports.insert(a.id.clone(), a.clone());
         t.ports.insert(b.id.clone(), b.clone());
-        backend.sync(&t).unwrap();
+        sync_all(&mut backend, &t).unwrap();
         let tx = backend.last_transaction().to_string();
         assert_eq!(tx.matches(key).count(), 1, "{tx}");
         assert!(tx.contains(&format!("{key}{}", port_base_name(&a.id))), "{tx}");
         // Unchanged, but b is still waiting for the address: it is retried, and gets
         // nothing new while a holds it.
-        backend.sync(&t).unwrap();
+        sync_all(&mut backend, &t).unwrap();
         assert!(
             !backend.last_transaction().contains(key),
             "{}",
@@ -1932,7 +1881,7 @@ mod tests {
         );
         // a goes away: b gets the address in the same transaction that removes a's.
         t.ports.remove(&a.id);
-        let stats = backend.sync(&t).unwrap();
+        let stats = sync_all(&mut backend, &t).unwrap();
         let tx = backend.last_transaction().to_string();
         assert!(tx.contains(&format!("{key}{}", port_base_name(&b.id))), "{tx}");
         assert!(
@@ -1940,7 +1889,7 @@ mod tests {
             "{tx}"
         );
         assert_eq!(stats.changed_ports, 2);
-        backend.sync(&t).unwrap();
+        sync_all(&mut backend, &t).unwrap();
         assert_eq!(backend.last_transaction(), "");
     }
 
@@ -1953,7 +1902,7 @@ mod tests {
         let mut t = ServiceTable::default();
         t.settings.cluster_cidrs = vec!["10.1.0.0/16".parse().unwrap()];
         t.ports.insert(a.id.clone(), a.clone());
-        let first = backend.sync(&t).unwrap();
+        let first = sync_all(&mut backend, &t).unwrap();
         let tx = backend.last_transaction().to_string();
         assert!(
             tx.contains("add element inet ferry-proxy cluster-cidrs-v4 { 10.1.0.0/16 }"),
@@ -1963,7 +1912,7 @@ mod tests {
         // Another v4 CIDR and NodePort addresses: base only.
         t.settings.cluster_cidrs.push("10.2.0.0/16".parse().unwrap());
         t.settings.nodeport_addresses = vec!["192.168.1.0/24".parse().unwrap()];
-        let stats = backend.sync(&t).unwrap();
+        let stats = sync_all(&mut backend, &t).unwrap();
         let tx = backend.last_transaction().to_string();
         assert!(
             tx.contains("ip daddr @nodeport-ips-v4 fib daddr type local"),
@@ -1977,7 +1926,7 @@ mod tests {
         assert_eq!(stats.rules, first.rules);
         // No v4 cluster CIDR any more: the masquerade rule of every v4 chain goes.
         t.settings.cluster_cidrs = vec!["fd00::/48".parse().unwrap()];
-        let stats = backend.sync(&t).unwrap();
+        let stats = sync_all(&mut backend, &t).unwrap();
         let tx = backend.last_transaction().to_string();
         assert!(
             tx.contains(&format!(
@@ -1990,35 +1939,32 @@ mod tests {
     }
 
     #[test]
-    fn the_change_log_gives_the_same_transactions_as_a_full_comparison() {
+    fn named_changes_give_the_same_transactions_as_a_full_comparison() {
         let mut logged = NftablesBackend::dry_run();
         let mut full = NftablesBackend::dry_run();
-        let mut t = synthetic_table(300, 3, 0);
-        logged.sync(&t).unwrap();
-        full.sync(&t).unwrap();
-        t.mark_synced();
-        // Nothing logged: nothing to do, without looking at the 300 ports.
-        logged.sync(&t).unwrap();
+        let mut t = Plan {
+            services: synthetic_table(300, 3, 0),
+        };
+        logged.sync(&t, &Changes::all()).unwrap();
+        full.sync(&t, &Changes::all()).unwrap();
+        // Nothing changed: nothing to do, without looking at the 300 ports.
+        logged.sync(&t, &Changes::none()).unwrap();
         assert_eq!(logged.last_transaction(), "");
         // One port changed, one removed, one added.
-        let ids: Vec<ServicePortId> = t.ports.keys().take(2).cloned().collect();
-        t.ports.get_mut(&ids[0]).unwrap().cluster_endpoints.pop();
-        t.note_change(&ids[0]);
-        t.ports.remove(&ids[1]);
-        t.note_change(&ids[1]);
-        let added = synthetic_table(1, 3, 300);
-        for (id, p) in added.ports {
-            t.note_change(&id);
-            t.ports.insert(id, p);
-        }
-        let stats = logged.sync(&t).unwrap();
-        full.sync(&t).unwrap();
+        let ports = &mut t.services.ports;
+        let ids: Vec<ServicePortId> = ports.keys().take(2).cloned().collect();
+        ports.get_mut(&ids[0]).unwrap().cluster_endpoints.pop();
+        ports.remove(&ids[1]);
+        let added = synthetic_table(1, 3, 300).ports;
+        let changes = Changes::service_ports(ids.iter().chain(added.keys()).cloned());
+        ports.extend(added);
+        let stats = logged.sync(&t, &changes).unwrap();
+        full.sync(&t, &Changes::all()).unwrap();
         assert_eq!(stats.changed_ports, 3);
         assert_eq!(logged.last_transaction(), full.last_transaction());
         assert!(!logged.last_transaction().is_empty());
-        // A full plan (no log) is compared port by port, as before.
-        t.changed = None;
-        logged.sync(&t).unwrap();
+        // After a full plan every port is compared, as before.
+        logged.sync(&t, &Changes::all()).unwrap();
         assert_eq!(logged.last_transaction(), "");
     }
 
