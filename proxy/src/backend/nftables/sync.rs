@@ -6,11 +6,8 @@ use std::net::IpAddr;
 use std::time::Instant;
 
 use super::names::TABLE;
-use super::render::{
-    base_rules, base_sets, hairpin_element, render_base, render_port, PortObjects, RenderCtx, BASE_CHAINS,
-    FAMILIES, HELPER_CHAINS,
-};
-use super::rules::{Element, Key, SetKind};
+use super::render::{base_rules, hairpin_element, render_port, PortObjects, RenderCtx};
+use super::rules::{Element, Key};
 use super::slots::{slots_needed, Slot, SlotAllocator};
 use super::transaction::{ops_text, Op, Tx};
 use crate::backend::{Backend, BackendError, SyncStats};
@@ -33,6 +30,258 @@ struct Applied {
     hairpin: HashMap<IpAddr, usize>,
     slots: SlotAllocator,
     rules: usize,
+}
+
+/// The ports one sync looks at.
+struct Work<'t> {
+    /// Ports new or different from what was applied (or to re-render).
+    changed: Vec<&'t ServicePort>,
+    /// Ports applied and no longer in the plan.
+    removed: Vec<ServicePortId>,
+}
+
+/// A changed port rendered for this sync, in the slot it will keep.
+struct Rendered<'t> {
+    port: &'t ServicePort,
+    slot: Slot,
+    objects: PortObjects,
+    /// Elements left out because another port holds their key.
+    skipped: Vec<Element>,
+}
+
+/// A port as it was applied before this sync, and its objects.
+struct Old {
+    applied: AppliedPort,
+    objects: PortObjects,
+}
+
+impl Applied {
+    /// Writes the base layout at the first sync and when the settings change; returns
+    /// whether every port must be rendered again (the settings change what ports render).
+    fn write_base(&mut self, tx: &mut Tx, settings: &NodeSettings, first: bool) -> bool {
+        if first {
+            tx.write_base(settings);
+            self.settings = settings.clone();
+            self.rules = base_rules(settings);
+            return false;
+        }
+        if self.settings == *settings {
+            return false;
+        }
+        tx.write_base(settings);
+        let rerender = RenderCtx::of(&self.settings) != RenderCtx::of(settings);
+        self.settings = settings.clone();
+        rerender
+    }
+
+    /// Which ports to look at: those `changes` names (and the blocked ones), or all of
+    /// them when `all` (no list of changes, a first sync, every port to re-render).
+    fn select<'t>(
+        &self,
+        table: &'t ServiceTable,
+        changes: &ServiceChanges,
+        all: bool,
+        rerender: bool,
+    ) -> Work<'t> {
+        let mut work = Work {
+            changed: Vec::new(),
+            removed: Vec::new(),
+        };
+        let is_changed = |id: &ServicePortId, port: &ServicePort| match self.ports.get(id) {
+            Some(old) => old.port != *port || rerender || self.blocked.contains(id),
+            None => true,
+        };
+        match changes {
+            ServiceChanges::Ports(named) if !all => {
+                let blocked = self.blocked.iter().filter(|id| !named.contains(*id));
+                for id in named.iter().chain(blocked) {
+                    match table.ports.get(id) {
+                        Some(port) if is_changed(id, port) => work.changed.push(port),
+                        Some(_) => {}
+                        None if self.ports.contains_key(id) => work.removed.push(id.clone()),
+                        None => {}
+                    }
+                }
+            }
+            _ => {
+                work.changed.extend(
+                    table
+                        .ports
+                        .iter()
+                        .filter(|(id, p)| is_changed(id, p))
+                        .map(|(_, p)| p),
+                );
+                work.removed.extend(
+                    self.ports
+                        .keys()
+                        .filter(|id| !table.ports.contains_key(*id))
+                        .cloned(),
+                );
+            }
+        }
+        work
+    }
+
+    /// Renders the changed ports in their slots (a port keeps its slot while it fits) and
+    /// frees the slots of the removed ones.
+    fn render<'t>(&mut self, work: &Work<'t>, ctx: RenderCtx) -> Result<Vec<Rendered<'t>>, BackendError> {
+        let mut rendered = Vec::with_capacity(work.changed.len());
+        for port in &work.changed {
+            let old = self.ports.get(&port.id).map(|a| a.slot);
+            let slot = self.slots.fit(&port.id, slots_needed(port), old)?;
+            rendered.push(Rendered {
+                port,
+                slot,
+                objects: render_port(port, ctx, slot),
+                skipped: Vec::new(),
+            });
+        }
+        for id in &work.removed {
+            if let Some(old) = self.ports.get(id) {
+                self.slots.give_back(id, old.slot);
+            }
+        }
+        Ok(rendered)
+    }
+
+    /// Takes the ports that change or go out of the state, with their objects as the
+    /// kernel holds them, and releases their keys: a key moving from one port to another
+    /// in this sync is then not taken for a conflict.
+    fn release_old(&mut self, work: &Work, ctx: RenderCtx) -> HashMap<ServicePortId, Old> {
+        let mut old = HashMap::new();
+        for id in work.changed.iter().map(|p| &p.id).chain(&work.removed) {
+            if let Some(applied) = self.ports.remove(id) {
+                let objects = applied.objects(ctx);
+                for e in objects.elements.iter().filter(|e| contested(&e.map)) {
+                    self.owners.remove(&(e.map.clone(), e.key.clone()));
+                }
+                old.insert(id.clone(), Old { applied, objects });
+            }
+        }
+        old
+    }
+
+    /// Gives each rendered port the contested keys (Service addresses, NodePorts) no other
+    /// port holds; the others are left out, and the port is retried every sync until they
+    /// are free (two Services claiming one external IP and port must not fail the whole
+    /// transaction).
+    fn claim_keys(&mut self, rendered: &mut [Rendered]) {
+        for r in rendered {
+            self.blocked.remove(&r.port.id);
+            let mut kept = BTreeSet::new();
+            for e in std::mem::take(&mut r.objects.elements) {
+                if !contested(&e.map) {
+                    kept.insert(e);
+                    continue;
+                }
+                let key = (e.map.clone(), e.key.clone());
+                match self.owners.get(&key) {
+                    Some(owner) if *owner != r.port.id => {
+                        tracing::warn!(
+                            "{}: {} {} is already used by {owner}; skipped until that is resolved",
+                            r.port.id,
+                            e.map,
+                            e.key
+                        );
+                        self.blocked.insert(r.port.id.clone());
+                        r.skipped.push(e);
+                    }
+                    _ => {
+                        self.owners.insert(key, r.port.id.clone());
+                        kept.insert(e);
+                    }
+                }
+            }
+            r.objects.elements = kept;
+        }
+    }
+
+    /// Writes what differs between the old and new objects of every port that changed or
+    /// went, and the hairpin pairs that follow; returns the UDP flows the change leaves
+    /// stale (the choice is shared with every back end: [`stale_udp_flows`]).
+    fn write_diffs(
+        &mut self,
+        tx: &mut Tx,
+        rendered: &[Rendered],
+        old: &HashMap<ServicePortId, Old>,
+        removed: &[ServicePortId],
+    ) -> Vec<conntrack::UdpFlowFilter> {
+        let empty = PortObjects::default();
+        let mut hairpin = HairpinChanges::default();
+        let mut stale_udp = Vec::new();
+        for r in rendered {
+            let before = old.get(&r.port.id);
+            let old_objects = before.map_or(&empty, |o| &o.objects);
+            self.write_diff(tx, old_objects, &r.objects, &mut hairpin);
+            if let Some(before) = before {
+                stale_udp.extend(stale_udp_flows(&before.applied.port, Some(r.port)));
+            }
+        }
+        for id in removed {
+            if let Some(before) = old.get(id) {
+                self.write_diff(tx, &before.objects, &empty, &mut hairpin);
+                stale_udp.extend(stale_udp_flows(&before.applied.port, None));
+            }
+        }
+        for ip in &hairpin.add {
+            tx.add_element(&hairpin_element(*ip));
+        }
+        for ip in &hairpin.del {
+            tx.del_element(&hairpin_element(*ip));
+        }
+        stale_udp
+    }
+
+    /// One port's difference, and what it does to the hairpin pairs and the rule count.
+    fn write_diff(
+        &mut self,
+        tx: &mut Tx,
+        old: &PortObjects,
+        new: &PortObjects,
+        hairpin: &mut HairpinChanges,
+    ) {
+        tx.write_port_diff(old, new);
+        for ip in old.endpoint_ips.difference(&new.endpoint_ips) {
+            let n = self.hairpin.entry(*ip).or_default();
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.hairpin.remove(ip);
+                if !hairpin.add.remove(ip) {
+                    hairpin.del.insert(*ip);
+                }
+            }
+        }
+        for ip in new.endpoint_ips.difference(&old.endpoint_ips) {
+            let n = self.hairpin.entry(*ip).or_default();
+            *n += 1;
+            if *n == 1 && !hairpin.del.remove(ip) {
+                hairpin.add.insert(*ip);
+            }
+        }
+        self.rules = self.rules + new.rules() - old.rules();
+    }
+
+    /// Remembers the rendered ports as applied (their objects are dropped: see
+    /// [`AppliedPort`]).
+    fn keep(&mut self, rendered: Vec<Rendered>) {
+        for r in rendered {
+            self.ports.insert(
+                r.port.id.clone(),
+                AppliedPort {
+                    port: r.port.clone(),
+                    slot: r.slot,
+                    skipped: r.skipped,
+                },
+            );
+        }
+    }
+}
+
+/// Endpoint addresses whose hairpin pair comes or goes in this sync.
+#[derive(Default)]
+struct HairpinChanges {
+    add: BTreeSet<IpAddr>,
+    del: BTreeSet<IpAddr>,
 }
 
 /// What was applied for one port. Its objects are not kept (they are most of the back
@@ -158,8 +407,59 @@ impl NftablesBackend {
         })
     }
 
+    /// One sync, in the steps the module docs describe. The state is taken out for the
+    /// sync and put back only when the kernel has what it describes: a failure (here or in
+    /// the commit) leaves `state` empty, and the next sync rebuilds the table.
+    fn sync_services(
+        &mut self,
+        table: &ServiceTable,
+        changes: &ServiceChanges,
+    ) -> Result<SyncStats, BackendError> {
+        let start = Instant::now();
+        let mut tx = Tx::default();
+        let first = self.state.is_none();
+        let mut state = self.state.take().unwrap_or_default();
+        if first && self.table_exists()? {
+            tx.delete_table();
+        }
+        // What the applied objects were rendered with.
+        let old_ctx = RenderCtx::of(&state.settings);
+        let rerender_all = state.write_base(&mut tx, &table.settings, first);
+        let work = state.select(table, changes, first || rerender_all, rerender_all);
+        let changed_ports = work.changed.len() + work.removed.len();
+        let mut rendered = state.render(&work, RenderCtx::of(&table.settings))?;
+        let old = state.release_old(&work, old_ctx);
+        state.claim_keys(&mut rendered);
+        let stale_udp = state.write_diffs(&mut tx, &rendered, &old, &work.removed);
+        state.keep(rendered);
+        self.commit(tx, state)?;
+        self.clear_stale_udp_flows(&stale_udp);
+        Ok(SyncStats {
+            changed_ports,
+            rules: self.rules(),
+            apply_time: start.elapsed(),
+        })
+    }
+
+    /// Sends the transaction (if there is anything to do) and keeps `state` when it took.
+    fn commit(&mut self, tx: Tx, state: Applied) -> Result<(), BackendError> {
+        if tx.is_empty() {
+            self.last_transaction.clear();
+            self.state = Some(state);
+            return Ok(());
+        }
+        let ops = tx.into_ops();
+        let result = self.send_ops(&ops);
+        self.last_transaction = ops_text(&ops);
+        // Nothing was applied when it failed (a transaction is all or nothing): the state
+        // stays empty, so the next sync starts over from what the kernel holds.
+        result?;
+        self.state = Some(state);
+        Ok(())
+    }
+
     /// Sends `ops` as one transaction.
-    fn commit(&mut self, ops: &[Op]) -> Result<(), BackendError> {
+    fn send_ops(&mut self, ops: &[Op]) -> Result<(), BackendError> {
         if self.dry_run {
             return Ok(());
         }
@@ -170,293 +470,21 @@ impl NftablesBackend {
         self.send(&batch, "nftables transaction failed, nothing applied")
     }
 
-    /// Writes the base layout: table, base and helper chains (flushed and refilled), maps
-    /// and sets (the cluster-cidrs and nodeport-ips sets flushed and refilled: they follow
-    /// the node settings; the other maps and sets keep their elements).
-    fn write_base(tx: &mut Tx, settings: &NodeSettings) {
-        let h = &mut tx.head;
-        h.push(Op::AddTable);
-        for (name, kind, hook, prio) in BASE_CHAINS {
-            h.push(Op::AddChain(name.into(), Some((kind, hook, prio))));
+    /// Deletes the conntrack entries of UDP flows to endpoints that went away, once the
+    /// rules that no longer lead there are in the kernel. A failure is only logged: the
+    /// rules are right, and the flows end when their entries time out.
+    fn clear_stale_udp_flows(&mut self, flows: &[conntrack::UdpFlowFilter]) {
+        if !self.conntrack || flows.is_empty() {
+            return;
         }
-        for name in HELPER_CHAINS {
-            h.push(Op::AddChain(name.into(), None));
-        }
-        for f in FAMILIES {
-            for set in base_sets(f) {
-                let flush = matches!(set.kind, SetKind::Cidrs(_));
-                h.push(Op::AddSet(set.clone()));
-                if flush {
-                    h.push(Op::FlushSet(set));
-                }
-            }
-        }
-        let (chains, elements) = render_base(settings);
-        for (name, rules) in &chains {
-            tx.fill_chain(name, rules, true);
-        }
-        for e in &elements {
-            tx.add_element(e);
-        }
-        tx.commands += 1;
-    }
-
-    fn sync_inner(
-        &mut self,
-        table: &ServiceTable,
-        changes: &ServiceChanges,
-    ) -> Result<SyncStats, BackendError> {
-        let start = Instant::now();
-        let ctx = RenderCtx::of(&table.settings);
-        let mut tx = Tx::default();
-        let first = self.state.is_none();
-        let mut state = self.state.take().unwrap_or_default();
-        // What the applied objects were rendered with.
-        let old_ctx = RenderCtx::of(&state.settings);
-
-        if first {
-            // Whatever an earlier run left is replaced in the same transaction (see
-            // "Restart" in the module docs).
-            if self.table_exists()? {
-                tx.head.push(Op::DelTable);
-            }
-            Self::write_base(&mut tx, &table.settings);
-            state.settings = table.settings.clone();
-            state.rules = base_rules(&table.settings);
-        }
-        let settings_changed = !first && state.settings != table.settings;
-        let ctx_changed = settings_changed && RenderCtx::of(&state.settings) != ctx;
-        if settings_changed {
-            Self::write_base(&mut tx, &table.settings);
-            state.settings = table.settings.clone();
-        }
-
-        // Which ports to look at: those the table's change log names (and the blocked ones),
-        // or all of them when there is no log or everything must be re-rendered.
-        let mut changed: Vec<&ServicePort> = Vec::new();
-        let mut removed: Vec<ServicePortId> = Vec::new();
-        let is_changed = |id: &ServicePortId, port: &ServicePort| match state.ports.get(id) {
-            Some(old) => old.port != *port || ctx_changed || state.blocked.contains(id),
-            None => true,
+        let ct = match self.ct.take() {
+            Some(ct) => Ok(ct),
+            None => conntrack::Conntrack::open(),
         };
-        match changes {
-            ServiceChanges::Ports(log) if !first && !ctx_changed => {
-                for id in log
-                    .iter()
-                    .chain(state.blocked.iter().filter(|id| !log.contains(*id)))
-                {
-                    match table.ports.get(id) {
-                        Some(port) if is_changed(id, port) => changed.push(port),
-                        Some(_) => {}
-                        None if state.ports.contains_key(id) => removed.push(id.clone()),
-                        None => {}
-                    }
-                }
-            }
-            _ => {
-                changed.extend(
-                    table
-                        .ports
-                        .iter()
-                        .filter(|(id, p)| is_changed(id, p))
-                        .map(|(_, p)| p),
-                );
-                removed.extend(
-                    state
-                        .ports
-                        .keys()
-                        .filter(|id| !table.ports.contains_key(*id))
-                        .cloned(),
-                );
-            }
+        match ct.and_then(|mut ct| ct.delete_udp_flows(flows).map(|_| ct)) {
+            Ok(ct) => self.ct = Some(ct),
+            Err(e) => tracing::warn!("clearing conntrack entries of removed UDP endpoints: {e}"),
         }
-        let changed_ports = changed.len() + removed.len();
-
-        // Render the changed ports; release the keys of everything that changes first, so a
-        // key moving from one port to another in this sync is not taken for a conflict.
-        let mut rendered: Vec<(&ServicePort, Slot, PortObjects)> = Vec::with_capacity(changed.len());
-        for p in &changed {
-            let old = state.ports.get(&p.id).map(|a| a.slot);
-            let slot = state.slots.fit(&p.id, slots_needed(p), old)?;
-            rendered.push((*p, slot, render_port(p, ctx, slot)));
-        }
-        for id in &removed {
-            if let Some(old) = state.ports.get(id) {
-                state.slots.give_back(id, old.slot);
-            }
-        }
-        let mut stale_udp: Vec<conntrack::UdpFlowFilter> = Vec::new();
-        let mut olds: HashMap<ServicePortId, (AppliedPort, PortObjects)> = HashMap::new();
-        for id in changed.iter().map(|p| &p.id).chain(&removed) {
-            if let Some(old) = state.ports.remove(id) {
-                let objects = old.objects(old_ctx);
-                for e in objects.elements.iter().filter(|e| contested(&e.map)) {
-                    state.owners.remove(&(e.map.clone(), e.key.clone()));
-                }
-                olds.insert(id.clone(), (old, objects));
-            }
-        }
-        let mut skipped: HashMap<ServicePortId, Vec<Element>> = HashMap::new();
-        for (port, _, objects) in &mut rendered {
-            state.blocked.remove(&port.id);
-            let mut kept = BTreeSet::new();
-            for e in std::mem::take(&mut objects.elements) {
-                if !contested(&e.map) {
-                    kept.insert(e);
-                    continue;
-                }
-                let key = (e.map.clone(), e.key.clone());
-                match state.owners.get(&key) {
-                    Some(owner) if *owner != port.id => {
-                        tracing::warn!(
-                            "{}: {} {} is already used by {owner}; skipped until that is resolved",
-                            port.id,
-                            e.map,
-                            e.key
-                        );
-                        state.blocked.insert(port.id.clone());
-                        skipped.entry(port.id.clone()).or_default().push(e);
-                    }
-                    _ => {
-                        state.owners.insert(key, port.id.clone());
-                        kept.insert(e);
-                    }
-                }
-            }
-            objects.elements = kept;
-        }
-
-        let empty = PortObjects::default();
-        let mut hairpin_add: BTreeSet<IpAddr> = BTreeSet::new();
-        let mut hairpin_del: BTreeSet<IpAddr> = BTreeSet::new();
-        let mut diff = |tx: &mut Tx, old: &PortObjects, new: &PortObjects, state: &mut Applied| {
-            for (name, decl) in &new.sets {
-                if !old.sets.contains_key(name) {
-                    tx.add_sets.push(Op::AddSet(decl.clone()));
-                    tx.commands += 1;
-                }
-            }
-            for (name, rules) in &new.chains {
-                match old.chains.get(name) {
-                    None => {
-                        tx.add_chains.push(Op::AddChain(name.clone(), None));
-                        tx.commands += 1;
-                        tx.fill_new_chain(name, rules);
-                    }
-                    Some(old_rules) if old_rules != rules => tx.fill_chain(name, rules, true),
-                    Some(_) => {}
-                }
-            }
-            for e in &old.elements {
-                if !new.elements.contains(e) {
-                    tx.del_element(e);
-                }
-            }
-            for e in &new.elements {
-                if !old.elements.contains(e) {
-                    tx.add_element(e);
-                }
-            }
-            for name in old.chains.keys() {
-                if !new.chains.contains_key(name) {
-                    tx.del_chains.push(name.clone());
-                    tx.commands += 1;
-                }
-            }
-            for name in old.sets.keys() {
-                if !new.sets.contains_key(name) {
-                    tx.del_sets.push(Op::DelSet(name.clone()));
-                    tx.commands += 1;
-                }
-            }
-            for ip in old.endpoint_ips.difference(&new.endpoint_ips) {
-                let n = state.hairpin.entry(*ip).or_default();
-                *n = n.saturating_sub(1);
-                if *n == 0 {
-                    state.hairpin.remove(ip);
-                    if !hairpin_add.remove(ip) {
-                        hairpin_del.insert(*ip);
-                    }
-                }
-            }
-            for ip in new.endpoint_ips.difference(&old.endpoint_ips) {
-                let n = state.hairpin.entry(*ip).or_default();
-                *n += 1;
-                if *n == 1 && !hairpin_del.remove(ip) {
-                    hairpin_add.insert(*ip);
-                }
-            }
-            state.rules = state.rules + new.rules() - old.rules();
-        };
-
-        for (port, _, objects) in &rendered {
-            let old = olds.get(&port.id);
-            diff(&mut tx, old.map_or(&empty, |(_, o)| o), objects, &mut state);
-            if let Some((old, _)) = old {
-                stale_udp.extend(stale_udp_flows(&old.port, Some(port)));
-            }
-        }
-        for id in &removed {
-            if let Some((old, objects)) = olds.get(id) {
-                diff(&mut tx, objects, &empty, &mut state);
-                stale_udp.extend(stale_udp_flows(&old.port, None));
-            }
-        }
-        for ip in &hairpin_add {
-            tx.add_element(&hairpin_element(*ip));
-        }
-        for ip in &hairpin_del {
-            tx.del_element(&hairpin_element(*ip));
-        }
-        for (port, slot, _) in rendered {
-            state.ports.insert(
-                port.id.clone(),
-                AppliedPort {
-                    port: port.clone(),
-                    slot,
-                    skipped: skipped.remove(&port.id).unwrap_or_default(),
-                },
-            );
-        }
-
-        if tx.is_empty() {
-            self.last_transaction.clear();
-            self.state = Some(state);
-            return Ok(SyncStats {
-                changed_ports,
-                rules: self.rules(),
-                apply_time: start.elapsed(),
-            });
-        }
-        let ops = tx.into_ops();
-        let result = self.commit(&ops);
-        self.last_transaction = ops_text(&ops);
-        match result {
-            Ok(_) => {
-                self.state = Some(state);
-            }
-            Err(e) => {
-                // Nothing was applied (a transaction is all or nothing); start over from
-                // what the kernel holds next time.
-                self.state = None;
-                return Err(e);
-            }
-        }
-        if self.conntrack && !stale_udp.is_empty() {
-            let ct = match self.ct.take() {
-                Some(ct) => Ok(ct),
-                None => conntrack::Conntrack::open(),
-            };
-            match ct.and_then(|mut ct| ct.delete_udp_flows(&stale_udp).map(|_| ct)) {
-                Ok(ct) => self.ct = Some(ct),
-                Err(e) => tracing::warn!("clearing conntrack entries of removed UDP endpoints: {e}"),
-            }
-        }
-        Ok(SyncStats {
-            changed_ports,
-            rules: self.rules(),
-            apply_time: start.elapsed(),
-        })
     }
 
     fn rules(&self) -> usize {
@@ -466,7 +494,7 @@ impl NftablesBackend {
 
 impl Backend for NftablesBackend {
     fn sync(&mut self, plan: &Plan, changes: &Changes) -> Result<SyncStats, BackendError> {
-        self.sync_inner(&plan.services, &changes.services)
+        self.sync_services(&plan.services, &changes.services)
     }
 
     fn cleanup(&mut self) -> Result<(), BackendError> {

@@ -6,8 +6,10 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use super::names::{PORT_CHAIN_PREFIXES, T};
-use super::rules::{Element, Rule, SetDecl};
+use super::render::{base_sets, render_base, PortObjects, BASE_CHAINS, FAMILIES, HELPER_CHAINS};
+use super::rules::{Element, Rule, SetDecl, SetKind};
 use crate::nft;
+use crate::plan::NodeSettings;
 
 /// One step of a transaction.
 #[derive(Debug)]
@@ -110,16 +112,16 @@ impl Op {
 /// docs.
 #[derive(Default)]
 pub(super) struct Tx {
-    pub(super) head: Vec<Op>,
-    pub(super) add_sets: Vec<Op>,
-    pub(super) add_chains: Vec<Op>,
-    pub(super) new_rules: Vec<Op>,
-    pub(super) del_elements: BTreeMap<String, Vec<Element>>,
-    pub(super) fill: Vec<Op>,
-    pub(super) add_elements: BTreeMap<String, Vec<Element>>,
-    pub(super) del_chains: Vec<String>,
-    pub(super) del_sets: Vec<Op>,
-    pub(super) commands: usize,
+    head: Vec<Op>,
+    add_sets: Vec<Op>,
+    add_chains: Vec<Op>,
+    new_rules: Vec<Op>,
+    del_elements: BTreeMap<String, Vec<Element>>,
+    fill: Vec<Op>,
+    add_elements: BTreeMap<String, Vec<Element>>,
+    del_chains: Vec<String>,
+    del_sets: Vec<Op>,
+    commands: usize,
 }
 
 impl Tx {
@@ -127,7 +129,84 @@ impl Tx {
         self.commands == 0
     }
 
-    pub(super) fn fill_chain(&mut self, name: &str, rules: &[Rule], flush: bool) {
+    /// Deletes what an earlier run left, before anything else (see "Restart").
+    pub(super) fn delete_table(&mut self) {
+        self.head.push(Op::DelTable);
+        self.commands += 1;
+    }
+
+    /// Writes the base layout: table, base and helper chains (flushed and refilled), maps
+    /// and sets (the cluster-cidrs and nodeport-ips sets flushed and refilled: they follow
+    /// the node settings; the other maps and sets keep their elements).
+    pub(super) fn write_base(&mut self, settings: &NodeSettings) {
+        let h = &mut self.head;
+        h.push(Op::AddTable);
+        for (name, kind, hook, prio) in BASE_CHAINS {
+            h.push(Op::AddChain(name.into(), Some((kind, hook, prio))));
+        }
+        for name in HELPER_CHAINS {
+            h.push(Op::AddChain(name.into(), None));
+        }
+        for f in FAMILIES {
+            for set in base_sets(f) {
+                let flush = matches!(set.kind, SetKind::Cidrs(_));
+                h.push(Op::AddSet(set.clone()));
+                if flush {
+                    h.push(Op::FlushSet(set));
+                }
+            }
+        }
+        let (chains, elements) = render_base(settings);
+        for (name, rules) in &chains {
+            self.fill_chain(name, rules, true);
+        }
+        for e in &elements {
+            self.add_element(e);
+        }
+        self.commands += 1;
+    }
+
+    /// Turns a port's objects from `old` into `new` (either empty for a port that comes
+    /// or goes): only what differs is written.
+    pub(super) fn write_port_diff(&mut self, old: &PortObjects, new: &PortObjects) {
+        for (name, decl) in &new.sets {
+            if !old.sets.contains_key(name) {
+                self.add_sets.push(Op::AddSet(decl.clone()));
+                self.commands += 1;
+            }
+        }
+        for (name, rules) in &new.chains {
+            match old.chains.get(name) {
+                None => {
+                    self.add_chains.push(Op::AddChain(name.clone(), None));
+                    self.commands += 1;
+                    self.fill_new_chain(name, rules);
+                }
+                Some(old_rules) if old_rules != rules => self.fill_chain(name, rules, true),
+                Some(_) => {}
+            }
+        }
+        for e in old.elements.difference(&new.elements) {
+            self.del_element(e);
+        }
+        for e in new.elements.difference(&old.elements) {
+            self.add_element(e);
+        }
+        for name in old.chains.keys() {
+            if !new.chains.contains_key(name) {
+                self.del_chains.push(name.clone());
+                self.commands += 1;
+            }
+        }
+        for name in old.sets.keys() {
+            if !new.sets.contains_key(name) {
+                self.del_sets.push(Op::DelSet(name.clone()));
+                self.commands += 1;
+            }
+        }
+    }
+
+    fn fill_chain(&mut self, name: &str, rules: &[Rule], flush: bool) {
         if flush {
             self.fill.push(Op::FlushChain(name.to_string()));
             self.commands += 1;
@@ -138,7 +217,7 @@ impl Tx {
         }
     }
 
-    pub(super) fn fill_new_chain(&mut self, name: &str, rules: &[Rule]) {
+    fn fill_new_chain(&mut self, name: &str, rules: &[Rule]) {
         for r in rules {
             self.new_rules.push(Op::AddRule(name.to_string(), r.clone()));
             self.commands += 1;
