@@ -1282,6 +1282,110 @@ mod tests {
         }
     }
 
+    /// One random burst of one to three store events (the same mix as above).
+    fn random_burst(rng: &mut Rng, store: &mut Store) {
+        for _ in 0..=rng.below(3) {
+            let event = match rng.below(10) {
+                0..=2 => Event::Upsert(random_service(rng)),
+                3..=5 => Event::Upsert(random_slice(rng)),
+                6 => Event::Delete(random_service(rng)),
+                7 => Event::Delete(random_slice(rng)),
+                8 => Event::Snapshot {
+                    kinds: vec![Kind::Service],
+                    objects: (0..rng.below(5)).map(|_| random_service(rng)).collect(),
+                },
+                _ => Event::Snapshot {
+                    kinds: vec![Kind::EndpointSlice],
+                    objects: (0..rng.below(8)).map(|_| random_slice(rng)).collect(),
+                },
+            };
+            store.apply(event);
+        }
+    }
+
+    /// The ports whose value differs between two tables, worked out here on its own (not
+    /// with [`changes::diff_ports`]): ids in either table, compared one by one.
+    fn differing_ports(a: &ServiceTable, b: &ServiceTable) -> BTreeSet<ServicePortId> {
+        a.ports
+            .keys()
+            .chain(b.ports.keys())
+            .filter(|id| a.ports.get(*id) != b.ports.get(*id))
+            .cloned()
+            .collect()
+    }
+
+    /// The change tracker as the sync loop drives it, over random plans: syncs that fail
+    /// (their changes given back) and periodic full re-plans mixed in. For every pair of
+    /// plans a back end can be handed (the last one it applied, the current one), every
+    /// port that differs between them is among the changes; and each re-plan names exactly
+    /// the ports it changed.
+    #[test]
+    fn every_port_that_differs_from_the_last_synced_plan_is_a_change() {
+        use crate::changes::{ChangeTracker, Changes};
+        let mut differing_pairs = 0;
+        for seed in 1..=20u64 {
+            let mut rng = Rng(seed.wrapping_mul(0xd1b5_4a32_d192_ed03) | 1);
+            let mut store = Store::new();
+            let mut table = ServiceTable {
+                settings: settings(),
+                ports: BTreeMap::new(),
+            };
+            let mut tracker = ChangeTracker::new();
+            // What the back end last applied: nothing yet.
+            let mut synced = table.clone();
+            // No sync has succeeded yet: the first changes are "all".
+            let mut last_failed = true;
+            for step in 0..300 {
+                random_burst(&mut rng, &mut store);
+                let dirty = store.take_dirty();
+                let full = rng.chance(5);
+                if full {
+                    table = plan(&store, &settings());
+                    tracker.all_services();
+                } else {
+                    let before = table.clone();
+                    let changed = plan_services(&mut table, &store, &dirty);
+                    assert_eq!(
+                        changed,
+                        differing_ports(&before, &table),
+                        "seed {seed}, step {step}: the re-plan names exactly what it changed"
+                    );
+                    tracker.service_ports(changed);
+                }
+                assert_eq!(table, plan(&store, &settings()), "seed {seed}, step {step}");
+
+                let changes = tracker.take();
+                let differing = differing_ports(&synced, &table);
+                differing_pairs += usize::from(!differing.is_empty());
+                for id in &differing {
+                    assert!(
+                        changes.services.contains(id),
+                        "seed {seed}, step {step}: {id} differs from the last synced plan but is not among the changes {:?}",
+                        changes.services
+                    );
+                }
+                // Right after a successful sync, an incremental re-plan's changes are exact.
+                // (After a failure they may also name a port that changed and came back:
+                // that costs the back end one comparison.)
+                if !last_failed && !full {
+                    assert_eq!(
+                        changes,
+                        Changes::service_ports(differing),
+                        "seed {seed}, step {step}"
+                    );
+                }
+                last_failed = rng.chance(25);
+                if last_failed {
+                    tracker.give_back(changes);
+                } else {
+                    synced = table.clone();
+                }
+            }
+        }
+        // The generator must make the property bite: plans that differ, often.
+        assert!(differing_pairs > 1000, "only {differing_pairs} differing pairs");
+    }
+
     #[test]
     fn one_change_among_ten_thousand_plans_one_service() {
         let mut objects = Vec::new();
