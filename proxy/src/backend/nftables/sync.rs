@@ -117,6 +117,9 @@ impl Applied {
                         .filter(|id| !table.ports.contains_key(*id))
                         .cloned(),
                 );
+                // In id order, as when the changes name them: the same plan gives the same
+                // transaction text, whichever way the ports were selected.
+                work.removed.sort_unstable();
             }
         }
         work
@@ -517,7 +520,8 @@ mod tests {
     use crate::backend::nftables::names::port_base_name;
     use crate::backend::nftables::render::tests::{ep, port};
     use crate::backend::nftables::synthetic_table;
-    use crate::plan::Family;
+    use crate::plan::{Endpoint, Family, Protocol};
+    use std::net::IpAddr;
 
     /// A sync that compares every port, as after a full plan.
     fn sync_all(backend: &mut NftablesBackend, t: &ServiceTable) -> Result<SyncStats, BackendError> {
@@ -638,5 +642,120 @@ mod tests {
         // After a full plan every port is compared, as before.
         logged.sync(&t, &Changes::all()).unwrap();
         assert_eq!(logged.last_transaction(), "");
+    }
+
+    /// A deterministic generator (xorshift64*): variety, and the same failure every run.
+    struct Rng(u64);
+
+    impl Rng {
+        fn below(&mut self, n: u64) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) % n
+        }
+        fn chance(&mut self, percent: u64) -> bool {
+            self.below(100) < percent
+        }
+    }
+
+    /// Port `i` of a random shape: UDP or TCP, either family, endpoints that come and go
+    /// (local or not), a NodePort, an external IP, session affinity, traffic policies.
+    /// Addresses and NodePorts are the port's own, so no two ports contest a key.
+    fn random_port(rng: &mut Rng, i: u8) -> ServicePort {
+        let family = if rng.chance(30) { Family::V6 } else { Family::V4 };
+        let mut p = port(&format!("svc-{i}"), family);
+        p.id.protocol = if rng.chance(40) {
+            Protocol::Udp
+        } else {
+            Protocol::Tcp
+        };
+        let addr = |net: u8, host: u64| -> IpAddr {
+            match family {
+                Family::V4 => IpAddr::from([10, net, i, host as u8]),
+                Family::V6 => IpAddr::from([0xfd00, u16::from(net), u16::from(i), 0, 0, 0, 0, host as u16]),
+            }
+        };
+        p.cluster_ip = Some(addr(96, 1));
+        if rng.chance(40) {
+            p.node_port = Some(30000 + u16::from(i));
+        }
+        if rng.chance(30) {
+            p.external_ips = vec![addr(200, 1)];
+        }
+        if rng.chance(20) {
+            p.affinity_seconds = Some(60 + rng.below(3) as u32);
+        }
+        p.internal_local = rng.chance(20);
+        p.external_local = rng.chance(30);
+        let mut endpoints: Vec<Endpoint> = (0..rng.below(6))
+            .map(|_| Endpoint {
+                is_local: rng.chance(50),
+                ..ep(&addr(244, 2 + rng.below(8)).to_string(), 8080)
+            })
+            .collect();
+        endpoints.sort();
+        endpoints.dedup_by_key(|e| e.ip);
+        let local: Vec<Endpoint> = endpoints.iter().filter(|e| e.is_local).cloned().collect();
+        let pick = |only_local: bool| {
+            if only_local {
+                local.clone()
+            } else {
+                endpoints.clone()
+            }
+        };
+        p.cluster_endpoints = pick(p.internal_local);
+        p.external_endpoints = pick(p.external_local);
+        if p.internal_local && p.external_local {
+            p.short_circuit_endpoints = endpoints.clone();
+        }
+        p
+    }
+
+    /// Random pairs of plans, the second a random edit of the first: a back end told only
+    /// the ports that differ ([`crate::changes::diff_ports`], what the change tracker
+    /// collects) sends exactly the transactions of one that compares every port.
+    #[test]
+    fn the_differing_ports_are_all_a_back_end_needs_to_see() {
+        use crate::changes::diff_ports;
+        for seed in 1..=10u64 {
+            let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+            let mut named = NftablesBackend::dry_run();
+            let mut compared = NftablesBackend::dry_run();
+            let mut plan = Plan::default();
+            plan.services.settings.cluster_cidrs = vec!["10.244.0.0/16".parse().unwrap()];
+            for step in 0..150 {
+                let mut next = plan.clone();
+                for _ in 0..=rng.below(4) {
+                    let i = rng.below(12) as u8;
+                    let p = random_port(&mut rng, i);
+                    next.services.ports.retain(|id, _| id.name != p.id.name);
+                    if rng.chance(80) {
+                        next.services.ports.insert(p.id.clone(), p);
+                    }
+                }
+                let changes = Changes::service_ports(diff_ports(
+                    plan.services.ports.values(),
+                    next.services.ports.values(),
+                ));
+                let stats = named.sync(&next, &changes).unwrap();
+                let expected = compared.sync(&next, &Changes::all()).unwrap();
+                assert_eq!(
+                    named.last_transaction(),
+                    compared.last_transaction(),
+                    "seed {seed}, step {step}"
+                );
+                assert_eq!(
+                    (stats.changed_ports, stats.rules),
+                    (expected.changed_ports, expected.rules),
+                    "seed {seed}, step {step}"
+                );
+                plan = next;
+            }
+            assert!(
+                plan.services.ports.len() > 3,
+                "seed {seed}: the plans stayed small"
+            );
+        }
     }
 }
