@@ -106,8 +106,8 @@
 //!   endpoint.
 //! - The `nft` program itself: at 10k Services, parsing the text cost 1.35 s of a 2.2 s
 //!   full sync, and each change paid nft's start and its cache fetch. So the back end
-//!   speaks netlink ([`crate::nft`]): the transaction is built as data ([`rules`]: each
-//!   rule, element and set knows its nft text and its kernel expressions) and sent as one
+//!   speaks netlink ([`crate::nft`]): the transaction is built as data (`rules` and
+//!   `elements`: each rule, element and set knows its nft text and its kernel expressions) and sent as one
 //!   nfnetlink batch. The text is still kept (`last_transaction`) for logs and tests; it is
 //!   valid `nft -f` input, and a test applies it through nft beside the netlink batch and
 //!   compares the two tables. Every name is built from `[A-Za-z0-9_./-]` and starts with a
@@ -171,7 +171,8 @@
 //! - `sync`: the [`NftablesBackend`], what it applied, and each sync as named steps;
 //! - `slots`: which keys of which endpoint map a port's endpoints use;
 //! - `render`: a Service port as chains, rules, sets and elements, and the base layout;
-//! - `rules`: those objects as data, each knowing its nft text and its kernel expressions;
+//! - `rules`, `elements`: those objects as data, each knowing its nft text and what goes
+//!   to the kernel;
 //! - `transaction`: the steps of one transaction in the kernel's order;
 //! - `names`: every name in the table, derived from the port's identity.
 //!
@@ -191,6 +192,7 @@ use std::net::IpAddr;
 
 use crate::plan::{Endpoint, Family, NodeSettings, Protocol, ServicePort, ServicePortId, ServiceTable};
 
+mod elements;
 mod names;
 mod render;
 mod rules;

@@ -8,8 +8,9 @@ use std::net::{IpAddr, SocketAddr};
 
 use ipnetwork::IpNetwork;
 
+use super::elements::{Element, Key, SetDecl, SetKind, Value};
 use super::names::{affinity_set_name, endpoint_map, port_base_name};
-use super::rules::{fam, Element, Key, Rule, SetDecl, SetKind, Value};
+use super::rules::{fam, Rule};
 use super::slots::{Slot, ENDPOINT_MAPS};
 use crate::plan::{Endpoint, Family, NodeSettings, Protocol, ServicePort};
 

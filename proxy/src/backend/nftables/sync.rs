@@ -5,9 +5,9 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
 use std::time::Instant;
 
+use super::elements::{Element, Key};
 use super::names::TABLE;
 use super::render::{base_rules, hairpin_element, render_port, PortObjects, RenderCtx};
-use super::rules::{Element, Key};
 use super::slots::{slots_needed, Slot, SlotAllocator};
 use super::transaction::{ops_text, Op, Tx};
 use crate::backend::{Backend, BackendError, SyncStats};

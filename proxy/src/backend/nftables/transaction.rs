@@ -5,9 +5,10 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
+use super::elements::{Element, SetDecl, SetKind};
 use super::names::{PORT_CHAIN_PREFIXES, T};
 use super::render::{base_sets, render_base, PortObjects, BASE_CHAINS, FAMILIES, HELPER_CHAINS};
-use super::rules::{Element, Rule, SetDecl, SetKind};
+use super::rules::Rule;
 use crate::nft;
 use crate::plan::NodeSettings;
 
