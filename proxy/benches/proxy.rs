@@ -34,8 +34,9 @@ use std::time::{Duration, Instant};
 
 use ferry_proxy::backend::nftables::{NftablesBackend, TABLE};
 use ferry_proxy::backend::Backend;
+use ferry_proxy::changes::Changes;
 use ferry_proxy::plan::services::{plan, plan_services};
-use ferry_proxy::plan::NodeSettings;
+use ferry_proxy::plan::{NodeSettings, Plan};
 use ferry_proxy::source::{Event, Kind, Object};
 use ferry_proxy::store::Store;
 use ferry_tests::bench::env_usize;
@@ -279,19 +280,24 @@ fn sync_size(n: usize, reps: usize, changes: usize) -> SizeReport {
 
             let mut backend = NftablesBackend::new();
             let start = Instant::now();
-            let mut table = plan(&store, &settings);
+            let mut current = Plan {
+                services: plan(&store, &settings),
+            };
             let planned = start.elapsed();
             let stats = backend
-                .sync(&table)
+                .sync(&current, &Changes::all())
                 .unwrap_or_else(|e| panic!("full sync of {n} Services failed: {e}"));
             let total = start.elapsed();
-            table.mark_synced();
             report.full.push(Timing {
                 plan: planned,
                 apply: total - planned,
                 total,
             });
-            assert_eq!(table.ports.len(), n, "the plan must hold every generated Service");
+            assert_eq!(
+                current.services.ports.len(),
+                n,
+                "the plan must hold every generated Service"
+            );
             if last {
                 report.rules = stats.rules;
                 report.listed_rules = listed_rules();
@@ -304,13 +310,12 @@ fn sync_size(n: usize, reps: usize, changes: usize) -> SizeReport {
                     store.apply(Event::Upsert(object));
                 }
                 let dirty = store.take_dirty();
-                plan_services(&mut table, &store, &dirty);
+                let changed = plan_services(&mut current.services, &store, &dirty);
                 let planned = start.elapsed();
                 let stats = backend
-                    .sync(&table)
+                    .sync(&current, &Changes::service_ports(changed))
                     .unwrap_or_else(|e| panic!("{what} failed: {e}"));
                 let total = start.elapsed();
-                table.mark_synced();
                 assert_eq!(stats.changed_ports, 1, "{what} must change one Service port");
                 Timing {
                     plan: planned,
@@ -329,9 +334,11 @@ fn sync_size(n: usize, reps: usize, changes: usize) -> SizeReport {
             // The periodic resync: everything re-planned, nothing to send.
             for _ in 0..changes.min(5) {
                 let start = Instant::now();
-                let replanned = plan(&store, &settings);
+                let replanned = Plan {
+                    services: plan(&store, &settings),
+                };
                 let planned = start.elapsed();
-                let stats = backend.sync(&replanned).expect("resync");
+                let stats = backend.sync(&replanned, &Changes::all()).expect("resync");
                 let total = start.elapsed();
                 assert_eq!(stats.changed_ports, 0);
                 assert_eq!(backend.last_transaction(), "", "nothing changed, nothing sent");
@@ -518,10 +525,12 @@ fn latency_node(services: usize) -> LatencyNode {
     node.netns().run(|| {
         let mut store = Store::new();
         store.apply(snapshot(objs));
-        let table = plan(&store, &settings);
-        assert_eq!(table.ports.len(), services);
+        let table = Plan {
+            services: plan(&store, &settings),
+        };
+        assert_eq!(table.services.ports.len(), services);
         NftablesBackend::new()
-            .sync(&table)
+            .sync(&table, &Changes::all())
             .unwrap_or_else(|e| panic!("sync of {services} Services failed: {e}"));
     });
     let server = server_pod.tcp_server(SocketAddr::new(server_ip, 8080));

@@ -211,7 +211,6 @@ mod tests {
                 nodeport_addresses: vec![],
             },
             ports: [port, v6].into_iter().map(|p| (p.id.clone(), p)).collect(),
-            changed: None,
         }
     }
 

@@ -906,7 +906,6 @@ mod tests {
                 nodeport_addresses: vec!["127.0.0.0/8".parse().unwrap(), "::1/128".parse().unwrap()],
             },
             ports: ports.into_iter().map(|p| (p.id.clone(), p)).collect(),
-            changed: None,
         }
     }
 

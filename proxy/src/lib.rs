@@ -13,6 +13,8 @@ pub mod metrics;
 /// back end's `crate::nft::...` paths stay as they are.
 pub use ferry_nft as nft;
 pub mod plan;
+// Between the plans and the back ends: what changed, for every back end.
+pub mod changes;
 pub mod run;
 pub mod source;
 pub mod store;

@@ -1,12 +1,15 @@
 //! The sync loop: source events -> store -> plan (only the Services that changed) ->
 //! back end.
 //!
-//! One task owns the store and the current [`ServiceTable`]. It waits for events, drains
-//! every event already queued (a burst of changes is one sync), re-plans the dirty
-//! Services and hands the table to the back end, which runs on a thread of its own (it
-//! blocks on `nft` and netlink, and need not be `Send`). A failed sync is retried with
-//! exponential backoff while events keep being applied; a periodic resync re-plans
-//! everything from the store and lets the back end converge whatever drifted.
+//! One task owns the store, the current [`Plan`] and the [`ChangeTracker`]. It waits for
+//! events, drains every event already queued (a burst of changes is one sync), re-plans the
+//! dirty Services, notes which ports that changed, and hands the plan and those changes to
+//! the back end, which runs on a thread of its own (it blocks on netlink, and need not be
+//! `Send`). A failed sync is retried with exponential backoff while events keep being
+//! applied, unless the back end says a retry cannot help: then the loop stops, leaving the
+//! rules in place, so the process exits and is restarted (a restart rebuilds the table
+//! from scratch). A periodic resync re-plans everything from the store and lets the back
+//! end compare every port with what it applied.
 //!
 //! Nothing is programmed before the source has delivered a complete picture (a snapshot
 //! of Services and of EndpointSlices): a proxy that restarts must not replace good rules
@@ -20,9 +23,10 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, info, warn};
 
 use crate::backend::{Backend, BackendError, SyncStats};
+use crate::changes::{ChangeTracker, Changes};
 use crate::metrics::Metrics;
 use crate::plan::services::{plan, plan_services};
-use crate::plan::{NodeSettings, ServiceTable};
+use crate::plan::{NodeSettings, Plan, ServiceTable};
 use crate::source::{Event, Kind};
 use crate::store::Store;
 
@@ -55,17 +59,61 @@ impl LoopConfig {
 /// from (health check node ports follow the table; `/healthz` follows this node's Node).
 pub type OnSynced = Box<dyn FnMut(&ServiceTable, &Store) + Send>;
 
-/// Why the loop stopped on its own.
+/// Why the loop (or [`read_store`], or starting the back end) stopped on its own.
 #[derive(Debug)]
-pub struct RunError(pub String);
+pub enum RunError {
+    /// The back end's thread could not be started.
+    BackendThread(std::io::Error),
+    /// The back end's thread stopped: it panicked (the log says where).
+    BackendGone,
+    /// The back end could not be made, or failed in a way a retry cannot help.
+    Backend(BackendError),
+    /// The source delivered no complete list of the objects within this time.
+    SourceTimeout(Duration),
+    /// The source stopped before listing everything.
+    SourceStopped,
+    /// The source failed (its message says why).
+    Source(String),
+}
 
-impl std::fmt::Display for RunError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
+impl RunError {
+    /// Whether starting again (the loop, `dump`) may succeed: yes when the back end's error
+    /// was transient or the source was slow or failing; no when a thread died or the
+    /// back end's error needs a person.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            RunError::BackendThread(_) | RunError::SourceTimeout(_) | RunError::Source(_) => true,
+            RunError::Backend(e) => e.is_retryable(),
+            RunError::BackendGone | RunError::SourceStopped => false,
+        }
     }
 }
 
-impl std::error::Error for RunError {}
+impl std::fmt::Display for RunError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RunError::BackendThread(e) => write!(f, "cannot start the back end thread: {e}"),
+            RunError::BackendGone => {
+                f.write_str("the back end thread stopped (it panicked; see the log above)")
+            }
+            RunError::Backend(e) if e.is_retryable() => write!(f, "back end: {e}"),
+            RunError::Backend(e) => write!(f, "back end: {e} (a retry cannot help)"),
+            RunError::SourceTimeout(t) => write!(f, "the source gave no complete list within {t:?}"),
+            RunError::SourceStopped => f.write_str("the source stopped before listing everything"),
+            RunError::Source(message) => f.write_str(message),
+        }
+    }
+}
+
+impl std::error::Error for RunError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            RunError::BackendThread(e) => Some(e),
+            RunError::Backend(e) => Some(e),
+            _ => None,
+        }
+    }
+}
 
 /// The kinds the store must have seen in full before anything is programmed. Nodes are
 /// not among them: the plan does not read them.
@@ -78,14 +126,15 @@ pub struct BackendThread {
 
 enum BackendRequest {
     Sync(
-        Arc<ServiceTable>,
+        Arc<Plan>,
+        Changes,
         oneshot::Sender<Result<SyncStats, BackendError>>,
     ),
 }
 
 impl BackendThread {
     /// Starts the thread and builds the back end on it with `make`; fails if `make` does.
-    pub async fn start<F>(make: F) -> Result<BackendThread, BackendError>
+    pub async fn start<F>(make: F) -> Result<BackendThread, RunError>
     where
         F: FnOnce() -> Result<Box<dyn Backend>, BackendError> + Send + 'static,
     {
@@ -104,30 +153,34 @@ impl BackendThread {
                         return;
                     }
                 };
-                while let Ok(BackendRequest::Sync(table, reply)) = incoming.recv() {
-                    let result = backend.sync(&table);
-                    // Let go of the table before answering, so the loop owns it alone
+                while let Ok(BackendRequest::Sync(plan, changes, reply)) = incoming.recv() {
+                    let result = backend.sync(&plan, &changes);
+                    // Let go of the plan before answering, so the loop owns it alone
                     // again and can update it in place instead of copying it.
-                    drop(table);
+                    drop(plan);
                     let _ = reply.send(result);
                 }
             })
-            .map_err(|e| BackendError(format!("cannot start the back end thread: {e}")))?;
+            .map_err(RunError::BackendThread)?;
         started
             .await
-            .map_err(|_| BackendError("the back end thread died while starting".into()))??;
+            .map_err(|_| RunError::BackendGone)?
+            .map_err(RunError::Backend)?;
         Ok(BackendThread { requests })
     }
 
-    /// Syncs `table`. The outer error means the thread is gone (it panicked): the loop
+    /// Syncs `plan`. The outer error means the thread is gone (it panicked): the loop
     /// cannot go on.
-    async fn sync(&self, table: Arc<ServiceTable>) -> Result<Result<SyncStats, BackendError>, RunError> {
-        let gone = || RunError("the back end thread stopped (it panicked; see the log above)".into());
+    async fn sync(
+        &self,
+        plan: Arc<Plan>,
+        changes: Changes,
+    ) -> Result<Result<SyncStats, BackendError>, RunError> {
         let (reply, answer) = oneshot::channel();
         self.requests
-            .send(BackendRequest::Sync(table, reply))
-            .map_err(|_| gone())?;
-        answer.await.map_err(|_| gone())
+            .send(BackendRequest::Sync(plan, changes, reply))
+            .map_err(|_| RunError::BackendGone)?;
+        answer.await.map_err(|_| RunError::BackendGone)
     }
 }
 
@@ -141,13 +194,14 @@ pub async fn run(
     on_synced: OnSynced,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RunError> {
-    let table = ServiceTable {
+    let services = ServiceTable {
         settings: config.settings.clone(),
         ..Default::default()
     };
     let mut state = SyncLoop {
         store: Store::new(),
-        table: Arc::new(table),
+        plan: Arc::new(Plan { services }),
+        changes: ChangeTracker::new(),
         pending: false,
         full_replan: true,
         retry_at: None,
@@ -164,7 +218,9 @@ pub async fn run(
 struct SyncLoop {
     store: Store,
     /// Shared with the back end thread only during a sync.
-    table: Arc<ServiceTable>,
+    plan: Arc<Plan>,
+    /// What changed in `plan` since the last successful sync.
+    changes: ChangeTracker,
     /// The kernel may differ from the store: a change arrived, a resync is due, or the
     /// last sync failed.
     pending: bool,
@@ -259,28 +315,36 @@ impl SyncLoop {
         let dirty = self.store.take_dirty();
         // The back end dropped its reference before answering the last sync, so this
         // updates in place; it would copy only if that ever changed.
-        let table = Arc::make_mut(&mut self.table);
+        let services = &mut Arc::make_mut(&mut self.plan).services;
         if self.full_replan {
-            *table = plan(&self.store, &self.config.settings);
+            *services = plan(&self.store, &self.config.settings);
+            self.changes.all_services();
             self.full_replan = false;
         } else {
-            plan_services(table, &self.store, &dirty);
+            self.changes
+                .service_ports(plan_services(services, &self.store, &dirty));
         }
         let planned = started.elapsed();
-        let result = self.backend.sync(Arc::clone(&self.table)).await?;
-        // The back end has seen every change so far (a failed sync makes it converge from
-        // the kernel next time, whatever the log says).
-        Arc::make_mut(&mut self.table).mark_synced();
+        let changes = self.changes.take();
+        let result = self.backend.sync(Arc::clone(&self.plan), changes.clone()).await?;
         let took = started.elapsed();
         match result {
             Ok(stats) => self.succeeded(stats, planned, took),
-            Err(e) => self.failed(e),
+            Err(e) if e.is_retryable() => {
+                self.changes.give_back(changes);
+                self.failed(e);
+            }
+            Err(e) => {
+                error!("sync failed and a retry cannot help: {e}; the previous rules stay, stopping");
+                self.metrics.update(|m| m.sync_errors += 1);
+                return Err(RunError::Backend(e));
+            }
         }
         Ok(())
     }
 
     fn succeeded(&mut self, stats: SyncStats, planned: Duration, took: Duration) {
-        let (services, endpoints) = count(&self.table);
+        let (services, endpoints) = count(&self.plan.services);
         let recovered = self.retry_at.is_some();
         self.pending = false;
         self.retry_at = None;
@@ -316,7 +380,7 @@ impl SyncLoop {
             );
         }
         self.synced_once = true;
-        (self.on_synced)(&self.table, &self.store);
+        (self.on_synced)(&self.plan.services, &self.store);
     }
 
     fn failed(&mut self, e: BackendError) {
@@ -327,8 +391,8 @@ impl SyncLoop {
         self.metrics.update(|m| m.sync_errors += 1);
         self.retry_at = Some(Instant::now() + self.backoff);
         self.backoff = (self.backoff * 2).min(self.config.max_retry);
-        // The store's changes are already in the table: the retry sends the same table
-        // (plus whatever arrives meanwhile).
+        // The store's changes are already in the plan and the tracker: the retry sends the
+        // same plan and changes (plus whatever arrives meanwhile).
         self.pending = true;
     }
 }
@@ -370,10 +434,10 @@ pub async fn read_store(events: &mut mpsc::Receiver<Event>, timeout: Duration) -
     while !NEEDED_KINDS.iter().all(|kind| store.has_synced(*kind)) {
         let event = tokio::time::timeout_at(deadline, events.recv())
             .await
-            .map_err(|_| RunError(format!("the source gave no complete list within {timeout:?}")))?
-            .ok_or_else(|| RunError("the source stopped before listing everything".into()))?;
+            .map_err(|_| RunError::SourceTimeout(timeout))?
+            .ok_or(RunError::SourceStopped)?;
         if let Event::Error(message) = event {
-            return Err(RunError(message));
+            return Err(RunError::Source(message));
         }
         store.apply(event);
     }
@@ -386,21 +450,62 @@ mod tests {
     use crate::source::manifests;
     use std::sync::Mutex;
 
-    /// Records every table it is given; fails while `fail` is set.
+    /// Records every Services table it is given and the changes that came with it; fails
+    /// while `fail` is set (with an error worth a retry).
     struct FakeBackend {
         seen: Arc<Mutex<Vec<ServiceTable>>>,
+        changes: Arc<Mutex<Vec<Changes>>>,
         fail: Arc<std::sync::atomic::AtomicBool>,
     }
 
-    impl Backend for FakeBackend {
-        fn sync(&mut self, table: &ServiceTable) -> Result<SyncStats, BackendError> {
-            if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
-                return Err(BackendError("nft: simulated failure".into()));
+    /// A commit the kernel refused with `errno`.
+    fn commit_error(errno: i32) -> BackendError {
+        BackendError::Commit {
+            what: "nftables transaction".into(),
+            source: crate::nft::CommitError {
+                errno,
+                index: None,
+                description: "simulated failure".into(),
+                detail: None,
+                batch_len: 1,
+                more_failures: 0,
+            },
+        }
+    }
+
+    impl FakeBackend {
+        fn new(seen: Arc<Mutex<Vec<ServiceTable>>>, fail: Arc<std::sync::atomic::AtomicBool>) -> FakeBackend {
+            FakeBackend {
+                seen,
+                changes: Arc::default(),
+                fail,
             }
-            self.seen.lock().unwrap().push(table.clone());
+        }
+    }
+
+    /// Fails every sync as a kernel without nf_tables would.
+    struct UnsupportedBackend;
+
+    impl Backend for UnsupportedBackend {
+        fn sync(&mut self, _: &Plan, _: &Changes) -> Result<SyncStats, BackendError> {
+            Err(commit_error(libc::EOPNOTSUPP))
+        }
+
+        fn cleanup(&mut self) -> Result<(), BackendError> {
+            Ok(())
+        }
+    }
+
+    impl Backend for FakeBackend {
+        fn sync(&mut self, plan: &Plan, changes: &Changes) -> Result<SyncStats, BackendError> {
+            if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(commit_error(libc::EBUSY));
+            }
+            self.seen.lock().unwrap().push(plan.services.clone());
+            self.changes.lock().unwrap().push(changes.clone());
             Ok(SyncStats {
                 changed_ports: 0,
-                rules: table.ports.len(),
+                rules: plan.services.ports.len(),
                 apply_time: Duration::ZERO,
             })
         }
@@ -412,6 +517,7 @@ mod tests {
 
     struct Harness {
         seen: Arc<Mutex<Vec<ServiceTable>>>,
+        changes: Arc<Mutex<Vec<Changes>>>,
         fail: Arc<std::sync::atomic::AtomicBool>,
         metrics: Arc<Metrics>,
         source_errors: Arc<Mutex<Vec<String>>>,
@@ -442,10 +548,12 @@ mod tests {
                 }
             }
         });
-        let (seen2, fail2) = (seen.clone(), fail.clone());
+        let changes = Arc::new(Mutex::new(Vec::new()));
+        let (seen2, changes2, fail2) = (seen.clone(), changes.clone(), fail.clone());
         let backend = BackendThread::start(move || {
             Ok(Box::new(FakeBackend {
                 seen: seen2,
+                changes: changes2,
                 fail: fail2,
             }) as _)
         })
@@ -465,6 +573,7 @@ mod tests {
         ));
         Harness {
             seen,
+            changes,
             fail,
             metrics,
             source_errors,
@@ -652,12 +761,99 @@ mod tests {
         h.stop().await;
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_back_end_gets_the_ports_that_changed_since_its_last_success() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("web.yaml"), format!("{SERVICE}---\n{SLICE}")).unwrap();
+        let db = SERVICE
+            .replace("name: web", "name: db")
+            .replace("10.96.0.10", "10.96.0.11");
+        std::fs::write(dir.path().join("db.yaml"), &db).unwrap();
+        let mut config = config();
+        config.min_retry = Duration::from_millis(50);
+        config.max_retry = Duration::from_millis(50);
+        let h = start(dir.path(), config).await;
+        assert!(h
+            .wait_for(Duration::from_secs(2), |t| t.ports.len() == 2)
+            .await
+            .is_some());
+        assert_eq!(h.changes.lock().unwrap()[0], Changes::all(), "the first sync");
+        let id_of = |name: &str| {
+            let table = h.seen.lock().unwrap().last().unwrap().clone();
+            table.ports.keys().find(|id| id.name == name).unwrap().clone()
+        };
+        let (web, db_id) = (id_of("web"), id_of("db"));
+
+        // web's endpoint moves while the back end fails; then db changes and the back end
+        // recovers: the sync that succeeds names both, and nothing else.
+        h.fail.store(true, std::sync::atomic::Ordering::SeqCst);
+        std::fs::write(
+            dir.path().join("web.yaml"),
+            format!("{SERVICE}---\n{}", SLICE.replace("10.244.0.5", "10.244.0.7")),
+        )
+        .unwrap();
+        let started = Instant::now();
+        while h.metrics.snapshot().sync_errors == 0 && started.elapsed() < Duration::from_secs(2) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(h.metrics.snapshot().sync_errors > 0, "the failing sync happened");
+        std::fs::write(dir.path().join("db.yaml"), db.replace("80\n", "81\n")).unwrap();
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        h.fail.store(false, std::sync::atomic::Ordering::SeqCst);
+        assert!(h
+            .wait_for(Duration::from_secs(2), |t| {
+                let moved = |p: &crate::plan::ServicePort| {
+                    p.cluster_endpoints
+                        .iter()
+                        .any(|e| e.ip.to_string() == "10.244.0.7")
+                };
+                t.ports.values().any(moved) && t.ports.values().any(|p| p.port == 81)
+            })
+            .await
+            .is_some());
+        let last = h.changes.lock().unwrap().last().cloned().unwrap();
+        assert_eq!(last, Changes::service_ports([web, db_id]));
+        h.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_back_end_error_no_retry_can_help_stops_the_loop() {
+        let backend = BackendThread::start(|| Ok(Box::new(UnsupportedBackend) as _))
+            .await
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("web.yaml"), SERVICE).unwrap();
+        let (tx, rx) = mpsc::channel(EVENT_QUEUE);
+        let source = tokio::spawn(manifests::run(dir.path().to_path_buf(), tx));
+        let metrics = Arc::new(Metrics::default());
+        let task = tokio::spawn(run(
+            rx,
+            backend,
+            config(),
+            metrics.clone(),
+            Box::new(|_, _| {}),
+            std::future::pending(),
+        ));
+        // The source keeps running: the loop stops on its own, not for lack of events.
+        let result = tokio::time::timeout(Duration::from_secs(2), task)
+            .await
+            .expect("the loop stops instead of retrying")
+            .unwrap();
+        source.abort();
+        let Err(e) = result else {
+            panic!("the loop went on")
+        };
+        assert!(matches!(e, RunError::Backend(_)) && !e.is_retryable(), "{e:?}");
+        assert!(e.to_string().contains("a retry cannot help"), "{e}");
+        assert_eq!(metrics.snapshot().sync_errors, 1);
+    }
+
     #[tokio::test]
     async fn nothing_is_programmed_before_services_and_slices_are_listed() {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let fail = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (s, f) = (seen.clone(), fail.clone());
-        let backend = BackendThread::start(move || Ok(Box::new(FakeBackend { seen: s, fail: f }) as _))
+        let backend = BackendThread::start(move || Ok(Box::new(FakeBackend::new(s, f)) as _))
             .await
             .unwrap();
         let (tx, rx) = mpsc::channel(16);
@@ -735,7 +931,6 @@ mod tests {
             .into_iter()
             .map(|p| (p.id.clone(), p))
             .collect(),
-            changed: None,
         };
         assert_eq!(count(&table), (2, 6));
     }

@@ -18,8 +18,11 @@ use std::time::{Duration, Instant};
 
 use ferry_proxy::backend::nftables::{port_base_name, synthetic_table, NftablesBackend, TABLE};
 use ferry_proxy::backend::Backend;
+use ferry_proxy::changes::Changes;
 use ferry_proxy::conntrack;
-use ferry_proxy::plan::{Endpoint, Family, NodeSettings, Protocol, ServicePort, ServicePortId, ServiceTable};
+use ferry_proxy::plan::{
+    Endpoint, Family, NodeSettings, Plan, Protocol, ServicePort, ServicePortId, ServiceTable,
+};
 use ferry_tests::{require_root, unique_v4_subnet, unique_v6_subnet, Netns, Node};
 
 const TIMEOUT: Duration = Duration::from_secs(3);
@@ -234,10 +237,10 @@ impl Cluster {
         }
     }
 
-    fn sync(&self, backend: &mut NftablesBackend, table: &ServiceTable) {
+    fn sync(&self, backend: &mut NftablesBackend, plan: &Plan) {
         self.node
             .netns()
-            .run(|| backend.sync(table))
+            .run(|| backend.sync(plan, &Changes::all()))
             .unwrap_or_else(|e| panic!("sync failed: {e}\ntransaction:\n{}", backend.last_transaction()));
     }
 
@@ -281,11 +284,20 @@ fn with_endpoints(mut p: ServicePort, eps: Vec<Endpoint>) -> ServicePort {
     p
 }
 
-fn table(settings: NodeSettings, ports: Vec<ServicePort>) -> ServiceTable {
-    ServiceTable {
-        settings,
-        ports: ports.into_iter().map(|p| (p.id.clone(), p)).collect(),
-        changed: None,
+/// A plan of these Service ports (every port compared at each sync, as after a full plan).
+fn table(settings: NodeSettings, ports: Vec<ServicePort>) -> Plan {
+    Plan {
+        services: ServiceTable {
+            settings,
+            ports: ports.into_iter().map(|p| (p.id.clone(), p)).collect(),
+        },
+    }
+}
+
+/// A synthetic plan (see [`synthetic_table`]).
+fn synthetic_plan(services: usize, endpoints: usize, offset: usize) -> Plan {
+    Plan {
+        services: synthetic_table(services, endpoints, offset),
     }
 }
 
@@ -734,9 +746,9 @@ fn one_endpoint_change_touches_its_map_elements_only_and_no_change_runs_nothing(
     let b = mk("b", "10.233.0.2", vec![ep(3), ep(4)]);
     let d = mk("d", "10.233.0.3", vec![ep(5)]);
     let mut backend = NftablesBackend::new();
-    let run = |backend: &mut NftablesBackend, t: &ServiceTable| {
+    let run = |backend: &mut NftablesBackend, t: &Plan| {
         node.netns()
-            .run(|| backend.sync(t))
+            .run(|| backend.sync(t, &Changes::all()))
             .unwrap_or_else(|e| panic!("{e}\n{}", backend.last_transaction()))
     };
     let stats = run(
@@ -911,9 +923,9 @@ fn cleanup_removes_only_ferrys_table() {
     require_root!();
     let node = Node::new("proxy-cleanup");
     node.netns().exec_ok(&["nft", "add table inet other; add chain inet other c { type filter hook input priority 0; }; add rule inet other c counter"]);
-    let t = synthetic_table(3, 2, 0);
+    let t = synthetic_plan(3, 2, 0);
     let mut backend = NftablesBackend::new();
-    node.netns().run(|| backend.sync(&t)).unwrap();
+    node.netns().run(|| backend.sync(&t, &Changes::all())).unwrap();
     let tables = node.netns().exec_ok(&["nft", "list", "tables"]);
     assert!(
         tables.contains("table inet ferry-proxy") && tables.contains("table inet other"),
@@ -926,7 +938,7 @@ fn cleanup_removes_only_ferrys_table() {
     assert!(other.contains("counter"), "{other}");
     // Cleanup without a table is fine, and a sync afterwards rebuilds everything.
     node.netns().run(|| backend.cleanup()).unwrap();
-    node.netns().run(|| backend.sync(&t)).unwrap();
+    node.netns().run(|| backend.sync(&t, &Changes::all())).unwrap();
     assert!(node
         .netns()
         .exec_ok(&["nft", "list", "tables"])
@@ -1033,10 +1045,10 @@ fn timings() {
     require_root!();
     let node = Node::new("proxy-bench");
     for (services, endpoints) in [(1000, 10), (10_000, 10)] {
-        let t = synthetic_table(services, endpoints, 0);
+        let t = synthetic_plan(services, endpoints, 0);
         let mut backend = NftablesBackend::new();
         let start = Instant::now();
-        let stats = node.netns().run(|| backend.sync(&t)).unwrap();
+        let stats = node.netns().run(|| backend.sync(&t, &Changes::all())).unwrap();
         eprintln!(
             "full sync {services} x {endpoints}: {:?} ({} rules, {} bytes of nft text)",
             start.elapsed(),
@@ -1047,40 +1059,39 @@ fn timings() {
             let path = format!("{dir}/full-{services}.nft");
             std::fs::write(&path, backend.last_transaction()).unwrap();
         }
-        // From here on the table logs its changes, as the sync loop's does.
-        let mut plus = t.clone();
-        plus.mark_synced();
-        for (id, port) in synthetic_table(1, endpoints, services).ports {
-            plus.note_change(&id);
-            plus.ports.insert(id, port);
-        }
+        // From here on each sync names what changed, as the sync loop's does.
+        let mut changed = t.clone();
+        let added = synthetic_table(1, endpoints, services).ports;
+        let added_ids = Changes::service_ports(added.keys().cloned());
+        changed.services.ports.extend(added);
         let start = Instant::now();
-        node.netns().run(|| backend.sync(&plus)).unwrap();
+        node.netns().run(|| backend.sync(&changed, &added_ids)).unwrap();
         eprintln!("  one added Service: {:?}", start.elapsed());
-        let mut changed = plus.clone();
-        changed.mark_synced();
-        let (id, p) = changed.ports.iter_mut().next().unwrap();
+        let (id, p) = changed.services.ports.iter_mut().next().unwrap();
         p.cluster_endpoints[0].ip = "10.255.255.1".parse().unwrap();
         p.external_endpoints = p.cluster_endpoints.clone();
-        let id = id.clone();
-        changed.note_change(&id);
+        let moved = Changes::service_ports([id.clone()]);
         let start = Instant::now();
-        node.netns().run(|| backend.sync(&changed)).unwrap();
+        node.netns().run(|| backend.sync(&changed, &moved)).unwrap();
         eprintln!("  one changed endpoint: {:?}", start.elapsed());
-        changed.mark_synced();
         let start = Instant::now();
-        node.netns().run(|| backend.sync(&changed)).unwrap();
+        node.netns()
+            .run(|| backend.sync(&changed, &Changes::none()))
+            .unwrap();
         eprintln!("  no change: {:?}", start.elapsed());
-        changed.changed = None;
         let start = Instant::now();
-        node.netns().run(|| backend.sync(&changed)).unwrap();
+        node.netns()
+            .run(|| backend.sync(&changed, &Changes::all()))
+            .unwrap();
         eprintln!(
             "  no change, no change log (every port compared): {:?}",
             start.elapsed()
         );
         let mut restarted = NftablesBackend::new();
         let start = Instant::now();
-        node.netns().run(|| restarted.sync(&changed)).unwrap();
+        node.netns()
+            .run(|| restarted.sync(&changed, &Changes::all()))
+            .unwrap();
         eprintln!("  first sync of a restarted back end: {:?}", start.elapsed());
         let start = Instant::now();
         node.netns().run(|| restarted.cleanup()).unwrap();
@@ -1176,7 +1187,7 @@ fn netlink_and_nft_text_program_the_same_table() {
     let mut backend = NftablesBackend::new();
     by_netlink
         .netns()
-        .run(|| backend.sync(&t))
+        .run(|| backend.sync(&t, &Changes::all()))
         .unwrap_or_else(|e| panic!("{e}\n{}", backend.last_transaction()));
     let text = backend.last_transaction().to_string();
     let dir = tempfile::tempdir().unwrap();

@@ -2,11 +2,12 @@
 //!
 //! `plan` is a pure function of the store (the cluster objects this node sees) and the
 //! node's settings. It does no I/O and knows nothing of nftables or eBPF: back ends turn a
-//! [`ServiceTable`] into kernel state, and a change is the difference of two tables.
+//! [`Plan`] into kernel state, and a change is the difference of two plans
+//! ([`crate::changes`]).
 
 pub mod services;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use ipnetwork::IpNetwork;
@@ -166,41 +167,22 @@ pub struct NodeSettings {
     pub nodeport_addresses: Vec<IpNetwork>,
 }
 
-/// The whole plan: every Service port the node handles, keyed for diffing.
-#[derive(Debug, Clone, Default, Serialize)]
+/// The Services part of the plan: every Service port the node handles, keyed for diffing.
+/// It is only a value: what changed since a back end last saw it is the sync loop's
+/// business ([`crate::changes`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct ServiceTable {
     pub settings: NodeSettings,
     /// Serialized as a list (each port carries its id): JSON map keys must be strings.
     #[serde(serialize_with = "ports_as_list")]
     pub ports: BTreeMap<ServicePortId, ServicePort>,
-    /// A change log for back ends, so that a sync costs what changed rather than the size
-    /// of the table: the ids of the ports inserted, replaced or removed since the last
-    /// [`ServiceTable::mark_synced`], or `None` when unknown (a full plan). It is not part of
-    /// the table's value: `==` and serialization ignore it.
-    #[serde(skip)]
-    pub changed: Option<BTreeSet<ServicePortId>>,
 }
 
-impl PartialEq for ServiceTable {
-    fn eq(&self, other: &Self) -> bool {
-        self.settings == other.settings && self.ports == other.ports
-    }
-}
-
-impl Eq for ServiceTable {}
-
-impl ServiceTable {
-    /// A back end has seen this table: changes are logged from here on.
-    pub fn mark_synced(&mut self) {
-        self.changed = Some(BTreeSet::new());
-    }
-
-    /// Logs that the port `id` was inserted, replaced or removed (when logging).
-    pub fn note_change(&mut self, id: &ServicePortId) {
-        if let Some(changed) = &mut self.changed {
-            changed.insert(id.clone());
-        }
-    }
+/// Everything the node must do, as the back ends get it: Services now, NetworkPolicy (a
+/// `PolicyTable`) next to them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Plan {
+    pub services: ServiceTable,
 }
 
 fn ports_as_list<S: serde::Serializer>(

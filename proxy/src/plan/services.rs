@@ -21,7 +21,7 @@
 //!   NodePort, LoadBalancer, or ClusterIP with externalIPs (kube-proxy's
 //!   `ExternallyAccessible`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use ipnetwork::IpNetwork;
@@ -31,6 +31,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use tracing::debug;
 
 use super::{Endpoint, Family, NodeSettings, Protocol, ServicePort, ServicePortId, ServiceTable};
+use crate::changes;
 use crate::store::{ServiceKey, Store};
 
 /// Services with this label are handled by another proxy (kube-proxy skips them too).
@@ -47,7 +48,6 @@ pub fn plan(store: &Store, settings: &NodeSettings) -> ServiceTable {
     let mut table = ServiceTable {
         settings: settings.clone(),
         ports: BTreeMap::new(),
-        changed: None,
     };
     for (key, service) in store.services() {
         insert_service(&mut table, key, service, store);
@@ -57,30 +57,42 @@ pub fn plan(store: &Store, settings: &NodeSettings) -> ServiceTable {
 
 /// Re-plans the given Services in place (typically [`Store::take_dirty`]): their old
 /// ports leave the table, their new ones enter it. A Service no longer in the store just
-/// leaves. Uses the table's own settings.
+/// leaves. Uses the table's own settings. Returns the ids of the ports that differ from
+/// before (added, removed, or with another value), for the sync loop's change tracker.
 pub fn plan_services<'a>(
     table: &mut ServiceTable,
     store: &Store,
     keys: impl IntoIterator<Item = &'a ServiceKey>,
-) {
+) -> BTreeSet<ServicePortId> {
+    let mut changed = BTreeSet::new();
     for key in keys {
-        remove_service(table, key);
+        let old = remove_service(table, key);
         if let Some(service) = store.service(key) {
             insert_service(table, key, service, store);
         }
+        changed.extend(changes::diff_ports(&old, service_ports(table, key)));
     }
+    changed
 }
 
 fn insert_service(table: &mut ServiceTable, key: &ServiceKey, service: &Service, store: &Store) {
     for port in plan_service(key, service, store.slices(key), &table.settings) {
-        table.note_change(&port.id);
         table.ports.insert(port.id.clone(), port);
     }
 }
 
-/// Removes every port of one Service: ids sort by (namespace, name, ...), so they form
+/// Removes every port of one Service and returns them.
+fn remove_service(table: &mut ServiceTable, key: &ServiceKey) -> Vec<ServicePort> {
+    let ids: Vec<ServicePortId> = service_ports(table, key).map(|p| p.id.clone()).collect();
+    ids.iter().filter_map(|id| table.ports.remove(id)).collect()
+}
+
+/// The ports of one Service in the table: ids sort by (namespace, name, ...), so they form
 /// one contiguous range of the map, found in O(log n).
-fn remove_service(table: &mut ServiceTable, key: &ServiceKey) {
+fn service_ports<'t>(
+    table: &'t ServiceTable,
+    key: &'t ServiceKey,
+) -> impl Iterator<Item = &'t ServicePort> + 't {
     let first = ServicePortId {
         namespace: key.namespace.clone(),
         name: key.name.clone(),
@@ -88,17 +100,11 @@ fn remove_service(table: &mut ServiceTable, key: &ServiceKey) {
         protocol: Protocol::Tcp,
         family: Family::V4,
     };
-    let ids: Vec<ServicePortId> = table
+    table
         .ports
         .range(first..)
-        .map(|(id, _)| id)
-        .take_while(|id| id.namespace == key.namespace && id.name == key.name)
-        .cloned()
-        .collect();
-    for id in ids {
-        table.note_change(&id);
-        table.ports.remove(&id);
-    }
+        .take_while(|(id, _)| id.namespace == key.namespace && id.name == key.name)
+        .map(|(_, port)| port)
 }
 
 /// The ports of one Service, from the Service and its EndpointSlices.
@@ -512,7 +518,6 @@ mod tests {
         ServiceTable {
             settings: settings(),
             ports: ports.into_iter().map(|p| (p.id.clone(), p)).collect(),
-            changed: None,
         }
     }
 
@@ -1250,7 +1255,6 @@ mod tests {
             let mut table = ServiceTable {
                 settings: settings(),
                 ports: BTreeMap::new(),
-                changed: None,
             };
             for step in 0..300 {
                 // A burst of one to three events, then one incremental re-plan.
@@ -1276,6 +1280,110 @@ mod tests {
                 assert_eq!(table, plan(&store, &settings()), "seed {seed}, step {step}");
             }
         }
+    }
+
+    /// One random burst of one to three store events (the same mix as above).
+    fn random_burst(rng: &mut Rng, store: &mut Store) {
+        for _ in 0..=rng.below(3) {
+            let event = match rng.below(10) {
+                0..=2 => Event::Upsert(random_service(rng)),
+                3..=5 => Event::Upsert(random_slice(rng)),
+                6 => Event::Delete(random_service(rng)),
+                7 => Event::Delete(random_slice(rng)),
+                8 => Event::Snapshot {
+                    kinds: vec![Kind::Service],
+                    objects: (0..rng.below(5)).map(|_| random_service(rng)).collect(),
+                },
+                _ => Event::Snapshot {
+                    kinds: vec![Kind::EndpointSlice],
+                    objects: (0..rng.below(8)).map(|_| random_slice(rng)).collect(),
+                },
+            };
+            store.apply(event);
+        }
+    }
+
+    /// The ports whose value differs between two tables, worked out here on its own (not
+    /// with [`changes::diff_ports`]): ids in either table, compared one by one.
+    fn differing_ports(a: &ServiceTable, b: &ServiceTable) -> BTreeSet<ServicePortId> {
+        a.ports
+            .keys()
+            .chain(b.ports.keys())
+            .filter(|id| a.ports.get(*id) != b.ports.get(*id))
+            .cloned()
+            .collect()
+    }
+
+    /// The change tracker as the sync loop drives it, over random plans: syncs that fail
+    /// (their changes given back) and periodic full re-plans mixed in. For every pair of
+    /// plans a back end can be handed (the last one it applied, the current one), every
+    /// port that differs between them is among the changes; and each re-plan names exactly
+    /// the ports it changed.
+    #[test]
+    fn every_port_that_differs_from_the_last_synced_plan_is_a_change() {
+        use crate::changes::{ChangeTracker, Changes};
+        let mut differing_pairs = 0;
+        for seed in 1..=20u64 {
+            let mut rng = Rng(seed.wrapping_mul(0xd1b5_4a32_d192_ed03) | 1);
+            let mut store = Store::new();
+            let mut table = ServiceTable {
+                settings: settings(),
+                ports: BTreeMap::new(),
+            };
+            let mut tracker = ChangeTracker::new();
+            // What the back end last applied: nothing yet.
+            let mut synced = table.clone();
+            // No sync has succeeded yet: the first changes are "all".
+            let mut last_failed = true;
+            for step in 0..300 {
+                random_burst(&mut rng, &mut store);
+                let dirty = store.take_dirty();
+                let full = rng.chance(5);
+                if full {
+                    table = plan(&store, &settings());
+                    tracker.all_services();
+                } else {
+                    let before = table.clone();
+                    let changed = plan_services(&mut table, &store, &dirty);
+                    assert_eq!(
+                        changed,
+                        differing_ports(&before, &table),
+                        "seed {seed}, step {step}: the re-plan names exactly what it changed"
+                    );
+                    tracker.service_ports(changed);
+                }
+                assert_eq!(table, plan(&store, &settings()), "seed {seed}, step {step}");
+
+                let changes = tracker.take();
+                let differing = differing_ports(&synced, &table);
+                differing_pairs += usize::from(!differing.is_empty());
+                for id in &differing {
+                    assert!(
+                        changes.services.contains(id),
+                        "seed {seed}, step {step}: {id} differs from the last synced plan but is not among the changes {:?}",
+                        changes.services
+                    );
+                }
+                // Right after a successful sync, an incremental re-plan's changes are exact.
+                // (After a failure they may also name a port that changed and came back:
+                // that costs the back end one comparison.)
+                if !last_failed && !full {
+                    assert_eq!(
+                        changes,
+                        Changes::service_ports(differing),
+                        "seed {seed}, step {step}"
+                    );
+                }
+                last_failed = rng.chance(25);
+                if last_failed {
+                    tracker.give_back(changes);
+                } else {
+                    synced = table.clone();
+                }
+            }
+        }
+        // The generator must make the property bite: plans that differ, often.
+        assert!(differing_pairs > 1000, "only {differing_pairs} differing pairs");
     }
 
     #[test]
