@@ -1422,10 +1422,10 @@ mod tests {
             json!([{"name": "", "port": 8080}]),
             json!([ep("10.250.0.1", "b")]),
         )));
-        let started = std::time::Instant::now();
+        // How long this takes belongs to the proxy bench ("one endpoint changed at 10k");
+        // here: only the one dirty Service is planned, and only its port changes.
         let dirty = store.take_dirty();
-        plan_services(&mut table, &store, &dirty);
-        let took = started.elapsed();
+        let changed = plan_services(&mut table, &store, &dirty);
         assert_eq!(dirty.len(), 1);
         let id = ServicePortId {
             name: "svc-5000".into(),
@@ -1435,10 +1435,6 @@ mod tests {
             table.ports[&id].cluster_endpoints,
             vec![endpoint("10.250.0.1", 8080, false)]
         );
-        // Well under a millisecond in release; generous here for unoptimised test builds.
-        assert!(
-            took < std::time::Duration::from_millis(5),
-            "one re-plan took {took:?}"
-        );
+        assert_eq!(changed.into_iter().collect::<Vec<_>>(), vec![id]);
     }
 }
