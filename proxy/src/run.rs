@@ -372,8 +372,8 @@ pub async fn read_store(events: &mut mpsc::Receiver<Event>, timeout: Duration) -
             .await
             .map_err(|_| RunError(format!("the source gave no complete list within {timeout:?}")))?
             .ok_or_else(|| RunError("the source stopped before listing everything".into()))?;
-        if let Event::Error(message) = event {
-            return Err(RunError(message));
+        if let Event::Error(error) = event {
+            return Err(RunError(error.to_string()));
         }
         store.apply(event);
     }
@@ -434,8 +434,8 @@ mod tests {
         let errors = source_errors.clone();
         tokio::spawn(async move {
             while let Some(event) = source_rx.recv().await {
-                if let Event::Error(message) = &event {
-                    errors.lock().unwrap().push(message.clone());
+                if let Event::Error(error) = &event {
+                    errors.lock().unwrap().push(error.to_string());
                 }
                 if tx.send(event).await.is_err() {
                     return;
@@ -676,7 +676,7 @@ mod tests {
                 .unwrap();
         tx.send(Event::Snapshot {
             kinds: vec![Kind::Service],
-            objects: vec![crate::source::Object::Service(service)],
+            objects: vec![service.into()],
         })
         .await
         .unwrap();
