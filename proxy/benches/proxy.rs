@@ -44,6 +44,8 @@ use ferry_tests::{
     endpoint_slice, ferry_bin, require_root, service, wait_until, Netns, Node, PodNetwork, ProxyProcess,
     SliceEndpoint, TIMEOUT,
 };
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde_json::{json, Value};
 
 /// Endpoints per generated Service.
@@ -145,9 +147,9 @@ fn generated(i: usize) -> [Value; 2] {
 
 fn to_object(v: Value) -> Object {
     match v["kind"].as_str() {
-        Some("Service") => Object::Service(serde_json::from_value(v).expect("a valid Service")),
+        Some("Service") => Object::from(serde_json::from_value::<Service>(v).expect("a valid Service")),
         Some("EndpointSlice") => {
-            Object::EndpointSlice(serde_json::from_value(v).expect("a valid EndpointSlice"))
+            Object::from(serde_json::from_value::<EndpointSlice>(v).expect("a valid EndpointSlice"))
         }
         other => panic!("generator made a {other:?}"),
     }

@@ -41,18 +41,17 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::any;
 use axum::Router;
 use ipnetwork::IpNetwork;
-use k8s_openapi::api::core::v1::Node;
 use tokio::net::TcpListener;
 
 use crate::metrics::{Metrics, MetricsState};
 use crate::plan::ServiceTable;
+use crate::store::objects::NodeInfo;
 
 /// How long queued work may stay unsynced before the proxy reports itself unhealthy:
 /// kube-proxy uses twice its sync period, 2 x 30 s by default.
 pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// The taint the cluster autoscaler puts on a node it is about to delete.
-pub const TO_BE_DELETED_TAINT: &str = "ToBeDeletedByClusterAutoscaler";
+pub use crate::store::objects::TO_BE_DELETED_TAINT;
 
 /// Upper bounds of the sync duration histogram, in seconds: kube-proxy's
 /// `ExponentialBuckets(0.001, 2, 15)`.
@@ -573,17 +572,12 @@ impl HealthChecks {
             .collect()
     }
 
-    /// Takes this node's Node object into account for `/healthz` (kube-proxy's
+    /// Takes this node's Node (the store's copy) into account for `/healthz` (kube-proxy's
     /// `SyncNode`): a node being deleted or tainted `ToBeDeletedByClusterAutoscaler` is
     /// not eligible, so load balancers drain it before it goes.
-    pub fn sync_node(&self, node: &Node) {
-        let deleting = node.metadata.deletion_timestamp.is_some();
-        let tainted = node
-            .spec
-            .as_ref()
-            .and_then(|s| s.taints.as_ref())
-            .is_some_and(|t| t.iter().any(|t| t.key == TO_BE_DELETED_TAINT));
-        self.node_eligible.store(!deleting && !tainted, Ordering::Relaxed);
+    pub fn sync_node(&self, node: &NodeInfo) {
+        self.node_eligible
+            .store(!node.being_deleted && !node.to_be_deleted, Ordering::Relaxed);
     }
 
     /// Whether `/healthz` counts this node as eligible (true until told otherwise).
@@ -788,18 +782,18 @@ mod tests {
         // Synced again: healthy; then the node is being deleted: /healthz 503, /livez 200.
         m.update(|s| s.last_successful_sync = Some(SystemTime::now()));
         assert_eq!(get(ha, "/healthz").await.unwrap().0, 200);
-        let mut node = Node::default();
+        let mut node = k8s_openapi::api::core::v1::Node::default();
         node.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
             k8s_openapi::jiff::Timestamp::now(),
         ));
-        health.sync_node(&node);
+        health.sync_node(&NodeInfo::from(node));
         let (status, _, body) = get(ha, "/healthz").await.unwrap();
         assert_eq!(status, 503);
         assert!(body.ends_with(r#", "nodeEligible": false}"#), "{body}");
         let (status, _, body) = get(ha, "/livez").await.unwrap();
         assert_eq!(status, 200);
         assert!(!body.contains("nodeEligible"), "{body}");
-        health.sync_node(&Node::default());
+        health.sync_node(&NodeInfo::from(k8s_openapi::api::core::v1::Node::default()));
         assert_eq!(get(ha, "/healthz").await.unwrap().0, 200);
 
         let (status, headers, body) = get(ma, "/metrics").await.unwrap();

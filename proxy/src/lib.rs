@@ -1,7 +1,8 @@
-//! ferry-proxy: watches Services, EndpointSlices and Nodes and programs the node.
+//! ferry-proxy: watches Services, EndpointSlices and Nodes (and Pods and Namespaces, for
+//! NetworkPolicy) and programs the node.
 //!
-//! Data flow: [`source`] (kube API watch | manifests directory) -> `store` (the objects
-//! this node needs) -> [`plan`] (pure: store + node settings -> ServiceTable) ->
+//! Data flow: [`source`] (kube API watch | manifests directory) -> [`store`] (slim copies
+//! of what the plans read) -> [`plan`] (pure: store + node settings -> ServiceTable) ->
 //! [`backend`] (nftables: the difference of two plans, as one transaction).
 
 pub mod backend;

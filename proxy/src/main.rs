@@ -224,7 +224,7 @@ fn dump_command(args: DumpArgs) -> Result<(), String> {
             })?;
             let mut store = Store::new();
             store.apply(Event::Snapshot {
-                kinds: vec![Kind::Service, Kind::EndpointSlice, Kind::Node],
+                kinds: Kind::ALL.to_vec(),
                 objects,
             });
             store

@@ -27,7 +27,7 @@ use crate::changes::{ChangeTracker, Changes};
 use crate::metrics::Metrics;
 use crate::plan::services::{plan, plan_services};
 use crate::plan::{NodeSettings, Plan, ServiceTable};
-use crate::source::{Event, Kind};
+use crate::source::{Event, Kind, SourceError};
 use crate::store::Store;
 
 /// How many events a source may queue ahead of the loop before its sends wait.
@@ -72,8 +72,8 @@ pub enum RunError {
     SourceTimeout(Duration),
     /// The source stopped before listing everything.
     SourceStopped,
-    /// The source failed (its message says why).
-    Source(String),
+    /// The source failed.
+    Source(SourceError),
 }
 
 impl RunError {
@@ -82,7 +82,8 @@ impl RunError {
     /// back end's error needs a person.
     pub fn is_retryable(&self) -> bool {
         match self {
-            RunError::BackendThread(_) | RunError::SourceTimeout(_) | RunError::Source(_) => true,
+            RunError::BackendThread(_) | RunError::SourceTimeout(_) => true,
+            RunError::Source(e) => e.can_retry(),
             RunError::Backend(e) => e.is_retryable(),
             RunError::BackendGone | RunError::SourceStopped => false,
         }
@@ -100,7 +101,7 @@ impl std::fmt::Display for RunError {
             RunError::Backend(e) => write!(f, "back end: {e} (a retry cannot help)"),
             RunError::SourceTimeout(t) => write!(f, "the source gave no complete list within {t:?}"),
             RunError::SourceStopped => f.write_str("the source stopped before listing everything"),
-            RunError::Source(message) => f.write_str(message),
+            RunError::Source(e) => write!(f, "{e}"),
         }
     }
 }
@@ -110,6 +111,7 @@ impl std::error::Error for RunError {
         match self {
             RunError::BackendThread(e) => Some(e),
             RunError::Backend(e) => Some(e),
+            RunError::Source(e) => Some(e),
             _ => None,
         }
     }
@@ -436,8 +438,8 @@ pub async fn read_store(events: &mut mpsc::Receiver<Event>, timeout: Duration) -
             .await
             .map_err(|_| RunError::SourceTimeout(timeout))?
             .ok_or(RunError::SourceStopped)?;
-        if let Event::Error(message) = event {
-            return Err(RunError::Source(message));
+        if let Event::Error(error) = event {
+            return Err(RunError::Source(error));
         }
         store.apply(event);
     }
@@ -540,8 +542,8 @@ mod tests {
         let errors = source_errors.clone();
         tokio::spawn(async move {
             while let Some(event) = source_rx.recv().await {
-                if let Event::Error(message) = &event {
-                    errors.lock().unwrap().push(message.clone());
+                if let Event::Error(error) = &event {
+                    errors.lock().unwrap().push(error.to_string());
                 }
                 if tx.send(event).await.is_err() {
                     return;
@@ -872,7 +874,7 @@ mod tests {
                 .unwrap();
         tx.send(Event::Snapshot {
             kinds: vec![Kind::Service],
-            objects: vec![crate::source::Object::Service(service)],
+            objects: vec![service.into()],
         })
         .await
         .unwrap();

@@ -61,7 +61,13 @@ fn ferry_proxy_yaml() {
     granted.sort();
     assert_eq!(
         granted,
-        ["/nodes", "/services", "discovery.k8s.io/endpointslices"]
+        [
+            "/namespaces",
+            "/nodes",
+            "/pods",
+            "/services",
+            "discovery.k8s.io/endpointslices"
+        ]
     );
 
     assert_eq!(binding.role_ref.kind, "ClusterRole");

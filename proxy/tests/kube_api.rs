@@ -26,6 +26,8 @@ use axum::Router;
 use ferry_proxy::source::kube as api_source;
 use ferry_proxy::source::{Event, Kind, Object};
 use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
@@ -66,6 +68,8 @@ struct Mock {
 const SERVICES: &str = "/api/v1/services";
 const SLICES: &str = "/apis/discovery.k8s.io/v1/endpointslices";
 const NODES: &str = "/api/v1/nodes";
+const PODS: &str = "/api/v1/pods";
+const NAMESPACES: &str = "/api/v1/namespaces";
 
 impl Mock {
     fn script(
@@ -234,6 +238,8 @@ async fn start(mock: Arc<Mock>) -> SocketAddr {
         .route(SERVICES, get(handle))
         .route(SLICES, get(handle))
         .route(NODES, get(handle))
+        .route(PODS, get(handle))
+        .route(NAMESPACES, get(handle))
         .with_state(mock);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -406,6 +412,54 @@ fn node(name: &str, rv: &str, ip: &str) -> Value {
     })
 }
 
+fn pod(name: &str, rv: &str, ip: Option<&str>) -> Value {
+    let status = match ip {
+        Some(ip) => json!({ "phase": "Running", "podIP": ip, "podIPs": [{ "ip": ip }],
+                            "conditions": [{ "type": "Ready", "status": "True" }] }),
+        None => json!({ "phase": "Pending" }),
+    };
+    json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": name, "namespace": "default", "resourceVersion": rv,
+            "uid": "7e1c2b1a-0000-4000-8000-000000000001",
+            "labels": { "app": "web", "pod-template-hash": "5d9c7" },
+            "ownerReferences": [{ "apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "web-5d9c7",
+                                  "uid": "u", "controller": true }]
+        },
+        "spec": {
+            "nodeName": "node-a",
+            "containers": [{ "name": "web", "image": "nginx:1.27",
+                             "ports": [{ "name": "http", "containerPort": 8080, "protocol": "TCP" }] }]
+        },
+        "status": status
+    })
+}
+
+fn namespace(name: &str, rv: &str) -> Value {
+    json!({
+        "apiVersion": "v1",
+        "kind": "Namespace",
+        "metadata": { "name": name, "resourceVersion": rv,
+                      "labels": { "kubernetes.io/metadata.name": name } },
+        "spec": { "finalizers": ["kubernetes"] },
+        "status": { "phase": "Active" }
+    })
+}
+
+/// Pods and Namespaces that list `items` and then watch quietly.
+fn script_policy_kinds(mock: &Mock, pods: Vec<Value>, namespaces: Vec<Value>) {
+    mock.script(PODS, "PodList", "v1", vec![Reply::List("9", pods)], vec![]);
+    mock.script(
+        NAMESPACES,
+        "NamespaceList",
+        "v1",
+        vec![Reply::List("9", namespaces)],
+        vec![],
+    );
+}
+
 fn event(kind: &str, object: Value) -> Value {
     json!({ "type": kind, "object": object })
 }
@@ -420,24 +474,15 @@ fn status(code: u16, reason: &str, message: &str) -> Value {
             "message": message, "reason": reason, "code": code })
 }
 
-/// What the source hands on: the object without managed fields and last-applied copy.
-fn slimmed(mut v: Value) -> Value {
-    let meta = v["metadata"].as_object_mut().unwrap();
-    meta.remove("managedFields");
-    if let Some(a) = meta.get_mut("annotations").and_then(|a| a.as_object_mut()) {
-        a.remove("kubectl.kubernetes.io/last-applied-configuration");
-    }
-    v
-}
-
+/// What the source hands on: the object in the store's slim form.
 fn svc(v: Value) -> Object {
-    Object::Service(serde_json::from_value(slimmed(v)).unwrap())
+    Object::from(serde_json::from_value::<Service>(v).unwrap())
 }
 fn eps(v: Value) -> Object {
-    Object::EndpointSlice(serde_json::from_value(slimmed(v)).unwrap())
+    Object::from(serde_json::from_value::<EndpointSlice>(v).unwrap())
 }
 fn nod(v: Value) -> Object {
-    Object::Node(serde_json::from_value(slimmed(v)).unwrap())
+    Object::from(serde_json::from_value::<Node>(v).unwrap())
 }
 
 // ---------------------------------------------------------------------------------------
@@ -450,10 +495,20 @@ fn kind_of(e: &Event) -> Kind {
             kinds[0]
         }
         Event::Upsert(o) | Event::Delete(o) => o.kind(),
-        Event::Error(m) if m.starts_with("watching services") => Kind::Service,
-        Event::Error(m) if m.starts_with("watching endpointslices") => Kind::EndpointSlice,
-        Event::Error(m) if m.starts_with("watching nodes") => Kind::Node,
-        Event::Error(m) => panic!("an error that names no resource: {m}"),
+        Event::Error(e) => {
+            let m = e.to_string();
+            [
+                ("watching services", Kind::Service),
+                ("watching endpointslices", Kind::EndpointSlice),
+                ("watching nodes", Kind::Node),
+                ("watching pods", Kind::Pod),
+                ("watching namespaces", Kind::Namespace),
+            ]
+            .into_iter()
+            .find(|(prefix, _)| m.starts_with(prefix))
+            .unwrap_or_else(|| panic!("an error that names no resource: {m}"))
+            .1
+        }
     }
 }
 
@@ -478,9 +533,9 @@ fn snapshot(kind: Kind, objects: Vec<Object>) -> Event {
     }
 }
 
-fn error_text(e: &Event) -> &str {
+fn error_text(e: &Event) -> String {
     match e {
-        Event::Error(m) => m,
+        Event::Error(error) => error.to_string(),
         other => panic!("expected an Error, got {other:?}"),
     }
 }
@@ -553,6 +608,23 @@ async fn list_watch_errors_and_resync_against_a_mock_api_server() {
             Reply::Watch(vec![event("MODIFIED", node("node-b", "8", "172.18.0.4"))], true),
         ],
     );
+    mock.script(
+        PODS,
+        "PodList",
+        "v1",
+        vec![Reply::List("60", vec![pod("web-1", "58", None)])],
+        vec![Reply::Watch(
+            vec![event("MODIFIED", pod("web-1", "61", Some("10.244.1.5")))],
+            true,
+        )],
+    );
+    mock.script(
+        NAMESPACES,
+        "NamespaceList",
+        "v1",
+        vec![Reply::List("3", vec![namespace("default", "1")])],
+        vec![],
+    );
     let addr = start(mock.clone()).await;
 
     let config = kube::Config::new(format!("http://{addr}").parse().unwrap());
@@ -562,7 +634,13 @@ async fn list_watch_errors_and_resync_against_a_mock_api_server() {
 
     let got = collect(
         &mut rx,
-        &[(Kind::Service, 6), (Kind::EndpointSlice, 4), (Kind::Node, 3)],
+        &[
+            (Kind::Service, 6),
+            (Kind::EndpointSlice, 4),
+            (Kind::Node, 3),
+            (Kind::Pod, 2),
+            (Kind::Namespace, 1),
+        ],
     )
     .await;
 
@@ -591,6 +669,10 @@ async fn list_watch_errors_and_resync_against_a_mock_api_server() {
     // event; the headless Service's slice is filtered.
     let e = &got[&Kind::EndpointSlice];
     let forbidden = error_text(&e[0]);
+    let Event::Error(typed) = &e[0] else {
+        unreachable!()
+    };
+    assert!(typed.can_retry(), "a 403 may pass once RBAC is granted");
     assert!(
         forbidden.contains("forbidden") && forbidden.contains("conf/ferry-proxy.yaml"),
         "{forbidden}"
@@ -605,12 +687,27 @@ async fn list_watch_errors_and_resync_against_a_mock_api_server() {
     let Event::Upsert(Object::EndpointSlice(es)) = &e[3] else {
         unreachable!()
     };
-    let cond = es.endpoints[1].conditions.as_ref().unwrap();
+    let second = &es.endpoints[1];
     assert_eq!(
-        (cond.ready, cond.serving, cond.terminating),
-        (Some(false), Some(true), Some(true))
+        (second.ready, second.serving, second.terminating),
+        (false, true, true)
     );
     assert_eq!(es.endpoints[0].node_name.as_deref(), Some("node-a"));
+
+    // Pods and Namespaces, slim: the Pending Pod, then the same Pod Running with its address.
+    let p = &got[&Kind::Pod];
+    let pending = Object::from(serde_json::from_value::<Pod>(pod("web-1", "58", None)).unwrap());
+    assert_eq!(p[0], snapshot(Kind::Pod, vec![pending]));
+    let Event::Upsert(Object::Pod(running)) = &p[1] else {
+        panic!("not a Pod update: {:?}", p[1])
+    };
+    assert_eq!(running.ips, ["10.244.1.5".parse::<std::net::IpAddr>().unwrap()]);
+    assert_eq!(running.labels.get("app"), Some("web"));
+    let default_ns = Object::from(serde_json::from_value::<Namespace>(namespace("default", "1")).unwrap());
+    assert_eq!(
+        got[&Kind::Namespace][0],
+        snapshot(Kind::Namespace, vec![default_ns])
+    );
 
     // Nodes: only ours (the field selector keeps node-b's change away too); the watch
     // refused with HTTP 410 leads to a new list rather than retrying the stale version.
@@ -708,6 +805,7 @@ async fn run_with_a_kubeconfig_file() {
         vec![Reply::List("3", vec![node("node-a", "1", "10.0.0.5")])],
         vec![],
     );
+    script_policy_kinds(&mock, vec![], vec![namespace("default", "1")]);
     let addr = start(mock).await;
 
     let dir = tempfile::tempdir().unwrap();
@@ -759,4 +857,5 @@ async fn run_with_a_kubeconfig_file() {
             .starts_with(&format!("--kubeconfig {}", missing.display())),
         "{err}"
     );
+    assert!(!err.can_retry(), "a missing kubeconfig stays missing");
 }

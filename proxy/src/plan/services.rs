@@ -20,24 +20,20 @@
 //! - `externalTrafficPolicy: Local` counts when the Service is reachable from outside:
 //!   NodePort, LoadBalancer, or ClusterIP with externalIPs (kube-proxy's
 //!   `ExternallyAccessible`).
+//!
+//! It reads the store's slim objects ([`crate::store::objects`]): addresses, protocols and
+//! ports that cannot be used were already parsed (or dropped) when the objects arrived.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use ipnetwork::IpNetwork;
-use k8s_openapi::api::core::v1::{Service, ServiceSpec};
-use k8s_openapi::api::discovery::v1::{Endpoint as SliceEndpoint, EndpointSlice};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use tracing::debug;
 
 use super::{Endpoint, Family, NodeSettings, Protocol, ServicePort, ServicePortId, ServiceTable};
 use crate::changes;
+use crate::store::objects::{EndpointSliceInfo, ServiceInfo, ServiceType, SliceEndpoint};
 use crate::store::{ServiceKey, Store};
-
-/// Services with this label are handled by another proxy (kube-proxy skips them too).
-const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
-/// Set on the objects of headless Services; kube-proxy's informers filter it out.
-const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
 /// `sessionAffinityConfig.clientIP.timeoutSeconds` when absent (the API server's default).
 pub const DEFAULT_AFFINITY_SECONDS: u32 = 10800;
 /// The largest timeout the API accepts (one day).
@@ -75,7 +71,7 @@ pub fn plan_services<'a>(
     changed
 }
 
-fn insert_service(table: &mut ServiceTable, key: &ServiceKey, service: &Service, store: &Store) {
+fn insert_service(table: &mut ServiceTable, key: &ServiceKey, service: &ServiceInfo, store: &Store) {
     for port in plan_service(key, service, store.slices(key), &table.settings) {
         table.ports.insert(port.id.clone(), port);
     }
@@ -94,8 +90,8 @@ fn service_ports<'t>(
     key: &'t ServiceKey,
 ) -> impl Iterator<Item = &'t ServicePort> + 't {
     let first = ServicePortId {
-        namespace: key.namespace.clone(),
-        name: key.name.clone(),
+        namespace: key.namespace.to_string(),
+        name: key.name.to_string(),
         port_name: String::new(),
         protocol: Protocol::Tcp,
         family: Family::V4,
@@ -103,62 +99,57 @@ fn service_ports<'t>(
     table
         .ports
         .range(first..)
-        .take_while(|(id, _)| id.namespace == key.namespace && id.name == key.name)
+        .take_while(|(id, _)| *id.namespace == *key.namespace && *id.name == *key.name)
         .map(|(_, port)| port)
 }
 
 /// The ports of one Service, from the Service and its EndpointSlices.
 pub fn plan_service<'a>(
     key: &ServiceKey,
-    service: &Service,
-    slices: impl Iterator<Item = &'a EndpointSlice>,
+    service: &ServiceInfo,
+    slices: impl Iterator<Item = &'a EndpointSliceInfo>,
     settings: &NodeSettings,
 ) -> Vec<ServicePort> {
-    let Some(spec) = &service.spec else {
-        return Vec::new();
-    };
-    if has_label(&service.metadata, SERVICE_PROXY_NAME_LABEL) || has_label(&service.metadata, HEADLESS_LABEL)
-    {
+    if service.not_ours {
         return Vec::new();
     }
-    let service_type = spec.type_.as_deref().unwrap_or("ClusterIP");
-    let primary_ip = cluster_ips(spec).first().copied().unwrap_or("");
-    if service_type == "ExternalName" || primary_ip.is_empty() || primary_ip == "None" {
+    let primary_ip = service.cluster_ips.first().map_or("", |ip| &**ip);
+    if service.type_ == ServiceType::ExternalName || primary_ip.is_empty() || primary_ip == "None" {
         return Vec::new();
     }
-    let has_node_ports = matches!(service_type, "NodePort" | "LoadBalancer");
-    let is_load_balancer = service_type == "LoadBalancer";
-    let has_external_ips = spec.external_ips.as_ref().is_some_and(|ips| !ips.is_empty());
-    let externally_accessible = has_node_ports || (service_type == "ClusterIP" && has_external_ips);
-    let external_local = externally_accessible && spec.external_traffic_policy.as_deref() == Some("Local");
-    let internal_local = spec.internal_traffic_policy.as_deref() == Some("Local");
+    let has_node_ports = matches!(service.type_, ServiceType::NodePort | ServiceType::LoadBalancer);
+    let is_load_balancer = service.type_ == ServiceType::LoadBalancer;
+    let has_external_ips = !service.external_ips.is_empty();
+    let externally_accessible =
+        has_node_ports || (service.type_ == ServiceType::ClusterIp && has_external_ips);
+    let external_local = externally_accessible && service.external_local;
+    let internal_local = service.internal_local;
     let health_check_node_port = if is_load_balancer && external_local {
-        spec.health_check_node_port.and_then(port_number)
+        service.health_check_node_port.and_then(port_number)
     } else {
         None
     };
-    let affinity_seconds = affinity_seconds(key, spec);
-    let slices: Vec<&EndpointSlice> = slices
-        .filter(|s| {
-            !has_label(&s.metadata, SERVICE_PROXY_NAME_LABEL) && !has_label(&s.metadata, HEADLESS_LABEL)
-        })
-        .collect();
+    let affinity_seconds = affinity_seconds(key, service);
+    let slices: Vec<&EndpointSliceInfo> = slices.filter(|s| !s.not_ours).collect();
 
     let mut ports = Vec::new();
     for family in [Family::V4, Family::V6] {
-        let Some(cluster_ip) = cluster_ip_of_family(spec, family) else {
+        let Some(cluster_ip) = cluster_ip_of_family(service, family) else {
             continue;
         };
-        let external_ips = ips_of_family(spec.external_ips.iter().flatten().map(String::as_str), family);
+        let external_ips = ips_of_family(&service.external_ips, family);
         let (load_balancer_ips, source_ranges) = if is_load_balancer {
-            (load_balancer_ips(service, family), source_ranges(spec, family))
+            (
+                ips_of_family(&service.load_balancer_ips, family),
+                source_ranges(&service.source_ranges, family),
+            )
         } else {
             (Vec::new(), Vec::new())
         };
-        for service_port in spec.ports.iter().flatten() {
-            let port_name = service_port.name.clone().unwrap_or_default();
-            let Some(protocol) = parse_protocol(service_port.protocol.as_deref()) else {
-                debug!(service = %key, port = %port_name, protocol = ?service_port.protocol, "skipping a port with an unknown protocol");
+        for service_port in &service.ports {
+            let port_name = service_port.name.to_string();
+            let Some(protocol) = service_port.protocol else {
+                debug!(service = %key, port = %port_name, "skipping a port with an unknown protocol");
                 continue;
             };
             let Some(port) = port_number(service_port.port) else {
@@ -174,8 +165,8 @@ pub fn plan_service<'a>(
             };
             ports.push(ServicePort {
                 id: ServicePortId {
-                    namespace: key.namespace.clone(),
-                    name: key.name.clone(),
+                    namespace: key.namespace.to_string(),
+                    name: key.name.to_string(),
                     port_name,
                     protocol,
                     family,
@@ -211,38 +202,16 @@ pub fn plan_service<'a>(
     ports
 }
 
-fn has_label(meta: &ObjectMeta, label: &str) -> bool {
-    meta.labels
-        .as_ref()
-        .is_some_and(|labels| labels.contains_key(label))
-}
-
 /// Valid port numbers; 0 and out-of-range values mean "none".
 fn port_number(value: i32) -> Option<u16> {
     u16::try_from(value).ok().filter(|p| *p != 0)
 }
 
-/// Service and EndpointSlice ports default to TCP (the API server fills it in; a
-/// hand-written manifest may not).
-fn parse_protocol(value: Option<&str>) -> Option<Protocol> {
-    match value.unwrap_or("TCP") {
-        "TCP" => Some(Protocol::Tcp),
-        "UDP" => Some(Protocol::Udp),
-        "SCTP" => Some(Protocol::Sctp),
-        _ => None,
-    }
-}
-
-fn affinity_seconds(key: &ServiceKey, spec: &ServiceSpec) -> Option<u32> {
-    if spec.session_affinity.as_deref() != Some("ClientIP") {
+fn affinity_seconds(key: &ServiceKey, service: &ServiceInfo) -> Option<u32> {
+    if !service.client_ip_affinity {
         return None;
     }
-    let configured = spec
-        .session_affinity_config
-        .as_ref()
-        .and_then(|c| c.client_ip.as_ref())
-        .and_then(|c| c.timeout_seconds);
-    match configured {
+    match service.affinity_timeout {
         None => Some(DEFAULT_AFFINITY_SECONDS),
         Some(t) if (1..=MAX_AFFINITY_SECONDS).contains(&t) => Some(t as u32),
         Some(t) => {
@@ -252,51 +221,33 @@ fn affinity_seconds(key: &ServiceKey, spec: &ServiceSpec) -> Option<u32> {
     }
 }
 
-/// The cluster IPs, primary first. The API server keeps `clusterIPs[0] == clusterIP`; a
-/// hand-written manifest may give only one of the two.
-fn cluster_ips(spec: &ServiceSpec) -> Vec<&str> {
-    match spec.cluster_ips.as_deref() {
-        Some(ips) if !ips.is_empty() => ips.iter().map(String::as_str).collect(),
-        _ => spec
-            .cluster_ip
-            .as_deref()
-            .filter(|ip| !ip.is_empty())
-            .into_iter()
-            .collect(),
-    }
-}
-
 /// The cluster IP of one family, as kube-proxy's `GetClusterIPByFamily`: `clusterIPs[i]`
 /// where `ipFamilies[i]` is the family; without `ipFamilies` (an old or hand-written
-/// object), the first cluster IP of that family.
-fn cluster_ip_of_family(spec: &ServiceSpec, family: Family) -> Option<IpAddr> {
-    let ips = cluster_ips(spec);
-    let ip = match spec.ip_families.as_deref() {
-        Some(families) if !families.is_empty() => families
-            .iter()
-            .position(|f| *f == family_name(family))
-            .and_then(|i| ips.get(i))
-            .and_then(|ip| ip.parse::<IpAddr>().ok()),
-        _ => ips
-            .iter()
+/// object), the first cluster IP of that family. (The store keeps `clusterIPs`, or
+/// `[clusterIP]` when a hand-written manifest gives only that.)
+fn cluster_ip_of_family(service: &ServiceInfo, family: Family) -> Option<IpAddr> {
+    let ips = &service.cluster_ips;
+    let ip = if service.ip_families.is_empty() {
+        ips.iter()
             .filter_map(|ip| ip.parse::<IpAddr>().ok())
-            .find(|ip| Family::of(*ip) == family),
+            .find(|ip| Family::of(*ip) == family)
+    } else {
+        service
+            .ip_families
+            .iter()
+            .position(|f| *f == Some(family))
+            .and_then(|i| ips.get(i))
+            .and_then(|ip| ip.parse::<IpAddr>().ok())
     };
     ip.filter(|ip| Family::of(*ip) == family)
 }
 
-fn family_name(family: Family) -> &'static str {
-    match family {
-        Family::V4 => "IPv4",
-        Family::V6 => "IPv6",
-    }
-}
-
-/// Parses addresses, keeps those of `family`, sorted and without duplicates (so that the
-/// order in the spec does not make a difference to the back end).
-fn ips_of_family<'a>(ips: impl Iterator<Item = &'a str>, family: Family) -> Vec<IpAddr> {
+/// The addresses of `family`, sorted and without duplicates (so that the order in the
+/// spec does not make a difference to the back end).
+fn ips_of_family(ips: &[IpAddr], family: Family) -> Vec<IpAddr> {
     let mut out: Vec<IpAddr> = ips
-        .filter_map(|ip| ip.trim().parse::<IpAddr>().ok())
+        .iter()
+        .copied()
         .filter(|ip| Family::of(*ip) == family)
         .collect();
     out.sort();
@@ -304,31 +255,11 @@ fn ips_of_family<'a>(ips: impl Iterator<Item = &'a str>, family: Family) -> Vec<
     out
 }
 
-/// `status.loadBalancer.ingress[].ip` of the family. Entries with `ipMode` other than
-/// `VIP` (i.e. `Proxy`) are skipped: the load balancer proxies to the node, and capturing
-/// its address on the node would bypass it. Hostname-only entries have nothing to capture.
-fn load_balancer_ips(service: &Service, family: Family) -> Vec<IpAddr> {
-    let ingress = service
-        .status
-        .as_ref()
-        .and_then(|s| s.load_balancer.as_ref())
-        .and_then(|lb| lb.ingress.as_ref());
-    let vips = ingress
-        .into_iter()
-        .flatten()
-        .filter(|i| i.ip_mode.as_deref().is_none_or(|mode| mode == "VIP"))
-        .filter_map(|i| i.ip.as_deref());
-    ips_of_family(vips, family)
-}
-
 /// `loadBalancerSourceRanges` of the family, trimmed (validation lets padding through),
 /// host bits cleared so back ends get a proper prefix.
-fn source_ranges(spec: &ServiceSpec, family: Family) -> Vec<IpNetwork> {
-    let mut out: Vec<IpNetwork> = spec
-        .load_balancer_source_ranges
+fn source_ranges(ranges: &[IpNetwork], family: Family) -> Vec<IpNetwork> {
+    let mut out: Vec<IpNetwork> = ranges
         .iter()
-        .flatten()
-        .filter_map(|r| r.trim().parse::<IpNetwork>().ok())
         .filter(|net| Family::of(net.ip()) == family)
         .filter_map(|net| IpNetwork::new(net.network(), net.prefix()).ok())
         .collect();
@@ -350,19 +281,18 @@ struct Conditions {
 }
 
 fn conditions(endpoint: &SliceEndpoint, node_name: &str) -> Conditions {
-    let c = endpoint.conditions.clone().unwrap_or_default();
     Conditions {
         // An empty node name never matches: a node with no name has no local endpoints.
         local: !node_name.is_empty() && endpoint.node_name.as_deref() == Some(node_name),
-        ready: c.ready.unwrap_or(true),
-        serving: c.serving.unwrap_or(true),
-        terminating: c.terminating.unwrap_or(false),
+        ready: endpoint.ready,
+        serving: endpoint.serving,
+        terminating: endpoint.terminating,
     }
 }
 
 /// Every IP:port the slices give for one Service port in one family.
 fn candidates(
-    slices: &[&EndpointSlice],
+    slices: &[&EndpointSliceInfo],
     port_name: &str,
     protocol: Protocol,
     family: Family,
@@ -371,23 +301,19 @@ fn candidates(
     let mut out: BTreeMap<(IpAddr, u16), Conditions> = BTreeMap::new();
     for slice in slices {
         // FQDN slices and slices of the other family feed nothing here.
-        if slice.address_type != family_name(family) {
+        if slice.family != Some(family) {
             continue;
         }
-        for slice_port in slice.ports.iter().flatten() {
-            // A nil name is defaulted to "" by the API server; treat it the same.
-            if slice_port.name.as_deref().unwrap_or("") != port_name
-                || parse_protocol(slice_port.protocol.as_deref()) != Some(protocol)
-            {
+        for slice_port in &slice.ports {
+            // A nil name is defaulted to "" by the API server, and so by the store.
+            if *slice_port.name != *port_name || slice_port.protocol != Some(protocol) {
                 continue;
             }
             let Some(target) = slice_port.port.and_then(port_number) else {
                 continue;
             };
             for endpoint in &slice.endpoints {
-                let Some(ip) = endpoint.addresses.first().and_then(|a| a.parse::<IpAddr>().ok()) else {
-                    continue;
-                };
+                let ip = endpoint.ip;
                 if Family::of(ip) != family {
                     continue;
                 }
@@ -431,6 +357,8 @@ fn select(candidates: &BTreeMap<(IpAddr, u16), Conditions>, only_local: bool) ->
 mod tests {
     use super::*;
     use crate::source::{Event, Kind, Object};
+    use k8s_openapi::api::core::v1::Service;
+    use k8s_openapi::api::discovery::v1::EndpointSlice;
     use serde_json::{json, Value};
 
     const NODE: &str = "node-a";
@@ -446,7 +374,7 @@ mod tests {
         let mut v = v;
         v["apiVersion"] = json!("v1");
         v["kind"] = json!("Service");
-        Object::Service(serde_json::from_value(v).expect("test Service"))
+        Object::from(serde_json::from_value::<Service>(v).expect("test Service"))
     }
 
     /// An EndpointSlice of Service `svc` in namespace "default".
@@ -456,7 +384,7 @@ mod tests {
             "metadata": {"name": name, "namespace": "default", "labels": {"kubernetes.io/service-name": svc}},
             "addressType": address_type, "ports": ports, "endpoints": endpoints,
         });
-        Object::EndpointSlice(serde_json::from_value(v).expect("test EndpointSlice"))
+        Object::from(serde_json::from_value::<EndpointSlice>(v).expect("test EndpointSlice"))
     }
 
     fn ep(ip: &str, node: &str) -> Value {
@@ -1157,7 +1085,7 @@ mod tests {
                     "metadata": {"name": "web-x", "namespace": "other", "labels": {"kubernetes.io/service-name": "web"}},
                     "addressType": "IPv4", "ports": [{"name": "", "port": 80}], "endpoints": [ep("10.244.1.8", "b")],
                 });
-                Object::EndpointSlice(serde_json::from_value(v).unwrap())
+                Object::from(serde_json::from_value::<EndpointSlice>(v).unwrap())
             },
         ]);
         assert_eq!(got.ports.values().next().unwrap().cluster_endpoints, vec![]);
@@ -1244,7 +1172,7 @@ mod tests {
             "ports": [{"name": port_name, "protocol": protocol, "port": 8000 + rng.below(3)}],
             "endpoints": endpoints,
         });
-        Object::EndpointSlice(serde_json::from_value(v).unwrap())
+        Object::from(serde_json::from_value::<EndpointSlice>(v).unwrap())
     }
 
     #[test]

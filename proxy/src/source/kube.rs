@@ -1,15 +1,20 @@
-//! The Kubernetes API source: kube-runtime watchers for Services, EndpointSlices and this
-//! node's Node, turned into [`Event`]s.
+//! The Kubernetes API source: kube-runtime watchers for Services, EndpointSlices, this
+//! node's Node, and every Pod and Namespace (for NetworkPolicy), turned into [`Event`]s.
 //!
-//! API versions read: `v1` Services and Nodes, `discovery.k8s.io/v1` EndpointSlices (GA
-//! since Kubernetes 1.21), so any API server from 1.21 on works; 1.25 and later are what
-//! is supported.
+//! API versions read: `v1` Services, Nodes, Pods and Namespaces, `discovery.k8s.io/v1`
+//! EndpointSlices (GA since Kubernetes 1.21), so any API server from 1.21 on works; 1.25
+//! and later are what is supported.
+//!
+//! Each object is converted to the store's slim form as it arrives
+//! ([`crate::store::objects`]) and the decoded k8s-openapi object dropped at once, as
+//! kube-rs reflectors do with `.modify()`: a relist of 10k Services never holds 10k whole
+//! objects, only their slim copies.
 //!
 //! Each kind has its own watcher (list, then watch from the list's resourceVersion, with
 //! bookmarks). A (re)list becomes one [`Event::Snapshot`] naming that kind, a watch event
 //! an [`Event::Upsert`] or [`Event::Delete`]. A failure (the API server unreachable, a
 //! `403`, a watch that fell out of the server's window with `410 Gone`, ...) is reported as
-//! [`Event::Error`]; the watcher then backs off (kube-runtime's default: 0.8 s doubling to
+//! [`Event::Error`] carrying a [`SourceError`]; the watcher then backs off (kube-runtime's default: 0.8 s doubling to
 //! 30 s, with jitter) and resumes the watch or relists, which ends in a fresh snapshot.
 //! The sync loop keeps the last programmed state meanwhile.
 //!
@@ -28,29 +33,17 @@ use ::kube::runtime::watcher;
 use ::kube::runtime::WatchStreamExt;
 use ::kube::{Client, Resource};
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde::de::DeserializeOwned;
 use tokio::sync::mpsc::Sender;
 
-use super::{Event, Kind, Object};
+use super::{Event, Kind, Object, SourceError};
 
 /// The label selector kube-proxy puts on its Service and EndpointSlice informers: objects
 /// meant for another proxy, and the EndpointSlices of headless Services, are not ours.
 pub const SERVICE_LABEL_SELECTOR: &str =
     "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless";
-
-/// Why the API source could not start.
-#[derive(Debug)]
-pub struct SourceError(pub String);
-
-impl std::fmt::Display for SourceError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for SourceError {}
 
 /// Watches the API server and sends [`Event`]s to `tx` until `tx`'s receiver is dropped
 /// (then returns `Ok`). Connects with the kubeconfig file when one is given, else with the
@@ -71,21 +64,23 @@ pub async fn run(
 /// in-cluster, else inferred.
 pub async fn config_from(kubeconfig: Option<&Path>) -> Result<::kube::Config, SourceError> {
     if let Some(path) = kubeconfig {
-        let file = Kubeconfig::read_from(path)
-            .map_err(|e| SourceError(format!("--kubeconfig {}: {e}", path.display())))?;
+        let bad_file = |e: &dyn std::fmt::Display| SourceError::Kubeconfig {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        };
+        let file = Kubeconfig::read_from(path).map_err(|e| bad_file(&e))?;
         return ::kube::Config::from_custom_kubeconfig(file, &KubeConfigOptions::default())
             .await
-            .map_err(|e| SourceError(format!("--kubeconfig {}: {e}", path.display())));
+            .map_err(|e| bad_file(&e));
     }
     match ::kube::Config::incluster() {
         Ok(config) => Ok(config),
-        Err(in_cluster) => ::kube::Config::infer().await.map_err(|inferred| {
-            SourceError(format!(
-                "no way to reach the Kubernetes API: not in a Pod ({in_cluster}) and no usable \
-                 kubeconfig ({inferred}); pass --kubeconfig PATH, or --manifests DIR to run without \
-                 an API server"
-            ))
-        }),
+        Err(in_cluster) => ::kube::Config::infer()
+            .await
+            .map_err(|inferred| SourceError::NoApiServer {
+                in_cluster: in_cluster.to_string(),
+                inferred: inferred.to_string(),
+            }),
     }
 }
 
@@ -93,23 +88,44 @@ pub async fn config_from(kubeconfig: Option<&Path>) -> Result<::kube::Config, So
 /// `kube::Config::new("http://127.0.0.1:PORT".parse()?)`.
 pub fn client_from(config: ::kube::Config) -> Result<Client, SourceError> {
     let url = config.cluster_url.clone();
-    Client::try_from(config).map_err(|e| SourceError(format!("cannot make a client for {url}: {e}")))
+    Client::try_from(config).map_err(|e| SourceError::Client {
+        url: url.to_string(),
+        message: e.to_string(),
+    })
 }
 
-/// Runs the three watchers with `client` until `tx`'s receiver is dropped.
+/// Runs the watchers with `client` until `tx`'s receiver is dropped.
 pub async fn watch(client: Client, node_name: &str, tx: Sender<Event>) -> Result<(), SourceError> {
     let by_labels = watcher::Config::default().labels(SERVICE_LABEL_SELECTOR);
     let this_node = watcher::Config::default().fields(&format!("metadata.name={node_name}"));
-    let services = Api::<Service>::all(client.clone());
-    let slices = Api::<EndpointSlice>::all(client.clone());
-    let nodes = Api::<Node>::all(client);
-    let services = watch_kind(services, by_labels.clone(), Kind::Service, Object::Service, &tx);
-    let slices = watch_kind(slices, by_labels, Kind::EndpointSlice, Object::EndpointSlice, &tx);
-    let nodes = watch_kind(nodes, this_node, Kind::Node, Object::Node, &tx);
+    let everything = watcher::Config::default();
+    let services = watch_kind(
+        Api::<Service>::all(client.clone()),
+        by_labels.clone(),
+        Kind::Service,
+        &tx,
+    );
+    let slices = watch_kind(
+        Api::<EndpointSlice>::all(client.clone()),
+        by_labels,
+        Kind::EndpointSlice,
+        &tx,
+    );
+    let nodes = watch_kind(Api::<Node>::all(client.clone()), this_node, Kind::Node, &tx);
+    // Every Pod and Namespace of the cluster: NetworkPolicy selects peers anywhere.
+    let pods = watch_kind(
+        Api::<Pod>::all(client.clone()),
+        everything.clone(),
+        Kind::Pod,
+        &tx,
+    );
+    let namespaces = watch_kind(Api::<Namespace>::all(client), everything, Kind::Namespace, &tx);
     tokio::select! {
         () = services => {}
         () = slices => {}
         () = nodes => {}
+        () = pods => {}
+        () = namespaces => {}
         // The receiver is gone while every watch is idle.
         () = tx.closed() => {}
     }
@@ -125,14 +141,10 @@ const RESTART_DELAY: Duration = Duration::from_secs(1);
 /// kube-apiserver sends), but when a server refuses to *start* a watch with HTTP 410, it
 /// would retry the same stale resourceVersion forever. That case starts a new watcher,
 /// which relists.
-async fn watch_kind<K>(
-    api: Api<K>,
-    config: watcher::Config,
-    kind: Kind,
-    wrap: fn(K) -> Object,
-    tx: &Sender<Event>,
-) where
+async fn watch_kind<K>(api: Api<K>, config: watcher::Config, kind: Kind, tx: &Sender<Event>)
+where
     K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
+    Object: From<K>,
 {
     loop {
         let stream = watcher(api.clone(), config.clone()).default_backoff();
@@ -147,7 +159,7 @@ async fn watch_kind<K>(
                     continue;
                 }
                 Ok(watcher::Event::InitApply(obj)) => {
-                    listing.push(wrap(slim(obj)));
+                    listing.push(Object::from(obj));
                     continue;
                 }
                 Ok(watcher::Event::InitDone) => {
@@ -158,16 +170,16 @@ async fn watch_kind<K>(
                         objects,
                     }
                 }
-                Ok(watcher::Event::Apply(obj)) => Event::Upsert(wrap(slim(obj))),
-                Ok(watcher::Event::Delete(obj)) => Event::Delete(wrap(slim(obj))),
+                Ok(watcher::Event::Apply(obj)) => Event::Upsert(Object::from(obj)),
+                Ok(watcher::Event::Delete(obj)) => Event::Delete(Object::from(obj)),
                 Err(err) => {
                     restart = matches!(
                         &err,
                         watcher::Error::WatchStartFailed(::kube::Error::Api(s)) if s.code == 410
                     );
-                    let message = describe(kind, &err);
-                    tracing::warn!("{message}");
-                    Event::Error(message)
+                    let error = describe(kind, &err);
+                    tracing::warn!("{error}");
+                    Event::Error(error)
                 }
             };
             if tx.send(event).await.is_err() {
@@ -181,32 +193,9 @@ async fn watch_kind<K>(
     }
 }
 
-/// Drops what the proxy never reads and what can be large: managed fields and kubectl's
-/// last-applied copy of the whole object.
-fn slim<K: Resource>(mut obj: K) -> K {
-    let meta = obj.meta_mut();
-    meta.managed_fields = None;
-    if let Some(annotations) = meta.annotations.as_mut() {
-        annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
-        if annotations.is_empty() {
-            meta.annotations = None;
-        }
-    }
-    obj
-}
-
-fn plural(kind: Kind) -> &'static str {
-    match kind {
-        Kind::Service => "services",
-        Kind::EndpointSlice => "endpointslices.discovery.k8s.io",
-        Kind::Node => "nodes",
-    }
-}
-
-/// A watcher error as a user reads it: which watch, what happened, what happens next or
-/// what to do.
-fn describe(kind: Kind, err: &watcher::Error) -> String {
-    let what = plural(kind);
+/// A watcher error, typed: forbidden and unauthorized say what to check, `410 Gone` that
+/// the watcher relists; the message names the watch (see [`SourceError`]'s `Display`).
+fn describe(kind: Kind, err: &watcher::Error) -> SourceError {
     let status = match err {
         watcher::Error::InitialListFailed(::kube::Error::Api(s))
         | watcher::Error::WatchStartFailed(::kube::Error::Api(s))
@@ -215,21 +204,21 @@ fn describe(kind: Kind, err: &watcher::Error) -> String {
         _ => None,
     };
     match status {
-        Some(s) if s.code == 403 => format!(
-            "watching {what}: forbidden ({}): give ferry-proxy's ServiceAccount get/list/watch on {what} \
-             (the ClusterRole in conf/ferry-proxy.yaml); retrying",
-            s.message
-        ),
-        Some(s) if s.code == 401 => format!(
-            "watching {what}: unauthorized ({}): check the kubeconfig or service account token; retrying",
-            s.message
-        ),
-        Some(s) if s.code == 410 => {
-            format!(
-                "watching {what}: the watch fell behind the API server ({}); relisting",
-                s.message
-            )
-        }
-        _ => format!("watching {what}: {err}; retrying with backoff (programmed rules stay)"),
+        Some(s) if s.code == 403 => SourceError::Forbidden {
+            kind,
+            message: s.message.clone(),
+        },
+        Some(s) if s.code == 401 => SourceError::Unauthorized {
+            kind,
+            message: s.message.clone(),
+        },
+        Some(s) if s.code == 410 => SourceError::Expired {
+            kind,
+            message: s.message.clone(),
+        },
+        _ => SourceError::Watch {
+            kind,
+            message: err.to_string(),
+        },
     }
 }

@@ -4,17 +4,24 @@
 //! Every `*.yaml`, `*.yml` and `*.json` file directly in DIR is read (not subdirectories,
 //! not names starting with a dot, such as editor lock files). A file may hold several
 //! documents (`---`), a `kind: List` (or `ServiceList`, ... whose items may omit their
-//! kind), or for JSON one or more objects. Services (`v1`), EndpointSlices
-//! (`discovery.k8s.io/v1`) and Nodes (`v1`) are read; anything else is skipped with a debug
+//! kind), or for JSON one or more objects. Services, Nodes, Pods and Namespaces (`v1`) and
+//! EndpointSlices (`discovery.k8s.io/v1`) are read; anything else is skipped with a debug
 //! log. An object without a namespace is in `default`, as with `kubectl apply`.
+//!
+//! Each object is converted to the store's slim form as soon as it is decoded; the parsed
+//! text is dropped. What is kept per file between polls is its fingerprint, a hash of its
+//! content, and its slim objects, which are the very copies the store holds (shared
+//! `Arc`s): an unchanged file is neither read nor parsed again, and a snapshot costs no
+//! second copy of the cluster.
 //!
 //! The directory is polled every 200 ms (names, sizes, modification and change times,
 //! inodes; symlinks followed, so a ConfigMap volume works): a change is applied well
-//! within a second. Each change sends one [`Event::Snapshot`] of all three kinds.
+//! within a second. Each change sends one [`Event::Snapshot`] of every kind.
 //!
 //! A broken file changes nothing: while any file does not parse, no snapshot is sent, so
 //! the state programmed from the last directory that parsed as a whole stays. The error
-//! is sent as [`Event::Error`] naming the file and line, once per distinct set of errors.
+//! is sent as [`Event::Error`] ([`SourceError::Manifests`]) naming the file and line, once
+//! per distinct set of errors.
 //! We chose this over "the broken file's last good content plus the other files' new
 //! content" because an edit often spans files (a Service moved from one file to another):
 //! applying half of it would be a state nobody wrote.
@@ -26,7 +33,7 @@ use std::marker::PhantomData;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde::de::{DeserializeOwned, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer};
@@ -34,7 +41,7 @@ use serde_json::Value;
 use tokio::sync::mpsc::Sender;
 use tracing::{debug, warn};
 
-use super::{Event, Kind, Object};
+use super::{Event, Kind, Object, SourceError};
 
 /// How often the directory is looked at.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(200);
@@ -96,9 +103,7 @@ pub async fn run(dir: PathBuf, tx: Sender<Event>) {
             Ok(polled) => polled,
             Err(e) => {
                 let _ = tx
-                    .send(Event::Error(format!(
-                        "manifests: the directory reader failed: {e}"
-                    )))
+                    .send(Event::Error(SourceError::ManifestsReader(e.to_string())))
                     .await;
                 return;
             }
@@ -127,6 +132,7 @@ struct CachedFile {
     content_hash: u64,
     /// Read so soon after its last modification that it must be read again.
     unsettled: bool,
+    /// Its objects, slim and shared with the store (see the module docs).
     parsed: Result<Vec<Object>, ManifestError>,
 }
 
@@ -170,7 +176,7 @@ impl DirWatcher {
             Ok(objects) => {
                 self.last_errors = None;
                 Some(Event::Snapshot {
-                    kinds: vec![Kind::Service, Kind::EndpointSlice, Kind::Node],
+                    kinds: Kind::ALL.to_vec(),
                     objects,
                 })
             }
@@ -181,12 +187,8 @@ impl DirWatcher {
                 for error in &errors {
                     warn!("{error}");
                 }
-                let all: Vec<String> = errors.iter().map(ToString::to_string).collect();
-                self.last_errors = Some(errors);
-                Some(Event::Error(format!(
-                    "manifests: {} (nothing is applied until every file parses; the last good state stays)",
-                    all.join("; ")
-                )))
+                self.last_errors = Some(errors.clone());
+                Some(Event::Error(SourceError::Manifests(errors)))
             }
         }
     }
@@ -328,11 +330,11 @@ impl DirWatcher {
             return Err(errors);
         }
         let mut objects = Vec::new();
-        let mut seen: HashMap<(Kind, String, String), &Path> = HashMap::new();
+        let mut seen: HashMap<(Kind, &str, &str), &Path> = HashMap::new();
         for (path, file) in &self.files {
             for object in file.parsed.as_ref().into_iter().flatten() {
-                let (namespace, name) = identity(object);
-                if let Some(first) = seen.insert((object.kind(), namespace.clone(), name.clone()), path) {
+                let (namespace, name) = object.identity();
+                if let Some(first) = seen.insert((object.kind(), namespace, name), path) {
                     warn!(
                         "{:?} {namespace}/{name} is in both {} and {}; the one in {} is used",
                         object.kind(),
@@ -359,18 +361,6 @@ fn hash_of(bytes: &[u8]) -> u64 {
     let mut hasher = DefaultHasher::new();
     bytes.hash(&mut hasher);
     hasher.finish()
-}
-
-fn identity(object: &Object) -> (String, String) {
-    let meta = match object {
-        Object::Service(s) => &s.metadata,
-        Object::EndpointSlice(s) => &s.metadata,
-        Object::Node(n) => &n.metadata,
-    };
-    (
-        meta.namespace.clone().unwrap_or_default(),
-        meta.name.clone().unwrap_or_default(),
-    )
 }
 
 /// The objects in one file's text. JSON files are read with the JSON parser (YAML's is
@@ -494,26 +484,18 @@ fn collect(document: Value, out: &mut Vec<Object>) -> Result<(), ConversionError
     Ok(())
 }
 
-/// One object of a kind we read, or `None` for any other kind.
+/// One object of a kind we read, in the store's form, or `None` for any other kind.
 fn convert(value: Value) -> Result<Option<Object>, (Kind, String)> {
     let kind = value.get("kind").and_then(Value::as_str).unwrap_or("");
     let api_version = value.get("apiVersion").and_then(Value::as_str).unwrap_or("");
     let object = match (api_version, kind) {
-        ("v1", "Service") => {
-            let mut service: Service =
-                serde_json::from_value(value).map_err(|e| (Kind::Service, e.to_string()))?;
-            default_namespace(&mut service.metadata);
-            Object::Service(service)
-        }
+        ("v1", "Service") => decode_value::<Service>(value, Kind::Service)?,
         ("discovery.k8s.io/v1", "EndpointSlice") => {
-            let mut slice: EndpointSlice =
-                serde_json::from_value(value).map_err(|e| (Kind::EndpointSlice, e.to_string()))?;
-            default_namespace(&mut slice.metadata);
-            Object::EndpointSlice(slice)
+            decode_value::<EndpointSlice>(value, Kind::EndpointSlice)?
         }
-        ("v1", "Node") => {
-            Object::Node(serde_json::from_value(value).map_err(|e| (Kind::Node, e.to_string()))?)
-        }
+        ("v1", "Node") => decode_value::<Node>(value, Kind::Node)?,
+        ("v1", "Pod") => decode_value::<Pod>(value, Kind::Pod)?,
+        ("v1", "Namespace") => decode_value::<Namespace>(value, Kind::Namespace)?,
         _ => {
             let name = value
                 .pointer("/metadata/name")
@@ -529,10 +511,14 @@ fn convert(value: Value) -> Result<Option<Object>, (Kind, String)> {
     Ok(Some(object))
 }
 
-fn default_namespace(meta: &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) {
-    if meta.namespace.as_deref().is_none_or(str::is_empty) {
-        meta.namespace = Some("default".into());
-    }
+/// Decodes `value` as `T` and converts it at once: the k8s-openapi object lives only
+/// for this call.
+fn decode_value<T: DeserializeOwned>(value: Value, kind: Kind) -> Result<Object, (Kind, String)>
+where
+    Object: From<T>,
+{
+    let decoded: T = serde_json::from_value(value).map_err(|e| (kind, e.to_string()))?;
+    Ok(Object::from(decoded))
 }
 
 /// Decodes document `index` (item `item` of its list) of a YAML text as `kind`, for the
@@ -558,6 +544,8 @@ fn decode_as<'de, D: Deserializer<'de>>(de: D, item: Option<usize>, kind: Kind) 
         Kind::Service => decode::<Service, D>(de, item),
         Kind::EndpointSlice => decode::<EndpointSlice, D>(de, item),
         Kind::Node => decode::<Node, D>(de, item),
+        Kind::Pod => decode::<Pod, D>(de, item),
+        Kind::Namespace => decode::<Namespace, D>(de, item),
     }
 }
 
@@ -627,7 +615,7 @@ mod tests {
         objects
             .iter()
             .map(|o| {
-                let (ns, name) = identity(o);
+                let (ns, name) = o.identity();
                 format!("{:?} {ns}/{name}", o.kind())
             })
             .collect()
@@ -647,6 +635,35 @@ mod tests {
         assert_eq!(
             names(&objects),
             ["Service default/web", "EndpointSlice prod/web-1", "Node /node-a"]
+        );
+    }
+
+    #[test]
+    fn pods_and_namespaces_in_documents_and_lists() {
+        let text = "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: shop\n---\n\
+                    apiVersion: v1\nkind: Pod\nmetadata:\n  name: web-1\n  namespace: shop\n  labels: {app: web}\n\
+                    spec:\n  nodeName: node-a\n  containers:\n  - name: web\n    image: nginx\n\
+                    status:\n  phase: Running\n  podIP: 10.244.0.5\n";
+        let objects = parse_file(Path::new("p.yaml"), text).unwrap();
+        assert_eq!(names(&objects), ["Namespace /shop", "Pod shop/web-1"]);
+        let Object::Pod(pod) = &objects[1] else {
+            unreachable!()
+        };
+        assert_eq!(pod.ips, ["10.244.0.5".parse::<std::net::IpAddr>().unwrap()]);
+        assert_eq!(pod.labels.get("app"), Some("web"));
+        let Object::Namespace(ns) = &objects[0] else {
+            unreachable!()
+        };
+        assert_eq!(ns.labels.get("kubernetes.io/metadata.name"), Some("shop"));
+
+        // The API's own PodList, and a Pod in JSON without a namespace.
+        let text = r#"{"apiVersion": "v1", "kind": "PodList", "items": [
+                         {"metadata": {"name": "a", "namespace": "x"}, "spec": {"containers": []}},
+                         {"metadata": {"name": "b"}, "spec": {"containers": []}}]}
+                      {"apiVersion": "v1", "kind": "NamespaceList", "items": [{"metadata": {"name": "x"}}]}"#;
+        assert_eq!(
+            names(&parse_file(Path::new("l.json"), text).unwrap()),
+            ["Pod x/a", "Pod default/b", "Namespace /x"]
         );
     }
 
@@ -747,15 +764,16 @@ mod tests {
         let Some(Event::Snapshot { kinds, objects }) = watcher.poll() else {
             panic!("no first snapshot")
         };
-        assert_eq!(kinds, [Kind::Service, Kind::EndpointSlice, Kind::Node]);
+        assert_eq!(kinds, Kind::ALL);
         assert_eq!(names(&objects), ["Service default/web"]);
         assert_eq!(watcher.poll(), None, "nothing changed");
 
         // Broken: an error naming the file and line, and no snapshot.
         std::fs::write(&file, SERVICE.replace("10.96.0.10", "10.96.0.10: oops")).unwrap();
-        let Some(Event::Error(message)) = watcher.poll() else {
+        let Some(Event::Error(error)) = watcher.poll() else {
             panic!("no error")
         };
+        let message = error.to_string();
         assert!(message.contains(&format!("{}:6:", file.display())), "{message}");
         assert_eq!(watcher.poll(), None, "the same error is sent once");
 

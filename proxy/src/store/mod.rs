@@ -1,4 +1,5 @@
-//! The cluster objects this node needs, indexed the way the plan reads them.
+//! The cluster objects this node needs, in slim form ([`objects`]), indexed the way the
+//! plans read them.
 //!
 //! Services are kept by (namespace, name); EndpointSlices are grouped under the Service
 //! they belong to (label `kubernetes.io/service-name`), so planning one Service reads only
@@ -6,28 +7,36 @@
 //! last asked ([`Store::take_dirty`]): a Service is dirty when it, or one of its slices,
 //! was added, changed or removed. That is what lets one change among 10k Services cost the
 //! planning of one Service, not of all of them.
+//!
+//! An update whose slim form equals what is stored changes nothing and marks nothing
+//! dirty: status-only churn (a Pod's conditions, a Node's heartbeat) and relists of an
+//! unchanged cluster cost a comparison.
+//!
+//! Pods and Namespaces are kept for NetworkPolicy; no plan reads them yet, so they mark
+//! no Service dirty.
+
+pub mod intern;
+pub mod objects;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::{Node, Service};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use tracing::debug;
 
 use crate::source::{Event, Kind, Object};
+use objects::{EndpointSliceInfo, NamespaceInfo, NodeInfo, PodInfo, ServiceInfo};
 
-/// The label that ties an EndpointSlice to its Service.
-pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+pub use objects::SERVICE_NAME_LABEL;
 
 /// Identifies a Service (and the group of EndpointSlices that belong to it).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ServiceKey {
-    pub namespace: String,
-    pub name: String,
+    pub namespace: Arc<str>,
+    pub name: Arc<str>,
 }
 
 impl ServiceKey {
-    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> ServiceKey {
+    pub fn new(namespace: impl Into<Arc<str>>, name: impl Into<Arc<str>>) -> ServiceKey {
         ServiceKey {
             namespace: namespace.into(),
             name: name.into(),
@@ -41,19 +50,21 @@ impl std::fmt::Display for ServiceKey {
     }
 }
 
-/// (namespace, name) of an EndpointSlice.
-type SliceKey = (String, String);
+/// (namespace, name) of a namespaced object: EndpointSlices, Pods.
+type ObjectKey = (Arc<str>, Arc<str>);
 
 /// The objects the proxy has seen, as of the last event applied.
 #[derive(Debug, Default)]
 pub struct Store {
-    services: BTreeMap<ServiceKey, Service>,
+    services: BTreeMap<ServiceKey, Arc<ServiceInfo>>,
     /// EndpointSlices by owning Service, then by slice name.
-    slices: HashMap<ServiceKey, BTreeMap<String, EndpointSlice>>,
+    slices: HashMap<ServiceKey, BTreeMap<Arc<str>, Arc<EndpointSliceInfo>>>,
     /// Which Service each stored slice is filed under: a slice's label can change, and a
     /// Delete event may carry a stale copy, so the owner is remembered, not recomputed.
-    slice_owner: HashMap<SliceKey, ServiceKey>,
-    nodes: BTreeMap<String, Node>,
+    slice_owner: HashMap<ObjectKey, ServiceKey>,
+    nodes: BTreeMap<Arc<str>, Arc<NodeInfo>>,
+    pods: BTreeMap<ObjectKey, Arc<PodInfo>>,
+    namespaces: BTreeMap<Arc<str>, Arc<NamespaceInfo>>,
     /// Kinds for which a complete snapshot has arrived: until then the store does not
     /// know the whole truth, and programming from it would delete good rules.
     synced: BTreeSet<Kind>,
@@ -91,13 +102,13 @@ impl Store {
         self.synced.contains(&kind)
     }
 
-    pub fn service(&self, key: &ServiceKey) -> Option<&Service> {
-        self.services.get(key)
+    pub fn service(&self, key: &ServiceKey) -> Option<&ServiceInfo> {
+        self.services.get(key).map(|s| &**s)
     }
 
     /// Every Service, in key order.
-    pub fn services(&self) -> impl Iterator<Item = (&ServiceKey, &Service)> {
-        self.services.iter()
+    pub fn services(&self) -> impl Iterator<Item = (&ServiceKey, &ServiceInfo)> {
+        self.services.iter().map(|(k, s)| (k, &**s))
     }
 
     pub fn service_count(&self) -> usize {
@@ -105,15 +116,35 @@ impl Store {
     }
 
     /// The EndpointSlices of one Service, in slice-name order.
-    pub fn slices(&self, key: &ServiceKey) -> impl Iterator<Item = &EndpointSlice> {
+    pub fn slices(&self, key: &ServiceKey) -> impl Iterator<Item = &EndpointSliceInfo> {
         self.slices
             .get(key)
             .into_iter()
-            .flat_map(|by_name| by_name.values())
+            .flat_map(|by_name| by_name.values().map(|s| &**s))
     }
 
-    pub fn node(&self, name: &str) -> Option<&Node> {
-        self.nodes.get(name)
+    pub fn node(&self, name: &str) -> Option<&NodeInfo> {
+        self.nodes.get(name).map(|n| &**n)
+    }
+
+    pub fn pod(&self, namespace: &str, name: &str) -> Option<&PodInfo> {
+        self.pods
+            .get(&(Arc::from(namespace), Arc::from(name)))
+            .map(|p| &**p)
+    }
+
+    /// Every Pod, in (namespace, name) order.
+    pub fn pods(&self) -> impl Iterator<Item = &PodInfo> {
+        self.pods.values().map(|p| &**p)
+    }
+
+    pub fn namespace(&self, name: &str) -> Option<&NamespaceInfo> {
+        self.namespaces.get(name).map(|n| &**n)
+    }
+
+    /// Every Namespace, in name order.
+    pub fn namespaces(&self) -> impl Iterator<Item = &NamespaceInfo> {
+        self.namespaces.values().map(|n| &**n)
     }
 
     /// Replaces every object of `kinds` by `objects`: what is not in the snapshot is gone.
@@ -123,14 +154,18 @@ impl Store {
         let mut keep_services = BTreeSet::new();
         let mut keep_slices = BTreeSet::new();
         let mut keep_nodes = BTreeSet::new();
+        let mut keep_pods = BTreeSet::new();
+        let mut keep_namespaces = BTreeSet::new();
         for object in objects {
             if !kinds.contains(&object.kind()) {
                 debug!(kind = ?object.kind(), "snapshot holds an object of a kind it does not cover; applied as an update");
             }
             match &object {
-                Object::Service(s) => keep_services.insert(service_key(&s.metadata)),
-                Object::EndpointSlice(s) => keep_slices.insert(slice_key(&s.metadata)),
-                Object::Node(n) => keep_nodes.insert(n.metadata.name.clone().unwrap_or_default()),
+                Object::Service(s) => keep_services.insert(service_key(s)),
+                Object::EndpointSlice(s) => keep_slices.insert(slice_key(s)),
+                Object::Node(n) => keep_nodes.insert(n.name.clone()),
+                Object::Pod(p) => keep_pods.insert((p.namespace.clone(), p.name.clone())),
+                Object::Namespace(n) => keep_namespaces.insert(n.name.clone()),
             };
             self.upsert(object);
         }
@@ -149,7 +184,7 @@ impl Store {
                     }
                 }
                 Kind::EndpointSlice => {
-                    let gone: Vec<SliceKey> = self
+                    let gone: Vec<ObjectKey> = self
                         .slice_owner
                         .keys()
                         .filter(|k| !keep_slices.contains(*k))
@@ -160,6 +195,8 @@ impl Store {
                     }
                 }
                 Kind::Node => self.nodes.retain(|name, _| keep_nodes.contains(name)),
+                Kind::Pod => self.pods.retain(|key, _| keep_pods.contains(key)),
+                Kind::Namespace => self.namespaces.retain(|name, _| keep_namespaces.contains(name)),
             }
             self.synced.insert(*kind);
         }
@@ -168,7 +205,7 @@ impl Store {
     fn upsert(&mut self, object: Object) {
         match object {
             Object::Service(service) => {
-                let key = service_key(&service.metadata);
+                let key = service_key(&service);
                 if key.name.is_empty() {
                     debug!("ignoring a Service without a name");
                     return;
@@ -180,21 +217,28 @@ impl Store {
             }
             Object::EndpointSlice(slice) => self.upsert_slice(slice),
             Object::Node(node) => {
-                if let Some(name) = node.metadata.name.clone() {
-                    self.nodes.insert(name, node);
+                if !node.name.is_empty() {
+                    replace_if_changed(&mut self.nodes, node.name.clone(), node);
+                }
+            }
+            Object::Pod(pod) => {
+                if !pod.name.is_empty() {
+                    replace_if_changed(&mut self.pods, (pod.namespace.clone(), pod.name.clone()), pod);
+                }
+            }
+            Object::Namespace(namespace) => {
+                if !namespace.name.is_empty() {
+                    replace_if_changed(&mut self.namespaces, namespace.name.clone(), namespace);
                 }
             }
         }
     }
 
-    fn upsert_slice(&mut self, slice: EndpointSlice) {
-        let key = slice_key(&slice.metadata);
+    fn upsert_slice(&mut self, slice: Arc<EndpointSliceInfo>) {
+        let key = slice_key(&slice);
         let owner = slice
-            .metadata
-            .labels
+            .service_name
             .as_ref()
-            .and_then(|labels| labels.get(SERVICE_NAME_LABEL))
-            .filter(|name| !name.is_empty())
             .map(|name| ServiceKey::new(key.0.clone(), name.clone()));
         let Some(owner) = owner.filter(|_| !key.1.is_empty()) else {
             // kube-proxy ignores slices it cannot tie to a Service; so do we, but a slice
@@ -217,21 +261,25 @@ impl Store {
     fn delete(&mut self, object: &Object) {
         match object {
             Object::Service(service) => {
-                let key = service_key(&service.metadata);
+                let key = service_key(service);
                 if self.services.remove(&key).is_some() {
                     self.dirty.insert(key);
                 }
             }
-            Object::EndpointSlice(slice) => self.remove_slice(&slice_key(&slice.metadata)),
+            Object::EndpointSlice(slice) => self.remove_slice(&slice_key(slice)),
             Object::Node(node) => {
-                if let Some(name) = &node.metadata.name {
-                    self.nodes.remove(name);
-                }
+                self.nodes.remove(&node.name);
+            }
+            Object::Pod(pod) => {
+                self.pods.remove(&(pod.namespace.clone(), pod.name.clone()));
+            }
+            Object::Namespace(namespace) => {
+                self.namespaces.remove(&namespace.name);
             }
         }
     }
 
-    fn remove_slice(&mut self, key: &SliceKey) {
+    fn remove_slice(&mut self, key: &ObjectKey) {
         let Some(owner) = self.slice_owner.remove(key) else {
             return;
         };
@@ -245,30 +293,30 @@ impl Store {
     }
 }
 
-/// Objects from a manifest may lack a namespace: like kubectl, they then live in "default".
-fn namespace_of(meta: &ObjectMeta) -> String {
-    meta.namespace
-        .clone()
-        .filter(|ns| !ns.is_empty())
-        .unwrap_or_else(|| "default".to_string())
-}
-
-fn service_key(meta: &ObjectMeta) -> ServiceKey {
-    ServiceKey {
-        namespace: namespace_of(meta),
-        name: meta.name.clone().unwrap_or_default(),
+/// Stores `value` unless an equal one is there: the stored copy stays, and the new one
+/// (with its own allocations) is dropped.
+fn replace_if_changed<K: Ord, V: PartialEq>(map: &mut BTreeMap<K, Arc<V>>, key: K, value: Arc<V>) {
+    if map.get(&key) != Some(&value) {
+        map.insert(key, value);
     }
 }
 
-fn slice_key(meta: &ObjectMeta) -> SliceKey {
-    (namespace_of(meta), meta.name.clone().unwrap_or_default())
+fn service_key(service: &ServiceInfo) -> ServiceKey {
+    ServiceKey::new(service.namespace.clone(), service.name.clone())
+}
+
+fn slice_key(slice: &EndpointSliceInfo) -> ObjectKey {
+    (slice.namespace.clone(), slice.name.clone())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+    use k8s_openapi::api::discovery::v1::EndpointSlice;
+    use serde_json::json;
 
-    fn service(ns: &str, name: &str, cluster_ip: &str) -> Object {
+    fn k8s_service(ns: &str, name: &str, cluster_ip: &str) -> Service {
         let mut s = Service::default();
         s.metadata.namespace = Some(ns.into());
         s.metadata.name = Some(name.into());
@@ -276,7 +324,11 @@ mod tests {
             cluster_ip: Some(cluster_ip.into()),
             ..Default::default()
         });
-        Object::Service(s)
+        s
+    }
+
+    fn service(ns: &str, name: &str, cluster_ip: &str) -> Object {
+        k8s_service(ns, name, cluster_ip).into()
     }
 
     fn slice(ns: &str, name: &str, owner: Option<&str>, ip: &str) -> Object {
@@ -293,7 +345,7 @@ mod tests {
         if let Some(owner) = owner {
             s.metadata.labels = Some([(SERVICE_NAME_LABEL.to_string(), owner.to_string())].into());
         }
-        Object::EndpointSlice(s)
+        s.into()
     }
 
     fn keys(names: &[(&str, &str)]) -> BTreeSet<ServiceKey> {
@@ -313,6 +365,32 @@ mod tests {
         store.apply(Event::Upsert(slice("a", "web-1", Some("web"), "10.1.0.2")));
         assert_eq!(store.take_dirty(), keys(&[("a", "web")]));
         assert_eq!(store.slices(&ServiceKey::new("a", "web")).count(), 1);
+    }
+
+    #[test]
+    fn changes_nothing_reads_are_not_changes() {
+        let mut store = Store::new();
+        store.apply(Event::Upsert(service("a", "web", "10.0.0.1")));
+        store.take_dirty();
+        // A new resourceVersion, an annotation and a status condition: nothing a plan reads.
+        let mut churned = k8s_service("a", "web", "10.0.0.1");
+        churned.metadata.resource_version = Some("42".into());
+        churned.metadata.annotations = Some([("note".to_string(), "x".to_string())].into());
+        churned.status = Some(
+            serde_json::from_value(json!({"conditions": [{
+            "type": "Ready", "status": "True", "reason": "r", "message": "m",
+            "lastTransitionTime": "2025-05-01T10:00:00Z"}]}))
+            .unwrap(),
+        );
+        store.apply(Event::Upsert(churned.into()));
+        assert!(store.take_dirty().is_empty());
+        // The load balancer's address is read: that is a change.
+        let mut with_lb = k8s_service("a", "web", "10.0.0.1");
+        with_lb.status = Some(
+            serde_json::from_value(json!({"loadBalancer": {"ingress": [{"ip": "203.0.113.7"}]}})).unwrap(),
+        );
+        store.apply(Event::Upsert(with_lb.into()));
+        assert_eq!(store.take_dirty(), keys(&[("a", "web")]));
     }
 
     #[test]
@@ -376,11 +454,114 @@ mod tests {
     #[test]
     fn a_missing_namespace_means_default() {
         let mut store = Store::new();
-        let mut s = service("x", "web", "10.0.0.1");
-        if let Object::Service(s) = &mut s {
-            s.metadata.namespace = None;
-        }
-        store.apply(Event::Upsert(s));
+        let mut s = k8s_service("x", "web", "10.0.0.1");
+        s.metadata.namespace = None;
+        store.apply(Event::Upsert(s.into()));
         assert!(store.service(&ServiceKey::new("default", "web")).is_some());
+    }
+
+    fn pod(name: &str, labels: serde_json::Value, phase: &str, ips: &[&str]) -> Object {
+        let pod: Pod = serde_json::from_value(json!({
+            "metadata": {"name": name, "namespace": "shop", "labels": labels,
+                         "uid": "u", "resourceVersion": "1",
+                         "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{...}"}},
+            "spec": {"nodeName": "node-a", "containers": [
+                {"name": "web", "image": "nginx", "ports": [
+                    {"name": "http", "containerPort": 8080},
+                    {"containerPort": 53, "protocol": "UDP"}]}],
+                "initContainers": [{"name": "proxy", "image": "envoy", "restartPolicy": "Always",
+                    "ports": [{"name": "admin", "containerPort": 9901, "protocol": "SCTP"}]}]},
+            "status": {"phase": phase, "podIP": ips.first().copied().unwrap_or(""),
+                       "podIPs": ips.iter().map(|ip| json!({"ip": ip})).collect::<Vec<_>>(),
+                       "conditions": [{"type": "Ready", "status": "True"}]}
+        }))
+        .unwrap();
+        pod.into()
+    }
+
+    #[test]
+    fn pods_and_namespaces_are_kept_slim_and_updated() {
+        use crate::plan::Protocol;
+        use objects::{ContainerPort, PodPhase};
+
+        let mut store = Store::new();
+        let namespace: Namespace =
+            serde_json::from_value(json!({"metadata": {"name": "shop", "labels": {"team": "a"}}})).unwrap();
+        store.apply(Event::Snapshot {
+            kinds: vec![Kind::Pod, Kind::Namespace],
+            objects: vec![
+                pod("web-1", json!({"app": "web"}), "Pending", &[]),
+                namespace.into(),
+            ],
+        });
+        assert!(store.has_synced(Kind::Pod) && store.has_synced(Kind::Namespace));
+        assert!(!store.has_synced(Kind::Service));
+        // No Service reads them: nothing to re-plan.
+        assert!(store.take_dirty().is_empty());
+
+        let shop = store.namespace("shop").unwrap();
+        // The label the API server adds is there, also when the manifest left it out.
+        assert_eq!(shop.labels.get("kubernetes.io/metadata.name"), Some("shop"));
+        assert_eq!(shop.labels.get("team"), Some("a"));
+        assert_eq!(shop.labels.len(), 2);
+
+        let web = store.pod("shop", "web-1").unwrap();
+        assert_eq!(web.phase, PodPhase::Pending);
+        assert!(web.ips.is_empty());
+        assert_eq!(web.node_name.as_deref(), Some("node-a"));
+        assert_eq!(web.labels.iter().collect::<Vec<_>>(), [("app", "web")]);
+        assert_eq!(
+            web.ports,
+            [
+                ContainerPort {
+                    name: Some("http".into()),
+                    protocol: Some(Protocol::Tcp),
+                    port: 8080
+                },
+                ContainerPort {
+                    name: None,
+                    protocol: Some(Protocol::Udp),
+                    port: 53
+                },
+                ContainerPort {
+                    name: Some("admin".into()),
+                    protocol: Some(Protocol::Sctp),
+                    port: 9901
+                },
+            ]
+        );
+
+        // Running, with its addresses: the stored copy follows.
+        store.apply(Event::Upsert(pod(
+            "web-1",
+            json!({"app": "web"}),
+            "Running",
+            &["10.244.0.5", "fd00::5"],
+        )));
+        let web = store.pod("shop", "web-1").unwrap();
+        assert_eq!(web.phase, PodPhase::Running);
+        assert_eq!(
+            web.ips,
+            [
+                "10.244.0.5".parse::<std::net::IpAddr>().unwrap(),
+                "fd00::5".parse().unwrap()
+            ]
+        );
+        // Strings that repeat are shared: the namespace of the Pod is the Namespace's name.
+        assert!(Arc::ptr_eq(
+            &web.namespace,
+            &store.namespace("shop").unwrap().name
+        ));
+
+        // A relist without it: gone.
+        store.apply(Event::Snapshot {
+            kinds: vec![Kind::Pod],
+            objects: vec![pod("web-2", json!({}), "Running", &["10.244.0.6"])],
+        });
+        assert!(store.pod("shop", "web-1").is_none());
+        assert_eq!(store.pods().map(|p| &*p.name).collect::<Vec<_>>(), ["web-2"]);
+        store.apply(Event::Delete(pod("web-2", json!({}), "Running", &[])));
+        assert_eq!(store.pods().count(), 0);
+        assert!(store.take_dirty().is_empty());
     }
 }
