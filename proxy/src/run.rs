@@ -290,7 +290,10 @@ impl SyncLoop {
             return;
         }
         self.store.apply(event);
-        if self.store.has_dirty() {
+        // The first time the store is complete, the node is programmed even when nothing in
+        // it is dirty: an empty cluster still needs the base table (and a restart must
+        // replace whatever the last process left).
+        if self.store.has_dirty() || (!self.synced_once && !self.pending && self.ready()) {
             self.queue();
         }
     }
@@ -896,6 +899,40 @@ mod tests {
         let seen = seen.lock().unwrap();
         assert_eq!(seen.len(), 1);
         assert_eq!(seen[0].ports.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn an_empty_cluster_is_programmed_once_everything_is_listed() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let fail = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (s, f) = (seen.clone(), fail.clone());
+        let backend = BackendThread::start(move || Ok(Box::new(FakeBackend::new(s, f)) as _))
+            .await
+            .unwrap();
+        let (tx, rx) = mpsc::channel(16);
+        let task = tokio::spawn(run(
+            rx,
+            backend,
+            config(),
+            Arc::new(Metrics::default()),
+            Box::new(|_, _| {}),
+            std::future::pending(),
+        ));
+        tx.send(Event::Snapshot {
+            kinds: vec![Kind::Service, Kind::EndpointSlice],
+            objects: vec![],
+        })
+        .await
+        .unwrap();
+        drop(tx);
+        task.await.unwrap().unwrap();
+        let seen = seen.lock().unwrap();
+        assert_eq!(
+            seen.len(),
+            1,
+            "no sync of the empty plan: the base table would be missing"
+        );
+        assert!(seen[0].ports.is_empty());
     }
 
     #[test]
