@@ -5,10 +5,10 @@
 
 use std::fs::File;
 use std::net::IpAddr;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use ipnetwork::IpNetwork;
-use netlink_packet_core::{NLM_F_CREATE, NLM_F_EXCL};
+use netlink_packet_core::{NLM_F_CREATE, NLM_F_EXCL, NLM_F_REQUEST};
 use netlink_packet_route::address::{AddressAttribute, AddressFlags, AddressMessage};
 use netlink_packet_route::link::{
     AfSpecBridge, BridgeVlanInfo, BridgeVlanInfoFlags, InfoBridge, InfoBridgePort, InfoData, InfoKind,
@@ -296,6 +296,12 @@ impl Socket {
         self.request(RouteNetlinkMessage::DelLink(link_message(index)), 0)
     }
 
+    /// The bytes of a request that deletes link `index`, asking for no ACK: for a process
+    /// that sends it and exits without reading (see `plugin::delete_in_background`).
+    pub fn delete_link_request(&mut self, index: u32) -> Vec<u8> {
+        self.encode(RouteNetlinkMessage::DelLink(link_message(index)), NLM_F_REQUEST)
+    }
+
     /// Adds an address; `EEXIST` is returned as is.
     pub fn add_address(&mut self, index: u32, addr: IpNetwork, nodad: bool) -> Result<()> {
         let mut m = AddressMessage::default();
@@ -419,6 +425,45 @@ impl Socket {
             }
         }
         Ok(out)
+    }
+}
+
+/// Tells whether a link name is taken in the network namespace the probe was opened in,
+/// without the RTNL lock: an `SIOCGIFINDEX` ioctl reads the namespace's name table under
+/// RCU, where an rtnetlink `GET` waits while another request holds RTNL (a deletion holds
+/// it across two RCU grace periods, 10+ ms under load).
+pub struct NameProbe(OwnedFd);
+
+impl NameProbe {
+    /// Opens a probe in the calling thread's network namespace (it stays bound to it).
+    pub fn open() -> std::io::Result<NameProbe> {
+        // SAFETY: socket() returns a new descriptor or -1.
+        let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is ours alone.
+        Ok(NameProbe(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
+    /// Whether a link is called `name` in the probe's namespace.
+    pub fn exists(&self, name: &str) -> std::io::Result<bool> {
+        // SAFETY: ifreq is plain data.
+        let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+        if name.len() >= req.ifr_name.len() {
+            return Ok(false); // no link can have a name this long
+        }
+        for (d, s) in req.ifr_name.iter_mut().zip(name.bytes()) {
+            *d = s as libc::c_char;
+        }
+        // SAFETY: a valid descriptor and a valid, NUL-terminated ifreq.
+        if unsafe { libc::ioctl(self.0.as_raw_fd(), libc::SIOCGIFINDEX, &mut req) } == 0 {
+            return Ok(true);
+        }
+        match std::io::Error::last_os_error() {
+            e if e.raw_os_error() == Some(libc::ENODEV) => Ok(false),
+            e => Err(e),
+        }
     }
 }
 
