@@ -111,14 +111,26 @@ impl Plugin for Bridge {
         let host_name = host_veth_name(&env.container_id, ifname);
 
         // The IPAM plugin is a process of its own: it allocates while we build the veth
-        // pair, since neither needs the other. Both outcomes are registered for rollback
-        // before either error is returned.
-        let (host, ipam) = std::thread::scope(|s| {
+        // pair, since neither needs the other, and the Pod's side gets ready as soon as its
+        // end exists. Every outcome is registered for rollback before an error is returned.
+        let (host, ipam, pod_side) = std::thread::scope(|s| {
             let ipam_job = cfg
                 .ipam_type
                 .as_deref()
                 .map(|t| s.spawn(move || delegate_add(env, t, &req.stdin)));
-            let host = create_veth(&mut node, &cfg, req, &pod, &host_name, &bridge, &mut undo);
+            let created = create_veth(&mut node, &cfg, req, &pod, &host_name, &mut undo);
+            let pod_job = created
+                .is_ok()
+                .then(|| pod.spawn(s, || prepare_pod(&cfg, ifname)));
+            let host = created.and_then(|()| {
+                attach_port(
+                    &mut node,
+                    &cfg,
+                    &host_name,
+                    &bridge,
+                    &alias(&req.config.name, &env.container_id, ifname),
+                )
+            });
             let ipam = match ipam_job {
                 Some(job) => job
                     .join()
@@ -126,9 +138,10 @@ impl Plugin for Bridge {
                 None => Ok(CniResult::default()),
             };
             undo.ipam = ipam.is_ok() && cfg.ipam_type.is_some();
-            (host, ipam)
+            (host, ipam, pod_job.map(|job| pod.join(job)))
         });
         let (host, ipam) = (host?, ipam?);
+        let mut pod_side = pod_side.expect("prepared once the veth pair exists")?;
         if let (Some(ipam_type), true) = (&cfg.ipam_type, ipam.ips.is_empty()) {
             return Err(Error::new(
                 Code::INTERNAL,
@@ -155,23 +168,39 @@ impl Plugin for Bridge {
             }
         }
 
-        let container_mac = pod.run(|| configure_pod(&cfg, ifname, &ipam.ips, &routes, &gateways))?;
-
-        if cfg.is_gateway {
-            for ip in &ipam.ips {
-                if let Some(gw) = ip.gateway {
-                    let gw_net = IpNetwork::new(gw, ip.address.prefix()).expect("prefix of a valid address");
-                    ensure_gateway_address(&mut node, &bridge, gw_net, cfg.force_address)?;
-                }
-            }
-            enable_forwarding(&gateways)?;
-        }
-
+        // The Pod's addresses and routes, and the node's gateway address and rules, need
+        // nothing of each other: both at once (the Pod's socket stays in its namespace
+        // whichever thread uses it).
+        let container_mac = pod_side.link.mac.clone();
         let rules = attachment_rules(req, &cfg, &ipam.ips, &host_name, container_mac.as_deref());
-        if !rules.is_empty() {
-            firewall::add(&rules)?;
-            undo.firewall = true;
-        }
+        let (pod_done, node_done) = std::thread::scope(|s| {
+            let pod_job =
+                s.spawn(|| configure_pod(&mut pod_side, &cfg, ifname, &ipam.ips, &routes, &gateways));
+            let mut node_done = || -> Result<(), Error> {
+                if cfg.is_gateway {
+                    for ip in &ipam.ips {
+                        if let Some(gw) = ip.gateway {
+                            let gw_net =
+                                IpNetwork::new(gw, ip.address.prefix()).expect("prefix of a valid address");
+                            ensure_gateway_address(&mut node, &bridge, gw_net, cfg.force_address)?;
+                        }
+                    }
+                    enable_forwarding(&gateways)?;
+                }
+                if !rules.is_empty() {
+                    firewall::add(&rules)?;
+                    undo.firewall = true;
+                }
+                Ok(())
+            };
+            let node_done = node_done();
+            let pod_done = pod_job
+                .join()
+                .unwrap_or_else(|_| Err(Error::new(Code::INTERNAL, "configuring the Pod panicked", "")));
+            (pod_done, node_done)
+        });
+        pod_done?;
+        node_done?;
 
         // The bridge's MAC is fixed at creation, the veth's at creation: read them once.
         let bridge_now = node
@@ -653,17 +682,15 @@ fn bridge_mac(name: &str) -> [u8; 6] {
     [(d[0] & 0xfe) | 0x02, d[1], d[2], d[3], d[4], d[5]]
 }
 
-/// Creates the veth pair, the Pod's end directly inside its namespace, and makes the host
-/// end a port of the bridge.
+/// Creates the veth pair, the Pod's end directly inside its namespace.
 fn create_veth(
     node: &mut Socket,
     cfg: &BridgeConfig,
     req: &Request,
     pod: &PodNetns,
     host_name: &str,
-    bridge: &Link,
     undo: &mut Rollback,
-) -> Result<Link, Error> {
+) -> Result<(), Error> {
     let (env, ifname) = (&req.env, req.env.ifname.as_str());
     let host_end = VethEnd {
         name: host_name,
@@ -690,13 +717,7 @@ fn create_veth(
         }
     })?;
     undo.veth = Some(host_name.to_string());
-    attach_port(
-        node,
-        cfg,
-        host_name,
-        bridge,
-        &alias(&req.config.name, &env.container_id, ifname),
-    )
+    Ok(())
 }
 
 /// Makes the host end a port of the bridge with the port options, and up.
@@ -766,16 +787,20 @@ fn gateways(ips: &[IpConfig]) -> Vec<IpAddr> {
     out
 }
 
-/// Runs inside the Pod's namespace: addresses, link up, routes. Returns the MAC.
-fn configure_pod(
-    cfg: &BridgeConfig,
-    ifname: &str,
-    ips: &[IpConfig],
-    routes: &[Route],
-    gateways: &[IpAddr],
-) -> Result<Option<String>, Error> {
-    let mut s = Socket::new().map_err(nl("opening a netlink socket in the Pod"))?;
-    let link = s
+/// The Pod's side of an ADD: a socket in the Pod's namespace (it stays bound there, so any
+/// thread can use it) and the Pod's end of the veth pair.
+struct PodSide {
+    socket: Socket,
+    link: Link,
+}
+
+/// Runs inside the Pod's namespace as soon as the veth pair exists, while the IPAM plugin
+/// runs: finds the Pod's end, and writes the sysctls that only a thread inside the
+/// namespace can (`/proc/sys/net` is the namespace of the thread that opens it), before
+/// any address is added.
+fn prepare_pod(cfg: &BridgeConfig, ifname: &str) -> Result<PodSide, Error> {
+    let mut socket = Socket::new().map_err(nl("opening a netlink socket in the Pod"))?;
+    let link = socket
         .link_by_name(ifname)
         .map_err(nl(format!("looking up {ifname} in the Pod")))?
         .ok_or_else(|| {
@@ -785,7 +810,8 @@ fn configure_pod(
                 "",
             )
         })?;
-    if !ips.is_empty() {
+    // With an IPAM plugin the Pod gets addresses (an ADD whose IPAM returns none fails).
+    if cfg.ipam_type.is_some() {
         // Without DAD an IPv6 address is usable at once; arp_notify tells the bridge our MAC.
         let _ = sysctl(
             &format!("net/ipv6/conf/{ifname}/accept_dad"),
@@ -793,6 +819,19 @@ fn configure_pod(
         );
         let _ = sysctl(&format!("net/ipv4/conf/{ifname}/arp_notify"), "1");
     }
+    Ok(PodSide { socket, link })
+}
+
+/// Addresses, link up, routes, over the Pod's socket.
+fn configure_pod(
+    pod: &mut PodSide,
+    cfg: &BridgeConfig,
+    ifname: &str,
+    ips: &[IpConfig],
+    routes: &[Route],
+    gateways: &[IpAddr],
+) -> Result<(), Error> {
+    let (s, link) = (&mut pod.socket, &pod.link);
     for ip in ips {
         s.add_address(link.index, ip.address, !cfg.enable_dad)
             .map_err(nl(format!("adding {} to {ifname}", ip.address)))?;
@@ -815,7 +854,7 @@ fn configure_pod(
             Err(e) => return Err(nl(format!("adding route to {} via {gw:?} in the Pod", route.dst))(e)),
         }
     }
-    Ok(link.mac)
+    Ok(())
 }
 
 /// Puts `gw` on the bridge. Another address of the same subnet there is an error, unless
