@@ -308,7 +308,7 @@ impl Socket {
     }
 
     /// The bytes of a request that deletes link `index`, asking for no ACK: for a process
-    /// that sends it and exits without reading (see `plugin::delete_in_background`).
+    /// that sends it and exits without reading (see `detached::send_rtnetlink`).
     pub fn delete_link_request(&mut self, index: u32) -> Vec<u8> {
         self.encode(RouteNetlinkMessage::DelLink(link_message(index)), NLM_F_REQUEST)
     }
