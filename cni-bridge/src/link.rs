@@ -506,6 +506,15 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_name_probe_tells_taken_names_from_free_ones() {
+        // Reads only: every network namespace has "lo".
+        let probe = NameProbe::open().unwrap();
+        assert!(probe.exists("lo").unwrap());
+        assert!(!probe.exists("fy-no-such-if").unwrap());
+        assert!(!probe.exists("longer-than-ifnamsiz").unwrap());
+    }
+
+    #[test]
     fn macs_parse_and_format() {
         assert_eq!(
             parse_mac("0a:58:0A:F4:01:02"),
