@@ -41,7 +41,24 @@ impl PodNetns {
 
     /// Runs `f` on a new thread inside this namespace and returns what it returns.
     pub fn run<T: Send>(&self, f: impl FnOnce() -> Result<T, Error> + Send) -> Result<T, Error> {
-        self.0.run(f).unwrap_or_else(|e| {
+        std::thread::scope(|s| self.join(self.spawn(s, f)))
+    }
+
+    /// Starts `f` on a new thread of `scope` inside this namespace and returns at once;
+    /// [`PodNetns::join`] waits for its result.
+    pub fn spawn<'scope, 'env, T: Send + 'scope>(
+        &'env self,
+        scope: &'scope std::thread::Scope<'scope, 'env>,
+        f: impl FnOnce() -> Result<T, Error> + Send + 'scope,
+    ) -> std::thread::ScopedJoinHandle<'scope, ferry_netlink::Result<Result<T, Error>>> {
+        self.0.spawn(scope, f)
+    }
+
+    pub fn join<T>(
+        &self,
+        thread: std::thread::ScopedJoinHandle<'_, ferry_netlink::Result<Result<T, Error>>>,
+    ) -> Result<T, Error> {
+        self.0.join(thread).unwrap_or_else(|e| {
             Err(match e {
                 ferry_netlink::Error::NetnsEnter { source, .. } => Error::new(
                     Code::InvalidEnvironment,

@@ -7,6 +7,7 @@
 //! |---|---|---|---|
 //! | rtnetlink (`NETLINK_ROUTE`) | [`route::Route`] | netlink-packet-route's `RouteNetlinkMessage` | ferry-bridge: links, addresses, routes |
 //! | ctnetlink (`NETLINK_NETFILTER`) | [`conntrack::Conntrack`] | netlink-packet-netfilter's conntrack messages | ferry-proxy: stale UDP flows |
+//! | nf_tables (`NETLINK_NETFILTER`) | [`nftables::NfTables`] | [`nftables::RawMessage`], framed by ferry-nft | ferry-nft: batches and dumps for the proxy and ferry-bridge |
 //!
 //! Every family shares one send/receive loop ([`socket`]): a request with an ACK, a dump
 //! read to `NLMSG_DONE` across as many datagrams as the kernel sends, a `GET` of one
@@ -15,30 +16,32 @@
 //! A socket belongs to the network namespace of the thread that opened it;
 //! [`Netns::run`] opens it in another one, on a thread of its own.
 //!
-//! # nf_tables batches on the same socket (next)
+//! # nf_tables batches on the same socket
 //!
-//! nf_tables is the third family (today in its own module with its own socket). Its
+//! nf_tables is the third family ([`nftables::NfTables`], used by ferry-nft). Its
 //! transactions are not one typed message but a batch of raw messages (`BATCH_BEGIN`, the
 //! changes, `BATCH_END`) in one `sendmsg`, each with its own sequence number, the kernel
-//! answering with an error for each failing message and an ACK for the last. That fits
-//! the raw layer of [`Socket`] as it is:
+//! answering with an error for each failing message and an ACK for the last. That is the
+//! raw layer of [`Socket`]:
 //!
-//! 1. a marker `NfTables` implementing [`Family`] with `PROTOCOL = NETLINK_NETFILTER`
-//!    (its dumps of tables, chains and sets can then use [`Socket::dump`] once their
-//!    messages are typed, or the raw calls meanwhile);
-//! 2. the batch takes its sequence numbers from [`Socket::next_seq`] and goes out with
-//!    [`Socket::send_raw`] (a vectored variant and a forced `SO_SNDBUF` are the two
-//!    additions a 64 KiB+ batch needs);
-//! 3. [`Socket::receive`] hands over every [`Frame`] whatever its sequence number: the
-//!    commit collects the [`Frame::Error`]s of its sequence range (their extended-ack
+//! 1. the batch takes its sequence numbers from [`Socket::next_seq`] (or numbers them
+//!    itself: the kernel only echoes them) and goes out whole with
+//!    [`Socket::send_vectored`], after [`Socket::reserve_send_buffer`] made room for it
+//!    (SO_SNDBUFFORCE: a 10k-Service sync is 11 MiB in one datagram);
+//! 2. [`Socket::receive_within`] hands over every [`Frame`] whatever its sequence number:
+//!    the commit collects the [`Frame::Error`]s of its sequence range (their extended-ack
 //!    `offset` locates the rejected attribute inside the batch) and stops at the
-//!    [`Frame::Ack`] of the last message.
+//!    [`Frame::Ack`] of the last message; an ENOBUFS (thousands of errors overflowed the
+//!    receive queue) ends one call and the next reads on;
+//! 3. dumps of tables, chains, sets and rules read [`Frame::Message`]s, whose header
+//!    carries `NLM_F_DUMP_INTR` when the ruleset changed during the dump.
 //!
-//! The socket already asks for capped acks, so an error does not echo a whole batch.
+//! The socket asks for capped acks, so an error does not echo a whole batch.
 
 pub mod conntrack;
 mod error;
 pub mod netns;
+pub mod nftables;
 pub mod route;
 pub mod socket;
 

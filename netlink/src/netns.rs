@@ -57,20 +57,32 @@ impl Netns {
     /// Errors when the thread cannot enter the namespace (not a network namespace, no
     /// CAP_SYS_ADMIN) or when `f` panics; `f`'s own errors are its return value.
     pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T> {
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                setns(&self.file, CloneFlags::CLONE_NEWNET).map_err(|source| Error::NetnsEnter {
-                    path: self.path.clone(),
-                    source,
-                })?;
-                Ok(f())
-            })
-            .join()
-            .unwrap_or_else(|panic| {
-                Err(Error::NetnsThreadPanicked {
-                    path: self.path.clone(),
-                    message: panic_message(&*panic),
-                })
+        std::thread::scope(|s| self.join(self.spawn(s, f)))
+    }
+
+    /// Like [`Netns::run`], but returns at once: `f` runs on a new thread of `scope`
+    /// inside this namespace while the caller goes on (e.g. to work in its own namespace
+    /// meanwhile); [`Netns::join`] waits for its result.
+    pub fn spawn<'scope, 'env, T: Send + 'scope>(
+        &'env self,
+        scope: &'scope std::thread::Scope<'scope, 'env>,
+        f: impl FnOnce() -> T + Send + 'scope,
+    ) -> std::thread::ScopedJoinHandle<'scope, Result<T>> {
+        scope.spawn(move || {
+            setns(&self.file, CloneFlags::CLONE_NEWNET).map_err(|source| Error::NetnsEnter {
+                path: self.path.clone(),
+                source,
+            })?;
+            Ok(f())
+        })
+    }
+
+    /// The result of a thread [`Netns::spawn`] started, a panic turned into an error.
+    pub fn join<T>(&self, thread: std::thread::ScopedJoinHandle<'_, Result<T>>) -> Result<T> {
+        thread.join().unwrap_or_else(|panic| {
+            Err(Error::NetnsThreadPanicked {
+                path: self.path.clone(),
+                message: panic_message(&*panic),
             })
         })
     }

@@ -124,8 +124,9 @@ mod expr;
 mod rule;
 mod set;
 mod socket;
-/// Netlink framing (constants, attribute writer and reader); public because the proxy's
-/// conntrack client frames its ctnetlink messages with it until `ferry-netlink` lands.
+/// Netlink framing of nf_tables messages (constants, attribute writer and reader). The
+/// socket under them, its receive loop and the parsing of the kernel's acks and errors
+/// are ferry-netlink's `Socket<NfTables>`, shared with rtnetlink and ctnetlink.
 pub mod wire;
 
 pub use batch::{BadComment, BaseChain, Batch, ChainType, Hook, TableFamily, COMMENT_MAX};

@@ -1,11 +1,16 @@
 //! The NETLINK_NETFILTER socket: commits a [`Batch`] as one transaction, dumps chain and
-//! set names and the rules of a table (with their handles and comments).
+//! set names and the rules of a table (with their handles and comments). The socket, its
+//! send and receive loop and the parsing of the kernel's answers (acks, errors with their
+//! extended ack, ends of dumps) are ferry-netlink's `Socket<NfTables>`.
 
 use std::fmt;
 use std::io;
+use std::ops::ControlFlow;
 use std::os::fd::AsRawFd;
+use std::time::Duration;
 
-use netlink_sys::protocols::NETLINK_NETFILTER;
+use ferry_netlink::nftables::NfTables;
+use ferry_netlink::Frame;
 
 use super::batch::{Batch, TableFamily};
 use super::wire::*;
@@ -63,9 +68,7 @@ impl From<CommitError> for io::Error {
 /// How long to wait for the kernel's answer to a commit that is not in the receive queue
 /// when `sendmsg` returns. The kernel processes a batch inside `sendmsg` and queues its
 /// answers before returning, so this only guards against surprises.
-const ANSWER_TIMEOUT_MS: i32 = 5000;
-/// Receive buffer: a dump datagram is at most 32 KiB (the kernel caps dump skbs there).
-const RECV_BUF: usize = 64 * 1024;
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A rule as the kernel lists it: enough to find it again ([`Batch::delete_rule`]) and to
 /// tell whose it is (its comment). The expressions are not read.
@@ -79,13 +82,11 @@ pub struct ListedRule {
     pub comment: Option<String>,
 }
 
-/// A NETLINK_NETFILTER socket in the network namespace of the thread that opened it.
+/// A NETLINK_NETFILTER socket in the network namespace of the thread that opened it:
+/// ferry-netlink's `Socket<NfTables>`, whose one receive loop every netlink family of the
+/// workspace shares; this adds what nf_tables asks of it (batches, dumps with restarts).
 pub struct Socket {
-    sock: netlink_sys::Socket,
-    /// SO_SNDBUF as the kernel reports it.
-    sndbuf: usize,
-    rbuf: Vec<u8>,
-    seq: u32,
+    sock: ferry_netlink::Socket<NfTables>,
 }
 
 impl fmt::Debug for Socket {
@@ -109,17 +110,8 @@ impl Socket {
     /// attribute of a message it rejected) and capped acks (errors do not echo the
     /// message, which may be 64 KiB of elements).
     pub fn open() -> io::Result<Socket> {
-        let mut sock = netlink_sys::Socket::new(NETLINK_NETFILTER)?;
-        sock.bind_auto()?;
-        // Both are optional: a kernel without them still works, with less detail.
-        let _ = sock.set_ext_ack(true);
-        let _ = sock.set_cap_ack(true);
-        let sndbuf = getsockopt_int(&sock, libc::SO_SNDBUF)? as usize;
         Ok(Socket {
-            sock,
-            sndbuf,
-            rbuf: vec![0; RECV_BUF],
-            seq: 0,
+            sock: ferry_netlink::Socket::open()?,
         })
     }
 
@@ -160,7 +152,7 @@ impl Socket {
         let sending = || format!("send the batch ({n} messages, {total} bytes)");
 
         self.drain();
-        self.ensure_sndbuf(total).map_err(|e| {
+        self.sock.reserve_send_buffer(total).map_err(|e| {
             batch_error(
                 e.raw_os_error().unwrap_or(libc::EIO),
                 format!("{}: SO_SNDBUFFORCE", sending()),
@@ -172,63 +164,57 @@ impl Socket {
             &bytes[flags_at + 2..],
             &end.buf,
         ];
-        match self.sendmsg(&parts) {
+        match self.sock.send_vectored(&parts) {
             Ok(sent) if sent == total => {}
             Ok(sent) => return Err(batch_error(libc::EIO, format!("{}: only {sent} sent", sending()))),
             Err(e) => return Err(batch_error(e.raw_os_error().unwrap_or(libc::EIO), sending())),
         }
 
         // The answers: an error per failing message (seq = index + 1), an error with seq 0
-        // if the commit phase failed, the ack (or error) of the last message.
+        // if the commit phase failed, the ack (or error) of the last message, in that
+        // order. They are queued when sendmsg returns; the timeout only guards against
+        // surprises.
         let last_seq = n as u32;
         let mut first: Option<(u32, i32, Option<String>, Option<u32>)> = None;
         let mut failures = 0usize;
         let mut answered = false;
         let mut lost = false;
-        let mut waited = false;
+        let mut timeout = ANSWER_TIMEOUT;
         loop {
-            let got = match self.recv(libc::MSG_DONTWAIT) {
-                Ok(len) => len,
-                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+            let got = self.sock.receive_within(timeout, |frame| match frame {
+                Frame::Ack { seq } if seq == last_seq => ControlFlow::Break(()),
+                Frame::Error {
+                    seq,
+                    errno,
+                    message,
+                    offset,
+                } => {
+                    failures += 1;
+                    first.get_or_insert((seq, errno, message, offset));
+                    match seq == last_seq {
+                        true => ControlFlow::Break(()),
+                        false => ControlFlow::Continue(()),
+                    }
+                }
+                _ => ControlFlow::Continue(()),
+            });
+            match got {
+                Ok(Some(())) => {
+                    answered = true;
+                    break;
+                }
+                Ok(None) => break,
                 // The queue overflowed: some errors were dropped. The first ones came in
-                // first, so what we have names the first failure.
+                // first, so what we have names the first failure; read what is left.
                 Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
                     lost = true;
-                    continue;
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    if answered || first.is_some() || lost || waited {
-                        break;
-                    }
-                    waited = true;
-                    if !self.poll_readable(ANSWER_TIMEOUT_MS) {
-                        break;
-                    }
-                    continue;
+                    timeout = Duration::ZERO;
                 }
                 Err(e) => {
                     return Err(batch_error(
                         e.raw_os_error().unwrap_or(libc::EIO),
                         "read the kernel's answer to the batch".into(),
                     ))
-                }
-            };
-            for m in messages(&self.rbuf[..got]) {
-                if m.ty != NLMSG_ERROR {
-                    continue;
-                }
-                let Some(err) = parse_error(m.flags, m.payload) else {
-                    continue;
-                };
-                if err.seq == last_seq {
-                    answered = true;
-                }
-                if err.errno == 0 {
-                    continue;
-                }
-                failures += 1;
-                if first.is_none() {
-                    first = Some((err.seq, err.errno, err.msg, err.offset));
                 }
             }
         }
@@ -340,8 +326,7 @@ impl Socket {
     /// read every chain of the family, e.g. the proxy's thousands.
     pub fn has_chain(&mut self, family: TableFamily, table: &str, chain: &str) -> io::Result<bool> {
         self.drain();
-        self.seq = self.seq.wrapping_add(1).max(1);
-        let seq = self.seq;
+        let seq = self.sock.next_seq();
         let mut w = Writer::with_capacity(64);
         let m = w.begin_msg(
             NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_GETCHAIN,
@@ -353,26 +338,21 @@ impl Socket {
         w.put_strz(NFTA_CHAIN_TABLE, table);
         w.put_strz(NFTA_CHAIN_NAME, chain);
         w.end_msg(m);
-        self.sendmsg(&[&w.buf])?;
+        self.sock.send_raw(&w.buf)?;
         // The chain (if any), then the ack or the error.
         let mut found = false;
-        loop {
-            let got = self.recv(0)?;
-            for m in messages(&self.rbuf[..got]) {
-                if m.seq != seq {
-                    continue;
-                }
-                if m.ty != NLMSG_ERROR {
-                    found = true;
-                    continue;
-                }
-                return match parse_error(m.flags, m.payload).map_or(libc::EIO, |e| e.errno) {
-                    0 => Ok(found),
-                    libc::ENOENT => Ok(false),
-                    errno => Err(io::Error::from_raw_os_error(errno)),
-                };
+        self.sock.receive(|frame| match frame {
+            Frame::Message { header, .. } if header.sequence_number == seq => {
+                found = true;
+                ControlFlow::Continue(())
             }
-        }
+            Frame::Ack { seq: s } if s == seq => ControlFlow::Break(Ok(found)),
+            Frame::Error { seq: s, errno, .. } if s == seq => ControlFlow::Break(match errno {
+                libc::ENOENT => Ok(false),
+                errno => Err(io::Error::from_raw_os_error(errno)),
+            }),
+            _ => ControlFlow::Continue(()),
+        })?
     }
 
     /// The rules of table `<family> <table>`, in the kernel's order, with their handles and
@@ -415,8 +395,8 @@ impl Socket {
         }
     }
 
-    /// Runs a dump of `ty` over `family`, calling `f` with the attributes of each object. Restarts (up to 10 times) when the kernel
-    /// says the ruleset changed during the dump.
+    /// Runs a dump of `ty` over `family`, calling `f` with the attributes of each object.
+    /// Restarts (up to 10 times) when the kernel says the ruleset changed during the dump.
     fn dump(
         &mut self,
         ty: u16,
@@ -425,11 +405,10 @@ impl Socket {
         mut f: impl FnMut(&[u8]),
     ) -> io::Result<()> {
         let mut collected: Vec<Vec<u8>> = Vec::new();
-        'attempt: for _ in 0..10 {
+        for _ in 0..10 {
             collected.clear();
             self.drain();
-            self.seq = self.seq.wrapping_add(1).max(1);
-            let seq = self.seq;
+            let seq = self.sock.next_seq();
             let mut w = Writer::with_capacity(64);
             let m = w.begin_msg(
                 NFNL_SUBSYS_NFTABLES << 8 | ty,
@@ -442,44 +421,37 @@ impl Socket {
                 w.put_strz(attr, value);
             }
             w.end_msg(m);
-            self.sendmsg(&[&w.buf])?;
-            loop {
-                let got = self.recv(0)?;
-                let (mut done, mut intr, mut errno) = (false, false, 0);
-                for m in messages(&self.rbuf[..got]) {
-                    if m.seq != seq {
-                        continue;
+            self.sock.send_raw(&w.buf)?;
+            // Read to the end of the dump even when it was interrupted, so the next
+            // attempt finds nothing of this one in the queue.
+            let mut intr = false;
+            let end = self.sock.receive(|frame| match frame {
+                Frame::Message { header, payload } if header.sequence_number == seq => {
+                    intr |= header.flags & NLM_F_DUMP_INTR != 0;
+                    if let Some(a) = payload.get(NFGENMSG_LEN..) {
+                        collected.push(a.to_vec());
                     }
-                    intr |= m.flags & NLM_F_DUMP_INTR != 0;
-                    match m.ty {
-                        NLMSG_DONE => done = true,
-                        NLMSG_ERROR => {
-                            errno = parse_error(m.flags, m.payload).map_or(libc::EIO, |e| e.errno);
-                            done = true;
-                        }
-                        _ => {
-                            if let Some(a) = m.payload.get(NFGENMSG_LEN..) {
-                                collected.push(a.to_vec());
-                            }
-                        }
-                    }
+                    ControlFlow::Continue(())
                 }
-                if errno != 0 {
-                    return Err(io::Error::from_raw_os_error(errno));
+                Frame::Done {
+                    seq: s,
+                    errno,
+                    interrupted,
+                } if s == seq => {
+                    intr |= interrupted;
+                    ControlFlow::Break(errno)
                 }
-                if intr {
-                    // The ruleset changed during the dump: read the rest away, start over.
-                    if !done {
-                        self.finish_dump(seq)?;
-                    }
-                    continue 'attempt;
+                Frame::Error { seq: s, errno, .. } if s == seq => ControlFlow::Break(errno),
+                _ => ControlFlow::Continue(()),
+            })?;
+            if end != 0 {
+                return Err(io::Error::from_raw_os_error(end));
+            }
+            if !intr {
+                for obj in &collected {
+                    f(obj);
                 }
-                if done {
-                    for obj in &collected {
-                        f(obj);
-                    }
-                    return Ok(());
-                }
+                return Ok(());
             }
         }
         Err(io::Error::new(
@@ -488,144 +460,19 @@ impl Socket {
         ))
     }
 
-    /// Reads until the end of dump `seq`.
-    fn finish_dump(&mut self, seq: u32) -> io::Result<()> {
-        loop {
-            let got = self.recv(0)?;
-            for m in messages(&self.rbuf[..got]) {
-                if m.seq == seq && (m.ty == NLMSG_DONE || m.ty == NLMSG_ERROR) {
-                    return Ok(());
-                }
-            }
-        }
-    }
-
     /// Throws away whatever is queued (answers to an earlier call that gave up early).
     fn drain(&mut self) {
         loop {
-            match self.recv(libc::MSG_DONTWAIT) {
-                Ok(_) => {}
+            match self
+                .sock
+                .receive_within(Duration::ZERO, |_| ControlFlow::<()>::Continue(()))
+            {
+                Ok(_) => return,
                 Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {}
                 Err(_) => return,
             }
         }
     }
-
-    fn ensure_sndbuf(&mut self, len: usize) -> io::Result<()> {
-        // The kernel refuses a message longer than SO_SNDBUF - 32, and doubles what it
-        // is given.
-        let need = len + 4096;
-        if need <= self.sndbuf {
-            return Ok(());
-        }
-        let want = i32::try_from(need).unwrap_or(i32::MAX / 2);
-        if setsockopt_int(&self.sock, libc::SO_SNDBUFFORCE, want).is_err() {
-            // Without CAP_NET_ADMIN, SO_SNDBUF up to wmem_max; the send may then fail
-            // with EMSGSIZE, which the caller sees.
-            setsockopt_int(&self.sock, libc::SO_SNDBUF, want)?;
-        }
-        self.sndbuf = getsockopt_int(&self.sock, libc::SO_SNDBUF)? as usize;
-        Ok(())
-    }
-
-    fn sendmsg(&self, parts: &[&[u8]]) -> io::Result<usize> {
-        let iov: Vec<libc::iovec> = parts
-            .iter()
-            .map(|p| libc::iovec {
-                iov_base: p.as_ptr() as *mut libc::c_void,
-                iov_len: p.len(),
-            })
-            .collect();
-        // SAFETY: an all-zero sockaddr_nl and msghdr are valid values.
-        let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-        addr.nl_family = libc::AF_NETLINK as libc::sa_family_t;
-        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-        msg.msg_name = &mut addr as *mut libc::sockaddr_nl as *mut libc::c_void;
-        msg.msg_namelen = std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t;
-        msg.msg_iov = iov.as_ptr() as *mut libc::iovec;
-        msg.msg_iovlen = iov.len() as _;
-        loop {
-            // SAFETY: msg points at iovecs over live slices and at addr, for the call.
-            let n = unsafe { libc::sendmsg(self.sock.as_raw_fd(), &msg, 0) };
-            if n >= 0 {
-                return Ok(n as usize);
-            }
-            let e = io::Error::last_os_error();
-            if e.raw_os_error() != Some(libc::EINTR) {
-                return Err(e);
-            }
-        }
-    }
-
-    /// One datagram into `rbuf`; its length.
-    fn recv(&mut self, flags: libc::c_int) -> io::Result<usize> {
-        // SAFETY: rbuf is a live, writable buffer of rbuf.len() bytes.
-        let n = unsafe {
-            libc::recv(
-                self.sock.as_raw_fd(),
-                self.rbuf.as_mut_ptr() as *mut libc::c_void,
-                self.rbuf.len(),
-                flags | libc::MSG_TRUNC,
-            )
-        };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let n = n as usize;
-        if n > self.rbuf.len() {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("netlink datagram of {n} bytes truncated to {}", self.rbuf.len()),
-            ));
-        }
-        Ok(n)
-    }
-
-    fn poll_readable(&self, timeout_ms: i32) -> bool {
-        let mut pfd = libc::pollfd {
-            fd: self.sock.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd.
-        unsafe { libc::poll(&mut pfd, 1, timeout_ms) > 0 }
-    }
-}
-
-fn setsockopt_int(sock: &netlink_sys::Socket, opt: libc::c_int, v: i32) -> io::Result<()> {
-    // SAFETY: passes a pointer to a live c_int and its size.
-    let r = unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            opt,
-            &v as *const i32 as *const libc::c_void,
-            std::mem::size_of::<i32>() as libc::socklen_t,
-        )
-    };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-fn getsockopt_int(sock: &netlink_sys::Socket, opt: libc::c_int) -> io::Result<i32> {
-    let mut v: i32 = 0;
-    let mut len = std::mem::size_of::<i32>() as libc::socklen_t;
-    // SAFETY: passes a pointer to a live c_int and its size.
-    let r = unsafe {
-        libc::getsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            opt,
-            &mut v as *mut i32 as *mut libc::c_void,
-            &mut len,
-        )
-    };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(v)
 }
 
 /// The comment in a rule's user data (libnftnl TLVs: type, length, value), if any.
@@ -644,76 +491,6 @@ fn rule_comment(udata: &[u8]) -> Option<String> {
 /// A string attribute's bytes without the NUL.
 fn strz(p: &[u8]) -> &[u8] {
     p.split(|&b| b == 0).next().unwrap_or(p)
-}
-
-struct NlMsg<'a> {
-    ty: u16,
-    flags: u16,
-    seq: u32,
-    /// After the netlink header.
-    payload: &'a [u8],
-}
-
-/// The netlink messages of one datagram.
-fn messages(data: &[u8]) -> impl Iterator<Item = NlMsg<'_>> {
-    let mut off = 0;
-    std::iter::from_fn(move || {
-        if off + NLMSG_HDRLEN > data.len() {
-            return None;
-        }
-        let len = u32::from_ne_bytes(data[off..off + 4].try_into().ok()?) as usize;
-        if len < NLMSG_HDRLEN || off + len > data.len() {
-            return None;
-        }
-        let m = NlMsg {
-            ty: u16::from_ne_bytes([data[off + 4], data[off + 5]]),
-            flags: u16::from_ne_bytes([data[off + 6], data[off + 7]]),
-            seq: u32::from_ne_bytes(data[off + 8..off + 12].try_into().ok()?),
-            payload: &data[off + NLMSG_HDRLEN..off + len],
-        };
-        off += align4(len);
-        Some(m)
-    })
-}
-
-struct NlError {
-    errno: i32,
-    /// Sequence number of the message the error is about.
-    seq: u32,
-    /// NLMSGERR_ATTR_MSG.
-    msg: Option<String>,
-    /// NLMSGERR_ATTR_OFFS: offset of the bad attribute from the start of that message.
-    offset: Option<u32>,
-}
-
-/// struct nlmsgerr (error, the original header, its payload unless capped), then the
-/// extended ack attributes.
-fn parse_error(flags: u16, p: &[u8]) -> Option<NlError> {
-    let error = i32::from_ne_bytes(p.get(..4)?.try_into().ok()?);
-    let orig = p.get(4..4 + NLMSG_HDRLEN)?;
-    let orig_len = u32::from_ne_bytes(orig[..4].try_into().ok()?) as usize;
-    let seq = u32::from_ne_bytes(orig[8..12].try_into().ok()?);
-    let mut err = NlError {
-        errno: -error,
-        seq,
-        msg: None,
-        offset: None,
-    };
-    if flags & NLM_F_ACK_TLVS != 0 {
-        let skip = if flags & NLM_F_CAPPED != 0 {
-            4 + NLMSG_HDRLEN
-        } else {
-            4 + align4(orig_len)
-        };
-        for (ty, a, _) in attrs(p.get(skip..).unwrap_or(&[])) {
-            match ty {
-                NLMSGERR_ATTR_MSG => err.msg = Some(attr_str(a)).filter(|s| !s.is_empty()),
-                NLMSGERR_ATTR_OFFS => err.offset = ne32(a),
-                _ => {}
-            }
-        }
-    }
-    Some(err)
 }
 
 /// What the attribute at `offset` of message `index` is part of: which expression of a
@@ -841,21 +618,5 @@ mod tests {
         );
         let io: io::Error = e.into();
         assert_eq!(io.kind(), io::ErrorKind::NotFound);
-    }
-
-    #[test]
-    fn nlmsgerr_with_extended_ack() {
-        // error -2 about seq 7, capped, with an offset attribute.
-        let mut p = Vec::new();
-        p.extend_from_slice(&(-2i32).to_ne_bytes());
-        p.extend_from_slice(&100u32.to_ne_bytes());
-        p.extend_from_slice(&[0; 4]);
-        p.extend_from_slice(&7u32.to_ne_bytes());
-        p.extend_from_slice(&[0; 4]);
-        let mut w = Writer::default();
-        w.put(NLMSGERR_ATTR_OFFS, &48u32.to_ne_bytes());
-        p.extend_from_slice(&w.buf);
-        let e = parse_error(NLM_F_CAPPED | NLM_F_ACK_TLVS, &p).unwrap();
-        assert_eq!((e.errno, e.seq, e.offset), (2, 7, Some(48)));
     }
 }
