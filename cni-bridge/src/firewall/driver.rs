@@ -10,6 +10,7 @@ use cni::{Code, Error};
 
 use super::plan::{Planned, CHAINS};
 use super::{owner_key, TABLE};
+use crate::detached::in_grandchild;
 
 #[cfg(test)]
 thread_local! {
@@ -146,48 +147,31 @@ impl Drop for Driver {
     }
 }
 
-/// Forks twice; the grandchild keeps only `fd` and a pipe's read end (so it holds no pipe
-/// of the runtime open), waits until the pipe's write end is closed (the caller closes its
-/// own `fd` first), then closes `fd` and exits. The child exits at once and is reaped here,
-/// so no zombie stays behind in a long-lived caller. Only async-signal-safe system calls
-/// run after fork (the plugin has other threads). Returns the pipe's write end, or None if
-/// the hand-over failed (the caller's own close then does the waiting).
+/// Hands `fd` to a detached grandchild ([`in_grandchild`]) that waits until the pipe's
+/// write end is closed (the caller closes its own `fd` first), then closes `fd` and exits.
+/// Returns the pipe's write end, or None if the hand-over failed (the caller's own close
+/// then does the waiting).
 fn release_in_background(fd: RawFd) -> Option<RawFd> {
     let mut pipe = [0 as libc::c_int; 2];
-    // SAFETY: pipe2 fills the two-element array it is given. Between fork and _exit the
-    // children only make raw system calls (fork, close_range, close, read, _exit), which are
-    // async-signal-safe; the parent only waits for its child.
+    // SAFETY: pipe2 fills the two-element array it is given; the job makes raw system calls
+    // only (read, close); each descriptor is closed once.
     unsafe {
         if libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC) != 0 {
             return None;
         }
         let [read_end, write_end] = pipe;
-        let child = libc::fork();
-        if child == 0 {
-            if libc::fork() == 0 {
-                let (a, b) = (fd.min(read_end) as libc::c_uint, fd.max(read_end) as libc::c_uint);
-                if a > 0 {
-                    libc::syscall(libc::SYS_close_range, 0u32, a - 1, 0u32);
-                }
-                if b > a + 1 {
-                    libc::syscall(libc::SYS_close_range, a + 1, b - 1, 0u32);
-                }
-                libc::syscall(libc::SYS_close_range, b + 1, u32::MAX, 0u32);
-                let mut byte = 0u8;
-                while libc::read(read_end, (&mut byte as *mut u8).cast(), 1) < 0
-                    && *libc::__errno_location() == libc::EINTR
-                {}
-                libc::close(fd);
-            }
-            libc::_exit(0);
-        }
+        let started = in_grandchild(&[fd, read_end], || {
+            let mut byte = 0u8;
+            while libc::read(read_end, (&mut byte as *mut u8).cast(), 1) < 0
+                && *libc::__errno_location() == libc::EINTR
+            {}
+            libc::close(fd);
+        });
         libc::close(read_end);
-        if child < 0 {
+        if !started {
             libc::close(write_end);
             return None;
         }
-        let mut status = 0;
-        while libc::waitpid(child, &mut status, 0) < 0 && *libc::__errno_location() == libc::EINTR {}
         Some(write_end)
     }
 }
