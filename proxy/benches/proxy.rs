@@ -12,8 +12,12 @@
 //!   sync loop does it (store upsert, `plan_services` of the dirty Service, sync), and a
 //!   resync with nothing changed (full re-plan, every port compared, nothing sent);
 //! - the rule count (`SyncStats`, checked against `nft -a list table`);
-//! - the memory of a real `ferry-proxy run --manifests DIR` after its first sync, at 1k
-//!   and N (VmRSS, and VmHWM, the peak);
+//! - the memory of a real `ferry-proxy run --manifests DIR` after its first sync (VmRSS 1 s
+//!   after it, and VmHWM, the peak), at 1k and N Services, and at N Services plus N Pods
+//!   (the Pods NetworkPolicy will read; realistic `kubectl get -o json` objects, on 100
+//!   nodes); with `FERRY_BENCH_BASELINE_PROXY=PATH` (another build of ferry-proxy, e.g. of
+//!   the commit before a change), the same for that build, run by run in turn, with the
+//!   ratio;
 //! - the first packet: the time of a TCP connect from a client pod to a ClusterIP whose one
 //!   endpoint is a server pod (pods on ferry-bridge), on a node whose table holds 10
 //!   Services and on one holding N (the others with fake endpoints), and to the server's
@@ -24,11 +28,13 @@
 //! --bench proxy`. `FERRY_BENCH_SERVICES` (default 10000) replaces 10k for quick runs;
 //! `FERRY_BENCH_REPS` (default 3) full syncs per size, `FERRY_BENCH_CHANGES` (default 20)
 //! single changes of each kind, `FERRY_BENCH_CONNECTS` (default 1000) connects per series.
+//! `FERRY_BENCH_ONLY=memory` runs only the process memory part (it needs only
+//! `cargo build --release -p ferry-proxy`).
 //! Everything happens in namespaces the bench creates; nothing touches the root netns.
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -153,6 +159,76 @@ fn to_object(v: Value) -> Object {
         }
         other => panic!("generator made a {other:?}"),
     }
+}
+
+/// Pod `i` of the generated cluster, as `kubectl get -o json` shows a Deployment's Pod
+/// (less its managed fields): labels, owner, one container with a named port, status
+/// with conditions and a container status, on one of 100 nodes.
+fn generated_pod(i: usize) -> Value {
+    let ip = v4_plus(Ipv4Addr::new(100, 96, 0, 0), i).to_string();
+    let app = format!("svc-{}", i / 2);
+    let time = "2025-05-01T10:00:00Z";
+    let conditions: Vec<Value> = [
+        "PodReadyToStartContainers",
+        "Initialized",
+        "Ready",
+        "ContainersReady",
+        "PodScheduled",
+    ]
+    .iter()
+    .map(|t| json!({"type": t, "status": "True", "lastProbeTime": null, "lastTransitionTime": time}))
+    .collect();
+    json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": format!("{app}-7d9c5b-{i:05}"),
+            "generateName": format!("{app}-7d9c5b-"),
+            "namespace": format!("ns{}", i % 50),
+            "uid": format!("7e1c2b1a-0000-4000-8000-{i:012}"),
+            "resourceVersion": format!("{}", 1000 + i),
+            "creationTimestamp": time,
+            "labels": {"app": app, "pod-template-hash": "7d9c5b"},
+            "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": format!("{app}-7d9c5b"),
+                                 "uid": "5c0b7a52-1111-4222-8333-444455556666",
+                                 "controller": true, "blockOwnerDeletion": true}]
+        },
+        "spec": {
+            "nodeName": format!("node-{}", i % 100),
+            "serviceAccountName": "default",
+            "restartPolicy": "Always",
+            "dnsPolicy": "ClusterFirst",
+            "terminationGracePeriodSeconds": 30,
+            "containers": [{
+                "name": "app", "image": "registry.example.com/app:1.2.3", "imagePullPolicy": "IfNotPresent",
+                "ports": [{"name": "http", "containerPort": 8080, "protocol": "TCP"}],
+                "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}},
+                "terminationMessagePath": "/dev/termination-log", "terminationMessagePolicy": "File",
+                "volumeMounts": [{"name": "kube-api-access", "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount", "readOnly": true}]
+            }],
+            "volumes": [{"name": "kube-api-access", "projected": {"defaultMode": 420, "sources": [
+                {"serviceAccountToken": {"expirationSeconds": 3607, "path": "token"}}]}}],
+            "tolerations": [
+                {"key": "node.kubernetes.io/not-ready", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 300},
+                {"key": "node.kubernetes.io/unreachable", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 300}]
+        },
+        "status": {
+            "phase": "Running",
+            "hostIP": format!("172.18.0.{}", 2 + i % 100),
+            "podIP": ip,
+            "podIPs": [{"ip": ip}],
+            "qosClass": "Burstable",
+            "startTime": time,
+            "conditions": conditions,
+            "containerStatuses": [{
+                "name": "app", "ready": true, "started": true, "restartCount": 0,
+                "image": "registry.example.com/app:1.2.3",
+                "imageID": "registry.example.com/app@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+                "containerID": format!("containerd://{i:064x}"),
+                "state": {"running": {"startedAt": time}}
+            }]
+        }
+    })
 }
 
 fn objects(services: impl Iterator<Item = [Value; 2]>) -> Vec<Object> {
@@ -409,9 +485,10 @@ fn write_list(dir: &Path, name: &str, items: Vec<Value>) {
     std::fs::write(dir.join(name), serde_json::to_vec(&list).unwrap()).unwrap();
 }
 
-/// Runs `ferry-proxy run --manifests DIR` with `n` generated Services (in 4 List files,
-/// written before it starts), waits for its first sync and reads its memory.
-fn proxy_process(n: usize) -> ProcessReport {
+/// Runs `bin run --manifests DIR` (a ferry-proxy) with `n` generated Services (in 4 List
+/// files) and `pods` generated Pods (in one more), written before it starts; waits for its
+/// first sync and reads its memory.
+fn proxy_process(bin: &Path, n: usize, pods: usize) -> ProcessReport {
     let node = Node::new("bench-rss");
     let dir = node.state_dir().join("manifests");
     std::fs::create_dir_all(&dir).unwrap();
@@ -420,8 +497,12 @@ fn proxy_process(n: usize) -> ProcessReport {
         let items = (f * n / files..(f + 1) * n / files).flat_map(generated).collect();
         write_list(&dir, &format!("services-{f}.json"), items);
     }
+    if pods > 0 {
+        write_list(&dir, "pods.json", (0..pods).map(generated_pod).collect());
+    }
     let start = Instant::now();
-    let mut proxy = ProxyProcess::start(node.netns(), &dir, NODE_NAME, &["--cluster-cidr", FAKE_PODS]);
+    let mut proxy =
+        ProxyProcess::start_bin(bin, node.netns(), &dir, NODE_NAME, &["--cluster-cidr", FAKE_PODS]);
     let mut text = String::new();
     let synced = wait_until(Duration::from_secs(120), || {
         text = scrape(node.netns()).unwrap_or_default();
@@ -600,6 +681,76 @@ fn connect_times(series: &[(&Netns, SocketAddr)], warmup: usize, rounds: usize) 
     })
 }
 
+/// The memory of `ferry-proxy run` at 1k and N Services, and at N Services plus N Pods;
+/// with a baseline build, each configuration is run with both builds in turn (baseline
+/// first), so both see the same machine.
+fn memory_part(proxy: &Path, baseline: Option<&Path>, sizes: &[usize], n: usize) {
+    let mut configs: Vec<(usize, usize)> = sizes.iter().map(|&s| (s, 0)).collect();
+    configs.push((n, n));
+    let mut ours = Vec::new();
+    let mut theirs = Vec::new();
+    for &(services, pods) in &configs {
+        eprintln!("proxy bench: memory at {services} Services, {pods} Pods...");
+        if let Some(baseline) = baseline {
+            theirs.push(proxy_process(baseline, services, pods));
+        }
+        ours.push(proxy_process(proxy, services, pods));
+    }
+    println!(
+        "ferry-proxy run --manifests DIR: ClusterIP Services x {ENDPOINTS} endpoints (4 List files), \
+         Pods in a fifth; memory 1 s after the first sync"
+    );
+    let header: String = configs
+        .iter()
+        .map(|(s, p)| {
+            let label = if *p == 0 {
+                format!("{s} Services")
+            } else {
+                format!("{s} Svc + {p} Pods")
+            };
+            format!(" {label:>22}")
+        })
+        .collect();
+    println!("{:<44}{header}", "");
+    let line = |label: &str, cells: Vec<String>| {
+        let cells: String = cells.iter().map(|c| format!(" {c:>22}")).collect();
+        println!("{label:<44}{cells}");
+    };
+    line("VmRSS, this build", ours.iter().map(|p| mib(p.rss_kib)).collect());
+    line(
+        "VmHWM (peak), this build",
+        ours.iter().map(|p| mib(p.hwm_kib)).collect(),
+    );
+    line(
+        "start to first sync, this build",
+        ours.iter().map(|p| time(p.start_to_sync)).collect(),
+    );
+    if let Some(baseline) = baseline {
+        println!("baseline: {}", baseline.display());
+        line("VmRSS, baseline", theirs.iter().map(|p| mib(p.rss_kib)).collect());
+        line(
+            "VmHWM (peak), baseline",
+            theirs.iter().map(|p| mib(p.hwm_kib)).collect(),
+        );
+        line(
+            "start to first sync, baseline",
+            theirs.iter().map(|p| time(p.start_to_sync)).collect(),
+        );
+        line(
+            "VmRSS, this build / baseline",
+            ours.iter()
+                .zip(&theirs)
+                .map(|(a, b)| format!("{:.2}x", a.rss_kib as f64 / b.rss_kib as f64))
+                .collect(),
+        );
+    }
+    let at_goal = ours[configs.len() - 2].rss_kib;
+    println!(
+        "goal: < 100 MiB at {GOAL_SERVICES} Services x {ENDPOINTS} endpoints: {}",
+        verdict(at_goal < 100 * 1024, n)
+    );
+}
+
 fn main() {
     if !require_root("proxy benchmark") {
         return;
@@ -610,10 +761,27 @@ fn main() {
     let connects = env_usize("FERRY_BENCH_CONNECTS", 1000).max(10);
     let sizes: Vec<usize> = if n > 1000 { vec![1000, n] } else { vec![n] };
     let started = Instant::now();
+    let baseline = std::env::var_os("FERRY_BENCH_BASELINE_PROXY")
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from);
+    if let Some(path) = &baseline {
+        assert!(
+            path.is_file(),
+            "FERRY_BENCH_BASELINE_PROXY={}: no such file",
+            path.display()
+        );
+    }
+    let only_memory = std::env::var("FERRY_BENCH_ONLY").is_ok_and(|v| v == "memory");
     // Checked up front: the latency part needs them, and finding out after a minute is no fun.
+    let proxy_bin = ferry_bin("ferry-proxy");
+    if only_memory {
+        memory_part(&proxy_bin, baseline.as_deref(), &sizes, n);
+        println!();
+        println!("bench wall time: {}", time(started.elapsed()));
+        return;
+    }
     ferry_bin("ferry-bridge");
     ferry_bin("ferry-ipam");
-    ferry_bin("ferry-proxy");
 
     eprintln!("proxy bench: in-process syncs...");
     let reports: Vec<SizeReport> = sizes
@@ -621,7 +789,10 @@ fn main() {
         .map(|&size| sync_size(size, reps, if size == n { changes } else { 0 }))
         .collect();
     eprintln!("proxy bench: ferry-proxy processes...");
-    let processes: Vec<ProcessReport> = sizes.iter().map(|&size| proxy_process(size)).collect();
+    let processes: Vec<ProcessReport> = sizes
+        .iter()
+        .map(|&size| proxy_process(&proxy_bin, size, 0))
+        .collect();
     eprintln!("proxy bench: connect latency...");
     let small = latency_node(10);
     let big = latency_node(n);

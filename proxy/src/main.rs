@@ -297,6 +297,7 @@ mod wiring {
     use std::net::SocketAddr;
     use std::path::PathBuf;
     use std::sync::Arc;
+    use std::time::{Duration, Instant};
 
     use ferry_proxy::backend::{Backend, BackendError};
     use ferry_proxy::http::HealthChecks;
@@ -304,6 +305,9 @@ mod wiring {
     use ferry_proxy::run::OnSynced;
     use ferry_proxy::source::Event;
     use tokio::sync::mpsc;
+
+    /// How often at most the sync loop's freed memory is given back to the system.
+    const TRIM_INTERVAL: Duration = Duration::from_secs(10);
 
     /// The nftables back end.
     pub fn backend() -> Result<Box<dyn Backend>, BackendError> {
@@ -337,8 +341,16 @@ mod wiring {
                 let _ = fatal.send(format!("HTTP server: {e}")).await;
             }
         });
+        let mut last_trim = None;
         Box::new(move |table, store| {
             health.sync(table);
+            // A sync after a big change (the first one above all) leaves the planning and
+            // rendering buffers freed but held by the allocator: -30 MiB of RSS at 10k
+            // Services (proxy bench). Not after every sync: a trim walks the whole heap.
+            if last_trim.is_none_or(|at: Instant| at.elapsed() >= TRIM_INTERVAL) {
+                ferry_proxy::store::release_freed_memory();
+                last_trim = Some(Instant::now());
+            }
             if let Some(node) = store.node(&table.settings.node_name) {
                 health.sync_node(node);
             }

@@ -20,6 +20,18 @@ impl ProxyProcess {
     /// Starts the proxy in `node` reading `manifests`, with extra flags (e.g.
     /// `--cluster-cidr`). Its log goes to `<manifests>/../proxy.log`.
     pub fn start(node: &Netns, manifests: &Path, node_name: &str, flags: &[&str]) -> ProxyProcess {
+        ProxyProcess::start_bin(&ferry_bin("ferry-proxy"), node, manifests, node_name, flags)
+    }
+
+    /// [`ProxyProcess::start`] with another build of the proxy (benchmarks compare one
+    /// with a baseline build in the same run).
+    pub fn start_bin(
+        bin: &Path,
+        node: &Netns,
+        manifests: &Path,
+        node_name: &str,
+        flags: &[&str],
+    ) -> ProxyProcess {
         std::fs::create_dir_all(manifests).unwrap();
         let log = manifests.with_file_name(format!(
             "proxy-{}.log",
@@ -31,7 +43,7 @@ impl ProxyProcess {
             .open(&log)
             .unwrap();
         let child = node
-            .command(ferry_bin("ferry-proxy"))
+            .command(bin)
             .args(["run", "--manifests"])
             .arg(manifests)
             .args(["--hostname-override", node_name])

@@ -95,6 +95,11 @@ pub async fn run(dir: PathBuf, tx: Sender<Event>) {
         // Reading and parsing files blocks: keep it off the async workers.
         let polled = tokio::task::spawn_blocking(move || {
             let event = watcher.poll();
+            if event.is_some() {
+                // Parsing a file builds a tree of JSON values many times the size of what
+                // is kept; give those pages back (see `release_freed_memory`).
+                crate::store::release_freed_memory();
+            }
             (watcher, event)
         })
         .await;
@@ -373,18 +378,23 @@ pub fn parse_file(path: &Path, text: &str) -> Result<Vec<Object>, ManifestError>
         column,
         message,
     };
-    let documents: Vec<Value> = if is_json {
-        let mut documents = Vec::new();
-        for document in serde_json::Deserializer::from_str(text).into_iter::<Value>() {
-            let document = document.map_err(|e| error(Some(e.line()), Some(e.column()), e.to_string()))?;
+    // Documents are decoded one at a time, and a list's items one at a time (see
+    // `Document`): a file of 10k objects never exists as one tree of JSON values, which
+    // would cost many times what the store keeps, and leave the kept objects scattered
+    // over heap pages the allocator could then not give back.
+    let mut documents: Vec<Document> = Vec::new();
+    if is_json {
+        let mut de = serde_json::Deserializer::from_str(text);
+        // `end` fails while anything but blanks is left.
+        while de.end().is_err() {
+            let document = Document::deserialize(&mut de)
+                .map_err(|e| error(Some(e.line()), Some(e.column()), e.to_string()))?;
             documents.push(document);
         }
-        documents
     } else {
-        let mut documents = Vec::new();
         // Stop at the first error: the document iterator repeats a parse error forever.
         for document in serde_yaml_ng::Deserializer::from_str(text) {
-            let document = Value::deserialize(document).map_err(|e| {
+            let document = Document::deserialize(document).map_err(|e| {
                 let location = e.location();
                 error(
                     location.as_ref().map(|l| l.line()),
@@ -394,8 +404,7 @@ pub fn parse_file(path: &Path, text: &str) -> Result<Vec<Object>, ManifestError>
             })?;
             documents.push(document);
         }
-        documents
-    };
+    }
 
     let mut objects = Vec::new();
     for (index, document) in documents.into_iter().enumerate() {
@@ -428,34 +437,193 @@ struct ConversionError {
     message: String,
 }
 
-/// Adds the objects of one document (one object, or a list of them) to `out`.
-fn collect(document: Value, out: &mut Vec<Object>) -> Result<(), ConversionError> {
-    if document.is_null() {
-        return Ok(()); // an empty document, e.g. after a trailing `---`
+/// One document of a file, decoded: its fields but `items`, and its items, each already
+/// converted when it names its own kind and apiVersion (kubectl's `List`), else kept to
+/// be converted once the list's kind is known (the API's `ServiceList` leaves the items'
+/// kind out, and JSON may give `items` before `kind`).
+enum Document {
+    /// An empty document, e.g. after a trailing `---`.
+    Empty,
+    NotAnObject,
+    Object {
+        fields: serde_json::Map<String, Value>,
+        /// `None` when there is no `items` array.
+        items: Option<Vec<DecodedItem>>,
+    },
+}
+
+enum DecodedItem {
+    Converted(Result<Option<Object>, (Kind, String)>),
+    Raw(Value),
+}
+
+impl<'de> Deserialize<'de> for Document {
+    fn deserialize<D: Deserializer<'de>>(de: D) -> Result<Document, D::Error> {
+        de.deserialize_any(DocumentVisitor)
     }
-    let kind = document
-        .get("kind")
-        .and_then(Value::as_str)
-        .unwrap_or("")
-        .to_string();
-    let api_version = document
+}
+
+struct DocumentVisitor;
+
+impl<'de> Visitor<'de> for DocumentVisitor {
+    type Value = Document;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a Kubernetes object or list")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Document, A::Error> {
+        let mut fields = serde_json::Map::new();
+        let mut items = None;
+        while let Some(key) = map.next_key::<String>()? {
+            if key == "items" {
+                items = map.next_value::<Items>()?.0;
+            } else {
+                fields.insert(key, map.next_value()?);
+            }
+        }
+        Ok(Document::Object { fields, items })
+    }
+
+    fn visit_unit<E>(self) -> Result<Document, E> {
+        Ok(Document::Empty)
+    }
+
+    fn visit_none<E>(self) -> Result<Document, E> {
+        Ok(Document::Empty)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Document, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(Document::NotAnObject)
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Document, E> {
+        Ok(Document::NotAnObject)
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<Document, E> {
+        Ok(Document::NotAnObject)
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<Document, E> {
+        Ok(Document::NotAnObject)
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<Document, E> {
+        Ok(Document::NotAnObject)
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<Document, E> {
+        Ok(Document::NotAnObject)
+    }
+}
+
+/// The `items` of a document: `None` unless an array.
+struct Items(Option<Vec<DecodedItem>>);
+
+impl<'de> Deserialize<'de> for Items {
+    fn deserialize<D: Deserializer<'de>>(de: D) -> Result<Items, D::Error> {
+        de.deserialize_any(ItemsVisitor)
+    }
+}
+
+struct ItemsVisitor;
+
+impl<'de> Visitor<'de> for ItemsVisitor {
+    type Value = Items;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a list's items")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Items, A::Error> {
+        let mut items = Vec::new();
+        while let Some(item) = seq.next_element::<Value>()? {
+            let names_itself = ["kind", "apiVersion"]
+                .iter()
+                .all(|field| item.get(field).is_some_and(Value::is_string));
+            items.push(if names_itself {
+                DecodedItem::Converted(convert(item))
+            } else {
+                DecodedItem::Raw(item)
+            });
+        }
+        Ok(Items(Some(items)))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Items, A::Error> {
+        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        Ok(Items(None))
+    }
+
+    fn visit_unit<E>(self) -> Result<Items, E> {
+        Ok(Items(None))
+    }
+
+    fn visit_none<E>(self) -> Result<Items, E> {
+        Ok(Items(None))
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Items, E> {
+        Ok(Items(None))
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<Items, E> {
+        Ok(Items(None))
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<Items, E> {
+        Ok(Items(None))
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<Items, E> {
+        Ok(Items(None))
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<Items, E> {
+        Ok(Items(None))
+    }
+}
+
+/// Adds the objects of one document (one object, or a list of them) to `out`.
+fn collect(document: Document, out: &mut Vec<Object>) -> Result<(), ConversionError> {
+    let (map, items) = match document {
+        Document::Empty => return Ok(()),
+        Document::NotAnObject => {
+            debug!("skipping a document that is not an object");
+            return Ok(());
+        }
+        Document::Object { fields, items } => (fields, items),
+    };
+    let kind = map.get("kind").and_then(Value::as_str).unwrap_or("").to_string();
+    let api_version = map
         .get("apiVersion")
         .and_then(Value::as_str)
         .unwrap_or("")
         .to_string();
-    let Value::Object(mut map) = document else {
-        debug!("skipping a document that is not an object");
-        return Ok(());
-    };
     if kind.ends_with("List") {
-        let Some(Value::Array(items)) = map.remove("items") else {
+        let Some(items) = items else {
             debug!(kind, "skipping a list without items");
             return Ok(());
         };
         // `ServiceList` (the API's own list) leaves the items' kind out; `List` (kubectl's)
         // keeps it.
         let item_kind = kind.strip_suffix("List").filter(|k| !k.is_empty());
-        for (i, mut item) in items.into_iter().enumerate() {
+        for (i, item) in items.into_iter().enumerate() {
+            let mut item = match item {
+                DecodedItem::Converted(converted) => {
+                    if let Some(object) = converted.map_err(|(kind, message)| ConversionError {
+                        item: Some(i),
+                        kind,
+                        message,
+                    })? {
+                        out.push(object);
+                    }
+                    continue;
+                }
+                DecodedItem::Raw(item) => item,
+            };
             if let (Some(item_kind), Value::Object(fields)) = (item_kind, &mut item) {
                 fields
                     .entry("kind")
