@@ -5,7 +5,6 @@
 //! balancing and reachability on what actually crossed the wire. Sockets are made on a thread that has entered the namespace (a
 //! socket stays in the namespace it was created in); the test thread never moves.
 
-use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -13,25 +12,18 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use nix::sched::{setns, CloneFlags};
-
 use crate::Netns;
 
 /// How long a client waits for a connection or an answer.
 pub const TIMEOUT: Duration = Duration::from_secs(3);
 
 impl Netns {
-    /// Runs `f` on a thread of its own inside this namespace.
+    /// Runs `f` on a thread of its own inside this namespace (ferry-netlink's helper, the
+    /// one the plugins use); a failure to enter it, or a panic in `f`, fails the test.
     pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        let file = File::open(self.path()).unwrap_or_else(|e| panic!("open {}: {e}", self.path().display()));
-        std::thread::scope(|s| {
-            s.spawn(move || {
-                setns(&file, CloneFlags::CLONE_NEWNET).expect("setns into a test namespace");
-                f()
-            })
-            .join()
-            .expect("the thread inside the namespace panicked")
-        })
+        ferry_netlink::Netns::open(self.path())
+            .and_then(|netns| netns.run(f))
+            .unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// A TCP server on `addr` (inside this namespace) that writes the peer's address and
