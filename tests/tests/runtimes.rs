@@ -790,18 +790,15 @@ struct WhoAmI {
 
 impl WhoAmI {
     fn start(ns: &Netns) -> WhoAmI {
-        let file = fs::File::open(ns.path()).unwrap();
+        // The listener is made in the client's netns; a socket stays where it was made.
+        let listener = ns
+            .run(|| TcpListener::bind(SocketAddr::from(([0, 0, 0, 0], 0))))
+            .expect("bind in the client netns");
+        listener.set_nonblocking(true).unwrap();
+        let port = listener.local_addr().unwrap().port();
         let stop = Arc::new(AtomicBool::new(false));
-        let (tx, rx) = std::sync::mpsc::channel();
         let stopped = stop.clone();
         let thread = std::thread::spawn(move || {
-            // This thread lives in the client's netns: the listener is made there.
-            nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
-                .expect("setns into the client netns");
-            let listener =
-                TcpListener::bind(SocketAddr::from(([0, 0, 0, 0], 0))).expect("bind in the client netns");
-            listener.set_nonblocking(true).unwrap();
-            tx.send(listener.local_addr().unwrap().port()).unwrap();
             while !stopped.load(Ordering::Relaxed) {
                 match listener.accept() {
                     Ok((mut conn, peer)) => {
@@ -821,9 +818,6 @@ impl WhoAmI {
                 }
             }
         });
-        let port = rx
-            .recv_timeout(Duration::from_secs(5))
-            .expect("the outside server did not start");
         WhoAmI {
             port,
             stop,
@@ -885,9 +879,7 @@ fn output_ok(out: Output, what: &str) -> Output {
 /// GET / from `to`, from a thread inside `ns`; retried for a few seconds (the server may
 /// still be starting). Returns the whole response.
 fn http_get(ns: &Netns, to: SocketAddr) -> String {
-    let file = fs::File::open(ns.path()).unwrap();
-    std::thread::spawn(move || {
-        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns into the client netns");
+    ns.run(move || {
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
             let attempt = (|| -> std::io::Result<String> {
@@ -906,8 +898,6 @@ fn http_get(ns: &Netns, to: SocketAddr) -> String {
             }
         }
     })
-    .join()
-    .expect("the client thread panicked")
 }
 
 fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
