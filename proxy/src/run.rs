@@ -853,8 +853,13 @@ mod tests {
         assert_eq!(metrics.snapshot().sync_errors, 1);
     }
 
-    #[tokio::test]
-    async fn nothing_is_programmed_before_services_and_slices_are_listed() {
+    /// The loop with a fake back end and events sent by the test (no source): the sender,
+    /// the loop's task, and the tables the back end was given.
+    async fn loop_fed_by_hand() -> (
+        mpsc::Sender<Event>,
+        tokio::task::JoinHandle<Result<(), RunError>>,
+        Arc<Mutex<Vec<ServiceTable>>>,
+    ) {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let fail = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (s, f) = (seen.clone(), fail.clone());
@@ -862,15 +867,20 @@ mod tests {
             .await
             .unwrap();
         let (tx, rx) = mpsc::channel(16);
-        let metrics = Arc::new(Metrics::default());
         let task = tokio::spawn(run(
             rx,
             backend,
             config(),
-            metrics,
+            Arc::new(Metrics::default()),
             Box::new(|_, _| {}),
             std::future::pending(),
         ));
+        (tx, task, seen)
+    }
+
+    #[tokio::test]
+    async fn nothing_is_programmed_before_services_and_slices_are_listed() {
+        let (tx, task, seen) = loop_fed_by_hand().await;
 
         let service: k8s_openapi::api::core::v1::Service =
             serde_yaml_ng::from_str(&SERVICE.replace("name: web", "name: web\n  namespace: default"))
@@ -903,21 +913,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_empty_cluster_is_programmed_once_everything_is_listed() {
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let fail = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (s, f) = (seen.clone(), fail.clone());
-        let backend = BackendThread::start(move || Ok(Box::new(FakeBackend::new(s, f)) as _))
-            .await
-            .unwrap();
-        let (tx, rx) = mpsc::channel(16);
-        let task = tokio::spawn(run(
-            rx,
-            backend,
-            config(),
-            Arc::new(Metrics::default()),
-            Box::new(|_, _| {}),
-            std::future::pending(),
-        ));
+        let (tx, task, seen) = loop_fed_by_hand().await;
         tx.send(Event::Snapshot {
             kinds: vec![Kind::Service, Kind::EndpointSlice],
             objects: vec![],
