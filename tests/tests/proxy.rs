@@ -733,3 +733,65 @@ fn cleanup_removes_the_table_and_leaves_other_tables_alone(backend: ProxyBackend
 }
 
 both_backends!(cleanup_removes_the_table_and_leaves_other_tables_alone);
+
+/// What only the socket-level back end shows: the client sees the Service address (not
+/// the endpoint's) as its peer and as the source of UDP replies, a process outside the
+/// attached cgroup is never translated, and `dump` lists the frontends from the maps.
+#[test]
+fn ebpf_translates_only_the_cgroup_and_shows_the_service_address() {
+    require_root!();
+    let c = Cluster::new("px-ebpf", &["b1", "client"], ProxyBackend::Ebpf);
+    let _servers = serve(&c, &["b1"], &[8080], &[5353]);
+    let b1 = c.ip("b1").to_string();
+    c.proxy.write(
+        "web",
+        &[
+            service(
+                "web",
+                "10.96.7.10",
+                &[("http", "TCP", 80, json!(8080)), ("dns", "UDP", 53, json!(5353))],
+                json!({}),
+            ),
+            endpoint_slice(
+                "web",
+                "a",
+                &[ep(&b1, NODE)],
+                &[("http", "TCP", 8080), ("dns", "UDP", 5353)],
+            ),
+        ],
+    );
+    c.wait_for_rules("10.96.7.10:53/udp");
+    let dump = c.programmed();
+    assert!(
+        dump.contains("10.96.7.10:80/tcp") && dump.contains(&format!("{b1}:8080")),
+        "dump lists the frontend and its endpoint:\n{dump}"
+    );
+    assert!(
+        c.proxy
+            .log()
+            .contains(&c.ebpf.as_ref().unwrap().cgroup().display().to_string()),
+        "the log says which cgroup the programs are attached to:\n{}",
+        c.proxy.log()
+    );
+
+    let client = c.client("client");
+    let peer = client
+        .tcp_connect(sock("10.96.7.10:80"))
+        .expect("connect in the cgroup")
+        .peer_addr()
+        .unwrap();
+    assert_eq!(peer, sock("10.96.7.10:80"), "getpeername shows the ClusterIP");
+    let (answer, from) = client.udp_exchange(sock("10.96.7.10:53")).expect("UDP");
+    assert_eq!(answered_by(&answer), c.ip("b1"));
+    assert_eq!(from, sock("10.96.7.10:53"), "the reply comes from the ClusterIP");
+
+    // The same Pod's netns, but a socket of the test process, outside the cgroup.
+    let outside_cgroup = Client {
+        netns: c.pod("client"),
+        cgroup: None,
+    };
+    assert!(
+        outside_cgroup.tcp_request(sock("10.96.7.10:80")).is_err(),
+        "a process outside the attached cgroup was translated"
+    );
+}
