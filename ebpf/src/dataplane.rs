@@ -244,6 +244,12 @@ impl EbpfDataplane {
         Ok(dp)
     }
 
+    /// The frontends programmed, from the index kept beside the maps (read back from
+    /// them at load): no map is read.
+    pub fn frontends(&self) -> impl Iterator<Item = &Frontend> {
+        self.programmed.keys()
+    }
+
     pub fn pin_dir(&self) -> &Path {
         &self.pin_dir
     }

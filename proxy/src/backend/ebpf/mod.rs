@@ -219,14 +219,19 @@ impl Backend for EbpfBackend {
         }
         if changes.services == ServiceChanges::All {
             // Frontends left in reused maps by an earlier run that no port has now.
+            // The data plane's index holds what the maps held at load plus every change
+            // since, so no map is read here (reading 10k Services' slots back cost 80 ms).
             let wanted: BTreeSet<Frontend> = self.applied.values().flatten().copied().collect();
-            let held = self.dp.dump().map_err(ebpf_err("reading the Service map"))?;
-            for svc in held.services {
-                if !wanted.contains(&svc.frontend) {
-                    self.dp
-                        .remove_service(&svc.frontend)
-                        .map_err(ebpf_err(format!("removing {}", svc.frontend)))?;
-                }
+            let stale: Vec<Frontend> = self
+                .dp
+                .frontends()
+                .filter(|f| !wanted.contains(f))
+                .copied()
+                .collect();
+            for frontend in stale {
+                self.dp
+                    .remove_service(&frontend)
+                    .map_err(ebpf_err(format!("removing {frontend}")))?;
             }
         }
         Ok(SyncStats {
