@@ -55,7 +55,7 @@ pub use frontends::{frontends, Skipped};
 
 use crate::backend::{Backend, BackendError, SyncStats};
 use crate::changes::{Changes, ServiceChanges};
-use crate::plan::{Plan, ServicePortId};
+use crate::plan::{Plan, ServicePort, ServicePortId};
 
 /// Where pins go by default: `<this>/<node name>/`.
 pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/ferry";
@@ -63,13 +63,22 @@ pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/ferry";
 /// The eBPF back end: the loaded data plane and what it programmed for which port.
 pub struct EbpfBackend {
     dp: EbpfDataplane,
-    /// Frontends programmed per Service port, to remove those a port no longer has.
-    applied: BTreeMap<ServicePortId, BTreeSet<Frontend>>,
+    /// Per Service port: what it was when programmed, and its frontends (to remove those
+    /// it no longer has).
+    applied: BTreeMap<ServicePortId, Applied>,
+    /// The node addresses NodePorts were programmed on.
+    node_ips: Vec<IpAddr>,
     /// Interfaces the tc program is attached to.
     tc_on: BTreeSet<String>,
     snat_set: bool,
     /// Messages already logged about what is not served, so each is said once.
     said: BTreeSet<String>,
+}
+
+/// One Service port as last programmed.
+struct Applied {
+    port: ServicePort,
+    frontends: BTreeSet<Frontend>,
 }
 
 fn ebpf_err(what: impl Into<String>) -> impl FnOnce(ferry_ebpf::Error) -> BackendError {
@@ -107,6 +116,7 @@ impl EbpfBackend {
         Ok(EbpfBackend {
             dp,
             applied: BTreeMap::new(),
+            node_ips: Vec::new(),
             tc_on: BTreeSet::new(),
             snat_set: false,
             said: BTreeSet::new(),
@@ -172,8 +182,12 @@ impl Backend for EbpfBackend {
         self.set_snat_address(plan)?;
         let node_ips = node::nodeport_ips(&plan.services.settings.nodeport_addresses)
             .map_err(system_err("listing the node's addresses"))?;
+        // New node addresses change every NodePort's frontends: compare every port.
+        let node_ips_changed = node_ips != self.node_ips;
+        let all = changes.services == ServiceChanges::All || node_ips_changed;
+        self.node_ips = node_ips.clone();
         let ids: BTreeSet<ServicePortId> = match &changes.services {
-            ServiceChanges::All => plan
+            _ if all => plan
                 .services
                 .ports
                 .keys()
@@ -181,10 +195,15 @@ impl Backend for EbpfBackend {
                 .cloned()
                 .collect(),
             ServiceChanges::Ports(ids) => ids.clone(),
+            ServiceChanges::All => unreachable!("handled above"),
         };
         let mut changed_ports = 0;
         for id in &ids {
-            let (wanted, skipped) = match plan.services.ports.get(id) {
+            let port = plan.services.ports.get(id);
+            if !node_ips_changed && port.is_some() && port == self.applied.get(id).map(|a| &a.port) {
+                continue; // as programmed: a resync compares values, not map entries
+            }
+            let (wanted, skipped) = match port {
                 Some(port) => frontends(port, &node_ips),
                 None => (Vec::new(), Vec::new()),
             };
@@ -200,7 +219,7 @@ impl Backend for EbpfBackend {
                     .map_err(ebpf_err(format!("programming {frontend}")))?;
                 now.insert(*frontend);
             }
-            for gone in self.applied.get(id).into_iter().flatten() {
+            for gone in self.applied.get(id).into_iter().flat_map(|a| &a.frontends) {
                 if !now.contains(gone) {
                     self.dp
                         .remove_service(gone)
@@ -211,17 +230,31 @@ impl Backend for EbpfBackend {
             if ops > 0 {
                 changed_ports += 1;
             }
-            if now.is_empty() {
-                self.applied.remove(id);
-            } else {
-                self.applied.insert(id.clone(), now);
+            match port {
+                Some(port) => {
+                    self.applied.insert(
+                        id.clone(),
+                        Applied {
+                            port: port.clone(),
+                            frontends: now,
+                        },
+                    );
+                }
+                None => {
+                    self.applied.remove(id);
+                }
             }
         }
-        if changes.services == ServiceChanges::All {
+        if all {
             // Frontends left in reused maps by an earlier run that no port has now.
             // The data plane's index holds what the maps held at load plus every change
             // since, so no map is read here (reading 10k Services' slots back cost 80 ms).
-            let wanted: BTreeSet<Frontend> = self.applied.values().flatten().copied().collect();
+            let wanted: BTreeSet<Frontend> = self
+                .applied
+                .values()
+                .flat_map(|a| &a.frontends)
+                .copied()
+                .collect();
             let stale: Vec<Frontend> = self
                 .dp
                 .frontends()
@@ -236,7 +269,7 @@ impl Backend for EbpfBackend {
         }
         Ok(SyncStats {
             changed_ports,
-            rules: self.applied.values().map(BTreeSet::len).sum(),
+            rules: self.applied.values().map(|a| a.frontends.len()).sum(),
             apply_time: start.elapsed(),
         })
     }
