@@ -25,6 +25,22 @@
 //! ([`EbpfDataplane::upsert_service`] writes only the slots that differ) and the ones it no
 //! longer has removed.
 //!
+//! # Measurements
+//!
+//! `cargo bench -p ferry-proxy --bench ebpf_backend` (release, Linux 6.18, 2 shared CPUs,
+//! one run; apply only, planning excluded), 10,000 ClusterIP Services x 10 endpoints,
+//! against the nftables back end in the same run:
+//!
+//! | | nftables | eBPF |
+//! |---|---:|---:|
+//! | full sync | 668 ms | 84 ms |
+//! | one endpoint changed (median of 20) | 0.13 ms | 0.06 ms |
+//! | nothing changed, every port compared | 11.9 ms | 11.8 ms |
+//! | first sync after a restart | 686 ms | 39 ms |
+//!
+//! A resync compares plan values with what was programmed and touches no map; it
+//! first read every frontend's slots back from the maps (94 ms at 10k Services).
+//!
 //! # UDP when an endpoint goes
 //!
 //! There is no conntrack entry to delete for socket-translated UDP: a connected socket
