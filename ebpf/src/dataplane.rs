@@ -244,6 +244,12 @@ impl EbpfDataplane {
         Ok(dp)
     }
 
+    /// The frontends programmed, from the index kept beside the maps (read back from
+    /// them at load): no map is read.
+    pub fn frontends(&self) -> impl Iterator<Item = &Frontend> {
+        self.programmed.keys()
+    }
+
     pub fn pin_dir(&self) -> &Path {
         &self.pin_dir
     }
@@ -348,6 +354,37 @@ impl EbpfDataplane {
             udp_sticky_entries: self.udp_sticky.keys().count(),
             affinity_entries: self.affinity.keys().count(),
             nat4_entries: self.nat4.keys().count(),
+        })
+    }
+
+    /// What the maps pinned under `pin_dir` hold, read by another process than the one
+    /// that loaded them (`ferry-proxy dump`): opens the pins only, so nothing is loaded,
+    /// attached or replaced.
+    pub fn dump_pinned(pin_dir: &Path) -> Result<Dump, Error> {
+        let maps = sys::maps_dir(pin_dir);
+        let services: BpfHashMap<MapData, SvcKey, Svc> = open_pinned(&maps, "ferry_services")?;
+        let backends: BpfHashMap<MapData, BackendKey, SockAddr> = open_pinned(&maps, "ferry_backends")?;
+        let mut out = Vec::new();
+        for (frontend, id, svc) in read_services(&services)? {
+            out.push(DumpedService {
+                frontend,
+                id,
+                backends: read_backends(&backends, id, &svc)?,
+            });
+        }
+        out.sort_by_key(|s| s.frontend);
+        Ok(Dump {
+            services: out,
+            revnat_entries: open_pinned::<SockKey, SockAddr>(&maps, "ferry_revnat")?
+                .keys()
+                .count(),
+            udp_sticky_entries: open_pinned::<SockKey, Sticky>(&maps, "ferry_udp_sticky")?
+                .keys()
+                .count(),
+            affinity_entries: open_pinned::<AffinityKey, Sticky>(&maps, "ferry_affinity")?
+                .keys()
+                .count(),
+            nat4_entries: open_pinned::<Flow4, Flow4>(&maps, "ferry_nat4")?.keys().count(),
         })
     }
 
@@ -551,6 +588,15 @@ fn pin_replacing(link: FdLink, path: &Path) -> Result<(), Error> {
     // The old program detaches here, after the new one runs.
     drop(old);
     Ok(())
+}
+
+fn open_pinned<K: aya::Pod, V: aya::Pod>(
+    maps: &Path,
+    name: &'static str,
+) -> Result<BpfHashMap<MapData, K, V>, Error> {
+    let data = MapData::from_pin(maps.join(name)).map_err(map_err(name))?;
+    let map = aya::maps::Map::from_map_data(data).map_err(map_err(name))?;
+    BpfHashMap::try_from(map).map_err(map_err(name))
 }
 
 fn take_map<K: aya::Pod, V: aya::Pod>(

@@ -24,7 +24,7 @@ use ferry_proxy::{dump, run};
 #[command(
     name = "ferry-proxy",
     version,
-    about = "Ferry's kube-proxy replacement: Kubernetes Services in nftables"
+    about = "Ferry's kube-proxy replacement: Kubernetes Services in nftables or eBPF"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -35,9 +35,11 @@ struct Cli {
 enum Command {
     /// Watch Services, EndpointSlices and Nodes and keep the node's rules in line.
     Run(RunArgs),
-    /// Read the source once and print the plan: what `run` would program.
+    /// Read the source once and print the plan: what `run` would program; with
+    /// `--backend ebpf`, what the eBPF maps of this node hold.
     Dump(DumpArgs),
-    /// Remove everything Ferry programmed (its nftables tables).
+    /// Remove everything Ferry programmed (its nftables tables; with `--backend ebpf`, its
+    /// eBPF programs and pins).
     Cleanup(CleanupArgs),
 }
 
@@ -78,8 +80,52 @@ struct RunArgs {
     /// Where /metrics is served.
     #[arg(long, value_name = "IP:PORT", default_value = "127.0.0.1:10249")]
     metrics_bind_address: SocketAddr,
+    #[command(flatten)]
+    backend: BackendArgs,
+}
+
+/// Which back end programs Services, and where the eBPF one attaches and pins.
+#[derive(Args)]
+struct BackendArgs {
+    /// nftables: rules in the node's netns; ebpf: cgroup socket programs and a tc program
+    /// (needs --cgroup).
     #[arg(long, value_enum, default_value_t = BackendKind::Nftables)]
     backend: BackendKind,
+    /// With --backend ebpf: the cgroup v2 directory whose processes (and those below it)
+    /// reach Services. A DaemonSet passes the root of the host's cgroup2 mount; processes
+    /// outside it are never translated.
+    #[arg(long, value_name = "PATH")]
+    cgroup: Option<PathBuf>,
+    /// With --backend ebpf: pins go to DIR/<node name>/ (a bpf file system).
+    #[arg(long, value_name = "DIR", default_value = ferry_proxy::backend::ebpf::DEFAULT_PIN_ROOT)]
+    bpf_pin_root: PathBuf,
+}
+
+/// The eBPF back end's settings, checked.
+struct EbpfSettings {
+    cgroup: PathBuf,
+    pin_dir: PathBuf,
+}
+
+impl BackendArgs {
+    /// `None` for nftables; for ebpf, the cgroup (required: never the root by default) and
+    /// the pin directory of `node_name`.
+    fn ebpf(&self, node_name: &str) -> Result<Option<EbpfSettings>, String> {
+        match (self.backend, &self.cgroup) {
+            (BackendKind::Nftables, None) => Ok(None),
+            (BackendKind::Nftables, Some(_)) => {
+                Err("--cgroup is for --backend ebpf only: drop it, or add --backend ebpf".into())
+            }
+            (BackendKind::Ebpf, None) => Err("--backend ebpf needs --cgroup PATH: the cgroup v2 directory \
+                 whose processes reach Services (a DaemonSet passes the root of the host's cgroup2 \
+                 mount, e.g. /sys/fs/cgroup or /sys/fs/cgroup/unified); it is never chosen for you"
+                .into()),
+            (BackendKind::Ebpf, Some(cgroup)) => Ok(Some(EbpfSettings {
+                cgroup: cgroup.clone(),
+                pin_dir: ferry_proxy::backend::ebpf::pin_dir(&self.bpf_pin_root, node_name),
+            })),
+        }
+    }
 }
 
 #[derive(Args)]
@@ -91,17 +137,27 @@ struct DumpArgs {
     /// Output format.
     #[arg(short, long, value_enum, default_value_t = Format::Table)]
     output: Format,
+    /// `ebpf`: print what this node's eBPF maps hold (no source is read).
+    #[arg(long, value_enum)]
+    backend: Option<BackendKind>,
+    /// With --backend ebpf: where the pins are (DIR/<node name>/).
+    #[arg(long, value_name = "DIR", default_value = ferry_proxy::backend::ebpf::DEFAULT_PIN_ROOT)]
+    bpf_pin_root: PathBuf,
 }
 
 #[derive(Args)]
 struct CleanupArgs {
-    #[arg(long, value_enum, default_value_t = BackendKind::Nftables)]
-    backend: BackendKind,
+    #[command(flatten)]
+    backend: BackendArgs,
+    /// This node's name (default: the host name): whose pins to remove.
+    #[arg(long, value_name = "NAME")]
+    hostname_override: Option<String>,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum BackendKind {
     Nftables,
+    Ebpf,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -142,12 +198,12 @@ fn runtime() -> Result<tokio::runtime::Runtime, String> {
 
 fn run_command(args: RunArgs) -> Result<(), String> {
     let settings = node_settings(&args.node)?;
-    let BackendKind::Nftables = args.backend;
+    let ebpf = args.backend.ebpf(&settings.node_name)?;
     check_manifests_dir(&args.source)?;
     info!(node = %settings.node_name, "starting");
     runtime()?.block_on(async move {
         // The back end first: if it cannot start, nothing else has been opened.
-        let backend = BackendThread::start(wiring::backend)
+        let backend = BackendThread::start(move || wiring::backend(ebpf.as_ref()))
             .await
             .map_err(|e| e.to_string())?;
         let metrics = Arc::new(Metrics::default());
@@ -212,6 +268,14 @@ fn spawn_source(source: SourceArgs, node_name: String, tx: mpsc::Sender<Event>, 
 
 fn dump_command(args: DumpArgs) -> Result<(), String> {
     let settings = node_settings(&args.node)?;
+    if args.backend == Some(BackendKind::Ebpf) {
+        let pin_dir = ferry_proxy::backend::ebpf::pin_dir(&args.bpf_pin_root, &settings.node_name);
+        print!(
+            "{}",
+            ferry_proxy::backend::ebpf::dump_text(&pin_dir).map_err(|e| e.to_string())?
+        );
+        return Ok(());
+    }
     check_manifests_dir(&args.source)?;
     let store = match &args.source.manifests {
         Some(dir) => {
@@ -251,8 +315,22 @@ fn dump_command(args: DumpArgs) -> Result<(), String> {
 }
 
 fn cleanup_command(args: CleanupArgs) -> Result<(), String> {
-    let BackendKind::Nftables = args.backend;
-    let mut backend = wiring::backend().map_err(|e| e.to_string())?;
+    let node = NodeArgs {
+        hostname_override: args.hostname_override.clone(),
+        cluster_cidr: Vec::new(),
+        nodeport_addresses: Vec::new(),
+    };
+    if let Some(ebpf) = args.backend.ebpf(&node_settings(&node)?.node_name)? {
+        let report = ferry_proxy::backend::ebpf::cleanup_pins(&ebpf.pin_dir, &ebpf.cgroup)
+            .map_err(|e| format!("cleanup: {e}"))?;
+        info!(
+            links = report.links_detached,
+            pins = report.pins_removed,
+            "removed Ferry's eBPF programs and pins"
+        );
+        return Ok(());
+    }
+    let mut backend = wiring::backend(None).map_err(|e| e.to_string())?;
     backend.cleanup().map_err(|e| format!("cleanup: {e}"))?;
     info!("removed everything Ferry programmed");
     Ok(())
@@ -309,9 +387,14 @@ mod wiring {
     /// How often at most the sync loop's freed memory is given back to the system.
     const TRIM_INTERVAL: Duration = Duration::from_secs(10);
 
-    /// The nftables back end.
-    pub fn backend() -> Result<Box<dyn Backend>, BackendError> {
-        Ok(Box::new(ferry_proxy::backend::nftables::NftablesBackend::new()))
+    /// The nftables back end, or the eBPF one when its settings are given.
+    pub fn backend(ebpf: Option<&super::EbpfSettings>) -> Result<Box<dyn Backend>, BackendError> {
+        match ebpf {
+            None => Ok(Box::new(ferry_proxy::backend::nftables::NftablesBackend::new())),
+            Some(e) => Ok(Box::new(ferry_proxy::backend::ebpf::EbpfBackend::new(
+                &e.pin_dir, &e.cgroup,
+            )?)),
+        }
     }
 
     /// The Kubernetes API source; returns when `tx`'s receiver is gone, or fails when no
@@ -401,5 +484,28 @@ mod tests {
         );
         assert!(Cli::try_parse_from(["ferry-proxy", "run", "--backend", "iptables"]).is_err());
         assert!(Cli::try_parse_from(["ferry-proxy", "dump", "-o", "json"]).is_ok());
+    }
+
+    #[test]
+    fn the_ebpf_back_end_needs_a_cgroup_and_pins_per_node() {
+        let run = |extra: &[&str]| {
+            let cli = Cli::try_parse_from([&["ferry-proxy", "run"], extra].concat()).unwrap();
+            let Command::Run(args) = cli.command else {
+                panic!("not run")
+            };
+            args.backend.ebpf("node-a")
+        };
+        let err = run(&["--backend", "ebpf"]).err().unwrap();
+        assert!(err.contains("needs --cgroup PATH"), "{err}");
+        assert!(
+            run(&["--cgroup", "/sys/fs/cgroup"]).is_err(),
+            "--cgroup without ebpf"
+        );
+        assert!(run(&[]).unwrap().is_none());
+        let e = run(&["--backend", "ebpf", "--cgroup", "/sys/fs/cgroup/unified"])
+            .unwrap()
+            .unwrap();
+        assert_eq!(e.cgroup, PathBuf::from("/sys/fs/cgroup/unified"));
+        assert_eq!(e.pin_dir, PathBuf::from("/sys/fs/bpf/ferry/node-a"));
     }
 }

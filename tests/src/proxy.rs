@@ -1,6 +1,8 @@
 //! Running `ferry-proxy` in a testbed node, fed by a manifests directory, and writing the
-//! Services and EndpointSlices it reads.
+//! Services and EndpointSlices it reads; for the eBPF back end, the test's own cgroup and
+//! bpf file system, and clients whose sockets belong to that cgroup.
 
+use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
@@ -163,4 +165,376 @@ pub fn endpoint_slice(
                      "labels": {"kubernetes.io/service-name": service}},
         "addressType": family, "endpoints": endpoints, "ports": ports
     })
+}
+
+/// Which Service back end a test runs `ferry-proxy` with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyBackend {
+    Nftables,
+    Ebpf,
+}
+
+/// Where this hybrid machine mounts the cgroup v2 hierarchy (see shared notes).
+const CGROUP2_ROOT: &str = "/sys/fs/cgroup/unified";
+/// Test cgroups are `<prefix><pid>-<n>-<tag>`: the ferry-ebpf tests sweep the same names.
+const CGROUP_PREFIX: &str = "ferry-test-";
+
+/// What the eBPF back end needs from a test: a cgroup v2 directory of the test's own (the
+/// socket programs act on every process in it, so never the machine's root) and a private
+/// bpf file system for the pins. On drop: the bpffs is unmounted (dropping the pinned
+/// links detaches the programs), what is left in the cgroup is killed (only this test's
+/// socket makers can be there), and the cgroup removed; also after a panic.
+pub struct EbpfSandbox {
+    cgroup: PathBuf,
+    bpffs: tempfile::TempDir,
+}
+
+impl EbpfSandbox {
+    pub fn new(tag: &str) -> EbpfSandbox {
+        static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        sweep_dead_cgroups_once();
+        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let cgroup = Path::new(CGROUP2_ROOT).join(format!("{CGROUP_PREFIX}{}-{n}-{tag}", std::process::id()));
+        std::fs::create_dir(&cgroup).unwrap_or_else(|e| {
+            panic!(
+                "mkdir {}: {e} (the eBPF back end's tests need the cgroup v2 hierarchy at {CGROUP2_ROOT})",
+                cgroup.display()
+            )
+        });
+        let bpffs = tempfile::Builder::new()
+            .prefix(&format!("ferry-bpffs-{}-", std::process::id()))
+            .tempdir()
+            .unwrap();
+        let sandbox = EbpfSandbox { cgroup, bpffs };
+        nix::mount::mount(
+            Some("bpf"),
+            sandbox.bpffs.path(),
+            Some("bpf"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .unwrap_or_else(|e| panic!("mount bpffs on {}: {e}", sandbox.bpffs.path().display()));
+        sandbox
+    }
+
+    pub fn cgroup(&self) -> &Path {
+        &self.cgroup
+    }
+
+    pub fn pin_root(&self) -> &Path {
+        self.bpffs.path()
+    }
+
+    /// The flags that point `ferry-proxy` (run, dump, cleanup) at this sandbox.
+    pub fn flags(&self) -> Vec<String> {
+        vec![
+            "--backend".into(),
+            "ebpf".into(),
+            "--cgroup".into(),
+            self.cgroup.display().to_string(),
+            "--bpf-pin-root".into(),
+            self.pin_root().display().to_string(),
+        ]
+    }
+}
+
+impl Drop for EbpfSandbox {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(self.bpffs.path(), nix::mount::MntFlags::MNT_DETACH);
+        remove_cgroup(&self.cgroup);
+    }
+}
+
+fn remove_cgroup(path: &Path) {
+    for _ in 0..100 {
+        let procs = std::fs::read_to_string(path.join("cgroup.procs")).unwrap_or_default();
+        for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL);
+        }
+        match std::fs::remove_dir(path) {
+            Ok(()) => return,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+    eprintln!("warning: could not remove the test cgroup {}", path.display());
+}
+
+/// Removes test cgroups whose process is gone (killed before its guards ran).
+fn sweep_dead_cgroups_once() {
+    static SWEEP: std::sync::Once = std::sync::Once::new();
+    SWEEP.call_once(|| {
+        for entry in std::fs::read_dir(CGROUP2_ROOT).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let pid = name
+                .strip_prefix(CGROUP_PREFIX)
+                .and_then(|r| r.split('-').next())
+                .and_then(|p| p.parse::<i32>().ok());
+            if let Some(pid) = pid {
+                let gone = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None)
+                    == Err(nix::errno::Errno::ESRCH);
+                if gone {
+                    remove_cgroup(&entry.path());
+                }
+            }
+        }
+    });
+}
+
+/// A client in a Pod's (or the node's) netns whose sockets belong to `cgroup` when given:
+/// how a Pod's process looks to the eBPF back end's socket programs. Without a cgroup it
+/// is the plain [`Netns`] client.
+pub struct Client<'a> {
+    pub netns: &'a Netns,
+    pub cgroup: Option<&'a Path>,
+}
+
+impl Client<'_> {
+    fn socket(&self, v4: bool, tcp: bool) -> std::io::Result<std::os::fd::OwnedFd> {
+        use nix::libc;
+        let domain = if v4 { libc::AF_INET } else { libc::AF_INET6 };
+        let ty = if tcp { libc::SOCK_STREAM } else { libc::SOCK_DGRAM };
+        match self.cgroup {
+            None => {
+                // SAFETY: socket(2) with constant arguments; the fd is owned at once.
+                let fd = unsafe { libc::socket(domain, ty | libc::SOCK_CLOEXEC, 0) };
+                if fd < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // SAFETY: a fresh fd nobody else owns.
+                Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) })
+            }
+            Some(cgroup) => socket_in_cgroup(cgroup, domain, ty),
+        }
+    }
+
+    fn tcp_connected(&self, to: SocketAddr) -> std::io::Result<TcpStream> {
+        let fd = self.socket(to.is_ipv4(), true)?;
+        let timeout = nix::libc::timeval {
+            tv_sec: crate::TIMEOUT.as_secs() as _,
+            tv_usec: 0,
+        };
+        use std::os::fd::AsRawFd;
+        // SAFETY: setsockopt/connect on a socket we own, with buffers that outlive the calls.
+        unsafe {
+            nix::libc::setsockopt(
+                fd.as_raw_fd(),
+                nix::libc::SOL_SOCKET,
+                nix::libc::SO_SNDTIMEO,
+                (&timeout as *const nix::libc::timeval).cast(),
+                std::mem::size_of::<nix::libc::timeval>() as _,
+            );
+            let (storage, len) = sockaddr(to);
+            if nix::libc::connect(
+                fd.as_raw_fd(),
+                (&storage as *const nix::libc::sockaddr_storage).cast(),
+                len,
+            ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        let conn = TcpStream::from(fd);
+        conn.set_read_timeout(Some(crate::TIMEOUT))?;
+        Ok(conn)
+    }
+
+    /// A TCP connection, usable from any thread.
+    pub fn tcp_connect(&self, to: SocketAddr) -> std::io::Result<TcpStream> {
+        self.netns.run(|| self.tcp_connected(to))
+    }
+
+    /// Connects to `to` and returns what the server sent (trimmed).
+    pub fn tcp_request(&self, to: SocketAddr) -> std::io::Result<String> {
+        self.netns.run(|| {
+            let mut conn = self.tcp_connected(to)?;
+            let mut out = String::new();
+            std::io::Read::read_to_string(&mut conn, &mut out)?;
+            Ok(out.trim().to_string())
+        })
+    }
+
+    /// An unconnected UDP socket kept across datagrams (one flow).
+    pub fn udp_socket(&self, v4: bool) -> std::io::Result<UdpSocket> {
+        self.netns.run(|| {
+            let s = UdpSocket::from(self.socket(v4, false)?);
+            s.set_read_timeout(Some(Duration::from_millis(500)))?;
+            Ok(s)
+        })
+    }
+
+    /// One datagram from a fresh socket, and the answer.
+    pub fn udp_request(&self, to: SocketAddr) -> std::io::Result<String> {
+        self.udp_exchange(to).map(|(answer, _)| answer)
+    }
+
+    /// One datagram from a fresh socket: the answer and the address it came from.
+    pub fn udp_exchange(&self, to: SocketAddr) -> std::io::Result<(String, SocketAddr)> {
+        self.netns.run(|| {
+            let s = UdpSocket::from(self.socket(to.is_ipv4(), false)?);
+            s.set_read_timeout(Some(crate::TIMEOUT))?;
+            s.send_to(b"who am i", to)?;
+            let mut buf = [0u8; 1500];
+            let (n, from) = s.recv_from(&mut buf)?;
+            Ok((String::from_utf8_lossy(&buf[..n]).trim().to_string(), from))
+        })
+    }
+}
+
+fn sockaddr(to: SocketAddr) -> (nix::libc::sockaddr_storage, nix::libc::socklen_t) {
+    use nix::libc;
+    // SAFETY: all-zero is a valid sockaddr_storage.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match to {
+        SocketAddr::V4(a) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as _,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(a.ip().octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_storage is larger than sockaddr_in and suitably aligned.
+            unsafe { std::ptr::write((&mut storage as *mut libc::sockaddr_storage).cast(), sin) };
+            std::mem::size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(a) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as _,
+                sin6_port: a.port().to_be(),
+                sin6_flowinfo: 0,
+                sin6_addr: libc::in6_addr {
+                    s6_addr: a.ip().octets(),
+                },
+                sin6_scope_id: a.scope_id(),
+            };
+            // SAFETY: as above.
+            unsafe { std::ptr::write((&mut storage as *mut libc::sockaddr_storage).cast(), sin6) };
+            std::mem::size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (storage, len as libc::socklen_t)
+}
+
+/// A socket of this thread's netns that belongs to `cgroup`.
+///
+/// A socket belongs to the cgroup of the process that creates it, for good; cgroup v2
+/// moves whole processes, and the test process must stay where it is. So a forked child
+/// (same netns as this thread) joins the cgroup, makes the socket and hands it back over a
+/// Unix socket (SCM_RIGHTS), then exits. The child makes only raw system calls on buffers
+/// prepared before the fork: the test process has other threads.
+fn socket_in_cgroup(cgroup: &Path, domain: i32, ty: i32) -> std::io::Result<std::os::fd::OwnedFd> {
+    use nix::libc;
+    use std::os::fd::FromRawFd;
+    let procs = std::ffi::CString::new(cgroup.join("cgroup.procs").into_os_string().into_encoded_bytes())
+        .map_err(|_| std::io::Error::other("cgroup path with a NUL byte"))?;
+    let mut pair = [0i32; 2];
+    // SAFETY: socketpair fills the two ints.
+    if unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC,
+            0,
+            pair.as_mut_ptr(),
+        )
+    } != 0
+    {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fresh fds, owned from here.
+    let (ours, theirs) = unsafe {
+        (
+            std::os::fd::OwnedFd::from_raw_fd(pair[0]),
+            std::os::fd::OwnedFd::from_raw_fd(pair[1]),
+        )
+    };
+    use std::os::fd::AsRawFd;
+    let child_end = theirs.as_raw_fd();
+    // SAFETY: the child runs only async-signal-safe system calls on memory prepared before
+    // the fork, then _exit; it never returns into Rust code.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if pid == 0 {
+        // SAFETY: see above.
+        unsafe {
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+            if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                libc::_exit(3);
+            }
+            libc::close(fd);
+            let s = libc::socket(domain, ty | libc::SOCK_CLOEXEC, 0);
+            if s < 0 {
+                libc::_exit(4);
+            }
+            send_fd(child_end, s);
+            libc::_exit(0);
+        }
+    }
+    drop(theirs);
+    let received = recv_fd(ours.as_raw_fd());
+    let mut status = 0;
+    // SAFETY: waiting for our own child.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    match received {
+        Some(fd) => Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) }),
+        None => Err(std::io::Error::other(format!(
+            "the child making a socket in {} failed (wait status {status})",
+            cgroup.display()
+        ))),
+    }
+}
+
+/// Control message buffer for one fd, aligned for cmsghdr.
+#[repr(C, align(8))]
+struct FdCmsg([u8; 64]);
+
+/// Sends `fd` over the Unix socket `over` (async-signal-safe: stack buffers only).
+unsafe fn send_fd(over: i32, fd: i32) {
+    use nix::libc;
+    let mut byte = [0u8; 1];
+    let mut iov = libc::iovec {
+        iov_base: byte.as_mut_ptr().cast(),
+        iov_len: 1,
+    };
+    let mut buf = FdCmsg([0; 64]);
+    let mut msg: libc::msghdr = std::mem::zeroed();
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = buf.0.as_mut_ptr().cast();
+    msg.msg_controllen = libc::CMSG_SPACE(std::mem::size_of::<i32>() as u32) as _;
+    let cmsg = libc::CMSG_FIRSTHDR(&msg);
+    (*cmsg).cmsg_level = libc::SOL_SOCKET;
+    (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+    (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<i32>() as u32) as _;
+    std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<i32>(), fd);
+    libc::sendmsg(over, &msg, 0);
+}
+
+fn recv_fd(from: i32) -> Option<i32> {
+    use nix::libc;
+    let mut byte = [0u8; 1];
+    let mut iov = libc::iovec {
+        iov_base: byte.as_mut_ptr().cast(),
+        iov_len: 1,
+    };
+    let mut buf = FdCmsg([0; 64]);
+    // SAFETY: a zeroed msghdr pointing at buffers that outlive the call.
+    unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = buf.0.as_mut_ptr().cast();
+        msg.msg_controllen = buf.0.len() as _;
+        if libc::recvmsg(from, &mut msg, libc::MSG_CMSG_CLOEXEC) != 1 {
+            return None;
+        }
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        if cmsg.is_null() || (*cmsg).cmsg_type != libc::SCM_RIGHTS {
+            return None;
+        }
+        Some(std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<i32>()))
+    }
 }

@@ -1,6 +1,11 @@
 //! ferry-proxy end to end: pods made with ferry-bridge run servers, the proxy runs in the
 //! node's netns reading a manifests directory, and clients inside and outside the node
 //! reach Services with real packets.
+//!
+//! Every test body runs against both back ends ([`both_backends!`]): `<test>::nftables`
+//! and `<test>::ebpf`. For the eBPF one the test makes its own cgroup (the proxy gets
+//! `--cgroup` that directory) and the Pods' clients make their sockets inside it; what
+//! the eBPF back end does not serve yet is marked `#[ignore = "why"]` on its variant.
 
 use std::collections::{BTreeMap, HashSet};
 use std::io::{BufRead, BufReader, Write};
@@ -9,41 +14,115 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use ferry_tests::{
-    endpoint_slice, ferry_bin, require_root, service, wait_until, Pod, PodNetwork, ProxyProcess, Server,
-    NODE_IP, OUTSIDE_IP,
+    endpoint_slice, ferry_bin, require_root, service, wait_until, Client, EbpfSandbox, Pod, PodNetwork,
+    ProxyBackend, ProxyProcess, Server, NODE_IP, OUTSIDE_IP,
 };
 use serde_json::json;
 
 const NODE: &str = "node-a";
 const CLIENT_IP: &str = OUTSIDE_IP;
 
+/// One test body, run against each back end: `mod <body> { nftables, ebpf }`. With
+/// `ebpf_ignore = "why"`, the eBPF variant is marked ignored with that reason.
+macro_rules! both_backends {
+    ($body:ident $(, ebpf_ignore = $why:literal)?) => {
+        mod $body {
+            #[test]
+            fn nftables() {
+                super::$body(ferry_tests::ProxyBackend::Nftables)
+            }
+            #[test]
+            $(#[ignore = $why])?
+            fn ebpf() {
+                super::$body(ferry_tests::ProxyBackend::Ebpf)
+            }
+        }
+    };
+}
+
 /// A node with pods on ferry-bridge, a client outside, and the proxy.
 struct Cluster {
     net: PodNetwork,
     pods: BTreeMap<&'static str, (Pod, IpAddr)>,
     proxy: ProxyProcess,
+    backend: ProxyBackend,
+    // Last: the proxy is killed before its cgroup and pins go.
+    ebpf: Option<EbpfSandbox>,
 }
 
 impl Cluster {
-    fn new(tag: &str, pods: &[&'static str]) -> Cluster {
+    fn new(tag: &str, pods: &[&'static str], backend: ProxyBackend) -> Cluster {
         let net = PodNetwork::new(tag);
         let made = pods.iter().map(|name| (*name, net.add_pod(name))).collect();
+        let ebpf = (backend == ProxyBackend::Ebpf).then(|| EbpfSandbox::new(tag));
         let manifests = net.node.state_dir().join("manifests");
-        let proxy = ProxyProcess::start(
-            net.node.netns(),
-            &manifests,
-            NODE,
-            &["--cluster-cidr", &net.subnet],
-        );
+        let proxy = start_proxy(&net, &manifests, ebpf.as_ref());
         Cluster {
             net,
             pods: made,
             proxy,
+            backend,
+            ebpf,
         }
+    }
+
+    /// Starts the proxy again (after a kill), with the same flags and manifests.
+    fn restart_proxy(&mut self) {
+        let manifests: PathBuf = self.proxy.manifests.clone();
+        self.proxy = start_proxy(&self.net, &manifests, self.ebpf.as_ref());
     }
 
     fn pod(&self, name: &str) -> &Pod {
         &self.pods[name].0
+    }
+
+    /// A client in Pod `name`: in the eBPF back end's cgroup when it runs, as a Pod's
+    /// processes would be on a node.
+    fn client(&self, name: &str) -> Client<'_> {
+        Client {
+            netns: self.pod(name),
+            cgroup: self.ebpf.as_ref().map(EbpfSandbox::cgroup),
+        }
+    }
+
+    /// `ferry-proxy dump` (eBPF: what the maps hold) or `cleanup`, for this node and back end.
+    fn proxy_command(&self, command: &str) -> std::process::Output {
+        let mut cmd = self.net.node.netns().command(ferry_bin("ferry-proxy"));
+        cmd.args([command, "--hostname-override", NODE]);
+        match (&self.ebpf, command) {
+            (None, _) => {}
+            (Some(e), "dump") => {
+                cmd.args(["--backend", "ebpf", "--bpf-pin-root"])
+                    .arg(e.pin_root());
+            }
+            (Some(e), _) => {
+                cmd.args(e.flags());
+            }
+        }
+        cmd.output().unwrap()
+    }
+
+    /// What the back end programmed, as text: the nftables table, or the eBPF maps'
+    /// frontends (without the programs' own LRU counts).
+    fn programmed(&self) -> String {
+        match self.backend {
+            ProxyBackend::Nftables => {
+                let out = self
+                    .net
+                    .node
+                    .netns()
+                    .exec(&["nft", "list", "table", "inet", "ferry-proxy"]);
+                String::from_utf8_lossy(&out.stdout).into_owned()
+            }
+            ProxyBackend::Ebpf => {
+                let out = self.proxy_command("dump");
+                String::from_utf8_lossy(&out.stdout)
+                    .lines()
+                    .filter(|l| !l.starts_with('#'))
+                    .map(|l| format!("{l}\n"))
+                    .collect()
+            }
+        }
     }
 
     fn ip(&self, name: &str) -> IpAddr {
@@ -53,21 +132,20 @@ impl Cluster {
     /// Waits until the proxy's table holds `needle` (e.g. a ClusterIP); panics with the
     /// proxy's log otherwise.
     fn wait_for_rules(&self, needle: &str) -> Duration {
-        wait_until(Duration::from_secs(5), || {
-            let out = self
-                .net
-                .node
-                .netns()
-                .exec(&["nft", "list", "table", "inet", "ferry-proxy"]);
-            String::from_utf8_lossy(&out.stdout).contains(needle)
-        })
-        .unwrap_or_else(|| {
+        wait_until(Duration::from_secs(5), || self.programmed().contains(needle)).unwrap_or_else(|| {
             panic!(
                 "the proxy did not program {needle}; its log:\n{}",
                 self.proxy.log()
             )
         })
     }
+}
+
+fn start_proxy(net: &PodNetwork, manifests: &std::path::Path, ebpf: Option<&EbpfSandbox>) -> ProxyProcess {
+    let mut flags = vec!["--cluster-cidr".to_string(), net.subnet.clone()];
+    flags.extend(ebpf.map(EbpfSandbox::flags).unwrap_or_default());
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    ProxyProcess::start(net.node.netns(), manifests, NODE, &flags)
 }
 
 /// Servers answering "<peer> <local>" on each pod's address, TCP and UDP, for `ports`.
@@ -112,10 +190,9 @@ fn ep<'a>(ip: &'a str, node: &'a str) -> (&'a str, &'a str, bool, bool, bool) {
     (ip, node, true, true, false)
 }
 
-#[test]
-fn cluster_ip_tcp_udp_named_port_balancing_terminating_fallback_and_refusal() {
+fn cluster_ip_tcp_udp_named_port_balancing_terminating_fallback_and_refusal(backend: ProxyBackend) {
     require_root!();
-    let c = Cluster::new("px-cip", &["b1", "b2", "client"]);
+    let c = Cluster::new("px-cip", &["b1", "b2", "client"], backend);
     let _servers = serve(&c, &["b1", "b2"], &[8080], &[5353]);
     let (b1, b2) = (c.ip("b1").to_string(), c.ip("b2").to_string());
     c.proxy.write(
@@ -160,7 +237,7 @@ fn cluster_ip_tcp_udp_named_port_balancing_terminating_fallback_and_refusal() {
         ],
     );
     c.wait_for_rules("10.96.0.12");
-    let client = c.pod("client");
+    let client = c.client("client");
 
     let mut tcp_backends = HashSet::new();
     for _ in 0..30 {
@@ -201,10 +278,11 @@ fn cluster_ip_tcp_udp_named_port_balancing_terminating_fallback_and_refusal() {
     );
 }
 
-#[test]
-fn node_port_masquerades_and_external_traffic_policy_local_keeps_the_client_address() {
+both_backends!(cluster_ip_tcp_udp_named_port_balancing_terminating_fallback_and_refusal);
+
+fn node_port_masquerades_and_external_traffic_policy_local_keeps_the_client_address(backend: ProxyBackend) {
     require_root!();
-    let c = Cluster::new("px-np", &["b1"]);
+    let c = Cluster::new("px-np", &["b1"], backend);
     let _servers = serve(&c, &["b1"], &[8080], &[]);
     let b1 = c.ip("b1").to_string();
     c.proxy.write(
@@ -313,10 +391,11 @@ fn node_port_masquerades_and_external_traffic_policy_local_keeps_the_client_addr
     assert!(none.contains(" 503 "), "{none}");
 }
 
-#[test]
-fn load_balancer_ip_external_ip_source_ranges_affinity_and_hairpin() {
+both_backends!(node_port_masquerades_and_external_traffic_policy_local_keeps_the_client_address);
+
+fn load_balancer_ip_with_source_ranges(backend: ProxyBackend) {
     require_root!();
-    let c = Cluster::new("px-lb", &["b1", "b2", "client"]);
+    let c = Cluster::new("px-lbsr", &["b1", "b2"], backend);
     // A second client, on another link, outside the allowed source range.
     let other = c.net.node.client("other");
     c.net
@@ -329,6 +408,48 @@ fn load_balancer_ip_external_ip_source_ranges_affinity_and_hairpin() {
         "10.96.2.10",
         &[("http", "TCP", 80, json!(8080))],
         json!({"type": "LoadBalancer", "loadBalancerSourceRanges": ["203.0.113.0/24"]}),
+    );
+    lb["spec"]["ports"][0]["nodePort"] = json!(30180);
+    lb["status"] = json!({"loadBalancer": {"ingress": [{"ip": "198.51.100.10"}]}});
+    c.proxy.write(
+        "lb",
+        &[
+            lb,
+            endpoint_slice(
+                "lb",
+                "a",
+                &[ep(&b1, NODE), ep(&b2, NODE)],
+                &[("http", "TCP", 8080)],
+            ),
+        ],
+    );
+    c.wait_for_rules("10.96.2.10");
+    c.net
+        .outside
+        .tcp_request(sock("198.51.100.10:80"))
+        .expect("LoadBalancer IP from an allowed source");
+    assert!(
+        other.tcp_request(sock("198.51.100.10:80")).is_err(),
+        "a source outside loadBalancerSourceRanges"
+    );
+}
+
+both_backends!(
+    load_balancer_ip_with_source_ranges,
+    ebpf_ignore =
+        "the tc program cannot filter sources: the eBPF back end leaves such LB IPs closed from outside"
+);
+
+fn load_balancer_ip_external_ip_affinity_and_hairpin(backend: ProxyBackend) {
+    require_root!();
+    let c = Cluster::new("px-lb", &["b1", "b2", "client"], backend);
+    let _servers = serve(&c, &["b1", "b2"], &[8080], &[]);
+    let (b1, b2) = (c.ip("b1").to_string(), c.ip("b2").to_string());
+    let mut lb = service(
+        "lb",
+        "10.96.2.10",
+        &[("http", "TCP", 80, json!(8080))],
+        json!({"type": "LoadBalancer"}),
     );
     lb["spec"]["ports"][0]["nodePort"] = json!(30180);
     lb["status"] = json!({"loadBalancer": {"ingress": [{"ip": "198.51.100.10"}]}});
@@ -351,11 +472,10 @@ fn load_balancer_ip_external_ip_source_ranges_affinity_and_hairpin() {
     c.net
         .outside
         .tcp_request(sock("198.51.100.10:80"))
-        .expect("LoadBalancer IP from an allowed source");
-    assert!(
-        other.tcp_request(sock("198.51.100.10:80")).is_err(),
-        "a source outside loadBalancerSourceRanges"
-    );
+        .expect("LoadBalancer IP from outside");
+    c.client("client")
+        .tcp_request(sock("198.51.100.10:80"))
+        .expect("LoadBalancer IP from a Pod");
     assert_eq!(
         answered_by(
             &c.net
@@ -366,7 +486,7 @@ fn load_balancer_ip_external_ip_source_ranges_affinity_and_hairpin() {
         c.ip("b1")
     );
 
-    let client = c.pod("client");
+    let client = c.client("client");
     let first = answered_by(&client.tcp_request(sock("10.96.2.12:80")).unwrap());
     for _ in 0..15 {
         assert_eq!(
@@ -377,14 +497,18 @@ fn load_balancer_ip_external_ip_source_ranges_affinity_and_hairpin() {
     }
 
     // b1 reaches its own Service and lands on itself.
-    let reply = c.pod("b1").tcp_request(sock("10.96.2.13:80")).expect("hairpin");
+    let reply = c
+        .client("b1")
+        .tcp_request(sock("10.96.2.13:80"))
+        .expect("hairpin");
     assert_eq!(answered_by(&reply), c.ip("b1"));
 }
 
-#[test]
-fn removing_a_udp_endpoint_moves_the_flow_to_the_remaining_one() {
+both_backends!(load_balancer_ip_external_ip_affinity_and_hairpin);
+
+fn removing_a_udp_endpoint_moves_the_flow_to_the_remaining_one(backend: ProxyBackend) {
     require_root!();
-    let c = Cluster::new("px-udp", &["b1", "b2", "client"]);
+    let c = Cluster::new("px-udp", &["b1", "b2", "client"], backend);
     let _servers = serve(&c, &["b1", "b2"], &[], &[5353]);
     let (b1, b2) = (c.ip("b1").to_string(), c.ip("b2").to_string());
     let objects = |eps: &[(&str, &str, bool, bool, bool)]| {
@@ -396,7 +520,7 @@ fn removing_a_udp_endpoint_moves_the_flow_to_the_remaining_one() {
     c.proxy.write("dns", &objects(&[ep(&b1, NODE), ep(&b2, NODE)]));
     c.wait_for_rules("10.96.3.10");
     // One socket: one conntrack flow, pinned to one backend.
-    let flow = c.pod("client").udp_socket(true).unwrap();
+    let flow = c.client("client").udp_socket(true).unwrap();
     let ask = || -> Option<IpAddr> {
         flow.send_to(b"q", sock("10.96.3.10:53")).ok()?;
         let mut buf = [0u8; 200];
@@ -424,10 +548,11 @@ fn removing_a_udp_endpoint_moves_the_flow_to_the_remaining_one() {
     );
 }
 
-#[test]
-fn manifest_edits_apply_within_a_second_and_a_broken_file_changes_nothing() {
+both_backends!(removing_a_udp_endpoint_moves_the_flow_to_the_remaining_one);
+
+fn manifest_edits_apply_within_a_second_and_a_broken_file_changes_nothing(backend: ProxyBackend) {
     require_root!();
-    let c = Cluster::new("px-edit", &["b1", "client"]);
+    let c = Cluster::new("px-edit", &["b1", "client"], backend);
     let _servers = serve(&c, &["b1"], &[8080], &[]);
     let b1 = c.ip("b1").to_string();
     c.proxy.write(
@@ -449,42 +574,35 @@ fn manifest_edits_apply_within_a_second_and_a_broken_file_changes_nothing() {
     );
     let took = c.wait_for_rules("10.96.4.11");
     assert!(took < Duration::from_secs(1), "took {took:?}");
-    c.pod("client")
+    c.client("client")
         .tcp_request(sock("10.96.4.11:80"))
         .expect("the new Service works");
 
     // A broken file: reported, nothing changes, the last good state stays programmed.
-    let before = c
-        .net
-        .node
-        .netns()
-        .exec_ok(&["nft", "list", "table", "inet", "ferry-proxy"]);
+    let before = c.programmed();
     std::fs::write(
         c.proxy.manifests.join("b.json"),
         "{\"apiVersion\": \"v1\", \"kind\": \"List\", \"items\": [",
     )
     .unwrap();
     std::thread::sleep(Duration::from_millis(1500));
-    let after = c
-        .net
-        .node
-        .netns()
-        .exec_ok(&["nft", "list", "table", "inet", "ferry-proxy"]);
+    let after = c.programmed();
     assert_eq!(before, after, "a broken file changed the rules");
     assert!(
         c.proxy.log().contains("b.json"),
         "the error names the file:\n{}",
         c.proxy.log()
     );
-    c.pod("client")
+    c.client("client")
         .tcp_request(sock("10.96.4.11:80"))
         .expect("still served from the last good state");
 }
 
-#[test]
-fn sigkill_and_restart_keep_fifty_open_connections_working() {
+both_backends!(manifest_edits_apply_within_a_second_and_a_broken_file_changes_nothing);
+
+fn sigkill_and_restart_keep_fifty_open_connections_working(backend: ProxyBackend) {
     require_root!();
-    let mut c = Cluster::new("px-restart", &["b1", "b2", "client"]);
+    let mut c = Cluster::new("px-restart", &["b1", "b2", "client"], backend);
     let _echo: Vec<Server> = ["b1", "b2"]
         .iter()
         .map(|p| c.pod(p).tcp_echo_server(SocketAddr::new(c.ip(p), 7000)))
@@ -508,7 +626,7 @@ fn sigkill_and_restart_keep_fifty_open_connections_working() {
     c.wait_for_rules("10.96.5.10");
     let conns: Vec<_> = (0..50)
         .map(|_| {
-            c.pod("client")
+            c.client("client")
                 .tcp_connect(sock("10.96.5.10:7"))
                 .expect("connect")
         })
@@ -527,13 +645,7 @@ fn sigkill_and_restart_keep_fifty_open_connections_working() {
     roundtrip(&conns, "before");
 
     c.proxy.kill();
-    let manifests: PathBuf = c.proxy.manifests.clone();
-    c.proxy = ProxyProcess::start(
-        c.net.node.netns(),
-        &manifests,
-        NODE,
-        &["--cluster-cidr", &c.net.subnet],
-    );
+    c.restart_proxy();
     // Wait for the new process's first sync (a new Service proves it ran), then use them all.
     c.proxy.write(
         "extra",
@@ -548,10 +660,12 @@ fn sigkill_and_restart_keep_fifty_open_connections_working() {
     roundtrip(&conns, "after");
 }
 
-#[test]
-fn cleanup_removes_the_table_and_leaves_other_tables_alone() {
+both_backends!(sigkill_and_restart_keep_fifty_open_connections_working);
+
+fn cleanup_removes_the_table_and_leaves_other_tables_alone(backend: ProxyBackend) {
     require_root!();
-    let mut c = Cluster::new("px-clean", &["b1"]);
+    let mut c = Cluster::new("px-clean", &["b1", "client"], backend);
+    let _servers = serve(&c, &["b1"], &[8080], &[]);
     let b1 = c.ip("b1").to_string();
     c.net
         .node
@@ -578,20 +692,31 @@ fn cleanup_removes_the_table_and_leaves_other_tables_alone() {
         ],
     );
     c.wait_for_rules("10.96.6.10");
+    c.client("client")
+        .tcp_request(sock("10.96.6.10:80"))
+        .expect("served before the cleanup");
     c.proxy.kill();
-    let out = c
-        .net
-        .node
-        .netns()
-        .command(ferry_bin("ferry-proxy"))
-        .arg("cleanup")
-        .output()
-        .unwrap();
+    let out = c.proxy_command("cleanup");
     assert!(
         out.status.success(),
         "cleanup: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    assert!(
+        c.client("client").tcp_request(sock("10.96.6.10:80")).is_err(),
+        "the ClusterIP is still served after the cleanup"
+    );
+    if let Some(e) = &c.ebpf {
+        assert!(
+            !e.pin_root().join(NODE).exists(),
+            "the pins are left in {}",
+            e.pin_root().display()
+        );
+        assert!(
+            !c.proxy_command("dump").status.success(),
+            "dump after the cleanup finds no maps"
+        );
+    }
     let tables = c.net.node.netns().exec_ok(&["nft", "list", "tables"]);
     assert!(!tables.contains("ferry-proxy"), "{tables}");
     assert!(
@@ -604,5 +729,69 @@ fn cleanup_removes_the_table_and_leaves_other_tables_alone() {
             .netns()
             .exec_ok(&["nft", "list", "table", "inet", "other"]),
         other_before
+    );
+}
+
+both_backends!(cleanup_removes_the_table_and_leaves_other_tables_alone);
+
+/// What only the socket-level back end shows: the client sees the Service address (not
+/// the endpoint's) as its peer and as the source of UDP replies, a process outside the
+/// attached cgroup is never translated, and `dump` lists the frontends from the maps.
+#[test]
+fn ebpf_translates_only_the_cgroup_and_shows_the_service_address() {
+    require_root!();
+    let c = Cluster::new("px-ebpf", &["b1", "client"], ProxyBackend::Ebpf);
+    let _servers = serve(&c, &["b1"], &[8080], &[5353]);
+    let b1 = c.ip("b1").to_string();
+    c.proxy.write(
+        "web",
+        &[
+            service(
+                "web",
+                "10.96.7.10",
+                &[("http", "TCP", 80, json!(8080)), ("dns", "UDP", 53, json!(5353))],
+                json!({}),
+            ),
+            endpoint_slice(
+                "web",
+                "a",
+                &[ep(&b1, NODE)],
+                &[("http", "TCP", 8080), ("dns", "UDP", 5353)],
+            ),
+        ],
+    );
+    c.wait_for_rules("10.96.7.10:53/udp");
+    let dump = c.programmed();
+    assert!(
+        dump.contains("10.96.7.10:80/tcp") && dump.contains(&format!("{b1}:8080")),
+        "dump lists the frontend and its endpoint:\n{dump}"
+    );
+    assert!(
+        c.proxy
+            .log()
+            .contains(&c.ebpf.as_ref().unwrap().cgroup().display().to_string()),
+        "the log says which cgroup the programs are attached to:\n{}",
+        c.proxy.log()
+    );
+
+    let client = c.client("client");
+    let peer = client
+        .tcp_connect(sock("10.96.7.10:80"))
+        .expect("connect in the cgroup")
+        .peer_addr()
+        .unwrap();
+    assert_eq!(peer, sock("10.96.7.10:80"), "getpeername shows the ClusterIP");
+    let (answer, from) = client.udp_exchange(sock("10.96.7.10:53")).expect("UDP");
+    assert_eq!(answered_by(&answer), c.ip("b1"));
+    assert_eq!(from, sock("10.96.7.10:53"), "the reply comes from the ClusterIP");
+
+    // The same Pod's netns, but a socket of the test process, outside the cgroup.
+    let outside_cgroup = Client {
+        netns: c.pod("client"),
+        cgroup: None,
+    };
+    assert!(
+        outside_cgroup.tcp_request(sock("10.96.7.10:80")).is_err(),
+        "a process outside the attached cgroup was translated"
     );
 }

@@ -1,5 +1,5 @@
-//! Back ends: turn a [`Plan`] into kernel state. Only nftables for now; eBPF comes later
-//! on the same plan, and the policy back end on the same trait.
+//! Back ends: turn a [`Plan`] into kernel state: nftables (`nftables/`) or eBPF maps
+//! (`ebpf/`) for Services, on the same plan; the policy back end will use the same trait.
 //!
 //! A back end gets the whole plan and, from the sync loop's [`ChangeTracker`], the parts
 //! of it that may differ from what it last applied ([`Changes`]): it need not work out
@@ -16,6 +16,7 @@ use crate::changes::Changes;
 use crate::nft::CommitError;
 use crate::plan::Plan;
 
+pub mod ebpf;
 pub mod nftables;
 
 /// What one sync did, for logs and metrics.
@@ -51,6 +52,10 @@ pub enum BackendError {
     /// The plan needs more than the back end's fixed-size structures hold (`what` names
     /// the structure and how to recover).
     Exhausted { what: String },
+    /// The eBPF data plane failed (`what` says at which step; the source says what to do).
+    Ebpf { what: String, source: ferry_ebpf::Error },
+    /// Reading or setting node state outside netlink failed (a sysctl, the interface list).
+    System { what: String, source: io::Error },
 }
 
 impl BackendError {
@@ -65,6 +70,9 @@ impl BackendError {
             BackendError::Socket { source, .. } => source.raw_os_error().is_none_or(errno_is_transient),
             BackendError::Commit { source, .. } => errno_is_transient(source.errno),
             BackendError::Exhausted { .. } => false,
+            // A map write can fail for want of memory; loading or attaching will fail again.
+            BackendError::Ebpf { source, .. } => matches!(source, ferry_ebpf::Error::Map { .. }),
+            BackendError::System { source, .. } => source.raw_os_error().is_none_or(errno_is_transient),
         }
     }
 }
@@ -91,6 +99,8 @@ impl fmt::Display for BackendError {
             BackendError::Socket { what, source } => write!(f, "{what}: {source}"),
             BackendError::Commit { what, source } => write!(f, "{what}: {source}"),
             BackendError::Exhausted { what } => f.write_str(what),
+            BackendError::Ebpf { what, source } => write!(f, "{what}: {source}"),
+            BackendError::System { what, source } => write!(f, "{what}: {source}"),
         }
     }
 }
@@ -101,6 +111,8 @@ impl std::error::Error for BackendError {
             BackendError::Socket { source, .. } => Some(source),
             BackendError::Commit { source, .. } => Some(source),
             BackendError::Exhausted { .. } => None,
+            BackendError::Ebpf { source, .. } => Some(source),
+            BackendError::System { source, .. } => Some(source),
         }
     }
 }
