@@ -19,3 +19,4 @@ pub mod changes;
 pub mod run;
 pub mod source;
 pub mod store;
+pub mod trace;
