@@ -14,7 +14,9 @@
 //! ingress, each judged on the node the Pod runs on.
 //!
 //! Peer address sets are computed once per rule and shared ([`Arc`]) by every Pod the
-//! policy selects: 1,000 Pods under one policy cost one set, not 1,000.
+//! policy selects, and equal sets of different rules are one set: 1,000 Pods under one
+//! policy cost one set, not 1,000, and 1,000 policies allowing "every Pod's `http`" hold
+//! that list once (a back end can then program one kernel set for all of them).
 //!
 //! Which Pods count as peers: those with an address whose phase is not Succeeded or
 //! Failed (a finished Pod's address may already belong to another Pod).
@@ -84,7 +86,7 @@ fn shared<S: serde::Serializer>(addresses: &Arc<Addresses>, serializer: S) -> Re
 }
 
 /// Addresses of the other end of a connection.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Addresses {
     /// Every address (a rule with no peers).
@@ -168,6 +170,7 @@ pub fn plan(store: &Store, node_name: &str) -> PolicyTable {
 /// a connection, whatever their node).
 pub fn plan_pods(store: &Store, wanted: impl Fn(&PodInfo) -> bool) -> PolicyTable {
     let peers = PeerIndex::new(store);
+    let mut shared = SharedSets::default();
     let mut compiled: HashMap<(&str, &str), CompiledPolicy> = HashMap::new();
     let mut by_namespace: HashMap<&str, Vec<&NetworkPolicyInfo>> = HashMap::new();
     for policy in store.policies() {
@@ -184,7 +187,7 @@ pub fn plan_pods(store: &Store, wanted: impl Fn(&PodInfo) -> bool) -> PolicyTabl
             let key = (&*policy.namespace, &*policy.name);
             let compiled = compiled
                 .entry(key)
-                .or_insert_with(|| CompiledPolicy::new(policy, &peers));
+                .or_insert_with(|| CompiledPolicy::new(policy, &peers, &mut shared));
             let name = format!("{}/{}", policy.namespace, policy.name);
             if let Some(rules) = &compiled.ingress {
                 let isolation = ingress.get_or_insert_with(Isolation::empty);
@@ -292,12 +295,27 @@ struct CompiledRule {
     named_destinations: Vec<(PortRange, Arc<Addresses>)>,
 }
 
+/// One copy of each distinct address set of a plan.
+#[derive(Default)]
+struct SharedSets(HashMap<Arc<Addresses>, ()>);
+
+impl SharedSets {
+    fn share(&mut self, addresses: Addresses) -> Arc<Addresses> {
+        if let Some((existing, ())) = self.0.get_key_value(&addresses) {
+            return existing.clone();
+        }
+        let shared = Arc::new(addresses);
+        self.0.insert(shared.clone(), ());
+        shared
+    }
+}
+
 impl CompiledPolicy {
-    fn new(policy: &NetworkPolicyInfo, peers: &PeerIndex) -> CompiledPolicy {
-        let compile = |rules: &Vec<PolicyRule>, egress: bool| {
+    fn new(policy: &NetworkPolicyInfo, peers: &PeerIndex, shared: &mut SharedSets) -> CompiledPolicy {
+        let mut compile = |rules: &Vec<PolicyRule>, egress: bool| {
             rules
                 .iter()
-                .map(|rule| CompiledRule::new(&policy.namespace, rule, peers, egress))
+                .map(|rule| CompiledRule::new(&policy.namespace, rule, peers, egress, shared))
                 .collect()
         };
         CompiledPolicy {
@@ -308,7 +326,13 @@ impl CompiledPolicy {
 }
 
 impl CompiledRule {
-    fn new(namespace: &str, rule: &PolicyRule, index: &PeerIndex, egress: bool) -> CompiledRule {
+    fn new(
+        namespace: &str,
+        rule: &PolicyRule,
+        index: &PeerIndex,
+        egress: bool,
+        shared: &mut SharedSets,
+    ) -> CompiledRule {
         let peers = if rule.peers.is_empty() {
             Addresses::Any
         } else {
@@ -359,11 +383,11 @@ impl CompiledRule {
             }
             named_destinations = by_number
                 .into_iter()
-                .map(|(range, hosts)| (range, Arc::new(Addresses::Ranges(normalize(hosts)))))
+                .map(|(range, hosts)| (range, shared.share(Addresses::Ranges(normalize(hosts)))))
                 .collect();
         }
         CompiledRule {
-            peers: Arc::new(peers),
+            peers: shared.share(peers),
             ports: rule.ports.clone(),
             named_destinations,
         }
