@@ -1,7 +1,7 @@
 //! The policy plan at scale (issue 11's "Benchmark", plan part only: nothing is
 //! programmed yet): 10,000 Pods on 10 nodes (1,000 on the planned node) in 100
-//! namespaces, 1,000 NetworkPolicies, each with an ingress rule of three peers (a Pod
-//! selector, a namespace AND Pod selector, an ipBlock with except) on a named port and a
+//! namespaces, 1,000 NetworkPolicies, each with an ingress rule of three peers (Pods of
+//! every namespace by label, a namespace AND Pod selector, an ipBlock with except) on a named port and a
 //! port range, and an egress rule to every namespace on a named port (the costly case:
 //! the name is resolved on every destination Pod).
 //!
@@ -53,7 +53,7 @@ fn policy(j: usize, port_end: u16) -> Object {
             "podSelector": {"matchLabels": {"app": format!("a{}", j % 200)}},
             "policyTypes": ["Ingress", "Egress"],
             "ingress": [{"from": [
-                {"podSelector": {"matchLabels": {"app": format!("a{}", (j + 1) % 200)}}},
+                {"namespaceSelector": {}, "podSelector": {"matchLabels": {"app": format!("a{}", (j + 1) % 200)}}},
                 {"namespaceSelector": {"matchLabels": {"team": format!("t{}", j % 10)}},
                  "podSelector": {"matchExpressions": [{"key": "tier", "operator": "In", "values": ["1"]}]}},
                 {"ipBlock": {"cidr": "192.168.0.0/16", "except": ["192.168.1.0/24"]}}],
