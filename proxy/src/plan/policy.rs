@@ -125,10 +125,11 @@ impl Addresses {
         match self {
             Addresses::Any => true,
             Addresses::Ranges(ranges) => {
+                // Sorted and disjoint: the only candidate is the last range starting at
+                // or below the address.
                 let key = Number::of(ip);
-                ranges
-                    .iter()
-                    .any(|r| Number::of(r.first) <= key && key <= Number::of(r.last))
+                let after = ranges.partition_point(|r| Number::of(r.first) <= key);
+                after > 0 && key <= Number::of(ranges[after - 1].last)
             }
         }
     }
@@ -295,17 +296,72 @@ struct CompiledRule {
     named_destinations: Vec<(PortRange, Arc<Addresses>)>,
 }
 
-/// One copy of each distinct address set of a plan.
+/// One copy of each distinct address set of a plan, and the named-port destinations
+/// already worked out: many egress rules name the same port towards the same peers
+/// (`http` to every namespace), and resolving a name walks every Pod of the cluster.
 #[derive(Default)]
-struct SharedSets(HashMap<Arc<Addresses>, ()>);
+struct SharedSets {
+    sets: HashMap<Arc<Addresses>, ()>,
+    named: NamedDestinations,
+}
+
+/// Per (peer set, sorted named ports): per port number, the peers that give a name it.
+type NamedDestinations = HashMap<(usize, Vec<(Arc<str>, Protocol)>), Vec<(PortRange, Arc<Addresses>)>>;
 
 impl SharedSets {
+    /// Which destination Pods among `peers` give each of `names` which number: only those
+    /// addresses, on that number, are allowed by the name.
+    fn named_destinations(
+        &mut self,
+        peers: &Arc<Addresses>,
+        names: &[(&Arc<str>, Protocol)],
+        index: &PeerIndex,
+    ) -> Vec<(PortRange, Arc<Addresses>)> {
+        // The pointer stands for the set: every set of this plan is shared, so equal sets
+        // have one pointer, and `self.sets` keeps each alive for the plan's length.
+        let key = (
+            Arc::as_ptr(peers) as usize,
+            names.iter().map(|(n, p)| ((*n).clone(), *p)).collect::<Vec<_>>(),
+        );
+        if let Some(found) = self.named.get(&key) {
+            return found.clone();
+        }
+        let mut by_number: BTreeMap<PortRange, Vec<AddressRange>> = BTreeMap::new();
+        for (name, protocol) in names {
+            for candidate in &index.pods {
+                for number in resolve_name(candidate.pod, name, *protocol) {
+                    let hosts = candidate
+                        .pod
+                        .ips
+                        .iter()
+                        .filter(|ip| peers.contains(**ip))
+                        .map(|ip| AddressRange {
+                            first: *ip,
+                            last: *ip,
+                        });
+                    let range = PortRange {
+                        protocol: *protocol,
+                        first: number,
+                        last: number,
+                    };
+                    by_number.entry(range).or_default().extend(hosts);
+                }
+            }
+        }
+        let found: Vec<(PortRange, Arc<Addresses>)> = by_number
+            .into_iter()
+            .map(|(range, hosts)| (range, self.share(Addresses::Ranges(normalize(hosts)))))
+            .collect();
+        self.named.insert(key, found.clone());
+        found
+    }
+
     fn share(&mut self, addresses: Addresses) -> Arc<Addresses> {
-        if let Some((existing, ())) = self.0.get_key_value(&addresses) {
+        if let Some((existing, ())) = self.sets.get_key_value(&addresses) {
             return existing.clone();
         }
         let shared = Arc::new(addresses);
-        self.0.insert(shared.clone(), ());
+        self.sets.insert(shared.clone(), ());
         shared
     }
 }
@@ -352,42 +408,25 @@ impl CompiledRule {
             }
             Addresses::Ranges(normalize(ranges))
         };
+        let peers = shared.share(peers);
         let mut named_destinations = Vec::new();
         if egress {
-            // Which destination Pods give each named port which number: only those
-            // addresses, on that number, are allowed by the name.
-            let mut by_number: BTreeMap<PortRange, Vec<AddressRange>> = BTreeMap::new();
-            for port in &rule.ports {
-                let Some(PortSpec::Name(name)) = &port.port else {
-                    continue;
-                };
-                for candidate in &index.pods {
-                    for number in resolve_name(candidate.pod, name, port.protocol) {
-                        let hosts = candidate
-                            .pod
-                            .ips
-                            .iter()
-                            .filter(|ip| peers.contains(**ip))
-                            .map(|ip| AddressRange {
-                                first: *ip,
-                                last: *ip,
-                            });
-                        let range = PortRange {
-                            protocol: port.protocol,
-                            first: number,
-                            last: number,
-                        };
-                        by_number.entry(range).or_default().extend(hosts);
-                    }
-                }
-            }
-            named_destinations = by_number
-                .into_iter()
-                .map(|(range, hosts)| (range, shared.share(Addresses::Ranges(normalize(hosts)))))
+            let mut names: Vec<(&Arc<str>, Protocol)> = rule
+                .ports
+                .iter()
+                .filter_map(|p| match &p.port {
+                    Some(PortSpec::Name(name)) => Some((name, p.protocol)),
+                    _ => None,
+                })
                 .collect();
+            names.sort();
+            names.dedup();
+            if !names.is_empty() {
+                named_destinations = shared.named_destinations(&peers, &names, index);
+            }
         }
         CompiledRule {
-            peers: shared.share(peers),
+            peers,
             ports: rule.ports.clone(),
             named_destinations,
         }
