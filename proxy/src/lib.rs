@@ -1,9 +1,11 @@
-//! ferry-proxy: watches Services, EndpointSlices and Nodes (and Pods and Namespaces, for
-//! NetworkPolicy) and programs the node.
+//! ferry-proxy: watches Services, EndpointSlices and Nodes (and Pods, Namespaces and
+//! NetworkPolicies) and programs the node.
 //!
 //! Data flow: [`source`] (kube API watch | manifests directory) -> [`store`] (slim copies
-//! of what the plans read) -> [`plan`] (pure: store + node settings -> ServiceTable) ->
-//! [`backend`] (nftables: the difference of two plans, as one transaction).
+//! of what the plans read) -> [`plan`] (pure: store + node settings -> ServiceTable, and
+//! store -> PolicyTable) -> [`backend`] (nftables: the difference of two plans, as one
+//! transaction). [`trace`] explains one connection from the plans alone; the policy plan
+//! is not programmed yet.
 
 pub mod backend;
 pub mod conntrack;
@@ -19,3 +21,4 @@ pub mod changes;
 pub mod run;
 pub mod source;
 pub mod store;
+pub mod trace;

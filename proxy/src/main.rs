@@ -1,5 +1,5 @@
-//! `ferry-proxy`: run (watch and program), dump (print the plan), cleanup (remove what was
-//! programmed). The flags are kube-proxy's where kube-proxy has one.
+//! `ferry-proxy`: run (watch and program), dump (print the plan), trace (explain one
+//! connection from the plans), cleanup (remove what was programmed). The flags are kube-proxy's where kube-proxy has one.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -18,7 +18,7 @@ use ferry_proxy::plan::NodeSettings;
 use ferry_proxy::run::{BackendThread, LoopConfig, RunError, EVENT_QUEUE};
 use ferry_proxy::source::{manifests, Event, Kind};
 use ferry_proxy::store::Store;
-use ferry_proxy::{dump, run};
+use ferry_proxy::{dump, run, trace};
 
 #[derive(Parser)]
 #[command(
@@ -41,6 +41,10 @@ enum Command {
     /// Remove everything Ferry programmed (its nftables tables; with `--backend ebpf`, its
     /// eBPF programs and pins).
     Cleanup(CleanupArgs),
+    /// Say what the node does with the first packet from FROM to TO: the Service and its
+    /// endpoints when TO is a Service address, then per endpoint the NetworkPolicy verdict
+    /// and the policies and rules behind it. Reads the source once; programs nothing.
+    Trace(TraceArgs),
 }
 
 #[derive(Args)]
@@ -146,6 +150,24 @@ struct DumpArgs {
 }
 
 #[derive(Args)]
+struct TraceArgs {
+    #[command(flatten)]
+    source: SourceArgs,
+    #[command(flatten)]
+    node: NodeArgs,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value_t = Format::Table)]
+    output: Format,
+    /// The client: a Pod as namespace/name, or an address.
+    #[arg(value_name = "FROM")]
+    from: String,
+    /// The destination: namespace/name, an address or a Service address, then :PORT and
+    /// optionally /tcp, /udp or /sctp (e.g. x/b:80, 10.96.0.10:53/udp, [fd00::1]:80).
+    #[arg(value_name = "TO:PORT[/PROTO]")]
+    to: String,
+}
+
+#[derive(Args)]
 struct CleanupArgs {
     #[command(flatten)]
     backend: BackendArgs,
@@ -179,6 +201,7 @@ fn main() -> ExitCode {
         Command::Run(args) => run_command(args),
         Command::Dump(args) => dump_command(args),
         Command::Cleanup(args) => cleanup_command(args),
+        Command::Trace(args) => trace_command(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -276,8 +299,35 @@ fn dump_command(args: DumpArgs) -> Result<(), String> {
         );
         return Ok(());
     }
-    check_manifests_dir(&args.source)?;
-    let store = match &args.source.manifests {
+    let store = read_store_once(args.source, &settings)?;
+    let table = plan(&store, &settings);
+    let text = match args.output {
+        Format::Table => dump::table(&table),
+        Format::Json => dump::json(&table),
+    };
+    print!("{text}");
+    Ok(())
+}
+
+fn trace_command(args: TraceArgs) -> Result<(), String> {
+    let settings = node_settings(&args.node)?;
+    // Bad arguments are told before the source is read.
+    let from = trace::parse_party(&args.from).map_err(|e| e.to_string())?;
+    let to = trace::parse_target(&args.to).map_err(|e| e.to_string())?;
+    let store = read_store_once(args.source, &settings)?;
+    let trace = trace::trace_parsed(&store, &settings, &from, &to).map_err(|e| e.to_string())?;
+    match args.output {
+        Format::Table => print!("{}", trace.to_text()),
+        Format::Json => print!("{}", trace.to_json()),
+    }
+    Ok(())
+}
+
+/// Every object of the source, once: a manifests directory as it is now, or the API
+/// server's lists.
+fn read_store_once(source: SourceArgs, settings: &NodeSettings) -> Result<Store, String> {
+    check_manifests_dir(&source)?;
+    let store = match &source.manifests {
         Some(dir) => {
             let objects = manifests::read_dir(dir).map_err(|errors| {
                 errors
@@ -296,7 +346,7 @@ fn dump_command(args: DumpArgs) -> Result<(), String> {
         None => runtime()?.block_on(async {
             let (tx, mut rx) = mpsc::channel(EVENT_QUEUE);
             let source = tokio::spawn(wiring::kube_source(
-                args.source.kubeconfig,
+                source.kubeconfig,
                 settings.node_name.clone(),
                 tx,
             ));
@@ -305,13 +355,7 @@ fn dump_command(args: DumpArgs) -> Result<(), String> {
             store.map_err(|e| e.to_string())
         })?,
     };
-    let table = plan(&store, &settings);
-    let text = match args.output {
-        Format::Table => dump::table(&table),
-        Format::Json => dump::json(&table),
-    };
-    print!("{text}");
-    Ok(())
+    Ok(store)
 }
 
 fn cleanup_command(args: CleanupArgs) -> Result<(), String> {

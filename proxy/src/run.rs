@@ -431,12 +431,21 @@ fn count(table: &ServiceTable) -> (usize, usize) {
     (services, endpoints)
 }
 
-/// Reads events until the store holds a full picture (for `dump`): the first source error
-/// ends it, as does `timeout`.
+/// What `dump` and `trace` wait for: the Services plan's kinds and the policy plan's.
+const READ_KINDS: [Kind; 5] = [
+    Kind::Service,
+    Kind::EndpointSlice,
+    Kind::Pod,
+    Kind::Namespace,
+    Kind::NetworkPolicy,
+];
+
+/// Reads events until the store holds a full picture (for `dump` and `trace`): the first
+/// source error ends it, as does `timeout`.
 pub async fn read_store(events: &mut mpsc::Receiver<Event>, timeout: Duration) -> Result<Store, RunError> {
     let mut store = Store::new();
     let deadline = tokio::time::Instant::now() + timeout;
-    while !NEEDED_KINDS.iter().all(|kind| store.has_synced(*kind)) {
+    while !READ_KINDS.iter().all(|kind| store.has_synced(*kind)) {
         let event = tokio::time::timeout_at(deadline, events.recv())
             .await
             .map_err(|_| RunError::SourceTimeout(timeout))?

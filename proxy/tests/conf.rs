@@ -66,7 +66,8 @@ fn ferry_proxy_yaml() {
             "/nodes",
             "/pods",
             "/services",
-            "discovery.k8s.io/endpointslices"
+            "discovery.k8s.io/endpointslices",
+            "networking.k8s.io/networkpolicies"
         ]
     );
 

@@ -70,6 +70,7 @@ const SLICES: &str = "/apis/discovery.k8s.io/v1/endpointslices";
 const NODES: &str = "/api/v1/nodes";
 const PODS: &str = "/api/v1/pods";
 const NAMESPACES: &str = "/api/v1/namespaces";
+const NETWORK_POLICIES: &str = "/apis/networking.k8s.io/v1/networkpolicies";
 
 impl Mock {
     fn script(
@@ -240,6 +241,7 @@ async fn start(mock: Arc<Mock>) -> SocketAddr {
         .route(NODES, get(handle))
         .route(PODS, get(handle))
         .route(NAMESPACES, get(handle))
+        .route(NETWORK_POLICIES, get(handle))
         .with_state(mock);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -448,8 +450,27 @@ fn namespace(name: &str, rv: &str) -> Value {
     })
 }
 
-/// Pods and Namespaces that list `items` and then watch quietly.
+/// A NetworkPolicy as the API server serves it.
+fn network_policy(name: &str, rv: &str) -> Value {
+    json!({
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": { "name": name, "namespace": "shop", "resourceVersion": rv },
+        "spec": { "podSelector": { "matchLabels": { "app": "web" } },
+                  "ingress": [{ "ports": [{ "port": "http", "protocol": "TCP" }] }],
+                  "policyTypes": ["Ingress"] }
+    })
+}
+
+/// Pods and Namespaces that list `items`, and no NetworkPolicy, then watch quietly.
 fn script_policy_kinds(mock: &Mock, pods: Vec<Value>, namespaces: Vec<Value>) {
+    mock.script(
+        NETWORK_POLICIES,
+        "NetworkPolicyList",
+        "networking.k8s.io/v1",
+        vec![Reply::List("9", vec![])],
+        vec![],
+    );
     mock.script(PODS, "PodList", "v1", vec![Reply::List("9", pods)], vec![]);
     mock.script(
         NAMESPACES,
@@ -503,6 +524,7 @@ fn kind_of(e: &Event) -> Kind {
                 ("watching nodes", Kind::Node),
                 ("watching pods", Kind::Pod),
                 ("watching namespaces", Kind::Namespace),
+                ("watching networkpolicies", Kind::NetworkPolicy),
             ]
             .into_iter()
             .find(|(prefix, _)| m.starts_with(prefix))
@@ -625,6 +647,16 @@ async fn list_watch_errors_and_resync_against_a_mock_api_server() {
         vec![Reply::List("3", vec![namespace("default", "1")])],
         vec![],
     );
+    mock.script(
+        NETWORK_POLICIES,
+        "NetworkPolicyList",
+        "networking.k8s.io/v1",
+        vec![Reply::List("7", vec![network_policy("web-http", "6")])],
+        vec![Reply::Watch(
+            vec![event("DELETED", network_policy("web-http", "8"))],
+            true,
+        )],
+    );
     let addr = start(mock.clone()).await;
 
     let config = kube::Config::new(format!("http://{addr}").parse().unwrap());
@@ -640,6 +672,7 @@ async fn list_watch_errors_and_resync_against_a_mock_api_server() {
             (Kind::Node, 3),
             (Kind::Pod, 2),
             (Kind::Namespace, 1),
+            (Kind::NetworkPolicy, 2),
         ],
     )
     .await;
@@ -708,6 +741,18 @@ async fn list_watch_errors_and_resync_against_a_mock_api_server() {
         got[&Kind::Namespace][0],
         snapshot(Kind::Namespace, vec![default_ns])
     );
+
+    // NetworkPolicies: validated into the store's form on the way, then deleted.
+    let np = &got[&Kind::NetworkPolicy];
+    let Event::Snapshot { objects, .. } = &np[0] else {
+        panic!("not a snapshot: {:?}", np[0])
+    };
+    let [Object::NetworkPolicy(web_http)] = &objects[..] else {
+        panic!("{objects:?}")
+    };
+    assert_eq!((&*web_http.namespace, &*web_http.name), ("shop", "web-http"));
+    assert_eq!(web_http.ingress.as_ref().map(Vec::len), Some(1));
+    assert!(matches!(&np[1], Event::Delete(Object::NetworkPolicy(p)) if &*p.name == "web-http"));
 
     // Nodes: only ours (the field selector keeps node-b's change away too); the watch
     // refused with HTTP 410 leads to a new list rather than retrying the stale version.

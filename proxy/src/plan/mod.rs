@@ -5,6 +5,7 @@
 //! [`Plan`] into kernel state, and a change is the difference of two plans
 //! ([`crate::changes`]).
 
+pub mod policy;
 pub mod services;
 
 use std::collections::BTreeMap;

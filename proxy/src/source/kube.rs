@@ -1,8 +1,9 @@
 //! The Kubernetes API source: kube-runtime watchers for Services, EndpointSlices, this
-//! node's Node, and every Pod and Namespace (for NetworkPolicy), turned into [`Event`]s.
+//! node's Node, and every Pod, Namespace and NetworkPolicy (for the policy plan), turned
+//! into [`Event`]s.
 //!
 //! API versions read: `v1` Services, Nodes, Pods and Namespaces, `discovery.k8s.io/v1`
-//! EndpointSlices (GA since Kubernetes 1.21), so any API server from 1.21 on works; 1.25
+//! EndpointSlices (GA since Kubernetes 1.21), `networking.k8s.io/v1` NetworkPolicies, so any API server from 1.21 on works; 1.25
 //! and later are what is supported.
 //!
 //! Each object is converted to the store's slim form as it arrives
@@ -35,6 +36,7 @@ use ::kube::{Client, Resource};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use serde::de::DeserializeOwned;
 use tokio::sync::mpsc::Sender;
 
@@ -119,13 +121,25 @@ pub async fn watch(client: Client, node_name: &str, tx: Sender<Event>) -> Result
         Kind::Pod,
         &tx,
     );
-    let namespaces = watch_kind(Api::<Namespace>::all(client), everything, Kind::Namespace, &tx);
+    let namespaces = watch_kind(
+        Api::<Namespace>::all(client.clone()),
+        everything.clone(),
+        Kind::Namespace,
+        &tx,
+    );
+    let policies = watch_kind(
+        Api::<NetworkPolicy>::all(client),
+        everything,
+        Kind::NetworkPolicy,
+        &tx,
+    );
     tokio::select! {
         () = services => {}
         () = slices => {}
         () = nodes => {}
         () = pods => {}
         () = namespaces => {}
+        () = policies => {}
         // The receiver is gone while every watch is idle.
         () = tx.closed() => {}
     }

@@ -4,8 +4,9 @@
 //! Every `*.yaml`, `*.yml` and `*.json` file directly in DIR is read (not subdirectories,
 //! not names starting with a dot, such as editor lock files). A file may hold several
 //! documents (`---`), a `kind: List` (or `ServiceList`, ... whose items may omit their
-//! kind), or for JSON one or more objects. Services, Nodes, Pods and Namespaces (`v1`) and
-//! EndpointSlices (`discovery.k8s.io/v1`) are read; anything else is skipped with a debug
+//! kind), or for JSON one or more objects. Services, Nodes, Pods and Namespaces (`v1`),
+//! EndpointSlices (`discovery.k8s.io/v1`) and NetworkPolicies (`networking.k8s.io/v1`,
+//! refused with the field's path where the API server would refuse them) are read; anything else is skipped with a debug
 //! log. An object without a namespace is in `default`, as with `kubectl apply`.
 //!
 //! Each object is converted to the store's slim form as soon as it is decoded; the parsed
@@ -35,6 +36,7 @@ use std::time::{Duration, SystemTime};
 
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use serde::de::{DeserializeOwned, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer};
 use serde_json::Value;
@@ -664,6 +666,7 @@ fn convert(value: Value) -> Result<Option<Object>, (Kind, String)> {
         ("v1", "Node") => decode_value::<Node>(value, Kind::Node)?,
         ("v1", "Pod") => decode_value::<Pod>(value, Kind::Pod)?,
         ("v1", "Namespace") => decode_value::<Namespace>(value, Kind::Namespace)?,
+        ("networking.k8s.io/v1", "NetworkPolicy") => crate::store::policy::decode_manifest(value)?,
         _ => {
             let name = value
                 .pointer("/metadata/name")
@@ -714,6 +717,7 @@ fn decode_as<'de, D: Deserializer<'de>>(de: D, item: Option<usize>, kind: Kind) 
         Kind::Node => decode::<Node, D>(de, item),
         Kind::Pod => decode::<Pod, D>(de, item),
         Kind::Namespace => decode::<Namespace, D>(de, item),
+        Kind::NetworkPolicy => decode::<NetworkPolicy, D>(de, item),
     }
 }
 

@@ -9,8 +9,10 @@ use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 
 use crate::store::objects::{EndpointSliceInfo, NamespaceInfo, NodeInfo, PodInfo, ServiceInfo};
+use crate::store::policy::NetworkPolicyInfo;
 
 pub mod kube;
 pub mod manifests;
@@ -27,6 +29,7 @@ pub enum Object {
     Node(Arc<NodeInfo>),
     Pod(Arc<PodInfo>),
     Namespace(Arc<NamespaceInfo>),
+    NetworkPolicy(Arc<NetworkPolicyInfo>),
 }
 
 /// The kinds of object the proxy reads.
@@ -37,16 +40,18 @@ pub enum Kind {
     Node,
     Pod,
     Namespace,
+    NetworkPolicy,
 }
 
 impl Kind {
     /// Every kind, as a manifests directory's snapshot covers them.
-    pub const ALL: [Kind; 5] = [
+    pub const ALL: [Kind; 6] = [
         Kind::Service,
         Kind::EndpointSlice,
         Kind::Node,
         Kind::Pod,
         Kind::Namespace,
+        Kind::NetworkPolicy,
     ];
 
     /// The resource's name as RBAC and `kubectl` spell it.
@@ -57,6 +62,7 @@ impl Kind {
             Kind::Node => "nodes",
             Kind::Pod => "pods",
             Kind::Namespace => "namespaces",
+            Kind::NetworkPolicy => "networkpolicies.networking.k8s.io",
         }
     }
 }
@@ -69,6 +75,7 @@ impl Object {
             Object::Node(_) => Kind::Node,
             Object::Pod(_) => Kind::Pod,
             Object::Namespace(_) => Kind::Namespace,
+            Object::NetworkPolicy(_) => Kind::NetworkPolicy,
         }
     }
 
@@ -80,6 +87,7 @@ impl Object {
             Object::Node(n) => ("", &n.name),
             Object::Pod(p) => (&p.namespace, &p.name),
             Object::Namespace(n) => ("", &n.name),
+            Object::NetworkPolicy(p) => (&p.namespace, &p.name),
         }
     }
 }
@@ -111,6 +119,20 @@ impl From<Pod> for Object {
 impl From<Namespace> for Object {
     fn from(namespace: Namespace) -> Object {
         Object::Namespace(Arc::new(namespace.into()))
+    }
+}
+
+/// The API server has validated what a watch delivers, so a refusal here means Ferry is
+/// stricter than the cluster: the policy's namespace is then isolated both ways rather
+/// than left open (fail closed), and the log says which field to look at. The manifests
+/// source refuses such a file instead (see `manifests.rs`).
+impl From<NetworkPolicy> for Object {
+    fn from(policy: NetworkPolicy) -> Object {
+        let info = NetworkPolicyInfo::try_from(policy.clone()).unwrap_or_else(|error| {
+            tracing::warn!("{error}; denying all traffic of its namespace until it is fixed");
+            NetworkPolicyInfo::deny_namespace(&policy.metadata)
+        });
+        Object::NetworkPolicy(Arc::new(info))
     }
 }
 
