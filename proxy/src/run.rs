@@ -83,7 +83,7 @@ impl RunError {
     pub fn is_retryable(&self) -> bool {
         match self {
             RunError::BackendThread(_) | RunError::SourceTimeout(_) => true,
-            RunError::Source(e) => e.can_retry(),
+            RunError::Source(e) => e.is_retryable(),
             RunError::Backend(e) => e.is_retryable(),
             RunError::BackendGone | RunError::SourceStopped => false,
         }

@@ -672,7 +672,7 @@ async fn list_watch_errors_and_resync_against_a_mock_api_server() {
     let Event::Error(typed) = &e[0] else {
         unreachable!()
     };
-    assert!(typed.can_retry(), "a 403 may pass once RBAC is granted");
+    assert!(typed.is_retryable(), "a 403 may pass once RBAC is granted");
     assert!(
         forbidden.contains("forbidden") && forbidden.contains("conf/ferry-proxy.yaml"),
         "{forbidden}"
@@ -857,5 +857,5 @@ async fn run_with_a_kubeconfig_file() {
             .starts_with(&format!("--kubeconfig {}", missing.display())),
         "{err}"
     );
-    assert!(!err.can_retry(), "a missing kubeconfig stays missing");
+    assert!(!err.is_retryable(), "a missing kubeconfig stays missing");
 }

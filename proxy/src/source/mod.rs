@@ -131,7 +131,7 @@ pub enum Event {
 
 /// What went wrong in a source, and whether trying again can help: the API source retries
 /// on its own (with backoff) and the manifests source re-reads a file when it changes,
-/// so [`SourceError::can_retry`] says whether waiting may be enough or whether the
+/// so [`SourceError::is_retryable`] says whether waiting may be enough or whether the
 /// configuration must change and the proxy restart.
 #[derive(Debug, Clone, PartialEq)]
 pub enum SourceError {
@@ -160,7 +160,7 @@ impl SourceError {
     /// Whether the same configuration can still work later (a `403` may pass once RBAC
     /// is granted, a broken manifest once it is fixed), as opposed to an error only a
     /// change of flags or files and a restart cures (a malformed kubeconfig).
-    pub fn can_retry(&self) -> bool {
+    pub fn is_retryable(&self) -> bool {
         match self {
             SourceError::Kubeconfig { .. }
             | SourceError::NoApiServer { .. }
@@ -241,7 +241,7 @@ mod tests {
             kind: Kind::Pod,
             message: "pods is forbidden".into(),
         };
-        assert!(forbidden.can_retry());
+        assert!(forbidden.is_retryable());
         assert!(
             forbidden.to_string().contains("get/list/watch on pods"),
             "{forbidden}"
@@ -250,7 +250,7 @@ mod tests {
             path: "/k".into(),
             message: "invalid type: sequence".into(),
         };
-        assert!(!kubeconfig.can_retry());
+        assert!(!kubeconfig.is_retryable());
         assert!(
             kubeconfig.to_string().starts_with("--kubeconfig /k: "),
             "{kubeconfig}"
