@@ -15,7 +15,7 @@ use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
 use axum::extract::State;
@@ -63,6 +63,13 @@ struct Mock {
     resources: Mutex<HashMap<&'static str, Resource>>,
     /// Every request: path and decoded query pairs.
     requests: Mutex<Vec<(String, Query)>>,
+    /// Every scripted answer: path, when, and whether it was a watch.
+    answers: Mutex<Vec<(String, Instant, bool)>>,
+    /// While true the server is away: every connection breaks and open watches end.
+    down: Arc<tokio::sync::watch::Sender<bool>>,
+    /// Until then every request gets the `403` of a starting API server (its authorizer
+    /// not yet synced), whatever the script says.
+    starting_until: Mutex<Option<Instant>>,
 }
 
 const SERVICES: &str = "/api/v1/services";
@@ -90,6 +97,11 @@ impl Mock {
                 last_list: None,
             },
         );
+    }
+
+    /// The server goes away (`true`) or comes back.
+    fn set_down(&self, down: bool) {
+        self.down.send_replace(down);
     }
 
     fn requests(&self, path: &str) -> Vec<HashMap<String, String>> {
@@ -169,6 +181,24 @@ async fn handle(State(mock): State<Arc<Mock>>, uri: Uri) -> Response {
     let query = query_pairs(&uri);
     mock.requests.lock().unwrap().push((path.clone(), query.clone()));
     let watch = query.iter().any(|(k, v)| k == "watch" && v == "true");
+    if *mock.down.borrow() {
+        // The connection breaks (not a 503, which kube's client retries by itself).
+        let broken = futures::stream::once(async {
+            Err::<Bytes, std::io::Error>(std::io::Error::other("the server is away"))
+        });
+        return Body::from_stream(broken).into_response();
+    }
+    if mock
+        .starting_until
+        .lock()
+        .unwrap()
+        .is_some_and(|t| Instant::now() < t)
+    {
+        let forbidden = "services is forbidden: User \"system:serviceaccount:kube-system:ferry-proxy\" \
+                         cannot list resource \"services\": RBAC: clusterrole.rbac.authorization.k8s.io \
+                         \"ferry-proxy\" not found";
+        return status_response(&status(403, "Forbidden", forbidden));
+    }
     let (reply, list_kind, api_version) = {
         let mut resources = mock.resources.lock().unwrap();
         let Some(r) = resources.get_mut(path.as_str()) else {
@@ -189,6 +219,10 @@ async fn handle(State(mock): State<Arc<Mock>>, uri: Uri) -> Response {
         };
         (reply, r.list_kind, r.api_version)
     };
+    mock.answers
+        .lock()
+        .unwrap()
+        .push((path.clone(), Instant::now(), watch));
     match reply {
         Reply::Status(status) => status_response(&status),
         Reply::List(rv, items) => {
@@ -224,7 +258,13 @@ async fn handle(State(mock): State<Arc<Mock>>, uri: Uri) -> Response {
                 .collect();
             let stream = futures::stream::iter(lines);
             let body = if keep_open {
-                Body::from_stream(stream.chain(futures::stream::pending()))
+                // Open until the server goes away.
+                let mut down = mock.down.subscribe();
+                let outage = futures::stream::once(async move {
+                    let _ = down.wait_for(|d| *d).await;
+                })
+                .filter_map(|()| async { None });
+                Body::from_stream(stream.chain(outage))
             } else {
                 Body::from_stream(stream)
             };
@@ -673,10 +713,13 @@ async fn list_watch_errors_and_resync_against_a_mock_api_server() {
         unreachable!()
     };
     assert!(typed.is_retryable(), "a 403 may pass once RBAC is granted");
+    // One 403 may be a starting API server: the RBAC advice waits until 403s persist
+    // (`a_forbidden_that_lasts_asks_for_rbac`).
     assert!(
-        forbidden.contains("forbidden") && forbidden.contains("conf/ferry-proxy.yaml"),
+        forbidden.contains("forbidden") && forbidden.contains("retrying"),
         "{forbidden}"
     );
+    assert!(!forbidden.contains("conf/ferry-proxy.yaml"), "{forbidden}");
     let internal = error_text(&e[1]);
     assert!(
         internal.contains("etcdserver: request timed out") && internal.contains("retrying"),
@@ -858,4 +901,234 @@ async fn run_with_a_kubeconfig_file() {
         "{err}"
     );
     assert!(!err.is_retryable(), "a missing kubeconfig stays missing");
+}
+
+/// Receives events of `kind` (dropping the others) with the time each arrived, until one
+/// matches `done`.
+async fn until(
+    rx: &mut mpsc::Receiver<Event>,
+    kind: Kind,
+    done: impl Fn(&Event) -> bool,
+) -> Vec<(Instant, Event)> {
+    let mut got = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some(e)) if kind_of(&e) == kind => {
+                let last = done(&e);
+                got.push((Instant::now(), e));
+                if last {
+                    return got;
+                }
+            }
+            Ok(Some(_)) => {}
+            Ok(None) => panic!("the source ended; so far: {got:#?}"),
+            Err(_) => panic!("timed out; so far: {got:#?}"),
+        }
+    }
+}
+
+fn is_snapshot(e: &Event) -> bool {
+    matches!(e, Event::Snapshot { .. })
+}
+
+/// Issue 10, item 9: an API server restarted after an outage answers `403` for its first
+/// seconds, then starts the watch and says inside it that the resourceVersion is too old.
+/// The source relists at once (not after the backoff the outage grew), does not blame RBAC
+/// for the starting server's `403`s, and a success resets the backoff.
+#[tokio::test]
+async fn after_an_api_server_restart_a_new_service_arrives_within_2_s() {
+    let mock = Arc::new(Mock::default());
+    let web = service("90", json!(8080));
+    let late = lb_service("late", "250");
+    mock.script(
+        SERVICES,
+        "ServiceList",
+        "v1",
+        vec![
+            Reply::List("100", vec![web.clone()]),
+            Reply::List("300", vec![web.clone(), late.clone()]),
+        ],
+        vec![
+            Reply::Watch(vec![], true),
+            Reply::Watch(
+                vec![event(
+                    "ERROR",
+                    status(410, "Expired", "too old resource version: 100 (280)"),
+                )],
+                true,
+            ),
+            Reply::Status(status(500, "InternalError", "etcdserver: leader changed")),
+            Reply::Watch(vec![event("ADDED", lb_service("later", "301"))], true),
+        ],
+    );
+    mock.script(
+        SLICES,
+        "EndpointSliceList",
+        "discovery.k8s.io/v1",
+        vec![Reply::List("3", vec![])],
+        vec![],
+    );
+    mock.script(
+        NODES,
+        "NodeList",
+        "v1",
+        vec![Reply::List("3", vec![node("node-a", "1", "10.0.0.5")])],
+        vec![],
+    );
+    script_policy_kinds(&mock, vec![], vec![]);
+    let addr = start(mock.clone()).await;
+    let client =
+        api_source::client_from(kube::Config::new(format!("http://{addr}").parse().unwrap())).unwrap();
+    let (tx, mut rx) = mpsc::channel(256);
+    let _source = tokio::spawn(async move { api_source::watch(client, "node-a", tx).await });
+
+    let first = until(&mut rx, Kind::Service, is_snapshot).await;
+    assert_eq!(
+        first.last().unwrap().1,
+        snapshot(Kind::Service, vec![svc(web.clone())])
+    );
+
+    // Once the watch is open: away for 3 s (the backoff grows to 3.2 s), then 403s for 3 s
+    // while it starts.
+    while !mock
+        .answers
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|(p, _, watch)| p == SERVICES && *watch)
+    {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    mock.set_down(true);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    *mock.starting_until.lock().unwrap() = Some(Instant::now() + Duration::from_secs(3));
+    mock.set_down(false);
+
+    let back = until(&mut rx, Kind::Service, is_snapshot).await;
+    let (arrived, relisted) = back.last().unwrap();
+    assert_eq!(*relisted, snapshot(Kind::Service, vec![svc(web), svc(late)]));
+    let errors: Vec<String> = back
+        .iter()
+        .filter(|(_, e)| matches!(e, Event::Error(_)))
+        .map(|(_, e)| error_text(e))
+        .collect();
+    assert!(
+        errors.iter().any(|e| e.contains("forbidden")),
+        "the starting server's 403s: {errors:#?}"
+    );
+    for e in &errors {
+        assert!(
+            !e.contains("conf/ferry-proxy.yaml"),
+            "a starting server's 403 is no RBAC problem: {e}"
+        );
+    }
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.contains("too old resource version") && e.contains("relisting")),
+        "{errors:#?}"
+    );
+    // The late Service was created before the watch that said 410: it is in the relist,
+    // which follows that watch at once.
+    let answers = mock.answers.lock().unwrap().clone();
+    let watches: Vec<Instant> = answers
+        .iter()
+        .filter(|(p, _, watch)| p == SERVICES && *watch)
+        .map(|(_, t, _)| *t)
+        .collect();
+    let gone_at = watches[1];
+    let waited = arrived.duration_since(gone_at);
+    assert!(
+        waited < Duration::from_secs(2),
+        "the relist after the in-stream 410 came {waited:?} after the server was back"
+    );
+
+    // The list succeeded, so the next failure waits the first delay (0.8 s), not the
+    // grown one.
+    let next = until(&mut rx, Kind::Service, |e| matches!(e, Event::Upsert(_))).await;
+    let failed_at = next
+        .iter()
+        .find(|(_, e)| error_text_opt(e).is_some_and(|t| t.contains("leader changed")))
+        .expect("the 500 after the relist")
+        .0;
+    let (upserted_at, upsert) = next.last().unwrap();
+    assert_eq!(*upsert, Event::Upsert(svc(lb_service("later", "301"))));
+    let waited = upserted_at.duration_since(failed_at);
+    assert!(
+        waited < Duration::from_millis(1500),
+        "after a success the backoff starts again at 0.8 s; waited {waited:?}"
+    );
+}
+
+fn error_text_opt(e: &Event) -> Option<String> {
+    match e {
+        Event::Error(error) => Some(error.to_string()),
+        _ => None,
+    }
+}
+
+/// `403`s that outlast a starting API server's are RBAC's: then, and not before, the error
+/// says which permission to grant and where.
+#[tokio::test]
+async fn a_forbidden_that_lasts_asks_for_rbac() {
+    let mock = Arc::new(Mock::default());
+    let forbidden = status(
+        403,
+        "Forbidden",
+        "services is forbidden: User \"system:serviceaccount:kube-system:ferry-proxy\" cannot list \
+         resource \"services\" in API group \"\" at the cluster scope",
+    );
+    let mut lists = vec![Reply::Status(forbidden); 10];
+    lists.push(Reply::List("3", vec![]));
+    mock.script(SERVICES, "ServiceList", "v1", lists, vec![]);
+    mock.script(
+        SLICES,
+        "EndpointSliceList",
+        "discovery.k8s.io/v1",
+        vec![Reply::List("3", vec![])],
+        vec![],
+    );
+    mock.script(
+        NODES,
+        "NodeList",
+        "v1",
+        vec![Reply::List("3", vec![node("node-a", "1", "10.0.0.5")])],
+        vec![],
+    );
+    script_policy_kinds(&mock, vec![], vec![]);
+    let addr = start(mock.clone()).await;
+    let client =
+        api_source::client_from(kube::Config::new(format!("http://{addr}").parse().unwrap())).unwrap();
+    let (tx, mut rx) = mpsc::channel(256);
+    let _source = tokio::spawn(async move { api_source::watch(client, "node-a", tx).await });
+
+    let got = until(&mut rx, Kind::Service, is_snapshot).await;
+    let errors: Vec<(Instant, String)> = got
+        .iter()
+        .filter_map(|(t, e)| error_text_opt(e).map(|m| (*t, m)))
+        .collect();
+    assert_eq!(errors.len(), 10, "{errors:#?}");
+    let (first_at, first) = &errors[0];
+    assert!(
+        !first.contains("conf/ferry-proxy.yaml") && first.contains("retrying"),
+        "{first}"
+    );
+    let (last_at, last) = errors.last().unwrap();
+    assert!(
+        last_at.duration_since(*first_at) >= api_source::FORBIDDEN_GRACE,
+        "{errors:#?}"
+    );
+    assert!(
+        last.contains("get/list/watch on services") && last.contains("conf/ferry-proxy.yaml"),
+        "{last}"
+    );
+    for (at, e) in &errors {
+        if at.duration_since(*first_at) + Duration::from_millis(200) < api_source::FORBIDDEN_GRACE {
+            assert!(
+                !e.contains("conf/ferry-proxy.yaml"),
+                "too early for RBAC advice: {e}"
+            );
+        }
+    }
 }

@@ -142,8 +142,13 @@ pub enum SourceError {
     /// No client could be made from the configuration (TLS material, proxy settings).
     Client { url: String, message: String },
     /// The API server said `403`: the ServiceAccount lacks a permission (it may be granted
-    /// while the proxy waits).
-    Forbidden { kind: Kind, message: String },
+    /// while the proxy waits), or, while `persists` is false, the API server is starting
+    /// (its authorizer answers `403` for its first seconds).
+    Forbidden {
+        kind: Kind,
+        message: String,
+        persists: bool,
+    },
     /// The API server said `401` (a token being rotated may pass).
     Unauthorized { kind: Kind, message: String },
     /// The watch fell behind the API server's window (`410 Gone`): the watcher relists.
@@ -191,7 +196,16 @@ impl std::fmt::Display for SourceError {
                  an API server"
             ),
             SourceError::Client { url, message } => write!(f, "cannot make a client for {url}: {message}"),
-            SourceError::Forbidden { kind, message } => {
+            SourceError::Forbidden {
+                kind,
+                message,
+                persists: false,
+            } => write!(
+                f,
+                "watching {}: forbidden ({message}); an API server answers so while it starts; retrying",
+                kind.resource()
+            ),
+            SourceError::Forbidden { kind, message, .. } => {
                 let what = kind.resource();
                 write!(
                     f,
@@ -240,6 +254,7 @@ mod tests {
         let forbidden = SourceError::Forbidden {
             kind: Kind::Pod,
             message: "pods is forbidden".into(),
+            persists: true,
         };
         assert!(forbidden.is_retryable());
         assert!(
