@@ -18,13 +18,15 @@
 //! inodes; symlinks followed, so a ConfigMap volume works): a change is applied well
 //! within a second. Each change sends one [`Event::Snapshot`] of every kind.
 //!
-//! A broken file changes nothing: while any file does not parse, no snapshot is sent, so
-//! the state programmed from the last directory that parsed as a whole stays. The error
-//! is sent as [`Event::Error`] ([`SourceError::Manifests`]) naming the file and line, once
-//! per distinct set of errors.
-//! We chose this over "the broken file's last good content plus the other files' new
-//! content" because an edit often spans files (a Service moved from one file to another):
-//! applying half of it would be a state nobody wrote.
+//! A broken file holds only itself: its last good objects stay (none if it never parsed)
+//! and the other files' changes are applied. The error is sent as [`Event::Error`]
+//! ([`SourceError::Manifests`]) naming the file and line, once per distinct set of errors,
+//! after the snapshot. (Holding the whole directory instead, so that an edit spanning two
+//! files is never half applied, let one broken file freeze every other file's updates.)
+//!
+//! An object (kind, namespace, name) defined in two files is taken from one: the file it
+//! was running from, else the first in name order. The other is refused with a warning
+//! naming both files, rather than silently replacing what runs.
 
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeMap, HashMap};
@@ -95,7 +97,7 @@ pub async fn run(dir: PathBuf, tx: Sender<Event>) {
         // Reading and parsing files blocks: keep it off the async workers.
         let polled = tokio::task::spawn_blocking(move || {
             let event = watcher.poll();
-            if event.is_some() {
+            if !event.is_empty() {
                 // Parsing a file builds a tree of JSON values many times the size of what
                 // is kept; give those pages back (see `release_freed_memory`).
                 crate::store::release_freed_memory();
@@ -113,7 +115,7 @@ pub async fn run(dir: PathBuf, tx: Sender<Event>) {
                 return;
             }
         };
-        if let Some(event) = event {
+        for event in event {
             if tx.send(event).await.is_err() {
                 return;
             }
@@ -139,6 +141,8 @@ struct CachedFile {
     unsettled: bool,
     /// Its objects, slim and shared with the store (see the module docs).
     parsed: Result<Vec<Object>, ManifestError>,
+    /// While `parsed` is an error: the objects of its last content that parsed.
+    last_good: Vec<Object>,
 }
 
 /// Remembers the directory's files between polls, so an unchanged file is neither read
@@ -154,6 +158,9 @@ struct DirWatcher {
     /// The errors last sent, so the same ones are not sent again at every change of
     /// another file while the directory stays broken.
     last_errors: Option<Vec<ManifestError>>,
+    /// Which file each object in the last snapshot came from: of two files defining the
+    /// same object, the one it runs from keeps it.
+    owners: HashMap<(Kind, String, String), PathBuf>,
 }
 
 impl DirWatcher {
@@ -164,6 +171,7 @@ impl DirWatcher {
             list_error: None,
             sent_once: false,
             last_errors: None,
+            owners: HashMap::new(),
         }
     }
 
@@ -171,31 +179,38 @@ impl DirWatcher {
     /// snapshot is not compared with the last one sent (that would keep a second copy of
     /// every object): the cache already says whether a file's objects changed, and a
     /// snapshot equal to the store's content costs the store no re-planning.
-    fn poll(&mut self) -> Option<Event> {
+    ///
+    /// Returns the snapshot (when the directory could be listed), then the errors (when
+    /// they differ from the last ones sent).
+    fn poll(&mut self) -> Vec<Event> {
         let changed = self.scan();
         if !changed && self.sent_once {
-            return None;
+            return Vec::new();
         }
         self.sent_once = true;
-        match self.result() {
-            Ok(objects) => {
-                self.last_errors = None;
-                Some(Event::Snapshot {
+        let mut events = Vec::new();
+        let errors = match &self.list_error {
+            // The directory could not be listed: what its files held stays.
+            Some(error) => vec![error.clone()],
+            None => {
+                let (objects, errors) = self.objects();
+                events.push(Event::Snapshot {
                     kinds: Kind::ALL.to_vec(),
                     objects,
-                })
+                });
+                errors
             }
-            Err(errors) => {
-                if self.last_errors.as_ref() == Some(&errors) {
-                    return None;
-                }
-                for error in &errors {
-                    warn!("{error}");
-                }
-                self.last_errors = Some(errors.clone());
-                Some(Event::Error(SourceError::Manifests(errors)))
+        };
+        if errors.is_empty() {
+            self.last_errors = None;
+        } else if self.last_errors.as_ref() != Some(&errors) {
+            for error in &errors {
+                warn!("{error}");
             }
+            self.last_errors = Some(errors.clone());
+            events.push(Event::Error(SourceError::Manifests(errors)));
         }
+        events
     }
 
     /// Brings the cache up to date with the directory; whether anything changed.
@@ -273,7 +288,12 @@ impl DirWatcher {
         unsettled: bool,
         parsed: Result<Vec<Object>, ManifestError>,
     ) -> bool {
-        let changed = self.files.get(&path).is_none_or(|old| old.parsed != parsed);
+        let old = self.files.remove(&path);
+        let changed = old.as_ref().is_none_or(|old| old.parsed != parsed);
+        let last_good = match (&parsed, old) {
+            (Ok(_), _) | (Err(_), None) => Vec::new(),
+            (Err(_), Some(old)) => old.parsed.unwrap_or(old.last_good),
+        };
         self.files.insert(
             path,
             CachedFile {
@@ -281,6 +301,7 @@ impl DirWatcher {
                 content_hash,
                 unsettled,
                 parsed,
+                last_good,
             },
         );
         changed
@@ -321,37 +342,75 @@ impl DirWatcher {
         Ok(out)
     }
 
-    /// Every object of every file, or every error.
-    fn result(&self) -> Result<Vec<Object>, Vec<ManifestError>> {
-        if let Some(error) = &self.list_error {
-            return Err(vec![error.clone()]);
-        }
+    /// Every object of every file (a broken file's last good ones), each defined once,
+    /// and the files' errors. Remembers which file each object came from.
+    fn objects(&mut self) -> (Vec<Object>, Vec<ManifestError>) {
         let errors: Vec<ManifestError> = self
             .files
             .values()
             .filter_map(|f| f.parsed.as_ref().err().cloned())
             .collect();
-        if !errors.is_empty() {
-            return Err(errors);
-        }
-        let mut objects = Vec::new();
-        let mut seen: HashMap<(Kind, &str, &str), &Path> = HashMap::new();
+        let of_file = |file: &CachedFile| match &file.parsed {
+            Ok(objects) => objects.clone(),
+            Err(_) => file.last_good.clone(),
+        };
+        // Which file each object is taken from: the one it ran from, else the first.
+        let mut chosen: HashMap<(Kind, String, String), PathBuf> = HashMap::new();
         for (path, file) in &self.files {
-            for object in file.parsed.as_ref().into_iter().flatten() {
+            for object in of_file(file) {
                 let (namespace, name) = object.identity();
-                if let Some(first) = seen.insert((object.kind(), namespace, name), path) {
-                    warn!(
-                        "{:?} {namespace}/{name} is in both {} and {}; the one in {} is used",
-                        object.kind(),
-                        first.display(),
-                        path.display(),
-                        path.display()
-                    );
+                let key = (object.kind(), namespace.to_string(), name.to_string());
+                let running = self.owners.get(&key) == Some(path);
+                match chosen.get_mut(&key) {
+                    None => {
+                        chosen.insert(key, path.clone());
+                    }
+                    Some(first) if first == path => {}
+                    Some(first) => {
+                        let (kept, refused) = if running {
+                            (path.clone(), std::mem::replace(first, path.clone()))
+                        } else {
+                            (first.clone(), path.clone())
+                        };
+                        warn!(
+                            file = %refused.display(),
+                            "{:?} {namespace}/{name} in {} is refused: {} defines it already \
+                             (remove one of the two)",
+                            object.kind(),
+                            refused.display(),
+                            kept.display()
+                        );
+                    }
                 }
-                objects.push(object.clone());
             }
         }
-        Ok(objects)
+        let mut objects = Vec::new();
+        for (path, file) in &self.files {
+            let mut taken = std::collections::HashSet::new();
+            for object in of_file(file) {
+                let (namespace, name) = object.identity();
+                let key = (object.kind(), namespace.to_string(), name.to_string());
+                // Twice in one file: the first stays, as kubectl apply would refuse.
+                if chosen.get(&key) == Some(path) && taken.insert(key) {
+                    objects.push(object);
+                }
+            }
+        }
+        self.owners = chosen;
+        (objects, errors)
+    }
+
+    /// Every object of every file, or every error (for one-off reads).
+    fn result(&mut self) -> Result<Vec<Object>, Vec<ManifestError>> {
+        if let Some(error) = &self.list_error {
+            return Err(vec![error.clone()]);
+        }
+        let (objects, errors) = self.objects();
+        if errors.is_empty() {
+            Ok(objects)
+        } else {
+            Err(errors)
+        }
     }
 }
 
@@ -929,43 +988,91 @@ mod tests {
         std::fs::write(&file, SERVICE).unwrap();
         let mut watcher = DirWatcher::new(dir.path().to_path_buf());
 
-        let Some(Event::Snapshot { kinds, objects }) = watcher.poll() else {
+        let [Event::Snapshot { kinds, objects }] = &watcher.poll()[..] else {
             panic!("no first snapshot")
         };
-        assert_eq!(kinds, Kind::ALL);
-        assert_eq!(names(&objects), ["Service default/web"]);
-        assert_eq!(watcher.poll(), None, "nothing changed");
+        assert_eq!(*kinds, Kind::ALL);
+        assert_eq!(names(objects), ["Service default/web"]);
+        assert_eq!(watcher.poll(), [], "nothing changed");
 
-        // Broken: an error naming the file and line, and no snapshot.
+        // Broken: an error naming the file and line; the file's last good objects stay.
         std::fs::write(&file, SERVICE.replace("10.96.0.10", "10.96.0.10: oops")).unwrap();
-        let Some(Event::Error(error)) = watcher.poll() else {
-            panic!("no error")
+        let [Event::Snapshot { objects, .. }, Event::Error(error)] = &watcher.poll()[..] else {
+            panic!("no snapshot and error")
         };
+        assert_eq!(names(objects), ["Service default/web"], "the last good web.yaml");
         let message = error.to_string();
         assert!(message.contains(&format!("{}:6:", file.display())), "{message}");
-        assert_eq!(watcher.poll(), None, "the same error is sent once");
+        assert_eq!(watcher.poll(), [], "the same error is sent once");
 
-        // Another file added meanwhile changes nothing either.
+        // Another file added meanwhile is applied; the broken one still holds its last
+        // good state, and its error is not sent again.
         std::fs::write(
             dir.path().join("db.yaml"),
             SERVICE.replace("name: web", "name: db"),
         )
         .unwrap();
-        assert_eq!(watcher.poll(), None, "still the same error");
+        let [Event::Snapshot { objects, .. }] = &watcher.poll()[..] else {
+            panic!("the other file is not held back by the broken one")
+        };
+        assert_eq!(names(objects), ["Service default/db", "Service default/web"]);
 
         // Fixed: one snapshot with both files.
         std::fs::write(&file, SERVICE.replace("port: 80", "port: 81")).unwrap();
-        let Some(Event::Snapshot { objects, .. }) = watcher.poll() else {
+        let [Event::Snapshot { objects, .. }] = &watcher.poll()[..] else {
             panic!("no snapshot after the fix")
         };
-        assert_eq!(names(&objects), ["Service default/db", "Service default/web"]);
+        assert_eq!(names(objects), ["Service default/db", "Service default/web"]);
 
         // A removed file removes its objects.
         std::fs::remove_file(dir.path().join("db.yaml")).unwrap();
-        let Some(Event::Snapshot { objects, .. }) = watcher.poll() else {
+        let [Event::Snapshot { objects, .. }] = &watcher.poll()[..] else {
             panic!("no snapshot after removal")
         };
-        assert_eq!(names(&objects), ["Service default/web"]);
+        assert_eq!(names(objects), ["Service default/web"]);
+    }
+
+    #[test]
+    fn a_file_that_never_parsed_adds_nothing_and_holds_nothing_back() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.json"), "{\"kind\": \"List\", \"items\": [").unwrap();
+        std::fs::write(dir.path().join("b.yaml"), SERVICE).unwrap();
+        let mut watcher = DirWatcher::new(dir.path().to_path_buf());
+        let [Event::Snapshot { objects, .. }, Event::Error(error)] = &watcher.poll()[..] else {
+            panic!("no snapshot and error")
+        };
+        assert_eq!(names(objects), ["Service default/web"]);
+        assert!(error.to_string().contains("a.json"), "{error}");
+    }
+
+    #[test]
+    fn an_object_defined_twice_keeps_the_running_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let port = |p: &str| SERVICE.replace("port: 80", &format!("port: {p}"));
+        std::fs::write(dir.path().join("m.yaml"), port("81")).unwrap();
+        let mut watcher = DirWatcher::new(dir.path().to_path_buf());
+        let [Event::Snapshot { objects: first, .. }] = &watcher.poll()[..] else {
+            panic!("no first snapshot")
+        };
+        // A file sorting before m.yaml defines default/web again: refused, m.yaml's stays.
+        std::fs::write(dir.path().join("a.yaml"), port("82")).unwrap();
+        let [Event::Snapshot { objects, .. }] = &watcher.poll()[..] else {
+            panic!("no snapshot")
+        };
+        assert_eq!(objects, first, "the running Service was replaced");
+        // And one sorting after it too.
+        std::fs::write(dir.path().join("z.yaml"), port("83")).unwrap();
+        let [Event::Snapshot { objects, .. }] = &watcher.poll()[..] else {
+            panic!("no snapshot")
+        };
+        assert_eq!(objects, first, "the running Service was replaced");
+        // Once the running one's file goes, the first of the others in name order is used.
+        std::fs::remove_file(dir.path().join("m.yaml")).unwrap();
+        let [Event::Snapshot { objects, .. }] = &watcher.poll()[..] else {
+            panic!("no snapshot")
+        };
+        let from_a = parse_file(Path::new("a.yaml"), &port("82")).unwrap();
+        assert_eq!(*objects, from_a);
     }
 
     #[test]

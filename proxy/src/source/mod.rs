@@ -155,7 +155,7 @@ pub enum SourceError {
     Expired { kind: Kind, message: String },
     /// Any other failure of a list or watch (API server away, `5xx`, a broken stream).
     Watch { kind: Kind, message: String },
-    /// Manifest files that do not parse: nothing is applied until every file parses.
+    /// Manifest files that do not parse: each keeps its last good objects meanwhile.
     Manifests(Vec<ManifestError>),
     /// The manifests reader stopped (it panicked).
     ManifestsReader(String),
@@ -232,7 +232,7 @@ impl std::fmt::Display for SourceError {
                 let all: Vec<String> = errors.iter().map(ToString::to_string).collect();
                 write!(
                     f,
-                    "manifests: {} (nothing is applied until every file parses; the last good state stays)",
+                    "manifests: {} (a broken file keeps its last good objects; the other files are applied)",
                     all.join("; ")
                 )
             }
