@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::{mpsc, oneshot};
-use tracing::{debug, error, info, warn};
+use tracing::{debug, error, info};
 
 use crate::backend::{Backend, BackendError, SyncStats};
 use crate::changes::{ChangeTracker, Changes};
@@ -285,8 +285,9 @@ impl SyncLoop {
 
     fn apply(&mut self, event: Event) {
         if let Event::Error(message) = &event {
-            // The source keeps its last good state; so does the kernel.
-            warn!("source: {message}");
+            // The source keeps its last good state; so does the kernel. The source has
+            // logged the failure already, with when it tries again.
+            debug!("source: {message}");
             return;
         }
         self.store.apply(event);
@@ -366,8 +367,8 @@ impl SyncLoop {
                 services,
                 endpoints,
                 rules = stats.rules,
-                plan_ms = planned.as_secs_f64() * 1e3,
-                apply_ms = stats.apply_time.as_secs_f64() * 1e3,
+                plan_ms = millis(planned),
+                apply_ms = millis(stats.apply_time),
                 "{}",
                 if recovered {
                     "synced again after failures"
@@ -379,8 +380,8 @@ impl SyncLoop {
             debug!(
                 changed_ports = stats.changed_ports,
                 rules = stats.rules,
-                plan_ms = planned.as_secs_f64() * 1e3,
-                apply_ms = stats.apply_time.as_secs_f64() * 1e3,
+                plan_ms = millis(planned),
+                apply_ms = millis(stats.apply_time),
                 "synced"
             );
         }
@@ -433,6 +434,12 @@ fn count(table: &ServiceTable) -> (usize, usize) {
 
 /// Reads events until the store holds a full picture (for `dump`): the first source error
 /// ends it, as does `timeout`.
+/// A duration in milliseconds for a log field, to the microsecond: `1.486`, not the
+/// float noise of `1.4857939999999998`.
+fn millis(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e6).round() / 1e3
+}
+
 pub async fn read_store(events: &mut mpsc::Receiver<Event>, timeout: Duration) -> Result<Store, RunError> {
     let mut store = Store::new();
     let deadline = tokio::time::Instant::now() + timeout;

@@ -67,6 +67,8 @@ struct Mock {
     answers: Mutex<Vec<(String, Instant, bool)>>,
     /// While true the server is away: every connection breaks and open watches end.
     down: Arc<tokio::sync::watch::Sender<bool>>,
+    /// How many requests found the server away.
+    broken: Mutex<usize>,
     /// Until then every request gets the `403` of a starting API server (its authorizer
     /// not yet synced), whatever the script says.
     starting_until: Mutex<Option<Instant>>,
@@ -182,6 +184,7 @@ async fn handle(State(mock): State<Arc<Mock>>, uri: Uri) -> Response {
     mock.requests.lock().unwrap().push((path.clone(), query.clone()));
     let watch = query.iter().any(|(k, v)| k == "watch" && v == "true");
     if *mock.down.borrow() {
+        *mock.broken.lock().unwrap() += 1;
         // The connection breaks (not a 503, which kube's client retries by itself).
         let broken = futures::stream::once(async {
             Err::<Bytes, std::io::Error>(std::io::Error::other("the server is away"))
@@ -274,6 +277,10 @@ async fn handle(State(mock): State<Arc<Mock>>, uri: Uri) -> Response {
 }
 
 async fn start(mock: Arc<Mock>) -> SocketAddr {
+    start_on(mock, tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap()).await
+}
+
+async fn start_on(mock: Arc<Mock>, listener: tokio::net::TcpListener) -> SocketAddr {
     let app = Router::new()
         .route(SERVICES, get(handle))
         .route(SLICES, get(handle))
@@ -281,7 +288,6 @@ async fn start(mock: Arc<Mock>) -> SocketAddr {
         .route(PODS, get(handle))
         .route(NAMESPACES, get(handle))
         .with_state(mock);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     addr
@@ -1130,5 +1136,148 @@ async fn a_forbidden_that_lasts_asks_for_rbac() {
                 "too early for RBAC advice: {e}"
             );
         }
+    }
+}
+
+/// A listening socket on the loopback of `netns` (opened on a thread that entered it; the
+/// socket stays there).
+fn listener_in(netns: &ferry_tests::Netns) -> tokio::net::TcpListener {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::File::open(netns.path()).unwrap();
+    let listener = std::thread::spawn(move || {
+        // SAFETY: setns on an open namespace fd, on this thread only.
+        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+        std::net::TcpListener::bind("127.0.0.1:0").unwrap()
+    })
+    .join()
+    .unwrap();
+    listener.set_nonblocking(true).unwrap();
+    tokio::net::TcpListener::from_std(listener).unwrap()
+}
+
+/// Issue 10, item 10: `ferry-proxy run` against an API server that goes away for 2.5 s and
+/// comes back (restarted: each watch is told in-stream that its version is too old). Each
+/// failed request is one log line with its retry delay, each watch says once that it is
+/// back, no line carries a colour escape when stderr is no terminal, and `--log-format
+/// json` lines parse.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_logs_each_failure_once_and_each_recovery() {
+    ferry_tests::require_root!();
+    let paths = [SERVICES, SLICES, NODES, PODS, NAMESPACES];
+    for format in ["text", "json"] {
+        let netns = ferry_tests::Netns::new("plog");
+        let mock = Arc::new(Mock::default());
+        let gone = || {
+            let e = event("ERROR", status(410, "Expired", "too old resource version: 3 (9)"));
+            vec![Reply::Watch(vec![], true), Reply::Watch(vec![e], true)]
+        };
+        let web = service("2", json!(8080));
+        mock.script(
+            SERVICES,
+            "ServiceList",
+            "v1",
+            vec![Reply::List("3", vec![web])],
+            gone(),
+        );
+        let slices = vec![Reply::List("3", vec![])];
+        mock.script(SLICES, "EndpointSliceList", "discovery.k8s.io/v1", slices, gone());
+        let nodes = vec![Reply::List("3", vec![node("node-a", "1", "10.0.0.5")])];
+        mock.script(NODES, "NodeList", "v1", nodes, gone());
+        mock.script(PODS, "PodList", "v1", vec![Reply::List("3", vec![])], gone());
+        let namespaces = vec![Reply::List("3", vec![namespace("default", "1")])];
+        mock.script(NAMESPACES, "NamespaceList", "v1", namespaces, gone());
+        let addr = start_on(mock.clone(), listener_in(&netns)).await;
+
+        let dir = tempfile::tempdir().unwrap();
+        let kubeconfig = dir.path().join("kubeconfig");
+        std::fs::write(
+            &kubeconfig,
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: mock\n  cluster:\n    server: http://{addr}\n\
+                 contexts:\n- name: mock\n  context:\n    cluster: mock\n    user: nobody\n\
+                 current-context: mock\nusers:\n- name: nobody\n  user: {{}}\n"
+            ),
+        )
+        .unwrap();
+        let stderr_path = dir.path().join("stderr");
+        let mut child = netns
+            .command(env!("CARGO_BIN_EXE_ferry-proxy"))
+            .args(["run", "--kubeconfig"])
+            .arg(&kubeconfig)
+            .args(["--hostname-override", "node-a", "--log-format", format])
+            .args(["--healthz-bind-address", "127.0.0.1:0"])
+            .args(["--metrics-bind-address", "127.0.0.1:0"])
+            .env_remove("RUST_LOG")
+            .stderr(std::fs::File::create(&stderr_path).unwrap())
+            .spawn()
+            .unwrap();
+
+        let watches = |mock: &Mock| {
+            let answers = mock.answers.lock().unwrap();
+            paths.map(|p| answers.iter().filter(|(a, _, w)| a == p && *w).count())
+        };
+        let wait_for = |what: &str, done: &dyn Fn() -> bool| {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while !done() {
+                assert!(Instant::now() < deadline, "timed out waiting for {what}");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        };
+        wait_for("every watch", &|| watches(&mock).iter().all(|n| *n >= 1));
+        mock.set_down(true);
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        mock.set_down(false);
+        // Back: the 410 watch, then the relist's watch, for every kind.
+        wait_for("every watch back", &|| watches(&mock).iter().all(|n| *n >= 3));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        child.kill().unwrap();
+        child.wait().unwrap();
+
+        let log = std::fs::read(&stderr_path).unwrap();
+        assert!(
+            !log.contains(&0x1b),
+            "an escape code in:\n{}",
+            String::from_utf8_lossy(&log)
+        );
+        let log = String::from_utf8(log).unwrap();
+        let lines: Vec<&str> = log.lines().collect();
+        // (level, message) of every line.
+        let parsed: Vec<(String, String)> = lines
+            .iter()
+            .map(|line| {
+                if format == "json" {
+                    let v: Value =
+                        serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+                    let level = v["level"].as_str().unwrap().to_string();
+                    (level, v["fields"]["message"].as_str().unwrap_or("").to_string())
+                } else {
+                    let level = ["ERROR", "WARN", "INFO", "DEBUG"]
+                        .into_iter()
+                        .find(|l| line.contains(&format!(" {l} ")))
+                        .unwrap_or("")
+                        .to_string();
+                    (level, line.to_string())
+                }
+            })
+            .collect();
+        let broken = *mock.broken.lock().unwrap();
+        let failures: Vec<&String> = parsed
+            .iter()
+            .filter(|(level, _)| level == "WARN" || level == "ERROR")
+            .map(|(_, m)| m)
+            .collect();
+        let retries = failures.iter().filter(|m| m.contains("next try in")).count();
+        let relists = failures.iter().filter(|m| m.contains("relisting")).count();
+        assert!(
+            broken >= paths.len(),
+            "every watch failed at least once: {broken}"
+        );
+        assert_eq!(retries, broken, "one line per failed request:\n{log}");
+        assert_eq!(relists, paths.len(), "one line per 410:\n{log}");
+        assert_eq!(failures.len(), broken + paths.len(), "no other warning:\n{log}");
+        let back = parsed.iter().filter(|(_, m)| m.contains("again after")).count();
+        assert_eq!(back, paths.len(), "one line per watch back:\n{log}");
+        drop(netns);
     }
 }
