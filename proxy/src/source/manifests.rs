@@ -5,8 +5,11 @@
 //! not names starting with a dot, such as editor lock files). A file may hold several
 //! documents (`---`), a `kind: List` (or `ServiceList`, ... whose items may omit their
 //! kind), or for JSON one or more objects. Services, Nodes, Pods and Namespaces (`v1`) and
-//! EndpointSlices (`discovery.k8s.io/v1`) are read; anything else is skipped with a debug
-//! log. An object without a namespace is in `default`, as with `kubectl apply`.
+//! EndpointSlices (`discovery.k8s.io/v1`) are read. Anything else (another kind or
+//! apiVersion), and objects that decode but cannot be served ([`super::checks`]), are
+//! refused: logged with file, object and field, and counted in
+//! `ferry_proxy_manifest_objects_refused_total`. An object without a namespace is in
+//! `default`, as with `kubectl apply`.
 //!
 //! Each object is converted to the store's slim form as soon as it is decoded; the parsed
 //! text is dropped. What is kept per file between polls is its fingerprint, a hash of its
@@ -43,7 +46,7 @@ use serde_json::Value;
 use tokio::sync::mpsc::Sender;
 use tracing::{debug, warn};
 
-use super::{Event, Kind, Object, SourceError};
+use super::{checks, Event, Kind, Object, SourceError};
 
 /// How often the directory is looked at.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(200);
@@ -429,7 +432,29 @@ fn hash_of(bytes: &[u8]) -> u64 {
 
 /// The objects in one file's text. JSON files are read with the JSON parser (YAML's is
 /// fussier about tabs); everything else as YAML.
+///
+/// Objects that decode but cannot be served are left out, each logged with the file, the
+/// object and the field, and counted in `ferry_proxy_manifest_objects_refused_total`.
 pub fn parse_file(path: &Path, text: &str) -> Result<Vec<Object>, ManifestError> {
+    let (objects, refused) = parse_file_checked(path, text)?;
+    for r in &refused {
+        warn!(
+            file = %path.display(),
+            object = r.object,
+            field = r.field,
+            "{}: {} refused: {}: {}",
+            path.display(),
+            r.object,
+            r.field,
+            r.problem
+        );
+    }
+    crate::metrics::count_refused_objects(refused.len());
+    Ok(objects)
+}
+
+/// [`parse_file`]'s objects, and the objects it refuses.
+pub fn parse_file_checked(path: &Path, text: &str) -> Result<(Vec<Object>, Vec<Refusal>), ManifestError> {
     let is_json = path.extension().is_some_and(|e| e == "json");
     let error = |line: Option<usize>, column: Option<usize>, message: String| ManifestError {
         file: path.to_path_buf(),
@@ -466,8 +491,9 @@ pub fn parse_file(path: &Path, text: &str) -> Result<Vec<Object>, ManifestError>
     }
 
     let mut objects = Vec::new();
+    let mut refused = Vec::new();
     for (index, document) in documents.into_iter().enumerate() {
-        collect(document, &mut objects).map_err(|failed| {
+        collect(document, &mut objects, &mut refused).map_err(|failed| {
             // The value-based conversion knows what failed but not where: decode that
             // object again straight from the text, which gives the parser's line.
             let located = if is_json {
@@ -486,7 +512,7 @@ pub fn parse_file(path: &Path, text: &str) -> Result<Vec<Object>, ManifestError>
             }
         })?;
     }
-    Ok(objects)
+    Ok((objects, refused))
 }
 
 /// An object of a kind we read whose fields are wrong.
@@ -512,7 +538,7 @@ enum Document {
 }
 
 enum DecodedItem {
-    Converted(Result<Option<Object>, (Kind, String)>),
+    Converted(Result<Converted, (Kind, String)>),
     Raw(Value),
 }
 
@@ -646,7 +672,15 @@ impl<'de> Visitor<'de> for ItemsVisitor {
 }
 
 /// Adds the objects of one document (one object, or a list of them) to `out`.
-fn collect(document: Document, out: &mut Vec<Object>) -> Result<(), ConversionError> {
+fn collect(
+    document: Document,
+    out: &mut Vec<Object>,
+    refused: &mut Vec<Refusal>,
+) -> Result<(), ConversionError> {
+    let mut keep = |converted: Converted| match converted {
+        Converted::Object(object) => out.push(object),
+        Converted::Refused(refusal) => refused.push(refusal),
+    };
     let (map, items) = match document {
         Document::Empty => return Ok(()),
         Document::NotAnObject => {
@@ -672,13 +706,11 @@ fn collect(document: Document, out: &mut Vec<Object>) -> Result<(), ConversionEr
         for (i, item) in items.into_iter().enumerate() {
             let mut item = match item {
                 DecodedItem::Converted(converted) => {
-                    if let Some(object) = converted.map_err(|(kind, message)| ConversionError {
+                    keep(converted.map_err(|(kind, message)| ConversionError {
                         item: Some(i),
                         kind,
                         message,
-                    })? {
-                        out.push(object);
-                    }
+                    })?);
                     continue;
                 }
                 DecodedItem::Raw(item) => item,
@@ -691,61 +723,111 @@ fn collect(document: Document, out: &mut Vec<Object>) -> Result<(), ConversionEr
                     .entry("apiVersion")
                     .or_insert_with(|| Value::String(api_version.clone()));
             }
-            if let Some(object) = convert(item).map_err(|(kind, message)| ConversionError {
+            keep(convert(item).map_err(|(kind, message)| ConversionError {
                 item: Some(i),
                 kind,
                 message,
-            })? {
-                out.push(object);
-            }
+            })?);
         }
         return Ok(());
     }
-    if let Some(object) = convert(Value::Object(map)).map_err(|(kind, message)| ConversionError {
-        item: None,
-        kind,
-        message,
-    })? {
-        out.push(object);
-    }
+    keep(
+        convert(Value::Object(map)).map_err(|(kind, message)| ConversionError {
+            item: None,
+            kind,
+            message,
+        })?,
+    );
     Ok(())
 }
 
-/// One object of a kind we read, in the store's form, or `None` for any other kind.
-fn convert(value: Value) -> Result<Option<Object>, (Kind, String)> {
+/// An object that decoded but is not used, and why (see [`super::checks`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// `Kind namespace/name`.
+    pub object: String,
+    /// The field at fault, as a path (`spec.ports[0].port`).
+    pub field: String,
+    pub problem: String,
+}
+
+/// What became of one object of a manifest.
+enum Converted {
+    Object(Object),
+    Refused(Refusal),
+}
+
+/// One object of a kind we read, in the store's form, or why it is refused.
+fn convert(value: Value) -> Result<Converted, (Kind, String)> {
     let kind = value.get("kind").and_then(Value::as_str).unwrap_or("");
     let api_version = value.get("apiVersion").and_then(Value::as_str).unwrap_or("");
     let object = match (api_version, kind) {
-        ("v1", "Service") => decode_value::<Service>(value, Kind::Service)?,
+        ("v1", "Service") => decode_value::<Service>(value, Kind::Service, checks::service)?,
         ("discovery.k8s.io/v1", "EndpointSlice") => {
-            decode_value::<EndpointSlice>(value, Kind::EndpointSlice)?
+            decode_value::<EndpointSlice>(value, Kind::EndpointSlice, checks::endpoint_slice)?
         }
-        ("v1", "Node") => decode_value::<Node>(value, Kind::Node)?,
-        ("v1", "Pod") => decode_value::<Pod>(value, Kind::Pod)?,
-        ("v1", "Namespace") => decode_value::<Namespace>(value, Kind::Namespace)?,
+        ("v1", "Node") => decode_value::<Node>(value, Kind::Node, checks::nothing)?,
+        ("v1", "Pod") => decode_value::<Pod>(value, Kind::Pod, checks::nothing)?,
+        ("v1", "Namespace") => decode_value::<Namespace>(value, Kind::Namespace, checks::nothing)?,
         _ => {
-            let name = value
-                .pointer("/metadata/name")
-                .and_then(Value::as_str)
-                .unwrap_or("");
-            debug!(
-                api_version,
-                kind, name, "skipping an object of a kind the proxy does not read"
-            );
-            return Ok(None);
+            let (field, problem) = match kind {
+                "Service" | "Node" | "Pod" | "Namespace" => {
+                    ("apiVersion", format!("{kind} is read as v1, not {api_version:?}"))
+                }
+                "EndpointSlice" => (
+                    "apiVersion",
+                    format!("EndpointSlice is read as discovery.k8s.io/v1, not {api_version:?}"),
+                ),
+                _ => (
+                    "kind",
+                    format!(
+                        "{kind:?} is not read (ferry-proxy reads Service, EndpointSlice, Node, \
+                         Pod and Namespace)"
+                    ),
+                ),
+            };
+            return Ok(Converted::Refused(Refusal {
+                object: object_name(kind, &value),
+                field: field.into(),
+                problem,
+            }));
         }
     };
-    Ok(Some(object))
+    Ok(object)
+}
+
+/// `Kind namespace/name` as the logs name an object (a namespaced kind without a
+/// namespace is in `default`).
+fn object_name(kind: &str, value: &Value) -> String {
+    let name = |field| value.pointer(field).and_then(Value::as_str).unwrap_or("");
+    let namespaced = ["Service", "EndpointSlice", "Pod"].contains(&kind);
+    match name("/metadata/namespace") {
+        "" if namespaced => format!("{kind} default/{}", name("/metadata/name")),
+        "" => format!("{kind} {}", name("/metadata/name")),
+        namespace => format!("{kind} {namespace}/{}", name("/metadata/name")),
+    }
 }
 
 /// Decodes `value` as `T` and converts it at once: the k8s-openapi object lives only
 /// for this call.
-fn decode_value<T: DeserializeOwned>(value: Value, kind: Kind) -> Result<Object, (Kind, String)>
+fn decode_value<T: DeserializeOwned>(
+    value: Value,
+    kind: Kind,
+    check: impl Fn(&T) -> Result<(), checks::Problem>,
+) -> Result<Converted, (Kind, String)>
 where
     Object: From<T>,
 {
+    let object = object_name(&format!("{kind:?}"), &value);
     let decoded: T = serde_json::from_value(value).map_err(|e| (kind, e.to_string()))?;
-    Ok(Object::from(decoded))
+    Ok(match check(&decoded) {
+        Ok(()) => Converted::Object(Object::from(decoded)),
+        Err((field, problem)) => Converted::Refused(Refusal {
+            object,
+            field,
+            problem,
+        }),
+    })
 }
 
 /// Decodes document `index` (item `item` of its list) of a YAML text as `kind`, for the
@@ -863,6 +945,74 @@ mod tests {
             names(&objects),
             ["Service default/web", "EndpointSlice prod/web-1", "Node /node-a"]
         );
+    }
+
+    /// Issue 10, item 7: objects that decode but cannot be served are refused, each named
+    /// with its file, object and field, and counted; the good ones in the same file stay.
+    #[test]
+    fn objects_that_cannot_be_served_are_refused_by_field() {
+        let svc = |name: &str, from: &str, to: &str| {
+            SERVICE
+                .replace("name: web", &format!("name: {name}"))
+                .replace(from, to)
+        };
+        let slice = |name: &str, family: &str, address: &str| {
+            format!(
+                "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}\n\
+                 addressType: {family}\nendpoints:\n- addresses: [\"{address}\"]\n"
+            )
+        };
+        let documents = [
+            svc("good", "", ""),
+            svc("zero", "port: 80", "port: 0"),
+            svc("big", "port: 80", "port: 70000"),
+            svc("negative", "port: 80", "port: -1"),
+            svc("bad-ip", "10.96.0.10", "10.96.0.300"),
+            slice("garbage", "IPv4", "garbage"),
+            slice("v6-in-v4", "IPv4", "fd00::5"),
+            slice("good-slice", "IPv4", "10.244.0.5"),
+            svc("v2", "apiVersion: v1", "apiVersion: v2"),
+            "apiVersion: v1\nkind: Frobnicator\nmetadata:\n  name: f\n".to_string(),
+        ];
+        let text = documents.join("---\n");
+        let before = crate::metrics::refused_objects();
+        let path = Path::new("/m/bad.yaml");
+        let (objects, refused) = parse_file_checked(path, &text).unwrap();
+        assert_eq!(
+            names(&objects),
+            ["Service default/good", "EndpointSlice default/good-slice"]
+        );
+        let got: Vec<(&str, &str)> = refused
+            .iter()
+            .map(|r| (r.object.as_str(), r.field.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("Service default/zero", "spec.ports[0].port"),
+                ("Service default/big", "spec.ports[0].port"),
+                ("Service default/negative", "spec.ports[0].port"),
+                ("Service default/bad-ip", "spec.clusterIP"),
+                ("EndpointSlice default/garbage", "endpoints[0].addresses[0]"),
+                ("EndpointSlice default/v6-in-v4", "endpoints[0].addresses[0]"),
+                ("Service default/v2", "apiVersion"),
+                ("Frobnicator f", "kind"),
+            ]
+        );
+        assert!(
+            refused[1].problem.contains("70000 is not a port"),
+            "{:?}",
+            refused[1]
+        );
+        assert!(
+            refused[5].problem.contains("not an IPv4 address"),
+            "{:?}",
+            refused[5]
+        );
+        // parse_file logs them and counts them in the metric.
+        let objects = parse_file(path, &text).unwrap();
+        assert_eq!(objects.len(), 2);
+        assert!(crate::metrics::refused_objects() >= before + 8);
     }
 
     #[test]

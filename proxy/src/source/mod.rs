@@ -12,6 +12,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use crate::store::objects::{EndpointSliceInfo, NamespaceInfo, NodeInfo, PodInfo, ServiceInfo};
 
+pub mod checks;
 pub mod kube;
 pub mod manifests;
 
