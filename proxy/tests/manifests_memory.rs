@@ -19,14 +19,17 @@ fn vm_rss_kib(child: &Child) -> u64 {
     line.split_whitespace().nth(1).unwrap().parse().unwrap()
 }
 
-/// Waits until VmRSS has not moved by more than 1 MiB for a second (or 60 s passed).
+/// Waits until VmRSS has not moved by more than 1 MiB for three seconds (or 60 s passed):
+/// parsing and syncing 100k endpoints has pauses shorter than that.
 fn settled_rss(child: &Child) -> u64 {
     let started = Instant::now();
     let mut last = vm_rss_kib(child);
+    let mut stable = 0;
     loop {
         std::thread::sleep(Duration::from_secs(1));
         let now = vm_rss_kib(child);
-        if now.abs_diff(last) < 1024 || started.elapsed() > Duration::from_secs(60) {
+        stable = if now.abs_diff(last) < 1024 { stable + 1 } else { 0 };
+        if stable >= 3 || started.elapsed() > Duration::from_secs(60) {
             return now;
         }
         last = now;
