@@ -194,6 +194,13 @@ pub fn render_metrics(s: &MetricsState, requests: &RequestCounters) -> String {
         "# HELP {name} Syncs that failed (the previous rules stayed in place)."
     );
     let _ = writeln!(out, "# TYPE {name} counter\n{name} {}", s.sync_errors);
+    let name = "ferry_proxy_manifest_objects_refused_total";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Manifest objects left out because they cannot be served (each is logged)."
+    );
+    let refused = crate::metrics::refused_objects();
+    let _ = writeln!(out, "# TYPE {name} counter\n{name} {refused}");
     for (name, what, [ok, unavailable]) in [
         ("ferry_proxy_healthz_total", "/healthz", &requests.healthz),
         ("ferry_proxy_livez_total", "/livez", &requests.livez),

@@ -27,6 +27,10 @@ use ferry_proxy::{dump, run, trace};
     about = "Ferry's kube-proxy replacement: Kubernetes Services in nftables or eBPF"
 )]
 struct Cli {
+    /// Log lines as text (colours only on a terminal) or as one JSON object a line, for
+    /// log pipelines. RUST_LOG sets what is logged (default: info).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -183,20 +187,37 @@ enum BackendKind {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
 enum Format {
     Table,
     Json,
 }
 
+/// Logs go to stderr. The sources log each failure once, with the delay before the next
+/// try, so kube's client, which logs every failed request again at ERROR, is silenced
+/// unless RUST_LOG asks for it.
+fn init_logging(format: LogFormat) {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube_client=off"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        // `kubectl logs` is no terminal: escape codes there are noise on every line.
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => builder.json().with_current_span(false).init(),
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    init_logging(cli.log_format);
     let result = match cli.command {
         Command::Run(args) => run_command(args),
         Command::Dump(args) => dump_command(args),

@@ -58,3 +58,16 @@ impl Metrics {
         self.inner.lock().expect("metrics lock").clone()
     }
 }
+
+/// Manifest objects refused since start (they decode but cannot be served): a counter
+/// apart from [`Metrics`] because the manifests reader has no handle on it.
+static REFUSED_OBJECTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+pub fn count_refused_objects(n: usize) {
+    REFUSED_OBJECTS.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// `ferry_proxy_manifest_objects_refused_total`.
+pub fn refused_objects() -> u64 {
+    REFUSED_OBJECTS.load(std::sync::atomic::Ordering::Relaxed)
+}

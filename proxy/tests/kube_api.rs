@@ -15,7 +15,7 @@ use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
 use axum::extract::State;
@@ -63,6 +63,15 @@ struct Mock {
     resources: Mutex<HashMap<&'static str, Resource>>,
     /// Every request: path and decoded query pairs.
     requests: Mutex<Vec<(String, Query)>>,
+    /// Every scripted answer: path, when, and whether it was a watch.
+    answers: Mutex<Vec<(String, Instant, bool)>>,
+    /// While true the server is away: every connection breaks and open watches end.
+    down: Arc<tokio::sync::watch::Sender<bool>>,
+    /// How many requests found the server away.
+    broken: Mutex<usize>,
+    /// Until then every request gets the `403` of a starting API server (its authorizer
+    /// not yet synced), whatever the script says.
+    starting_until: Mutex<Option<Instant>>,
 }
 
 const SERVICES: &str = "/api/v1/services";
@@ -91,6 +100,11 @@ impl Mock {
                 last_list: None,
             },
         );
+    }
+
+    /// The server goes away (`true`) or comes back.
+    fn set_down(&self, down: bool) {
+        self.down.send_replace(down);
     }
 
     fn requests(&self, path: &str) -> Vec<HashMap<String, String>> {
@@ -170,6 +184,25 @@ async fn handle(State(mock): State<Arc<Mock>>, uri: Uri) -> Response {
     let query = query_pairs(&uri);
     mock.requests.lock().unwrap().push((path.clone(), query.clone()));
     let watch = query.iter().any(|(k, v)| k == "watch" && v == "true");
+    if *mock.down.borrow() {
+        *mock.broken.lock().unwrap() += 1;
+        // The connection breaks (not a 503, which kube's client retries by itself).
+        let broken = futures::stream::once(async {
+            Err::<Bytes, std::io::Error>(std::io::Error::other("the server is away"))
+        });
+        return Body::from_stream(broken).into_response();
+    }
+    if mock
+        .starting_until
+        .lock()
+        .unwrap()
+        .is_some_and(|t| Instant::now() < t)
+    {
+        let forbidden = "services is forbidden: User \"system:serviceaccount:kube-system:ferry-proxy\" \
+                         cannot list resource \"services\": RBAC: clusterrole.rbac.authorization.k8s.io \
+                         \"ferry-proxy\" not found";
+        return status_response(&status(403, "Forbidden", forbidden));
+    }
     let (reply, list_kind, api_version) = {
         let mut resources = mock.resources.lock().unwrap();
         let Some(r) = resources.get_mut(path.as_str()) else {
@@ -190,6 +223,10 @@ async fn handle(State(mock): State<Arc<Mock>>, uri: Uri) -> Response {
         };
         (reply, r.list_kind, r.api_version)
     };
+    mock.answers
+        .lock()
+        .unwrap()
+        .push((path.clone(), Instant::now(), watch));
     match reply {
         Reply::Status(status) => status_response(&status),
         Reply::List(rv, items) => {
@@ -225,7 +262,13 @@ async fn handle(State(mock): State<Arc<Mock>>, uri: Uri) -> Response {
                 .collect();
             let stream = futures::stream::iter(lines);
             let body = if keep_open {
-                Body::from_stream(stream.chain(futures::stream::pending()))
+                // Open until the server goes away.
+                let mut down = mock.down.subscribe();
+                let outage = futures::stream::once(async move {
+                    let _ = down.wait_for(|d| *d).await;
+                })
+                .filter_map(|()| async { None });
+                Body::from_stream(stream.chain(outage))
             } else {
                 Body::from_stream(stream)
             };
@@ -235,6 +278,10 @@ async fn handle(State(mock): State<Arc<Mock>>, uri: Uri) -> Response {
 }
 
 async fn start(mock: Arc<Mock>) -> SocketAddr {
+    start_on(mock, tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap()).await
+}
+
+async fn start_on(mock: Arc<Mock>, listener: tokio::net::TcpListener) -> SocketAddr {
     let app = Router::new()
         .route(SERVICES, get(handle))
         .route(SLICES, get(handle))
@@ -243,7 +290,6 @@ async fn start(mock: Arc<Mock>) -> SocketAddr {
         .route(NAMESPACES, get(handle))
         .route(NETWORK_POLICIES, get(handle))
         .with_state(mock);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     addr
@@ -705,11 +751,14 @@ async fn list_watch_errors_and_resync_against_a_mock_api_server() {
     let Event::Error(typed) = &e[0] else {
         unreachable!()
     };
-    assert!(typed.can_retry(), "a 403 may pass once RBAC is granted");
+    assert!(typed.is_retryable(), "a 403 may pass once RBAC is granted");
+    // One 403 may be a starting API server: the RBAC advice waits until 403s persist
+    // (`a_forbidden_that_lasts_asks_for_rbac`).
     assert!(
-        forbidden.contains("forbidden") && forbidden.contains("conf/ferry-proxy.yaml"),
+        forbidden.contains("forbidden") && forbidden.contains("retrying"),
         "{forbidden}"
     );
+    assert!(!forbidden.contains("conf/ferry-proxy.yaml"), "{forbidden}");
     let internal = error_text(&e[1]);
     assert!(
         internal.contains("etcdserver: request timed out") && internal.contains("retrying"),
@@ -902,5 +951,386 @@ async fn run_with_a_kubeconfig_file() {
             .starts_with(&format!("--kubeconfig {}", missing.display())),
         "{err}"
     );
-    assert!(!err.can_retry(), "a missing kubeconfig stays missing");
+    assert!(!err.is_retryable(), "a missing kubeconfig stays missing");
+}
+
+/// Receives events of `kind` (dropping the others) with the time each arrived, until one
+/// matches `done`.
+async fn until(
+    rx: &mut mpsc::Receiver<Event>,
+    kind: Kind,
+    done: impl Fn(&Event) -> bool,
+) -> Vec<(Instant, Event)> {
+    let mut got = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some(e)) if kind_of(&e) == kind => {
+                let last = done(&e);
+                got.push((Instant::now(), e));
+                if last {
+                    return got;
+                }
+            }
+            Ok(Some(_)) => {}
+            Ok(None) => panic!("the source ended; so far: {got:#?}"),
+            Err(_) => panic!("timed out; so far: {got:#?}"),
+        }
+    }
+}
+
+fn is_snapshot(e: &Event) -> bool {
+    matches!(e, Event::Snapshot { .. })
+}
+
+/// Issue 10, item 9: an API server restarted after an outage answers `403` for its first
+/// seconds, then starts the watch and says inside it that the resourceVersion is too old.
+/// The source relists at once (not after the backoff the outage grew), does not blame RBAC
+/// for the starting server's `403`s, and a success resets the backoff.
+#[tokio::test]
+async fn after_an_api_server_restart_a_new_service_arrives_within_2_s() {
+    let mock = Arc::new(Mock::default());
+    let web = service("90", json!(8080));
+    let late = lb_service("late", "250");
+    mock.script(
+        SERVICES,
+        "ServiceList",
+        "v1",
+        vec![
+            Reply::List("100", vec![web.clone()]),
+            Reply::List("300", vec![web.clone(), late.clone()]),
+        ],
+        vec![
+            Reply::Watch(vec![], true),
+            Reply::Watch(
+                vec![event(
+                    "ERROR",
+                    status(410, "Expired", "too old resource version: 100 (280)"),
+                )],
+                true,
+            ),
+            Reply::Status(status(500, "InternalError", "etcdserver: leader changed")),
+            Reply::Watch(vec![event("ADDED", lb_service("later", "301"))], true),
+        ],
+    );
+    mock.script(
+        SLICES,
+        "EndpointSliceList",
+        "discovery.k8s.io/v1",
+        vec![Reply::List("3", vec![])],
+        vec![],
+    );
+    mock.script(
+        NODES,
+        "NodeList",
+        "v1",
+        vec![Reply::List("3", vec![node("node-a", "1", "10.0.0.5")])],
+        vec![],
+    );
+    script_policy_kinds(&mock, vec![], vec![]);
+    let addr = start(mock.clone()).await;
+    let client =
+        api_source::client_from(kube::Config::new(format!("http://{addr}").parse().unwrap())).unwrap();
+    let (tx, mut rx) = mpsc::channel(256);
+    let _source = tokio::spawn(async move { api_source::watch(client, "node-a", tx).await });
+
+    let first = until(&mut rx, Kind::Service, is_snapshot).await;
+    assert_eq!(
+        first.last().unwrap().1,
+        snapshot(Kind::Service, vec![svc(web.clone())])
+    );
+
+    // Once the watch is open: away for 3 s (the backoff grows to 3.2 s), then 403s for 3 s
+    // while it starts.
+    while !mock
+        .answers
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|(p, _, watch)| p == SERVICES && *watch)
+    {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    mock.set_down(true);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    *mock.starting_until.lock().unwrap() = Some(Instant::now() + Duration::from_secs(3));
+    mock.set_down(false);
+
+    let back = until(&mut rx, Kind::Service, is_snapshot).await;
+    let (arrived, relisted) = back.last().unwrap();
+    assert_eq!(*relisted, snapshot(Kind::Service, vec![svc(web), svc(late)]));
+    let errors: Vec<String> = back
+        .iter()
+        .filter(|(_, e)| matches!(e, Event::Error(_)))
+        .map(|(_, e)| error_text(e))
+        .collect();
+    assert!(
+        errors.iter().any(|e| e.contains("forbidden")),
+        "the starting server's 403s: {errors:#?}"
+    );
+    for e in &errors {
+        assert!(
+            !e.contains("conf/ferry-proxy.yaml"),
+            "a starting server's 403 is no RBAC problem: {e}"
+        );
+    }
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.contains("too old resource version") && e.contains("relisting")),
+        "{errors:#?}"
+    );
+    // The late Service was created before the watch that said 410: it is in the relist,
+    // which follows that watch at once.
+    let answers = mock.answers.lock().unwrap().clone();
+    let watches: Vec<Instant> = answers
+        .iter()
+        .filter(|(p, _, watch)| p == SERVICES && *watch)
+        .map(|(_, t, _)| *t)
+        .collect();
+    let gone_at = watches[1];
+    let waited = arrived.duration_since(gone_at);
+    assert!(
+        waited < Duration::from_secs(2),
+        "the relist after the in-stream 410 came {waited:?} after the server was back"
+    );
+
+    // The list succeeded, so the next failure waits the first delay (0.8 s), not the
+    // grown one.
+    let next = until(&mut rx, Kind::Service, |e| matches!(e, Event::Upsert(_))).await;
+    let failed_at = next
+        .iter()
+        .find(|(_, e)| error_text_opt(e).is_some_and(|t| t.contains("leader changed")))
+        .expect("the 500 after the relist")
+        .0;
+    let (upserted_at, upsert) = next.last().unwrap();
+    assert_eq!(*upsert, Event::Upsert(svc(lb_service("later", "301"))));
+    let waited = upserted_at.duration_since(failed_at);
+    assert!(
+        waited < Duration::from_millis(1500),
+        "after a success the backoff starts again at 0.8 s; waited {waited:?}"
+    );
+}
+
+fn error_text_opt(e: &Event) -> Option<String> {
+    match e {
+        Event::Error(error) => Some(error.to_string()),
+        _ => None,
+    }
+}
+
+/// `403`s that outlast a starting API server's are RBAC's: then, and not before, the error
+/// says which permission to grant and where.
+#[tokio::test]
+async fn a_forbidden_that_lasts_asks_for_rbac() {
+    let mock = Arc::new(Mock::default());
+    let forbidden = status(
+        403,
+        "Forbidden",
+        "services is forbidden: User \"system:serviceaccount:kube-system:ferry-proxy\" cannot list \
+         resource \"services\" in API group \"\" at the cluster scope",
+    );
+    let mut lists = vec![Reply::Status(forbidden); 10];
+    lists.push(Reply::List("3", vec![]));
+    mock.script(SERVICES, "ServiceList", "v1", lists, vec![]);
+    mock.script(
+        SLICES,
+        "EndpointSliceList",
+        "discovery.k8s.io/v1",
+        vec![Reply::List("3", vec![])],
+        vec![],
+    );
+    mock.script(
+        NODES,
+        "NodeList",
+        "v1",
+        vec![Reply::List("3", vec![node("node-a", "1", "10.0.0.5")])],
+        vec![],
+    );
+    script_policy_kinds(&mock, vec![], vec![]);
+    let addr = start(mock.clone()).await;
+    let client =
+        api_source::client_from(kube::Config::new(format!("http://{addr}").parse().unwrap())).unwrap();
+    let (tx, mut rx) = mpsc::channel(256);
+    let _source = tokio::spawn(async move { api_source::watch(client, "node-a", tx).await });
+
+    let got = until(&mut rx, Kind::Service, is_snapshot).await;
+    let errors: Vec<(Instant, String)> = got
+        .iter()
+        .filter_map(|(t, e)| error_text_opt(e).map(|m| (*t, m)))
+        .collect();
+    assert_eq!(errors.len(), 10, "{errors:#?}");
+    let (first_at, first) = &errors[0];
+    assert!(
+        !first.contains("conf/ferry-proxy.yaml") && first.contains("retrying"),
+        "{first}"
+    );
+    let (last_at, last) = errors.last().unwrap();
+    assert!(
+        last_at.duration_since(*first_at) >= api_source::FORBIDDEN_GRACE,
+        "{errors:#?}"
+    );
+    assert!(
+        last.contains("get/list/watch on services") && last.contains("conf/ferry-proxy.yaml"),
+        "{last}"
+    );
+    for (at, e) in &errors {
+        if at.duration_since(*first_at) + Duration::from_millis(200) < api_source::FORBIDDEN_GRACE {
+            assert!(
+                !e.contains("conf/ferry-proxy.yaml"),
+                "too early for RBAC advice: {e}"
+            );
+        }
+    }
+}
+
+/// A listening socket on the loopback of `netns` (opened on a thread that entered it; the
+/// socket stays there).
+fn listener_in(netns: &ferry_tests::Netns) -> tokio::net::TcpListener {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::File::open(netns.path()).unwrap();
+    let listener = std::thread::spawn(move || {
+        // SAFETY: setns on an open namespace fd, on this thread only.
+        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+        std::net::TcpListener::bind("127.0.0.1:0").unwrap()
+    })
+    .join()
+    .unwrap();
+    listener.set_nonblocking(true).unwrap();
+    tokio::net::TcpListener::from_std(listener).unwrap()
+}
+
+/// Issue 10, item 10: `ferry-proxy run` against an API server that goes away for 2.5 s and
+/// comes back (restarted: each watch is told in-stream that its version is too old). Each
+/// failed request is one log line with its retry delay, each watch says once that it is
+/// back, no line carries a colour escape when stderr is no terminal, and `--log-format
+/// json` lines parse.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_logs_each_failure_once_and_each_recovery() {
+    ferry_tests::require_root!();
+    let paths = [SERVICES, SLICES, NODES, PODS, NAMESPACES, NETWORK_POLICIES];
+    for format in ["text", "json"] {
+        let netns = ferry_tests::Netns::new("plog");
+        let mock = Arc::new(Mock::default());
+        let gone = || {
+            let e = event("ERROR", status(410, "Expired", "too old resource version: 3 (9)"));
+            vec![Reply::Watch(vec![], true), Reply::Watch(vec![e], true)]
+        };
+        let web = service("2", json!(8080));
+        mock.script(
+            SERVICES,
+            "ServiceList",
+            "v1",
+            vec![Reply::List("3", vec![web])],
+            gone(),
+        );
+        let slices = vec![Reply::List("3", vec![])];
+        mock.script(SLICES, "EndpointSliceList", "discovery.k8s.io/v1", slices, gone());
+        let nodes = vec![Reply::List("3", vec![node("node-a", "1", "10.0.0.5")])];
+        mock.script(NODES, "NodeList", "v1", nodes, gone());
+        mock.script(PODS, "PodList", "v1", vec![Reply::List("3", vec![])], gone());
+        let namespaces = vec![Reply::List("3", vec![namespace("default", "1")])];
+        mock.script(NAMESPACES, "NamespaceList", "v1", namespaces, gone());
+        let policies = vec![Reply::List("3", vec![])];
+        mock.script(
+            NETWORK_POLICIES,
+            "NetworkPolicyList",
+            "networking.k8s.io/v1",
+            policies,
+            gone(),
+        );
+        let addr = start_on(mock.clone(), listener_in(&netns)).await;
+
+        let dir = tempfile::tempdir().unwrap();
+        let kubeconfig = dir.path().join("kubeconfig");
+        std::fs::write(
+            &kubeconfig,
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: mock\n  cluster:\n    server: http://{addr}\n\
+                 contexts:\n- name: mock\n  context:\n    cluster: mock\n    user: nobody\n\
+                 current-context: mock\nusers:\n- name: nobody\n  user: {{}}\n"
+            ),
+        )
+        .unwrap();
+        let stderr_path = dir.path().join("stderr");
+        let mut child = netns
+            .command(env!("CARGO_BIN_EXE_ferry-proxy"))
+            .args(["run", "--kubeconfig"])
+            .arg(&kubeconfig)
+            .args(["--hostname-override", "node-a", "--log-format", format])
+            .args(["--healthz-bind-address", "127.0.0.1:0"])
+            .args(["--metrics-bind-address", "127.0.0.1:0"])
+            .env_remove("RUST_LOG")
+            .stderr(std::fs::File::create(&stderr_path).unwrap())
+            .spawn()
+            .unwrap();
+
+        let watches = |mock: &Mock| {
+            let answers = mock.answers.lock().unwrap();
+            paths.map(|p| answers.iter().filter(|(a, _, w)| a == p && *w).count())
+        };
+        let wait_for = |what: &str, done: &dyn Fn() -> bool| {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while !done() {
+                assert!(Instant::now() < deadline, "timed out waiting for {what}");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        };
+        wait_for("every watch", &|| watches(&mock).iter().all(|n| *n >= 1));
+        mock.set_down(true);
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        mock.set_down(false);
+        // Back: the 410 watch, then the relist's watch, for every kind.
+        wait_for("every watch back", &|| watches(&mock).iter().all(|n| *n >= 3));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        child.kill().unwrap();
+        child.wait().unwrap();
+
+        let log = std::fs::read(&stderr_path).unwrap();
+        assert!(
+            !log.contains(&0x1b),
+            "an escape code in:\n{}",
+            String::from_utf8_lossy(&log)
+        );
+        let log = String::from_utf8(log).unwrap();
+        let lines: Vec<&str> = log.lines().collect();
+        // (level, message) of every line.
+        let parsed: Vec<(String, String)> = lines
+            .iter()
+            .map(|line| {
+                if format == "json" {
+                    let v: Value =
+                        serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+                    let level = v["level"].as_str().unwrap().to_string();
+                    (level, v["fields"]["message"].as_str().unwrap_or("").to_string())
+                } else {
+                    let level = ["ERROR", "WARN", "INFO", "DEBUG"]
+                        .into_iter()
+                        .find(|l| line.contains(&format!(" {l} ")))
+                        .unwrap_or("")
+                        .to_string();
+                    (level, line.to_string())
+                }
+            })
+            .collect();
+        let broken = *mock.broken.lock().unwrap();
+        let failures: Vec<&String> = parsed
+            .iter()
+            .filter(|(level, _)| level == "WARN" || level == "ERROR")
+            .map(|(_, m)| m)
+            .collect();
+        let retries = failures.iter().filter(|m| m.contains("next try in")).count();
+        let relists = failures.iter().filter(|m| m.contains("relisting")).count();
+        assert!(
+            broken >= paths.len(),
+            "every watch failed at least once: {broken}"
+        );
+        assert_eq!(retries, broken, "one line per failed request:\n{log}");
+        assert_eq!(relists, paths.len(), "one line per 410:\n{log}");
+        assert_eq!(failures.len(), broken + paths.len(), "no other warning:\n{log}");
+        let back = parsed.iter().filter(|(_, m)| m.contains("again after")).count();
+        assert_eq!(back, paths.len(), "one line per watch back:\n{log}");
+        drop(netns);
+    }
 }

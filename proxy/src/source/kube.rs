@@ -15,8 +15,11 @@
 //! bookmarks). A (re)list becomes one [`Event::Snapshot`] naming that kind, a watch event
 //! an [`Event::Upsert`] or [`Event::Delete`]. A failure (the API server unreachable, a
 //! `403`, a watch that fell out of the server's window with `410 Gone`, ...) is reported as
-//! [`Event::Error`] carrying a [`SourceError`]; the watcher then backs off (kube-runtime's default: 0.8 s doubling to
-//! 30 s, with jitter) and resumes the watch or relists, which ends in a fresh snapshot.
+//! [`Event::Error`] carrying a [`SourceError`] and logged once, with the delay before the
+//! next try. A `410` relists at once; other failures back off ([`Backoff`]: 0.8 s doubling
+//! to 30 s, jitter within that, reset by the next list or watch that answers), and `403`s
+//! are blamed on RBAC only once they outlast [`FORBIDDEN_GRACE`]. The watcher then resumes
+//! the watch or relists, which ends in a fresh snapshot, and logs once that it is back.
 //! The sync loop keeps the last programmed state meanwhile.
 //!
 //! Like kube-proxy, Services and EndpointSlices labelled `service.kubernetes.io/service-proxy-name`
@@ -26,12 +29,11 @@
 
 use std::fmt::Debug;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ::kube::api::Api;
 use ::kube::config::{KubeConfigOptions, Kubeconfig};
 use ::kube::runtime::watcher;
-use ::kube::runtime::WatchStreamExt;
 use ::kube::{Client, Resource};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
@@ -146,28 +148,128 @@ pub async fn watch(client: Client, node_name: &str, tx: Sender<Event>) -> Result
     Ok(())
 }
 
-/// How long to wait before starting a watcher afresh (see [`watch_kind`]).
-const RESTART_DELAY: Duration = Duration::from_secs(1);
+/// The first retry delay after a failure; each further failure doubles it up to
+/// [`MAX_DELAY`].
+const FIRST_DELAY: Duration = Duration::from_millis(800);
+/// The longest wait between two attempts, jitter included: an API server back from an
+/// outage is seen within this long at worst.
+const MAX_DELAY: Duration = Duration::from_secs(30);
+/// How long `403`s must last before they are blamed on RBAC: a starting kube-apiserver
+/// answers `403` for about 2 s while its authorizer's caches fill, and those are retried
+/// at [`FIRST_DELAY`] without growing the backoff.
+pub const FORBIDDEN_GRACE: Duration = Duration::from_secs(5);
+
+/// When one watcher tries again after a failure, and whether it has been failing.
+///
+/// kube-runtime's default backoff is not used: it is not reset by a success until two
+/// minutes have passed, and its jitter goes beyond its cap, so after a 13 s outage the
+/// relist that follows a `410` waited 39 s.
+#[derive(Debug)]
+pub struct Backoff {
+    next: Duration,
+    /// The first failure of the current run of failures.
+    failing_since: Option<Instant>,
+    /// The first `403` of the current run of `403`s.
+    forbidden_since: Option<Instant>,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff {
+            next: FIRST_DELAY,
+            failing_since: None,
+            forbidden_since: None,
+        }
+    }
+}
+
+impl Backoff {
+    /// A list or watch answered: the next failure starts from [`FIRST_DELAY`] again.
+    /// Returns how long the watcher had been failing, if it had.
+    pub fn succeeded(&mut self) -> Option<Duration> {
+        self.next = FIRST_DELAY;
+        self.forbidden_since = None;
+        self.failing_since.take().map(|since| since.elapsed())
+    }
+
+    /// Notes a failure; returns the delay before the next attempt.
+    pub fn failed(&mut self, now: Instant) -> Duration {
+        self.failing_since.get_or_insert(now);
+        self.forbidden_since = None;
+        let delay = self.next;
+        self.next = (self.next * 2).min(MAX_DELAY);
+        jitter(delay)
+    }
+
+    /// Notes a `403`; returns the delay before the next attempt and whether the `403`s
+    /// have lasted longer than [`FORBIDDEN_GRACE`] (then it is RBAC, not a starting server).
+    pub fn forbidden(&mut self, now: Instant) -> (Duration, bool) {
+        let since = *self.forbidden_since.get_or_insert(now);
+        if now.duration_since(since) < FORBIDDEN_GRACE {
+            self.failing_since.get_or_insert(now);
+            (jitter(FIRST_DELAY), false)
+        } else {
+            let delay = self.failed(now);
+            self.forbidden_since = Some(since);
+            (delay, true)
+        }
+    }
+}
+
+/// `delay` shortened by up to a quarter, at random, so that the watchers of many nodes
+/// do not retry in step; never longer than `delay`, so the cap holds.
+fn jitter(delay: Duration) -> Duration {
+    use std::hash::{BuildHasher, Hasher};
+    let random = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    let fraction = (random % 1000) as f64 / 1000.0;
+    delay.mul_f64(1.0 - 0.25 * fraction)
+}
+
+/// How a failure is retried.
+enum Retry {
+    /// Poll the same watcher after this delay (it resumes the watch or relists).
+    After(Duration),
+    /// Start a new watcher at once, which lists afresh.
+    Relist,
+}
+
+/// A delay as logs show it: seconds with one decimal.
+fn seconds(d: Duration) -> String {
+    format!("{:.1}s", d.as_secs_f64())
+}
 
 /// One watcher: returns when the receiver is gone (the watcher stream itself never ends).
 ///
-/// kube-runtime relists after a `410 Gone` that arrives as a watch ERROR event (what
-/// kube-apiserver sends), but when a server refuses to *start* a watch with HTTP 410, it
-/// would retry the same stale resourceVersion forever. That case starts a new watcher,
-/// which relists.
+/// Any `410 Gone` relists at once: kube-runtime relists by itself after a `410` ERROR
+/// event inside a watch stream (what kube-apiserver sends), but retries a watch that a
+/// server refused to *start* with HTTP 410 from the same stale resourceVersion forever,
+/// so that case starts a new watcher. Other failures wait out a [`Backoff`].
 async fn watch_kind<K>(api: Api<K>, config: watcher::Config, kind: Kind, tx: &Sender<Event>)
 where
     K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
     Object: From<K>,
 {
+    let mut backoff = Backoff::default();
     loop {
-        let stream = watcher(api.clone(), config.clone()).default_backoff();
+        let stream = watcher(api.clone(), config.clone());
         let mut stream = std::pin::pin!(stream);
         // Objects of the (re)list in progress (kube-runtime pages through it: 500 a request).
         let mut listing: Vec<Object> = Vec::new();
-        let mut restart = false;
         while let Some(item) = stream.next().await {
-            let event = match item {
+            if matches!(&item, Ok(e) if !matches!(e, watcher::Event::Init)) {
+                if let Some(down) = backoff.succeeded() {
+                    tracing::info!(
+                        resource = kind.resource(),
+                        down = seconds(down),
+                        "watching {} again after {} of failures",
+                        kind.resource(),
+                        seconds(down)
+                    );
+                }
+            }
+            let (event, retry) = match item {
                 Ok(watcher::Event::Init) => {
                     listing.clear();
                     continue;
@@ -179,37 +281,60 @@ where
                 Ok(watcher::Event::InitDone) => {
                     let objects = std::mem::take(&mut listing);
                     tracing::debug!(kind = ?kind, objects = objects.len(), "listed");
-                    Event::Snapshot {
+                    let snapshot = Event::Snapshot {
                         kinds: vec![kind],
                         objects,
-                    }
+                    };
+                    (snapshot, None)
                 }
-                Ok(watcher::Event::Apply(obj)) => Event::Upsert(Object::from(obj)),
-                Ok(watcher::Event::Delete(obj)) => Event::Delete(Object::from(obj)),
+                Ok(watcher::Event::Apply(obj)) => (Event::Upsert(Object::from(obj)), None),
+                Ok(watcher::Event::Delete(obj)) => (Event::Delete(Object::from(obj)), None),
                 Err(err) => {
-                    restart = matches!(
-                        &err,
-                        watcher::Error::WatchStartFailed(::kube::Error::Api(s)) if s.code == 410
-                    );
-                    let error = describe(kind, &err);
-                    tracing::warn!("{error}");
-                    Event::Error(error)
+                    let (error, retry) = classify(kind, &err, &mut backoff);
+                    match retry {
+                        Retry::Relist => tracing::warn!(resource = kind.resource(), "{error}"),
+                        Retry::After(delay) => tracing::warn!(
+                            resource = kind.resource(),
+                            retry_in = seconds(delay),
+                            "{error} (next try in {})",
+                            seconds(delay)
+                        ),
+                    }
+                    (Event::Error(error), Some(retry))
                 }
             };
             if tx.send(event).await.is_err() {
                 return;
             }
-            if restart {
-                break;
+            match retry {
+                None => {}
+                Some(Retry::After(delay)) => tokio::time::sleep(delay).await,
+                Some(Retry::Relist) => break,
             }
         }
-        tokio::time::sleep(RESTART_DELAY).await;
+    }
+}
+
+/// A watcher error, typed, and how to retry it.
+fn classify(kind: Kind, err: &watcher::Error, backoff: &mut Backoff) -> (SourceError, Retry) {
+    let now = Instant::now();
+    let error = describe(kind, err, false);
+    match &error {
+        SourceError::Expired { .. } => {
+            backoff.failing_since.get_or_insert(now);
+            (error, Retry::Relist)
+        }
+        SourceError::Forbidden { .. } => {
+            let (delay, persists) = backoff.forbidden(now);
+            (describe(kind, err, persists), Retry::After(delay))
+        }
+        _ => (error, Retry::After(backoff.failed(now))),
     }
 }
 
 /// A watcher error, typed: forbidden and unauthorized say what to check, `410 Gone` that
 /// the watcher relists; the message names the watch (see [`SourceError`]'s `Display`).
-fn describe(kind: Kind, err: &watcher::Error) -> SourceError {
+fn describe(kind: Kind, err: &watcher::Error, forbidden_persists: bool) -> SourceError {
     let status = match err {
         watcher::Error::InitialListFailed(::kube::Error::Api(s))
         | watcher::Error::WatchStartFailed(::kube::Error::Api(s))
@@ -221,6 +346,7 @@ fn describe(kind: Kind, err: &watcher::Error) -> SourceError {
         Some(s) if s.code == 403 => SourceError::Forbidden {
             kind,
             message: s.message.clone(),
+            persists: forbidden_persists,
         },
         Some(s) if s.code == 401 => SourceError::Unauthorized {
             kind,
@@ -234,5 +360,37 @@ fn describe(kind: Kind, err: &watcher::Error) -> SourceError {
             kind,
             message: err.to_string(),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_its_cap_and_a_success_resets_it() {
+        let mut backoff = Backoff::default();
+        let now = Instant::now();
+        let delays: Vec<Duration> = (0..12).map(|_| backoff.failed(now)).collect();
+        assert!(
+            delays[0] <= FIRST_DELAY && delays[0] >= FIRST_DELAY * 3 / 4,
+            "{delays:?}"
+        );
+        assert!(delays[1] > FIRST_DELAY, "{delays:?}");
+        assert!(
+            delays.iter().all(|d| *d <= MAX_DELAY),
+            "jitter stays under the cap: {delays:?}"
+        );
+        assert!(delays[11] >= MAX_DELAY * 3 / 4, "{delays:?}");
+        assert!(backoff.succeeded().is_some(), "it had been failing");
+        assert!(backoff.failed(now) <= FIRST_DELAY);
+        // 403s within the grace retry at the first delay and do not grow the backoff.
+        let mut backoff = Backoff::default();
+        for _ in 0..5 {
+            let (delay, persists) = backoff.forbidden(now);
+            assert!(delay <= FIRST_DELAY && !persists);
+        }
+        let (_, persists) = backoff.forbidden(now + FORBIDDEN_GRACE);
+        assert!(persists);
     }
 }

@@ -6,8 +6,11 @@
 //! documents (`---`), a `kind: List` (or `ServiceList`, ... whose items may omit their
 //! kind), or for JSON one or more objects. Services, Nodes, Pods and Namespaces (`v1`),
 //! EndpointSlices (`discovery.k8s.io/v1`) and NetworkPolicies (`networking.k8s.io/v1`,
-//! refused with the field's path where the API server would refuse them) are read; anything else is skipped with a debug
-//! log. An object without a namespace is in `default`, as with `kubectl apply`.
+//! refused with the field's path where the API server would refuse them) are read.
+//! Anything else (another kind or apiVersion), and objects that decode but cannot be
+//! served ([`super::checks`]), are refused: logged with file, object and field, and counted
+//! in `ferry_proxy_manifest_objects_refused_total`. An object without a namespace is in
+//! `default`, as with `kubectl apply`.
 //!
 //! Each object is converted to the store's slim form as soon as it is decoded; the parsed
 //! text is dropped. What is kept per file between polls is its fingerprint, a hash of its
@@ -19,13 +22,15 @@
 //! inodes; symlinks followed, so a ConfigMap volume works): a change is applied well
 //! within a second. Each change sends one [`Event::Snapshot`] of every kind.
 //!
-//! A broken file changes nothing: while any file does not parse, no snapshot is sent, so
-//! the state programmed from the last directory that parsed as a whole stays. The error
-//! is sent as [`Event::Error`] ([`SourceError::Manifests`]) naming the file and line, once
-//! per distinct set of errors.
-//! We chose this over "the broken file's last good content plus the other files' new
-//! content" because an edit often spans files (a Service moved from one file to another):
-//! applying half of it would be a state nobody wrote.
+//! A broken file holds only itself: its last good objects stay (none if it never parsed)
+//! and the other files' changes are applied. The error is sent as [`Event::Error`]
+//! ([`SourceError::Manifests`]) naming the file and line, once per distinct set of errors,
+//! after the snapshot. (Holding the whole directory instead, so that an edit spanning two
+//! files is never half applied, let one broken file freeze every other file's updates.)
+//!
+//! An object (kind, namespace, name) defined in two files is taken from one: the file it
+//! was running from, else the first in name order. The other is refused with a warning
+//! naming both files, rather than silently replacing what runs.
 
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeMap, HashMap};
@@ -43,7 +48,7 @@ use serde_json::Value;
 use tokio::sync::mpsc::Sender;
 use tracing::{debug, warn};
 
-use super::{Event, Kind, Object, SourceError};
+use super::{checks, Event, Kind, Object, SourceError};
 
 /// How often the directory is looked at.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(200);
@@ -97,7 +102,7 @@ pub async fn run(dir: PathBuf, tx: Sender<Event>) {
         // Reading and parsing files blocks: keep it off the async workers.
         let polled = tokio::task::spawn_blocking(move || {
             let event = watcher.poll();
-            if event.is_some() {
+            if !event.is_empty() {
                 // Parsing a file builds a tree of JSON values many times the size of what
                 // is kept; give those pages back (see `release_freed_memory`).
                 crate::store::release_freed_memory();
@@ -115,7 +120,7 @@ pub async fn run(dir: PathBuf, tx: Sender<Event>) {
                 return;
             }
         };
-        if let Some(event) = event {
+        for event in event {
             if tx.send(event).await.is_err() {
                 return;
             }
@@ -141,6 +146,8 @@ struct CachedFile {
     unsettled: bool,
     /// Its objects, slim and shared with the store (see the module docs).
     parsed: Result<Vec<Object>, ManifestError>,
+    /// While `parsed` is an error: the objects of its last content that parsed.
+    last_good: Vec<Object>,
 }
 
 /// Remembers the directory's files between polls, so an unchanged file is neither read
@@ -156,6 +163,9 @@ struct DirWatcher {
     /// The errors last sent, so the same ones are not sent again at every change of
     /// another file while the directory stays broken.
     last_errors: Option<Vec<ManifestError>>,
+    /// Which file each object in the last snapshot came from: of two files defining the
+    /// same object, the one it runs from keeps it.
+    owners: HashMap<(Kind, String, String), PathBuf>,
 }
 
 impl DirWatcher {
@@ -166,6 +176,7 @@ impl DirWatcher {
             list_error: None,
             sent_once: false,
             last_errors: None,
+            owners: HashMap::new(),
         }
     }
 
@@ -173,31 +184,38 @@ impl DirWatcher {
     /// snapshot is not compared with the last one sent (that would keep a second copy of
     /// every object): the cache already says whether a file's objects changed, and a
     /// snapshot equal to the store's content costs the store no re-planning.
-    fn poll(&mut self) -> Option<Event> {
+    ///
+    /// Returns the snapshot (when the directory could be listed), then the errors (when
+    /// they differ from the last ones sent).
+    fn poll(&mut self) -> Vec<Event> {
         let changed = self.scan();
         if !changed && self.sent_once {
-            return None;
+            return Vec::new();
         }
         self.sent_once = true;
-        match self.result() {
-            Ok(objects) => {
-                self.last_errors = None;
-                Some(Event::Snapshot {
+        let mut events = Vec::new();
+        let errors = match &self.list_error {
+            // The directory could not be listed: what its files held stays.
+            Some(error) => vec![error.clone()],
+            None => {
+                let (objects, errors) = self.objects();
+                events.push(Event::Snapshot {
                     kinds: Kind::ALL.to_vec(),
                     objects,
-                })
+                });
+                errors
             }
-            Err(errors) => {
-                if self.last_errors.as_ref() == Some(&errors) {
-                    return None;
-                }
-                for error in &errors {
-                    warn!("{error}");
-                }
-                self.last_errors = Some(errors.clone());
-                Some(Event::Error(SourceError::Manifests(errors)))
+        };
+        if errors.is_empty() {
+            self.last_errors = None;
+        } else if self.last_errors.as_ref() != Some(&errors) {
+            for error in &errors {
+                warn!("{error}");
             }
+            self.last_errors = Some(errors.clone());
+            events.push(Event::Error(SourceError::Manifests(errors)));
         }
+        events
     }
 
     /// Brings the cache up to date with the directory; whether anything changed.
@@ -275,7 +293,12 @@ impl DirWatcher {
         unsettled: bool,
         parsed: Result<Vec<Object>, ManifestError>,
     ) -> bool {
-        let changed = self.files.get(&path).is_none_or(|old| old.parsed != parsed);
+        let old = self.files.remove(&path);
+        let changed = old.as_ref().is_none_or(|old| old.parsed != parsed);
+        let last_good = match (&parsed, old) {
+            (Ok(_), _) | (Err(_), None) => Vec::new(),
+            (Err(_), Some(old)) => old.parsed.unwrap_or(old.last_good),
+        };
         self.files.insert(
             path,
             CachedFile {
@@ -283,6 +306,7 @@ impl DirWatcher {
                 content_hash,
                 unsettled,
                 parsed,
+                last_good,
             },
         );
         changed
@@ -323,37 +347,75 @@ impl DirWatcher {
         Ok(out)
     }
 
-    /// Every object of every file, or every error.
-    fn result(&self) -> Result<Vec<Object>, Vec<ManifestError>> {
-        if let Some(error) = &self.list_error {
-            return Err(vec![error.clone()]);
-        }
+    /// Every object of every file (a broken file's last good ones), each defined once,
+    /// and the files' errors. Remembers which file each object came from.
+    fn objects(&mut self) -> (Vec<Object>, Vec<ManifestError>) {
         let errors: Vec<ManifestError> = self
             .files
             .values()
             .filter_map(|f| f.parsed.as_ref().err().cloned())
             .collect();
-        if !errors.is_empty() {
-            return Err(errors);
-        }
-        let mut objects = Vec::new();
-        let mut seen: HashMap<(Kind, &str, &str), &Path> = HashMap::new();
+        let of_file = |file: &CachedFile| match &file.parsed {
+            Ok(objects) => objects.clone(),
+            Err(_) => file.last_good.clone(),
+        };
+        // Which file each object is taken from: the one it ran from, else the first.
+        let mut chosen: HashMap<(Kind, String, String), PathBuf> = HashMap::new();
         for (path, file) in &self.files {
-            for object in file.parsed.as_ref().into_iter().flatten() {
+            for object in of_file(file) {
                 let (namespace, name) = object.identity();
-                if let Some(first) = seen.insert((object.kind(), namespace, name), path) {
-                    warn!(
-                        "{:?} {namespace}/{name} is in both {} and {}; the one in {} is used",
-                        object.kind(),
-                        first.display(),
-                        path.display(),
-                        path.display()
-                    );
+                let key = (object.kind(), namespace.to_string(), name.to_string());
+                let running = self.owners.get(&key) == Some(path);
+                match chosen.get_mut(&key) {
+                    None => {
+                        chosen.insert(key, path.clone());
+                    }
+                    Some(first) if first == path => {}
+                    Some(first) => {
+                        let (kept, refused) = if running {
+                            (path.clone(), std::mem::replace(first, path.clone()))
+                        } else {
+                            (first.clone(), path.clone())
+                        };
+                        warn!(
+                            file = %refused.display(),
+                            "{:?} {namespace}/{name} in {} is refused: {} defines it already \
+                             (remove one of the two)",
+                            object.kind(),
+                            refused.display(),
+                            kept.display()
+                        );
+                    }
                 }
-                objects.push(object.clone());
             }
         }
-        Ok(objects)
+        let mut objects = Vec::new();
+        for (path, file) in &self.files {
+            let mut taken = std::collections::HashSet::new();
+            for object in of_file(file) {
+                let (namespace, name) = object.identity();
+                let key = (object.kind(), namespace.to_string(), name.to_string());
+                // Twice in one file: the first stays, as kubectl apply would refuse.
+                if chosen.get(&key) == Some(path) && taken.insert(key) {
+                    objects.push(object);
+                }
+            }
+        }
+        self.owners = chosen;
+        (objects, errors)
+    }
+
+    /// Every object of every file, or every error (for one-off reads).
+    fn result(&mut self) -> Result<Vec<Object>, Vec<ManifestError>> {
+        if let Some(error) = &self.list_error {
+            return Err(vec![error.clone()]);
+        }
+        let (objects, errors) = self.objects();
+        if errors.is_empty() {
+            Ok(objects)
+        } else {
+            Err(errors)
+        }
     }
 }
 
@@ -372,7 +434,29 @@ fn hash_of(bytes: &[u8]) -> u64 {
 
 /// The objects in one file's text. JSON files are read with the JSON parser (YAML's is
 /// fussier about tabs); everything else as YAML.
+///
+/// Objects that decode but cannot be served are left out, each logged with the file, the
+/// object and the field, and counted in `ferry_proxy_manifest_objects_refused_total`.
 pub fn parse_file(path: &Path, text: &str) -> Result<Vec<Object>, ManifestError> {
+    let (objects, refused) = parse_file_checked(path, text)?;
+    for r in &refused {
+        warn!(
+            file = %path.display(),
+            object = r.object,
+            field = r.field,
+            "{}: {} refused: {}: {}",
+            path.display(),
+            r.object,
+            r.field,
+            r.problem
+        );
+    }
+    crate::metrics::count_refused_objects(refused.len());
+    Ok(objects)
+}
+
+/// [`parse_file`]'s objects, and the objects it refuses.
+pub fn parse_file_checked(path: &Path, text: &str) -> Result<(Vec<Object>, Vec<Refusal>), ManifestError> {
     let is_json = path.extension().is_some_and(|e| e == "json");
     let error = |line: Option<usize>, column: Option<usize>, message: String| ManifestError {
         file: path.to_path_buf(),
@@ -409,8 +493,9 @@ pub fn parse_file(path: &Path, text: &str) -> Result<Vec<Object>, ManifestError>
     }
 
     let mut objects = Vec::new();
+    let mut refused = Vec::new();
     for (index, document) in documents.into_iter().enumerate() {
-        collect(document, &mut objects).map_err(|failed| {
+        collect(document, &mut objects, &mut refused).map_err(|failed| {
             // The value-based conversion knows what failed but not where: decode that
             // object again straight from the text, which gives the parser's line.
             let located = if is_json {
@@ -429,7 +514,7 @@ pub fn parse_file(path: &Path, text: &str) -> Result<Vec<Object>, ManifestError>
             }
         })?;
     }
-    Ok(objects)
+    Ok((objects, refused))
 }
 
 /// An object of a kind we read whose fields are wrong.
@@ -455,7 +540,7 @@ enum Document {
 }
 
 enum DecodedItem {
-    Converted(Result<Option<Object>, (Kind, String)>),
+    Converted(Result<Converted, (Kind, String)>),
     Raw(Value),
 }
 
@@ -589,7 +674,15 @@ impl<'de> Visitor<'de> for ItemsVisitor {
 }
 
 /// Adds the objects of one document (one object, or a list of them) to `out`.
-fn collect(document: Document, out: &mut Vec<Object>) -> Result<(), ConversionError> {
+fn collect(
+    document: Document,
+    out: &mut Vec<Object>,
+    refused: &mut Vec<Refusal>,
+) -> Result<(), ConversionError> {
+    let mut keep = |converted: Converted| match converted {
+        Converted::Object(object) => out.push(object),
+        Converted::Refused(refusal) => refused.push(refusal),
+    };
     let (map, items) = match document {
         Document::Empty => return Ok(()),
         Document::NotAnObject => {
@@ -615,13 +708,11 @@ fn collect(document: Document, out: &mut Vec<Object>) -> Result<(), ConversionEr
         for (i, item) in items.into_iter().enumerate() {
             let mut item = match item {
                 DecodedItem::Converted(converted) => {
-                    if let Some(object) = converted.map_err(|(kind, message)| ConversionError {
+                    keep(converted.map_err(|(kind, message)| ConversionError {
                         item: Some(i),
                         kind,
                         message,
-                    })? {
-                        out.push(object);
-                    }
+                    })?);
                     continue;
                 }
                 DecodedItem::Raw(item) => item,
@@ -634,62 +725,121 @@ fn collect(document: Document, out: &mut Vec<Object>) -> Result<(), ConversionEr
                     .entry("apiVersion")
                     .or_insert_with(|| Value::String(api_version.clone()));
             }
-            if let Some(object) = convert(item).map_err(|(kind, message)| ConversionError {
+            keep(convert(item).map_err(|(kind, message)| ConversionError {
                 item: Some(i),
                 kind,
                 message,
-            })? {
-                out.push(object);
-            }
+            })?);
         }
         return Ok(());
     }
-    if let Some(object) = convert(Value::Object(map)).map_err(|(kind, message)| ConversionError {
-        item: None,
-        kind,
-        message,
-    })? {
-        out.push(object);
-    }
+    keep(
+        convert(Value::Object(map)).map_err(|(kind, message)| ConversionError {
+            item: None,
+            kind,
+            message,
+        })?,
+    );
     Ok(())
 }
 
-/// One object of a kind we read, in the store's form, or `None` for any other kind.
-fn convert(value: Value) -> Result<Option<Object>, (Kind, String)> {
+/// An object that decoded but is not used, and why (see [`super::checks`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// `Kind namespace/name`.
+    pub object: String,
+    /// The field at fault, as a path (`spec.ports[0].port`).
+    pub field: String,
+    pub problem: String,
+}
+
+/// What became of one object of a manifest.
+enum Converted {
+    Object(Object),
+    Refused(Refusal),
+}
+
+/// One object of a kind we read, in the store's form, or why it is refused.
+fn convert(value: Value) -> Result<Converted, (Kind, String)> {
     let kind = value.get("kind").and_then(Value::as_str).unwrap_or("");
     let api_version = value.get("apiVersion").and_then(Value::as_str).unwrap_or("");
     let object = match (api_version, kind) {
-        ("v1", "Service") => decode_value::<Service>(value, Kind::Service)?,
+        ("v1", "Service") => decode_value::<Service>(value, Kind::Service, checks::service)?,
         ("discovery.k8s.io/v1", "EndpointSlice") => {
-            decode_value::<EndpointSlice>(value, Kind::EndpointSlice)?
+            decode_value::<EndpointSlice>(value, Kind::EndpointSlice, checks::endpoint_slice)?
         }
-        ("v1", "Node") => decode_value::<Node>(value, Kind::Node)?,
-        ("v1", "Pod") => decode_value::<Pod>(value, Kind::Pod)?,
-        ("v1", "Namespace") => decode_value::<Namespace>(value, Kind::Namespace)?,
-        ("networking.k8s.io/v1", "NetworkPolicy") => crate::store::policy::decode_manifest(value)?,
+        ("v1", "Node") => decode_value::<Node>(value, Kind::Node, checks::nothing)?,
+        ("v1", "Pod") => decode_value::<Pod>(value, Kind::Pod, checks::nothing)?,
+        ("v1", "Namespace") => decode_value::<Namespace>(value, Kind::Namespace, checks::nothing)?,
+        // A policy the API server would refuse fails its whole file (nothing of it is
+        // applied, its last good state stays): enforcing half of a policy could let
+        // through what it denies.
+        ("networking.k8s.io/v1", "NetworkPolicy") => {
+            Converted::Object(crate::store::policy::decode_manifest(value)?)
+        }
         _ => {
-            let name = value
-                .pointer("/metadata/name")
-                .and_then(Value::as_str)
-                .unwrap_or("");
-            debug!(
-                api_version,
-                kind, name, "skipping an object of a kind the proxy does not read"
-            );
-            return Ok(None);
+            let (field, problem) = match kind {
+                "Service" | "Node" | "Pod" | "Namespace" => {
+                    ("apiVersion", format!("{kind} is read as v1, not {api_version:?}"))
+                }
+                "EndpointSlice" => (
+                    "apiVersion",
+                    format!("EndpointSlice is read as discovery.k8s.io/v1, not {api_version:?}"),
+                ),
+                "NetworkPolicy" => (
+                    "apiVersion",
+                    format!("NetworkPolicy is read as networking.k8s.io/v1, not {api_version:?}"),
+                ),
+                _ => (
+                    "kind",
+                    format!(
+                        "{kind:?} is not read (ferry-proxy reads Service, EndpointSlice, Node, \
+                         Pod, Namespace and NetworkPolicy)"
+                    ),
+                ),
+            };
+            return Ok(Converted::Refused(Refusal {
+                object: object_name(kind, &value),
+                field: field.into(),
+                problem,
+            }));
         }
     };
-    Ok(Some(object))
+    Ok(object)
+}
+
+/// `Kind namespace/name` as the logs name an object (a namespaced kind without a
+/// namespace is in `default`).
+fn object_name(kind: &str, value: &Value) -> String {
+    let name = |field| value.pointer(field).and_then(Value::as_str).unwrap_or("");
+    let namespaced = ["Service", "EndpointSlice", "Pod", "NetworkPolicy"].contains(&kind);
+    match name("/metadata/namespace") {
+        "" if namespaced => format!("{kind} default/{}", name("/metadata/name")),
+        "" => format!("{kind} {}", name("/metadata/name")),
+        namespace => format!("{kind} {namespace}/{}", name("/metadata/name")),
+    }
 }
 
 /// Decodes `value` as `T` and converts it at once: the k8s-openapi object lives only
 /// for this call.
-fn decode_value<T: DeserializeOwned>(value: Value, kind: Kind) -> Result<Object, (Kind, String)>
+fn decode_value<T: DeserializeOwned>(
+    value: Value,
+    kind: Kind,
+    check: impl Fn(&T) -> Result<(), checks::Problem>,
+) -> Result<Converted, (Kind, String)>
 where
     Object: From<T>,
 {
+    let object = object_name(&format!("{kind:?}"), &value);
     let decoded: T = serde_json::from_value(value).map_err(|e| (kind, e.to_string()))?;
-    Ok(Object::from(decoded))
+    Ok(match check(&decoded) {
+        Ok(()) => Converted::Object(Object::from(decoded)),
+        Err((field, problem)) => Converted::Refused(Refusal {
+            object,
+            field,
+            problem,
+        }),
+    })
 }
 
 /// Decodes document `index` (item `item` of its list) of a YAML text as `kind`, for the
@@ -808,6 +958,74 @@ mod tests {
             names(&objects),
             ["Service default/web", "EndpointSlice prod/web-1", "Node /node-a"]
         );
+    }
+
+    /// Issue 10, item 7: objects that decode but cannot be served are refused, each named
+    /// with its file, object and field, and counted; the good ones in the same file stay.
+    #[test]
+    fn objects_that_cannot_be_served_are_refused_by_field() {
+        let svc = |name: &str, from: &str, to: &str| {
+            SERVICE
+                .replace("name: web", &format!("name: {name}"))
+                .replace(from, to)
+        };
+        let slice = |name: &str, family: &str, address: &str| {
+            format!(
+                "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}\n\
+                 addressType: {family}\nendpoints:\n- addresses: [\"{address}\"]\n"
+            )
+        };
+        let documents = [
+            svc("good", "", ""),
+            svc("zero", "port: 80", "port: 0"),
+            svc("big", "port: 80", "port: 70000"),
+            svc("negative", "port: 80", "port: -1"),
+            svc("bad-ip", "10.96.0.10", "10.96.0.300"),
+            slice("garbage", "IPv4", "garbage"),
+            slice("v6-in-v4", "IPv4", "fd00::5"),
+            slice("good-slice", "IPv4", "10.244.0.5"),
+            svc("v2", "apiVersion: v1", "apiVersion: v2"),
+            "apiVersion: v1\nkind: Frobnicator\nmetadata:\n  name: f\n".to_string(),
+        ];
+        let text = documents.join("---\n");
+        let before = crate::metrics::refused_objects();
+        let path = Path::new("/m/bad.yaml");
+        let (objects, refused) = parse_file_checked(path, &text).unwrap();
+        assert_eq!(
+            names(&objects),
+            ["Service default/good", "EndpointSlice default/good-slice"]
+        );
+        let got: Vec<(&str, &str)> = refused
+            .iter()
+            .map(|r| (r.object.as_str(), r.field.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("Service default/zero", "spec.ports[0].port"),
+                ("Service default/big", "spec.ports[0].port"),
+                ("Service default/negative", "spec.ports[0].port"),
+                ("Service default/bad-ip", "spec.clusterIP"),
+                ("EndpointSlice default/garbage", "endpoints[0].addresses[0]"),
+                ("EndpointSlice default/v6-in-v4", "endpoints[0].addresses[0]"),
+                ("Service default/v2", "apiVersion"),
+                ("Frobnicator f", "kind"),
+            ]
+        );
+        assert!(
+            refused[1].problem.contains("70000 is not a port"),
+            "{:?}",
+            refused[1]
+        );
+        assert!(
+            refused[5].problem.contains("not an IPv4 address"),
+            "{:?}",
+            refused[5]
+        );
+        // parse_file logs them and counts them in the metric.
+        let objects = parse_file(path, &text).unwrap();
+        assert_eq!(objects.len(), 2);
+        assert!(crate::metrics::refused_objects() >= before + 8);
     }
 
     #[test]
@@ -933,43 +1151,91 @@ mod tests {
         std::fs::write(&file, SERVICE).unwrap();
         let mut watcher = DirWatcher::new(dir.path().to_path_buf());
 
-        let Some(Event::Snapshot { kinds, objects }) = watcher.poll() else {
+        let [Event::Snapshot { kinds, objects }] = &watcher.poll()[..] else {
             panic!("no first snapshot")
         };
-        assert_eq!(kinds, Kind::ALL);
-        assert_eq!(names(&objects), ["Service default/web"]);
-        assert_eq!(watcher.poll(), None, "nothing changed");
+        assert_eq!(*kinds, Kind::ALL);
+        assert_eq!(names(objects), ["Service default/web"]);
+        assert_eq!(watcher.poll(), [], "nothing changed");
 
-        // Broken: an error naming the file and line, and no snapshot.
+        // Broken: an error naming the file and line; the file's last good objects stay.
         std::fs::write(&file, SERVICE.replace("10.96.0.10", "10.96.0.10: oops")).unwrap();
-        let Some(Event::Error(error)) = watcher.poll() else {
-            panic!("no error")
+        let [Event::Snapshot { objects, .. }, Event::Error(error)] = &watcher.poll()[..] else {
+            panic!("no snapshot and error")
         };
+        assert_eq!(names(objects), ["Service default/web"], "the last good web.yaml");
         let message = error.to_string();
         assert!(message.contains(&format!("{}:6:", file.display())), "{message}");
-        assert_eq!(watcher.poll(), None, "the same error is sent once");
+        assert_eq!(watcher.poll(), [], "the same error is sent once");
 
-        // Another file added meanwhile changes nothing either.
+        // Another file added meanwhile is applied; the broken one still holds its last
+        // good state, and its error is not sent again.
         std::fs::write(
             dir.path().join("db.yaml"),
             SERVICE.replace("name: web", "name: db"),
         )
         .unwrap();
-        assert_eq!(watcher.poll(), None, "still the same error");
+        let [Event::Snapshot { objects, .. }] = &watcher.poll()[..] else {
+            panic!("the other file is not held back by the broken one")
+        };
+        assert_eq!(names(objects), ["Service default/db", "Service default/web"]);
 
         // Fixed: one snapshot with both files.
         std::fs::write(&file, SERVICE.replace("port: 80", "port: 81")).unwrap();
-        let Some(Event::Snapshot { objects, .. }) = watcher.poll() else {
+        let [Event::Snapshot { objects, .. }] = &watcher.poll()[..] else {
             panic!("no snapshot after the fix")
         };
-        assert_eq!(names(&objects), ["Service default/db", "Service default/web"]);
+        assert_eq!(names(objects), ["Service default/db", "Service default/web"]);
 
         // A removed file removes its objects.
         std::fs::remove_file(dir.path().join("db.yaml")).unwrap();
-        let Some(Event::Snapshot { objects, .. }) = watcher.poll() else {
+        let [Event::Snapshot { objects, .. }] = &watcher.poll()[..] else {
             panic!("no snapshot after removal")
         };
-        assert_eq!(names(&objects), ["Service default/web"]);
+        assert_eq!(names(objects), ["Service default/web"]);
+    }
+
+    #[test]
+    fn a_file_that_never_parsed_adds_nothing_and_holds_nothing_back() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.json"), "{\"kind\": \"List\", \"items\": [").unwrap();
+        std::fs::write(dir.path().join("b.yaml"), SERVICE).unwrap();
+        let mut watcher = DirWatcher::new(dir.path().to_path_buf());
+        let [Event::Snapshot { objects, .. }, Event::Error(error)] = &watcher.poll()[..] else {
+            panic!("no snapshot and error")
+        };
+        assert_eq!(names(objects), ["Service default/web"]);
+        assert!(error.to_string().contains("a.json"), "{error}");
+    }
+
+    #[test]
+    fn an_object_defined_twice_keeps_the_running_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let port = |p: &str| SERVICE.replace("port: 80", &format!("port: {p}"));
+        std::fs::write(dir.path().join("m.yaml"), port("81")).unwrap();
+        let mut watcher = DirWatcher::new(dir.path().to_path_buf());
+        let [Event::Snapshot { objects: first, .. }] = &watcher.poll()[..] else {
+            panic!("no first snapshot")
+        };
+        // A file sorting before m.yaml defines default/web again: refused, m.yaml's stays.
+        std::fs::write(dir.path().join("a.yaml"), port("82")).unwrap();
+        let [Event::Snapshot { objects, .. }] = &watcher.poll()[..] else {
+            panic!("no snapshot")
+        };
+        assert_eq!(objects, first, "the running Service was replaced");
+        // And one sorting after it too.
+        std::fs::write(dir.path().join("z.yaml"), port("83")).unwrap();
+        let [Event::Snapshot { objects, .. }] = &watcher.poll()[..] else {
+            panic!("no snapshot")
+        };
+        assert_eq!(objects, first, "the running Service was replaced");
+        // Once the running one's file goes, the first of the others in name order is used.
+        std::fs::remove_file(dir.path().join("m.yaml")).unwrap();
+        let [Event::Snapshot { objects, .. }] = &watcher.poll()[..] else {
+            panic!("no snapshot")
+        };
+        let from_a = parse_file(Path::new("a.yaml"), &port("82")).unwrap();
+        assert_eq!(*objects, from_a);
     }
 
     #[test]

@@ -14,6 +14,7 @@ use k8s_openapi::api::networking::v1::NetworkPolicy;
 use crate::store::objects::{EndpointSliceInfo, NamespaceInfo, NodeInfo, PodInfo, ServiceInfo};
 use crate::store::policy::NetworkPolicyInfo;
 
+pub mod checks;
 pub mod kube;
 pub mod manifests;
 
@@ -153,7 +154,7 @@ pub enum Event {
 
 /// What went wrong in a source, and whether trying again can help: the API source retries
 /// on its own (with backoff) and the manifests source re-reads a file when it changes,
-/// so [`SourceError::can_retry`] says whether waiting may be enough or whether the
+/// so [`SourceError::is_retryable`] says whether waiting may be enough or whether the
 /// configuration must change and the proxy restart.
 #[derive(Debug, Clone, PartialEq)]
 pub enum SourceError {
@@ -164,15 +165,20 @@ pub enum SourceError {
     /// No client could be made from the configuration (TLS material, proxy settings).
     Client { url: String, message: String },
     /// The API server said `403`: the ServiceAccount lacks a permission (it may be granted
-    /// while the proxy waits).
-    Forbidden { kind: Kind, message: String },
+    /// while the proxy waits), or, while `persists` is false, the API server is starting
+    /// (its authorizer answers `403` for its first seconds).
+    Forbidden {
+        kind: Kind,
+        message: String,
+        persists: bool,
+    },
     /// The API server said `401` (a token being rotated may pass).
     Unauthorized { kind: Kind, message: String },
     /// The watch fell behind the API server's window (`410 Gone`): the watcher relists.
     Expired { kind: Kind, message: String },
     /// Any other failure of a list or watch (API server away, `5xx`, a broken stream).
     Watch { kind: Kind, message: String },
-    /// Manifest files that do not parse: nothing is applied until every file parses.
+    /// Manifest files that do not parse: each keeps its last good objects meanwhile.
     Manifests(Vec<ManifestError>),
     /// The manifests reader stopped (it panicked).
     ManifestsReader(String),
@@ -182,7 +188,7 @@ impl SourceError {
     /// Whether the same configuration can still work later (a `403` may pass once RBAC
     /// is granted, a broken manifest once it is fixed), as opposed to an error only a
     /// change of flags or files and a restart cures (a malformed kubeconfig).
-    pub fn can_retry(&self) -> bool {
+    pub fn is_retryable(&self) -> bool {
         match self {
             SourceError::Kubeconfig { .. }
             | SourceError::NoApiServer { .. }
@@ -213,7 +219,16 @@ impl std::fmt::Display for SourceError {
                  an API server"
             ),
             SourceError::Client { url, message } => write!(f, "cannot make a client for {url}: {message}"),
-            SourceError::Forbidden { kind, message } => {
+            SourceError::Forbidden {
+                kind,
+                message,
+                persists: false,
+            } => write!(
+                f,
+                "watching {}: forbidden ({message}); an API server answers so while it starts; retrying",
+                kind.resource()
+            ),
+            SourceError::Forbidden { kind, message, .. } => {
                 let what = kind.resource();
                 write!(
                     f,
@@ -240,7 +255,7 @@ impl std::fmt::Display for SourceError {
                 let all: Vec<String> = errors.iter().map(ToString::to_string).collect();
                 write!(
                     f,
-                    "manifests: {} (nothing is applied until every file parses; the last good state stays)",
+                    "manifests: {} (a broken file keeps its last good objects; the other files are applied)",
                     all.join("; ")
                 )
             }
@@ -262,8 +277,9 @@ mod tests {
         let forbidden = SourceError::Forbidden {
             kind: Kind::Pod,
             message: "pods is forbidden".into(),
+            persists: true,
         };
-        assert!(forbidden.can_retry());
+        assert!(forbidden.is_retryable());
         assert!(
             forbidden.to_string().contains("get/list/watch on pods"),
             "{forbidden}"
@@ -272,7 +288,7 @@ mod tests {
             path: "/k".into(),
             message: "invalid type: sequence".into(),
         };
-        assert!(!kubeconfig.can_retry());
+        assert!(!kubeconfig.is_retryable());
         assert!(
             kubeconfig.to_string().starts_with("--kubeconfig /k: "),
             "{kubeconfig}"
