@@ -452,6 +452,44 @@ mod wiring {
     /// How often at most the sync loop's freed memory is given back to the system.
     const TRIM_INTERVAL: Duration = Duration::from_secs(10);
 
+    /// Giving the memory a sync freed back to the system. A sync after a big change (the
+    /// first one above all, or a huge EndpointSlice removed) leaves the planning and
+    /// rendering buffers, and what the removed objects held, freed but kept by the
+    /// allocator: -30 MiB of RSS at 10k Services (proxy bench). A trim walks the whole
+    /// heap, so it runs at most every [`TRIM_INTERVAL`]; a sync within the interval gets
+    /// one trim at its end, so that the last change is always followed by one (a removal
+    /// right after an addition used to keep its memory until some later sync).
+    #[derive(Default)]
+    struct Trim {
+        last: Option<Instant>,
+        scheduled: bool,
+    }
+
+    impl Trim {
+        fn after_sync(this: &Arc<std::sync::Mutex<Trim>>) {
+            let mut trim = this.lock().unwrap();
+            let wait = trim
+                .last
+                .map_or(Duration::ZERO, |at| TRIM_INTERVAL.saturating_sub(at.elapsed()));
+            if wait.is_zero() {
+                trim.run();
+            } else if !trim.scheduled {
+                trim.scheduled = true;
+                let this = this.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(wait).await;
+                    this.lock().unwrap().run();
+                });
+            }
+        }
+
+        fn run(&mut self) {
+            ferry_proxy::store::release_freed_memory();
+            self.last = Some(Instant::now());
+            self.scheduled = false;
+        }
+    }
+
     /// The nftables back end, or the eBPF one when its settings are given.
     pub fn backend(ebpf: Option<&super::EbpfSettings>) -> Result<Box<dyn Backend>, BackendError> {
         match ebpf {
@@ -489,16 +527,10 @@ mod wiring {
                 let _ = fatal.send(format!("HTTP server: {e}")).await;
             }
         });
-        let mut last_trim = None;
+        let trim = Arc::new(std::sync::Mutex::new(Trim::default()));
         Box::new(move |table, store| {
             health.sync(table);
-            // A sync after a big change (the first one above all) leaves the planning and
-            // rendering buffers freed but held by the allocator: -30 MiB of RSS at 10k
-            // Services (proxy bench). Not after every sync: a trim walks the whole heap.
-            if last_trim.is_none_or(|at: Instant| at.elapsed() >= TRIM_INTERVAL) {
-                ferry_proxy::store::release_freed_memory();
-                last_trim = Some(Instant::now());
-            }
+            Trim::after_sync(&trim);
             if let Some(node) = store.node(&table.settings.node_name) {
                 health.sync_node(node);
             }
