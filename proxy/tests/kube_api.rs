@@ -508,6 +508,25 @@ fn network_policy(name: &str, rv: &str) -> Value {
     })
 }
 
+/// No EndpointSlice and this node (`node-a`), listed once, then quiet watches: for tests
+/// about how the other kinds are listed and watched.
+fn script_quiet_slices_and_node(mock: &Mock) {
+    mock.script(
+        SLICES,
+        "EndpointSliceList",
+        "discovery.k8s.io/v1",
+        vec![Reply::List("3", vec![])],
+        vec![],
+    );
+    mock.script(
+        NODES,
+        "NodeList",
+        "v1",
+        vec![Reply::List("3", vec![node("node-a", "1", "10.0.0.5")])],
+        vec![],
+    );
+}
+
 /// Pods and Namespaces that list `items`, and no NetworkPolicy, then watch quietly.
 fn script_policy_kinds(mock: &Mock, pods: Vec<Value>, namespaces: Vec<Value>) {
     mock.script(
@@ -885,20 +904,7 @@ async fn run_with_a_kubeconfig_file() {
         vec![Reply::List("3", vec![service("2", json!(8080))])],
         vec![],
     );
-    mock.script(
-        SLICES,
-        "EndpointSliceList",
-        "discovery.k8s.io/v1",
-        vec![Reply::List("3", vec![])],
-        vec![],
-    );
-    mock.script(
-        NODES,
-        "NodeList",
-        "v1",
-        vec![Reply::List("3", vec![node("node-a", "1", "10.0.0.5")])],
-        vec![],
-    );
+    script_quiet_slices_and_node(&mock);
     script_policy_kinds(&mock, vec![], vec![namespace("default", "1")]);
     let addr = start(mock).await;
 
@@ -1013,20 +1019,7 @@ async fn after_an_api_server_restart_a_new_service_arrives_within_2_s() {
             Reply::Watch(vec![event("ADDED", lb_service("later", "301"))], true),
         ],
     );
-    mock.script(
-        SLICES,
-        "EndpointSliceList",
-        "discovery.k8s.io/v1",
-        vec![Reply::List("3", vec![])],
-        vec![],
-    );
-    mock.script(
-        NODES,
-        "NodeList",
-        "v1",
-        vec![Reply::List("3", vec![node("node-a", "1", "10.0.0.5")])],
-        vec![],
-    );
+    script_quiet_slices_and_node(&mock);
     script_policy_kinds(&mock, vec![], vec![]);
     let addr = start(mock.clone()).await;
     let client =
@@ -1133,20 +1126,7 @@ async fn a_forbidden_that_lasts_asks_for_rbac() {
     let mut lists = vec![Reply::Status(forbidden); 10];
     lists.push(Reply::List("3", vec![]));
     mock.script(SERVICES, "ServiceList", "v1", lists, vec![]);
-    mock.script(
-        SLICES,
-        "EndpointSliceList",
-        "discovery.k8s.io/v1",
-        vec![Reply::List("3", vec![])],
-        vec![],
-    );
-    mock.script(
-        NODES,
-        "NodeList",
-        "v1",
-        vec![Reply::List("3", vec![node("node-a", "1", "10.0.0.5")])],
-        vec![],
-    );
+    script_quiet_slices_and_node(&mock);
     script_policy_kinds(&mock, vec![], vec![]);
     let addr = start(mock.clone()).await;
     let client =
