@@ -59,6 +59,14 @@ fn v6_sub(base64: &str, i: u8, host: u16) -> String {
     std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], u16::from(i), 0, 0, host).to_string()
 }
 
+/// The first address of a CIDR (a Pod CIDR's gateway), as `ip` prints it.
+fn first_host(cidr: &str) -> IpAddr {
+    match cidr.split('/').next().unwrap().parse::<IpAddr>().unwrap() {
+        IpAddr::V4(a) => IpAddr::V4((u32::from(a) + 1).into()),
+        IpAddr::V6(a) => IpAddr::V6((u128::from(a) + 1).into()),
+    }
+}
+
 struct ClusterNode {
     name: String,
     node: Node,
@@ -532,4 +540,207 @@ fn host_gw_on_one_link() {
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .collect();
     assert_eq!(names, ["10-ferry.conflist"]);
+}
+
+#[test]
+fn vxlan_and_auto_across_a_router() {
+    require_root!();
+    let (mut nodes, _, _) = three_nodes("vx", false, "auto");
+    // node-0 and node-1 share subnet A on a bridge in the router's netns; node-2 is on
+    // subnet B behind the router, which forwards between A and B, knows no Pod CIDR, and
+    // drops every IP fragment.
+    let router = Netns::new("vx-rt");
+    let r = router.name().to_string();
+    let (net_a, net_b) = (unique_v4_subnet(24), unique_v4_subnet(24));
+    ip(&r, &["link", "add", "bra", "type", "bridge"]);
+    ip(&r, &["link", "set", "bra", "up"]);
+    ip(
+        &r,
+        &[
+            "addr",
+            "add",
+            &format!("{}/24", v4_sub(&net_a, 0, 254)),
+            "dev",
+            "bra",
+        ],
+    );
+    for (i, n) in nodes.iter_mut().enumerate() {
+        let port = format!("rt{i}");
+        wire(n, &router, &port);
+        let (net, gw) = if i < 2 {
+            ip(&r, &["link", "set", &port, "master", "bra"]);
+            (&net_a, v4_sub(&net_a, 0, 254))
+        } else {
+            ip(
+                &r,
+                &[
+                    "addr",
+                    "add",
+                    &format!("{}/24", v4_sub(&net_b, 0, 254)),
+                    "dev",
+                    &port,
+                ],
+            );
+            (&net_b, v4_sub(&net_b, 0, 254))
+        };
+        n.ip4 = v4_sub(net, 0, i as u8 + 1);
+        let nn = n.node.name().to_string();
+        ip(&nn, &["addr", "add", &format!("{}/24", n.ip4), "dev", "eth0"]);
+        ip(&nn, &["route", "add", "default", "via", &gw]);
+    }
+    router.exec_ok(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+    router.exec_ok(&[
+        "nft",
+        "add table inet fragments; add chain inet fragments forward { type filter hook forward priority 0; }; \
+         add rule inet fragments forward ip frag-off & 0x3fff != 0 counter drop; \
+         add rule inet fragments forward exthdr frag exists counter drop",
+    ]);
+    // The router really drops fragments: a 3000-byte ping between the subnets fails.
+    let ping = nodes[0]
+        .node
+        .netns()
+        .exec(&["ping", "-c1", "-W1", "-s3000", "-M", "dont", &nodes[2].ip4]);
+    assert!(!ping.status.success(), "a fragmented ping crossed the router");
+
+    let node_objects: Vec<Value> = nodes.iter().map(|n| node_object(n, true)).collect();
+    write_all(&nodes, "nodes", &node_objects);
+    for n in nodes.iter_mut() {
+        n.start();
+    }
+    let pods: Vec<_> = nodes.iter().map(|n| n.pod("p")).collect();
+
+    // auto: host-gw to the neighbour on subnet A (IPv4, the family of its InternalIP),
+    // VXLAN to node-2 and for IPv6 Pods (no IPv6 InternalIP).
+    let (n0, n1, n2) = (&nodes[0], &nodes[1], &nodes[2]);
+    let gw2 = v4_sub(&n2.pod4, 0, 1);
+    let want = [
+        format!("{} via {} dev eth0", n1.pod4, n1.ip4),
+        format!("{} via {gw2} dev ferry.vxlan onlink", n2.pod4),
+        format!("{} via {} dev ferry.vxlan", n1.pod6, first_host(&n1.pod6)),
+    ];
+    assert!(
+        wait_until(Duration::from_secs(10), || want
+            .iter()
+            .all(|w| n0.ferry_routes().contains(w)))
+        .is_some(),
+        "want {want:?}:\n{}\n{}",
+        n0.ferry_routes(),
+        n0.log()
+    );
+    let fdb = || {
+        n0.node
+            .netns()
+            .exec_ok(&["bridge", "fdb", "show", "dev", "ferry.vxlan"])
+    };
+    let mac2 = {
+        let o: Vec<u8> = n2.ip4.split('.').map(|b| b.parse().unwrap()).collect();
+        format!("0e:fe:{:02x}:{:02x}:{:02x}:{:02x}", o[0], o[1], o[2], o[3])
+    };
+    assert!(
+        fdb().contains(&format!("{mac2} dst {} self permanent", n2.ip4)),
+        "{}",
+        fdb()
+    );
+    let link = n0
+        .node
+        .netns()
+        .exec_ok(&["ip", "-d", "link", "show", "ferry.vxlan"]);
+    assert!(
+        link.contains("mtu 1450") && link.contains("vxlan id 1") && link.contains("dstport 8472"),
+        "{link}"
+    );
+    let conf: Value = serde_json::from_slice(&std::fs::read(n0.conflist_path()).unwrap()).unwrap();
+    assert_eq!(
+        conf["plugins"][0]["mtu"], 1450,
+        "Pods get the underlay MTU minus VXLAN's 50 bytes"
+    );
+
+    let _servers = all_pairs_reach_each_other(&pods, 8080);
+
+    // 1,400-byte payloads and full-size segments (1 MB) both ways over the tunnel.
+    let mut sinks = Vec::new();
+    for (pod, a4, a6) in &pods {
+        sinks.push(sink(pod, SocketAddr::new(*a4, 9000)));
+        sinks.push(sink(pod, SocketAddr::new(*a6, 9000)));
+    }
+    for (from, to) in [(0, 2), (2, 0), (0, 1)] {
+        for v4 in [true, false] {
+            let dst = SocketAddr::new(if v4 { pods[to].1 } else { pods[to].2 }, 9000);
+            assert_eq!(
+                send(&pods[from].0, dst, 1400, 1, Duration::ZERO).unwrap(),
+                1400,
+                "{dst}"
+            );
+            assert_eq!(
+                send(&pods[from].0, dst, 1 << 16, 16, Duration::ZERO).unwrap(),
+                1 << 20,
+                "{dst}"
+            );
+        }
+    }
+
+    // A Node deleted: its FDB entry and routes go; re-added: back.
+    let started = Instant::now();
+    write_all(&nodes, "nodes", &node_objects[..2]);
+    let gone = wait_until(Duration::from_secs(3), || {
+        !fdb().contains(&mac2) && !nodes[0].ferry_routes().contains(&gw2)
+    });
+    assert!(
+        gone.is_some() && started.elapsed() <= Duration::from_secs(1),
+        "{:?}\n{}",
+        started.elapsed(),
+        fdb()
+    );
+    write_all(&nodes, "nodes", &node_objects);
+    assert!(
+        wait_until(Duration::from_secs(3), || fdb().contains(&mac2)).is_some(),
+        "{}",
+        fdb()
+    );
+
+    // SIGKILL and restart of both ends' daemons while a transfer runs over the tunnel.
+    let index = |n: &ClusterNode| {
+        n.node
+            .netns()
+            .exec_ok(&["cat", "/sys/class/net/ferry.vxlan/ifindex"])
+    };
+    let before = (nodes[0].ferry_routes(), index(&nodes[0]));
+    let transfer = {
+        let client = nodes[0].node.pod("vx-client");
+        // A Pod of its own, so the transfer's thread owns it.
+        let path = nodes[0].conflist_path();
+        let list: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        let mut conf = list["plugins"][0].clone();
+        conf["name"] = list["name"].clone();
+        conf["cniVersion"] = list["cniVersion"].clone();
+        CniCall::new(ferry_bin("ferry-bridge"), "ADD", conf)
+            .for_pod(&client)
+            .run_in(nodes[0].node.netns())
+            .ok();
+        let dst = SocketAddr::new(pods[2].1, 9000);
+        std::thread::spawn(move || send(&client, dst, 16 << 10, 120, Duration::from_millis(25)))
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    for n in [0, 2] {
+        nodes[n].proxy.as_mut().unwrap().kill();
+        nodes[n].start();
+    }
+    let sent = transfer
+        .join()
+        .unwrap()
+        .expect("the transfer broke during the restart");
+    assert_eq!(sent, 120 * (16 << 10));
+    assert!(
+        nodes[0].log().matches("starting").count() >= 2,
+        "{}",
+        nodes[0].log()
+    );
+    assert_eq!(
+        (nodes[0].ferry_routes(), index(&nodes[0])),
+        before,
+        "the restart changed the routes or the device"
+    );
+    for (stop, _) in &sinks {
+        stop.store(true, Ordering::Relaxed);
+    }
 }
