@@ -105,7 +105,8 @@ struct NetworkArgs {
     #[arg(long, value_enum, default_value_t = PodNetworkMode::Auto)]
     pod_network_mode: PodNetworkMode,
     /// Where 10-ferry.conflist is written from this Node's Pod CIDRs; empty: not written.
-    #[arg(long, value_name = "DIR", default_value = "/etc/cni/net.d")]
+    #[arg(long, value_name = "DIR", default_value = "/etc/cni/net.d",
+          value_parser = clap::builder::TypedValueParser::map(clap::builder::OsStringValueParser::new(), PathBuf::from))]
     cni_conf_dir: PathBuf,
     /// Whether to write the conflist at all.
     #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
@@ -694,6 +695,46 @@ mod tests {
         );
         assert!(Cli::try_parse_from(["ferry-proxy", "run", "--backend", "iptables"]).is_err());
         assert!(Cli::try_parse_from(["ferry-proxy", "dump", "-o", "json"]).is_ok());
+    }
+
+    #[test]
+    fn the_pod_network_is_on_with_a_cluster_cidr_unless_mode_none() {
+        let network = |extra: &[&str]| {
+            let base = ["ferry-proxy", "run", "--hostname-override", "a"];
+            let cli = Cli::try_parse_from([&base[..], extra].concat()).unwrap();
+            let Command::Run(args) = cli.command else {
+                panic!("not run")
+            };
+            args.network.settings(&node_settings(&args.node).unwrap())
+        };
+        let on = network(&["--cluster-cidr", "10.244.0.0/16"]).unwrap();
+        assert_eq!(on.mode, ferry_proxy::network::Mode::Auto);
+        assert_eq!(on.cni_conf_dir, Some(PathBuf::from("/etc/cni/net.d")));
+        assert_eq!((on.vni, on.vxlan_port), (1, 8472));
+        assert!(network(&[]).unwrap_err().contains("--cluster-cidr"));
+        let none = ["--cluster-cidr", "10.244.0.0/16", "--pod-network-mode", "none"];
+        assert!(network(&none).is_err());
+        let no_conf = network(&["--cluster-cidr", "10.244.0.0/16", "--cni-conf-dir", ""]).unwrap();
+        assert_eq!(no_conf.cni_conf_dir, None);
+        let no_write = network(&["--cluster-cidr", "10.244.0.0/16", "--write-cni-conf=false"]).unwrap();
+        assert_eq!(no_write.cni_conf_dir, None);
+        let vxlan = [
+            "--cluster-cidr",
+            "10.244.0.0/16",
+            "--pod-network-mode",
+            "vxlan",
+            "--vxlan-vni",
+            "42",
+        ];
+        assert_eq!(network(&vxlan).unwrap().vni, 42);
+        for bad in [
+            &["--vxlan-vni", "0"][..],
+            &["--vxlan-vni", "16777216"],
+            &["--pod-network-mode", "flannel"],
+        ] {
+            let argv = [&["ferry-proxy", "run"][..], bad].concat();
+            assert!(Cli::try_parse_from(argv).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

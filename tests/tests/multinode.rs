@@ -22,7 +22,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ferry_tests::cluster::{first_host, send_to_sink, tcp_sink, v4_sub, Cluster, ClusterNode};
-use ferry_tests::{endpoint_slice, require_root, service, unique_v4_subnet, wait_until, Netns, Pod, Server};
+use ferry_tests::{
+    endpoint_slice, ferry_bin, require_root, service, unique_v4_subnet, wait_until, Netns, Pod, Server,
+};
 use serde_json::{json, Value};
 
 /// Connects from `from` to a "who am I" server at `to`: the peer address the server saw.
@@ -391,4 +393,22 @@ fn vxlan_and_auto_across_a_router() {
     for stop in &sinks {
         stop.store(true, Ordering::Relaxed);
     }
+
+    // `ferry-proxy cleanup` removes the routes, the device and the masquerade table.
+    let n0 = &mut cluster.nodes[0];
+    n0.proxy.as_mut().unwrap().kill();
+    let out = n0
+        .node
+        .netns()
+        .command(ferry_bin("ferry-proxy"))
+        .args(["cleanup", "--hostname-override", "node-0"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(n0.ferry_routes().trim(), "");
+    let links = n0.node.netns().exec_ok(&["ip", "link", "show"]);
+    assert!(!links.contains("ferry.vxlan"), "{links}");
+    let tables = n0.node.netns().exec_ok(&["nft", "list", "tables"]);
+    assert!(!tables.contains("ferry-network"), "{tables}");
+    assert!(n0.conflist_path().exists(), "cleanup keeps the conflist");
 }

@@ -135,7 +135,7 @@ pub struct NodeNetwork {
     pub conflist: Option<String>,
     /// Masquerade rules; empty: the table is removed.
     pub masquerade: Vec<masquerade::MasqueradeRule>,
-    /// The VXLAN device, when the mode may need one.
+    /// The VXLAN device: always with `vxlan`, while a peer is reached over it with `auto`.
     pub vxlan: Option<VxlanDevice>,
     /// One route per peer Pod CIDR, by destination.
     pub routes: BTreeMap<IpNetwork, PeerRoute>,
@@ -307,6 +307,11 @@ pub fn plan<'a>(
                 )),
             }
         }
+    }
+    // auto makes the device only while a peer needs it: a cluster whose nodes share a
+    // subnet has no tunnel to look at.
+    if settings.mode == Mode::Auto && !out.routes.values().any(|r| matches!(r.via, Via::Vxlan { .. })) {
+        out.vxlan = None;
     }
     out.masquerade = masquerade::plan(settings, this, &nodes);
     out

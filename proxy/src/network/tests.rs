@@ -84,6 +84,21 @@ fn auto_routes_same_subnet_peers_directly_and_others_over_vxlan() {
 }
 
 #[test]
+fn auto_makes_no_tunnel_while_every_peer_shares_a_subnet() {
+    let mut nodes = cluster();
+    nodes.truncate(2);
+    let net = plan(
+        &settings(Mode::Auto),
+        &nodes,
+        &host(&["192.168.1.1/24", "fd00:1::1/64"]),
+    );
+    assert!(net.routes.values().all(|r| matches!(r.via, Via::Direct(_))));
+    assert!(net.vxlan.is_none());
+    // The Pods' MTU leaves room for a tunnel all the same: a VXLAN peer may join later.
+    assert!(net.conflist.unwrap().contains("\"mtu\": 1450"));
+}
+
+#[test]
 fn host_gw_leaves_out_peers_it_cannot_reach_and_says_why() {
     let nodes = cluster();
     let net = plan(&settings(Mode::HostGw), &nodes, &host(&["192.168.1.1/24"]));
