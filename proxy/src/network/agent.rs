@@ -17,7 +17,7 @@ use ferry_netlink::route::Route;
 use ferry_netlink::Socket;
 use tracing::{debug, info, warn};
 
-use super::{conflist, masquerade, plan, routes, vxlan, NetworkSettings, NodeNetwork, Via};
+use super::{conflist, masquerade, plan, routes, vxlan, NetworkError, NetworkSettings, NodeNetwork, Via};
 use crate::source::{Event, Kind, Object};
 use crate::store::objects::NodeInfo;
 
@@ -158,18 +158,21 @@ impl Loop {
         }
     }
 
-    fn sync(&mut self) -> Result<(), String> {
+    fn sync(&mut self) -> Result<(), NetworkError> {
         let started = Instant::now();
         if self.sock.is_none() {
-            self.sock = Some(Socket::open().map_err(|e| e.to_string())?);
+            self.sock = Some(Socket::open().map_err(NetworkError::netlink("opening the rtnetlink socket"))?);
         }
         let sock = self.sock.as_mut().expect("just opened");
-        let facts = routes::host_facts(sock).map_err(|e| e.to_string())?;
+        let facts =
+            routes::host_facts(sock).map_err(NetworkError::netlink("listing the node's addresses"))?;
         let want = plan(&self.settings, self.nodes.values().map(|n| &**n), &facts);
 
         if let (Some(dir), Some(bytes)) = (&self.settings.cni_conf_dir, &want.conflist) {
-            let wrote = conflist::write_if_changed(dir, bytes)
-                .map_err(|e| format!("cannot write {}: {e}", dir.join(conflist::FILE_NAME).display()))?;
+            let wrote = conflist::write_if_changed(dir, bytes).map_err(|source| NetworkError::Conflist {
+                path: dir.join(conflist::FILE_NAME),
+                source,
+            })?;
             if wrote {
                 info!(path = %dir.join(conflist::FILE_NAME).display(), "CNI configuration written");
             }
@@ -181,12 +184,16 @@ impl Loop {
                 let underlay = facts
                     .holding(dev.local.into())
                     .map(|a| a.link)
-                    .ok_or_else(|| format!("this node's InternalIP {} is on none of its links", dev.local))?;
-                Some(vxlan::ensure(sock, dev, underlay).map_err(|e| e.to_string())?)
+                    .ok_or(NetworkError::NoUnderlay { ip: dev.local })?;
+                Some(
+                    vxlan::ensure(sock, dev, underlay)
+                        .map_err(NetworkError::netlink("making the VXLAN device"))?,
+                )
             }
             None => None,
         };
-        let changes = routes::converge(sock, &want.routes, vxlan_index).map_err(|e| e.to_string())?;
+        let changes = routes::converge(sock, &want.routes, vxlan_index)
+            .map_err(NetworkError::netlink("routing to other nodes' Pods"))?;
         match vxlan_index {
             Some(index) => {
                 let mut fdb = BTreeSet::new();
@@ -197,11 +204,13 @@ impl Loop {
                         neighbours.insert((gateway, mac));
                     }
                 }
-                vxlan::converge_fdb(sock, index, &fdb).map_err(|e| e.to_string())?;
-                vxlan::converge_neighbours(sock, index, &neighbours).map_err(|e| e.to_string())?;
+                vxlan::converge_fdb(sock, index, &fdb)
+                    .map_err(NetworkError::netlink("writing VXLAN FDB entries"))?;
+                vxlan::converge_neighbours(sock, index, &neighbours)
+                    .map_err(NetworkError::netlink("writing VXLAN neighbour entries"))?;
             }
             None => {
-                if vxlan::remove(sock).map_err(|e| e.to_string())? {
+                if vxlan::remove(sock).map_err(NetworkError::netlink("removing the VXLAN device"))? {
                     info!(
                         device = super::VXLAN_DEVICE,
                         "VXLAN device removed: no peer needs it"
@@ -216,16 +225,19 @@ impl Loop {
             .is_none_or(|a| a.masquerade != want.masquerade);
         if rules_changed {
             if self.nft.is_none() {
-                self.nft = Some(ferry_nft::Socket::open().map_err(|e| format!("nftables: {e}"))?);
+                self.nft = Some(
+                    ferry_nft::Socket::open()
+                        .map_err(NetworkError::nftables("opening the nftables socket"))?,
+                );
             }
             let nft = self.nft.as_mut().expect("just opened");
             let exists = nft
                 .list_tables()
-                .map_err(|e| format!("nftables: {e}"))?
+                .map_err(NetworkError::nftables("listing nftables tables"))?
                 .iter()
                 .any(|t| t == masquerade::TABLE);
             nft.commit(&masquerade::batch(&want.masquerade, exists))
-                .map_err(|e| format!("nftables table inet {}: {e}", masquerade::TABLE))?;
+                .map_err(NetworkError::nftables("committing table inet ferry-network"))?;
             if !want.masquerade.is_empty() {
                 info!(rules = ?masquerade::text(&want.masquerade), "Pod masquerade in place");
             }
@@ -255,19 +267,19 @@ impl Loop {
 /// Removes what the Pod network put in the node's kernel: Ferry's routes, the VXLAN
 /// device (its FDB and neighbour entries with it) and table `inet ferry-network`. The
 /// conflist stays: without it the runtime could make no Pod at all.
-pub fn cleanup() -> Result<String, String> {
-    let mut sock = Socket::<Route>::open().map_err(|e| e.to_string())?;
-    let routes = routes::remove_all(&mut sock).map_err(|e| e.to_string())?;
-    let device = vxlan::remove(&mut sock).map_err(|e| e.to_string())?;
-    let mut nft = ferry_nft::Socket::open().map_err(|e| format!("nftables: {e}"))?;
+pub fn cleanup() -> Result<String, NetworkError> {
+    let mut sock = Socket::<Route>::open().map_err(NetworkError::netlink("opening the rtnetlink socket"))?;
+    let routes = routes::remove_all(&mut sock).map_err(NetworkError::netlink("removing Ferry's routes"))?;
+    let device = vxlan::remove(&mut sock).map_err(NetworkError::netlink("removing the VXLAN device"))?;
+    let mut nft = ferry_nft::Socket::open().map_err(NetworkError::nftables("opening the nftables socket"))?;
     let exists = nft
         .list_tables()
-        .map_err(|e| format!("nftables: {e}"))?
+        .map_err(NetworkError::nftables("listing nftables tables"))?
         .iter()
         .any(|t| t == masquerade::TABLE);
     if exists {
         nft.commit(&masquerade::batch(&[], true))
-            .map_err(|e| format!("nftables: {e}"))?;
+            .map_err(NetworkError::nftables("deleting table inet ferry-network"))?;
     }
     Ok(format!(
         "{routes} route(s), {} VXLAN device, {} masquerade table",

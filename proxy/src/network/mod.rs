@@ -31,6 +31,7 @@
 
 pub mod agent;
 pub mod conflist;
+mod error;
 pub mod masquerade;
 pub mod nodes;
 pub mod routes;
@@ -44,6 +45,8 @@ use std::sync::Arc;
 use ipnetwork::IpNetwork;
 
 use crate::store::objects::NodeInfo;
+
+pub use error::NetworkError;
 
 /// Ferry's route protocol number (`ip route show proto 118`). Unused by the numbers
 /// iproute2 lists in `/etc/iproute2/rt_protos` (routing daemons take 8-18, 42, 99 and
