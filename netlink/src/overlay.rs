@@ -181,6 +181,14 @@ pub fn owned_route(dst: IpAddr, prefix_len: u8, hop: NextHop, protocol: u8) -> R
     m
 }
 
+/// The main-table route to `dst/prefix_len` of `protocol`, without a next hop: what
+/// `RTM_DELROUTE` needs to find an owner's route whatever its next hop.
+pub fn owned_route_key(dst: IpAddr, prefix_len: u8, protocol: u8) -> RouteMessage {
+    let mut m = owned_route(dst, prefix_len, NextHop::Gateway(dst), protocol);
+    m.attributes.retain(|a| !matches!(a, RouteAttribute::Gateway(_)));
+    m
+}
+
 /// A route of the main table as a dump shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RouteEntry {
@@ -357,6 +365,10 @@ mod tests {
         assert_eq!(attr(&b, 12, 4), Some(5u32.to_ne_bytes().to_vec())); // RTA_OIF
         let e = route_entry(&m).unwrap();
         assert_eq!((e.protocol, e.onlink, e.oif), (118, true, Some(5)));
+
+        let key = bytes(&owned_route_key("10.244.2.0".parse().unwrap(), 24, 118));
+        assert_eq!((key[1], key[5]), (24, 118));
+        assert_eq!(attr(&key, 12, 5), None, "a key has no gateway");
 
         let direct = owned_route(
             "fd00:10:244:2::".parse().unwrap(),

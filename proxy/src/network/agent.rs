@@ -168,13 +168,15 @@ impl Loop {
             routes::host_facts(sock).map_err(NetworkError::netlink("listing the node's addresses"))?;
         let want = plan(&self.settings, self.nodes.values().map(|n| &**n), &facts);
 
+        // A conflist that cannot be written does not hold back the routes: Pods already
+        // there still need them. Its error is returned once the rest is in place.
+        let mut conflist_error = None;
         if let (Some(dir), Some(bytes)) = (&self.settings.cni_conf_dir, &want.conflist) {
-            let wrote = conflist::write_if_changed(dir, bytes).map_err(|source| NetworkError::Conflist {
-                path: dir.join(conflist::FILE_NAME),
-                source,
-            })?;
-            if wrote {
-                info!(path = %dir.join(conflist::FILE_NAME).display(), "CNI configuration written");
+            let path = dir.join(conflist::FILE_NAME);
+            match conflist::write_if_changed(dir, bytes) {
+                Ok(true) => info!(path = %path.display(), "CNI configuration written"),
+                Ok(false) => {}
+                Err(source) => conflist_error = Some(NetworkError::Conflist { path, source }),
             }
         }
 
@@ -260,7 +262,7 @@ impl Loop {
             "Pod network synced"
         );
         self.applied = Some(want);
-        Ok(())
+        conflist_error.map_or(Ok(()), Err)
     }
 }
 

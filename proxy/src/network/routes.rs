@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use ferry_netlink::overlay::{owned_route, route_entry, NextHop, RouteEntry};
+use ferry_netlink::overlay::{owned_route, owned_route_key, route_entry, NextHop, RouteEntry};
 use ferry_netlink::route::Route;
 use ferry_netlink::Socket;
 use ipnetwork::IpNetwork;
@@ -159,18 +159,10 @@ pub fn converge(
     Ok(changes)
 }
 
+/// Deletes one of Ferry's routes by destination and protocol (the kernel then needs no
+/// next hop to find it).
 fn delete(sock: &mut Socket<Route>, have: &RouteEntry) -> ferry_netlink::Result<()> {
-    let hop = match (have.gateway, have.oif, have.onlink) {
-        (Some(gateway), Some(oif), true) => NextHop::Onlink { gateway, oif },
-        (Some(gw), _, _) => NextHop::Gateway(gw),
-        // A route of ours without a gateway was not made by this code; delete by prefix.
-        (None, _, _) => NextHop::Gateway(have.dst),
-    };
-    let mut msg = owned_route(have.dst, have.prefix_len, hop, ROUTE_PROTOCOL);
-    if have.gateway.is_none() {
-        msg.attributes
-            .retain(|a| !matches!(a, netlink_packet_route::route::RouteAttribute::Gateway(_)));
-    }
+    let msg = owned_route_key(have.dst, have.prefix_len, ROUTE_PROTOCOL);
     match sock.request(RouteNetlinkMessage::DelRoute(msg), 0) {
         Err(e) if e.errno() == Some(libc::ESRCH) => Ok(()),
         other => other,
