@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ferry_tests::cluster::{first_host, send_to_sink, tcp_sink, v4_sub, Cluster, ClusterNode};
+use ferry_tests::cluster::{first_host, ip_in, send_to_sink, tcp_sink, v4_sub, Cluster, ClusterNode};
 use ferry_tests::{
     endpoint_slice, ferry_bin, require_root, service, unique_v4_subnet, wait_until, Netns, Pod, Server,
 };
@@ -181,6 +181,38 @@ fn host_gw_on_one_link() {
         );
     }
     assert!(pods[0].0.tcp_request(SocketAddr::new(pods[2].1, 8080)).is_err());
+
+    // A route Ferry does not own to a Pod CIDR (an administrator's, `proto static`) is left
+    // alone when the Node comes back, and logged; once it is gone, Ferry routes there.
+    let n0 = nodes[0].node.name();
+    ip_in(
+        n0,
+        &[
+            "route",
+            "add",
+            &nodes[2].pod4,
+            "via",
+            &nodes[2].ip4,
+            "proto",
+            "static",
+        ],
+    );
+    cluster.write_all("nodes", &node_objects);
+    let logged = || nodes[0].log().contains("exists that Ferry does not own");
+    assert!(
+        wait_until(Duration::from_secs(3), logged).is_some(),
+        "{}",
+        nodes[0].log()
+    );
+    let route = ip_in(n0, &["route", "show", &nodes[2].pod4]);
+    assert!(
+        route.contains("proto static") && !nodes[0].ferry_routes().contains(&nodes[2].pod4),
+        "{route}"
+    );
+    ip_in(n0, &["route", "del", &nodes[2].pod4, "proto", "static"]);
+    cluster.write_all("nodes", &node_objects[..2]);
+    let gone = || !nodes[1].ferry_routes().contains(&nodes[2].pod4);
+    assert!(wait_until(Duration::from_secs(3), gone).is_some());
     cluster.write_all("nodes", &node_objects);
     for n in &nodes[..2] {
         assert!(

@@ -93,6 +93,8 @@ struct Loop {
     /// What was last put in place, to log only what changed and to skip the nftables
     /// commit when the rules are the same.
     applied: Option<NodeNetwork>,
+    /// Pod CIDRs whose route belongs to someone else, as last logged.
+    foreign: Vec<ipnetwork::IpNetwork>,
 }
 
 impl Loop {
@@ -104,6 +106,7 @@ impl Loop {
             sock: None,
             nft: None,
             applied: None,
+            foreign: Vec::new(),
         }
     }
 
@@ -253,6 +256,18 @@ impl Loop {
             for why in &want.unreachable {
                 warn!("Pod network: {why}");
             }
+        }
+        // Logged when the set changes, not at every resync.
+        if changes.foreign != self.foreign {
+            for cidr in changes.foreign.iter().filter(|c| !self.foreign.contains(c)) {
+                warn!(
+                    dst = %cidr,
+                    "Pod network: a route to this Pod CIDR exists that Ferry does not own (another protocol \
+                     than {}); it is left alone: remove it for Ferry to route there",
+                    super::ROUTE_PROTOCOL
+                );
+            }
+            self.foreign = changes.foreign.clone();
         }
         debug!(
             added = changes.added,

@@ -18,7 +18,7 @@ use netlink_packet_route::address::{AddressAttribute, AddressMessage};
 use netlink_packet_route::link::{LinkAttribute, LinkMessage};
 use netlink_packet_route::route::RouteMessage;
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
-use tracing::{info, warn};
+use tracing::info;
 
 use super::{HostAddress, HostFacts, PeerRoute, Via, ROUTE_PROTOCOL};
 
@@ -76,11 +76,13 @@ pub fn main_routes(sock: &mut Socket<Route>) -> ferry_netlink::Result<Vec<RouteE
 }
 
 /// What a sync changed, for the log.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct RouteChanges {
     pub added: usize,
     pub replaced: usize,
     pub deleted: usize,
+    /// Pod CIDRs with a route of another protocol, left alone.
+    pub foreign: Vec<IpNetwork>,
 }
 
 fn next_hop(via: &Via, vxlan_index: Option<u32>) -> Option<NextHop> {
@@ -132,10 +134,7 @@ pub fn converge(
                 info!(dst = %cidr, via = %describe(&route.via), node = %route.node, "route to a node's Pods changed");
                 changes.replaced += 1;
             }
-            None if theirs.contains_key(&k) => {
-                warn!(dst = %cidr, node = %route.node, "a route to this Pod CIDR exists that Ferry does not own \
-                      (another protocol than {ROUTE_PROTOCOL}); it is left alone: remove it for Ferry to route there");
-            }
+            None if theirs.contains_key(&k) => changes.foreign.push(*cidr),
             None => {
                 sock.request(RouteNetlinkMessage::NewRoute(msg), NLM_F_CREATE | NLM_F_EXCL)?;
                 info!(dst = %cidr, via = %describe(&route.via), node = %route.node, "route to a node's Pods added");
