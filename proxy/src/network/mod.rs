@@ -20,6 +20,15 @@
 //! every node gets alike, and a node's VTEP MAC is a function of its IPv4 InternalIP
 //! ([`vtep_mac`]), so no node writes to the API.
 //!
+//! # What the paths cost (measured)
+//!
+//! `cargo bench -p ferry-tests --bench multinode`, Linux 6.18 in namespaces on 2 loaded
+//! cores, two runs: TCP connect p50 from a Pod to a Pod on the same node 9.5-10.0 us, on a
+//! host-gw peer 13.9-14.5 us (1.45x), on a VXLAN peer 22.7-23.2 us (2.3-2.4x); bulk
+//! rates over veths stay within the noise of one another (18-27 Gb/s, GSO carries
+//! VXLAN's encapsulation). A Node written to a manifests directory has its route on the
+//! other nodes 190 ms later (median of 5), the 200 ms poll of that directory included.
+//!
 //! # When it is on
 //!
 //! The daemon manages the Pod network only with `--cluster-cidr` (needed to masquerade
