@@ -14,7 +14,10 @@
 //!   neighbour and VXLAN for the far node (IPv6 Pods ride the IPv4 underlay); 1,400-byte
 //!   payloads and 1 MB transfers pass (full-size segments: the Pod MTU is right); FDB
 //!   entries follow Node deletes; daemons killed with SIGKILL and restarted do not break a
-//!   transfer running through the restart, nor change the routes or the device.
+//!   transfer running through the restart, nor change the routes or the device;
+//!   `ferry-proxy cleanup` removes routes, device and table.
+//! - `vxlan_mode_tunnels_even_to_a_neighbour`: `vxlan` sends every peer, the one on the
+//!   same subnet too, through the tunnel.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -443,4 +446,31 @@ fn vxlan_and_auto_across_a_router() {
     let tables = n0.node.netns().exec_ok(&["nft", "list", "tables"]);
     assert!(!tables.contains("ferry-network"), "{tables}");
     assert!(n0.conflist_path().exists(), "cleanup keeps the conflist");
+}
+
+#[test]
+fn vxlan_mode_tunnels_even_to_a_neighbour() {
+    require_root!();
+    let mut cluster = Cluster::across_a_router("vm", "vxlan");
+    cluster.start();
+    let pods: Vec<_> = cluster.nodes.iter().map(|n| n.pod("p")).collect();
+    let nodes = &cluster.nodes;
+    wait_for_routes(nodes, |_, p| {
+        vec![
+            format!("{} via {} dev ferry.vxlan onlink", p.pod4, first_host(&p.pod4)),
+            format!("{} via {} dev ferry.vxlan", p.pod6, first_host(&p.pod6)),
+        ]
+    });
+    let _servers = all_pairs_reach_each_other(&pods, 8080);
+    let sink = tcp_sink(&pods[1].0, SocketAddr::new(pods[1].1, 9000));
+    let mb = send_to_sink(
+        &pods[0].0,
+        SocketAddr::new(pods[1].1, 9000),
+        1 << 16,
+        16,
+        Duration::ZERO,
+    )
+    .unwrap();
+    assert_eq!(mb, 1 << 20);
+    sink.store(true, Ordering::Relaxed);
 }
