@@ -5,7 +5,7 @@
 //!
 //! | family | marker | messages | used by |
 //! |---|---|---|---|
-//! | rtnetlink (`NETLINK_ROUTE`) | [`route::Route`] | netlink-packet-route's `RouteNetlinkMessage` | ferry-bridge: links, addresses, routes |
+//! | rtnetlink (`NETLINK_ROUTE`) | [`route::Route`] | netlink-packet-route's `RouteNetlinkMessage` | ferry-bridge: links, addresses, routes; ferry-proxy: the VXLAN device, FDB and neighbour entries, routes to other nodes ([`overlay`]) |
 //! | ctnetlink (`NETLINK_NETFILTER`) | [`conntrack::Conntrack`] | netlink-packet-netfilter's conntrack messages | ferry-proxy: stale UDP flows |
 //! | nf_tables (`NETLINK_NETFILTER`) | [`nftables::NfTables`] | [`nftables::RawMessage`], framed by ferry-nft | ferry-nft: batches and dumps for the proxy and ferry-bridge |
 //!
@@ -42,6 +42,7 @@ pub mod conntrack;
 mod error;
 pub mod netns;
 pub mod nftables;
+pub mod overlay;
 pub mod route;
 pub mod socket;
 

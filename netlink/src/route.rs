@@ -1,9 +1,11 @@
-//! rtnetlink (`NETLINK_ROUTE`): links, addresses and routes, as netlink-packet-route's
-//! messages. `Socket<Route>` (opened with `Socket::<Route>::open()`) carries them; what to ask for is the caller's business
+//! rtnetlink (`NETLINK_ROUTE`): links, addresses, routes and neighbours (also FDB
+//! entries), as netlink-packet-route's messages; [`crate::overlay`] builds the ones the
+//! node network between hosts sends. `Socket<Route>` (opened with `Socket::<Route>::open()`) carries them; what to ask for is the caller's business
 //! (ferry-bridge's `link.rs` builds its requests on it).
 
 use netlink_packet_route::address::{AddressAttribute, AddressMessage};
 use netlink_packet_route::link::{LinkAttribute, LinkMessage};
+use netlink_packet_route::neighbour::NeighbourMessage;
 use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage};
 use netlink_packet_route::RouteNetlinkMessage;
 use netlink_sys::protocols::NETLINK_ROUTE;
@@ -32,6 +34,9 @@ impl Family for Route {
             24 => "RTM_NEWROUTE",
             25 => "RTM_DELROUTE",
             26 => "RTM_GETROUTE",
+            28 => "RTM_NEWNEIGH",
+            29 => "RTM_DELNEIGH",
+            30 => "RTM_GETNEIGH",
             _ => return format!("message type {ty}"),
         };
         let subject = match msg {
@@ -45,6 +50,9 @@ impl Family for Route {
             RouteNetlinkMessage::NewRoute(m)
             | RouteNetlinkMessage::DelRoute(m)
             | RouteNetlinkMessage::GetRoute(m) => route_subject(m),
+            RouteNetlinkMessage::NewNeighbour(m)
+            | RouteNetlinkMessage::DelNeighbour(m)
+            | RouteNetlinkMessage::GetNeighbour(m) => neighbour_subject(m),
             _ => None,
         };
         match subject {
@@ -72,6 +80,19 @@ fn address_subject(m: &AddressMessage) -> Option<String> {
         "{ip}/{} on link index {}",
         m.header.prefix_len, m.header.index
     ))
+}
+
+/// A neighbour's address (for an FDB entry, its MAC), and its link.
+fn neighbour_subject(m: &NeighbourMessage) -> Option<String> {
+    let entry = crate::overlay::neighbour_entry(m);
+    let what = match (m.header.family, entry.ip, entry.mac) {
+        (netlink_packet_route::AddressFamily::Bridge, _, Some(mac)) => {
+            mac.map(|b| format!("{b:02x}")).join(":")
+        }
+        (_, Some(ip), _) => ip.to_string(),
+        _ => return None,
+    };
+    Some(format!("{what} on link index {}", m.header.ifindex))
 }
 
 fn route_subject(m: &RouteMessage) -> Option<String> {

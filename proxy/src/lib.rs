@@ -12,6 +12,8 @@ pub mod conntrack;
 pub mod dump;
 pub mod http;
 pub mod metrics;
+// The Pod network between nodes: conflist, masquerade, routes, VXLAN.
+pub mod network;
 /// nf_tables over netlink, from the `ferry-nft` crate; kept under this name so that the
 /// back end's `crate::nft::...` paths stay as they are.
 pub use ferry_nft as nft;

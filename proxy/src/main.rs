@@ -90,6 +90,76 @@ struct RunArgs {
     metrics_bind_address: SocketAddr,
     #[command(flatten)]
     backend: BackendArgs,
+    #[command(flatten)]
+    network: NetworkArgs,
+}
+
+/// The Pod network between nodes (see `ferry_proxy::network`): on with --cluster-cidr,
+/// unless --pod-network-mode none.
+#[derive(Args)]
+struct NetworkArgs {
+    /// How Pods reach other nodes' Pods: host-gw (a route via the peer's address; peers
+    /// must share a subnet), vxlan (a tunnel to every peer), auto (host-gw where the peer
+    /// shares a subnet, VXLAN otherwise), none (no conflist, no routes: Ferry as
+    /// kube-proxy only, beside another CNI).
+    #[arg(long, value_enum, default_value_t = PodNetworkMode::Auto)]
+    pod_network_mode: PodNetworkMode,
+    /// Where 10-ferry.conflist is written from this Node's Pod CIDRs; empty: not written.
+    #[arg(long, value_name = "DIR", default_value = "/etc/cni/net.d",
+          value_parser = clap::builder::TypedValueParser::map(clap::builder::OsStringValueParser::new(), PathBuf::from))]
+    cni_conf_dir: PathBuf,
+    /// Whether to write the conflist at all.
+    #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
+    write_cni_conf: bool,
+    /// The conflist's bridge name.
+    #[arg(long, value_name = "NAME", default_value = "cni0")]
+    cni_bridge: String,
+    /// The conflist's ferry-ipam dataDir (where leases live).
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/cni/networks")]
+    cni_ipam_data_dir: PathBuf,
+    /// The VXLAN network identifier, the same on every node (flannel's default).
+    #[arg(long, value_name = "VNI", default_value_t = ferry_proxy::network::DEFAULT_VNI,
+          value_parser = clap::value_parser!(u32).range(1..16_777_216))]
+    vxlan_vni: u32,
+    /// The VXLAN UDP port, the same on every node (Linux's and flannel's default).
+    #[arg(long, value_name = "PORT", default_value_t = ferry_proxy::network::DEFAULT_VXLAN_PORT,
+          value_parser = clap::value_parser!(u16).range(1..))]
+    vxlan_port: u16,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum PodNetworkMode {
+    HostGw,
+    Vxlan,
+    Auto,
+    None,
+}
+
+impl NetworkArgs {
+    /// The Pod network's settings, or `None` when it is off (and why, for the log).
+    fn settings(&self, node: &NodeSettings) -> Result<ferry_proxy::network::NetworkSettings, &'static str> {
+        use ferry_proxy::network::{Mode, NetworkSettings};
+        let mode = match self.pod_network_mode {
+            PodNetworkMode::HostGw => Mode::HostGw,
+            PodNetworkMode::Vxlan => Mode::Vxlan,
+            PodNetworkMode::Auto => Mode::Auto,
+            PodNetworkMode::None => return Err("--pod-network-mode none"),
+        };
+        if node.cluster_cidrs.is_empty() {
+            return Err("no --cluster-cidr (needed to masquerade what leaves the cluster)");
+        }
+        let write = self.write_cni_conf && !self.cni_conf_dir.as_os_str().is_empty();
+        Ok(NetworkSettings {
+            node_name: node.node_name.clone(),
+            mode,
+            cni_conf_dir: write.then(|| self.cni_conf_dir.clone()),
+            ipam_data_dir: self.cni_ipam_data_dir.clone(),
+            bridge: self.cni_bridge.clone(),
+            cluster_cidrs: node.cluster_cidrs.clone(),
+            vni: self.vxlan_vni,
+            vxlan_port: self.vxlan_port,
+        })
+    }
 }
 
 /// Which back end programs Services, and where the eBPF one attaches and pins.
@@ -260,6 +330,7 @@ fn run_command(args: RunArgs) -> Result<(), String> {
             fatal_tx.clone(),
         );
         let (tx, rx) = mpsc::channel(EVENT_QUEUE);
+        let tx = wiring::pod_network(&args.network, &settings, &args.source, tx)?;
         spawn_source(args.source, settings.node_name.clone(), tx, fatal_tx);
 
         let mut fatal = None;
@@ -397,6 +468,9 @@ fn cleanup_command(args: CleanupArgs) -> Result<(), String> {
     }
     let mut backend = wiring::backend(None).map_err(|e| e.to_string())?;
     backend.cleanup().map_err(|e| format!("cleanup: {e}"))?;
+    let network =
+        ferry_proxy::network::agent::cleanup().map_err(|e| format!("cleanup of the Pod network: {e}"))?;
+    info!("removed the Pod network's {network}");
     info!("removed everything Ferry programmed");
     Ok(())
 }
@@ -500,6 +574,46 @@ mod wiring {
         }
     }
 
+    /// Starts the Pod network between nodes when it is on, and returns the sender the
+    /// source should use: one that shows the Pod network every Node event on its way to
+    /// the sync loop (the loop and the store are not involved).
+    pub fn pod_network(
+        args: &super::NetworkArgs,
+        node: &ferry_proxy::plan::NodeSettings,
+        source: &super::SourceArgs,
+        to_loop: mpsc::Sender<Event>,
+    ) -> Result<mpsc::Sender<Event>, String> {
+        let settings = match args.settings(node) {
+            Ok(settings) => settings,
+            Err(why) => {
+                tracing::info!("Pod network between nodes off: {why}");
+                return Ok(to_loop);
+            }
+        };
+        tracing::info!(mode = ?settings.mode, conflist = ?settings.cni_conf_dir, "Pod network between nodes on");
+        let agent = ferry_proxy::network::agent::Agent::start(settings)
+            .map_err(|e| format!("cannot start the Pod network thread: {e}"))?;
+        if source.manifests.is_none() {
+            // The API source watches this node's Node only; the Pod network needs all, so
+            // it watches them itself and sees none of the source's events.
+            tokio::spawn(ferry_proxy::network::nodes::watch(
+                source.kubeconfig.clone(),
+                agent.sender(),
+            ));
+            return Ok(to_loop);
+        }
+        let (tx, mut rx) = mpsc::channel::<Event>(ferry_proxy::run::EVENT_QUEUE);
+        tokio::spawn(async move {
+            while let Some(event) = rx.recv().await {
+                agent.observe(&event);
+                if to_loop.send(event).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(tx)
+    }
+
     /// The Kubernetes API source; returns when `tx`'s receiver is gone, or fails when no
     /// client can be made.
     pub async fn kube_source(
@@ -581,6 +695,46 @@ mod tests {
         );
         assert!(Cli::try_parse_from(["ferry-proxy", "run", "--backend", "iptables"]).is_err());
         assert!(Cli::try_parse_from(["ferry-proxy", "dump", "-o", "json"]).is_ok());
+    }
+
+    #[test]
+    fn the_pod_network_is_on_with_a_cluster_cidr_unless_mode_none() {
+        let network = |extra: &[&str]| {
+            let base = ["ferry-proxy", "run", "--hostname-override", "a"];
+            let cli = Cli::try_parse_from([&base[..], extra].concat()).unwrap();
+            let Command::Run(args) = cli.command else {
+                panic!("not run")
+            };
+            args.network.settings(&node_settings(&args.node).unwrap())
+        };
+        let on = network(&["--cluster-cidr", "10.244.0.0/16"]).unwrap();
+        assert_eq!(on.mode, ferry_proxy::network::Mode::Auto);
+        assert_eq!(on.cni_conf_dir, Some(PathBuf::from("/etc/cni/net.d")));
+        assert_eq!((on.vni, on.vxlan_port), (1, 8472));
+        assert!(network(&[]).unwrap_err().contains("--cluster-cidr"));
+        let none = ["--cluster-cidr", "10.244.0.0/16", "--pod-network-mode", "none"];
+        assert!(network(&none).is_err());
+        let no_conf = network(&["--cluster-cidr", "10.244.0.0/16", "--cni-conf-dir", ""]).unwrap();
+        assert_eq!(no_conf.cni_conf_dir, None);
+        let no_write = network(&["--cluster-cidr", "10.244.0.0/16", "--write-cni-conf=false"]).unwrap();
+        assert_eq!(no_write.cni_conf_dir, None);
+        let vxlan = [
+            "--cluster-cidr",
+            "10.244.0.0/16",
+            "--pod-network-mode",
+            "vxlan",
+            "--vxlan-vni",
+            "42",
+        ];
+        assert_eq!(network(&vxlan).unwrap().vni, 42);
+        for bad in [
+            &["--vxlan-vni", "0"][..],
+            &["--vxlan-vni", "16777216"],
+            &["--pod-network-mode", "flannel"],
+        ] {
+            let argv = [&["ferry-proxy", "run"][..], bad].concat();
+            assert!(Cli::try_parse_from(argv).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

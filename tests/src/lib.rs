@@ -26,6 +26,7 @@
 
 pub mod bench;
 mod bins;
+pub mod cluster;
 mod cni;
 mod netns;
 pub mod netpol;

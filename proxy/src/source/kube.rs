@@ -246,7 +246,7 @@ fn seconds(d: Duration) -> String {
 /// event inside a watch stream (what kube-apiserver sends), but retries a watch that a
 /// server refused to *start* with HTTP 410 from the same stale resourceVersion forever,
 /// so that case starts a new watcher. Other failures wait out a [`Backoff`].
-async fn watch_kind<K>(api: Api<K>, config: watcher::Config, kind: Kind, tx: &Sender<Event>)
+pub async fn watch_kind<K>(api: Api<K>, config: watcher::Config, kind: Kind, tx: &Sender<Event>)
 where
     K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
     Object: From<K>,

@@ -343,7 +343,8 @@ impl From<EndpointSlice> for EndpointSliceInfo {
 /// The taint the cluster autoscaler puts on a node it is about to delete.
 pub const TO_BE_DELETED_TAINT: &str = "ToBeDeletedByClusterAutoscaler";
 
-/// A Node, as `/healthz` reads it (kube-proxy's `SyncNode`).
+/// A Node, as `/healthz` reads it (kube-proxy's `SyncNode`) and as the Pod network
+/// between nodes reads it (`proxy/src/network`): its Pod CIDRs and InternalIPs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeInfo {
     pub name: Arc<str>,
@@ -351,17 +352,41 @@ pub struct NodeInfo {
     pub being_deleted: bool,
     /// Tainted [`TO_BE_DELETED_TAINT`].
     pub to_be_deleted: bool,
+    /// `spec.podCIDRs` (else `spec.podCIDR`), as networks (host bits cleared); entries
+    /// that do not parse are left out.
+    pub pod_cidrs: Vec<IpNetwork>,
+    /// `status.addresses` of type `InternalIP`, in the order the Node lists them.
+    pub internal_ips: Vec<IpAddr>,
 }
 
 impl From<Node> for NodeInfo {
     fn from(node: Node) -> NodeInfo {
+        let spec = node.spec.unwrap_or_default();
+        let cidrs = match spec.pod_cidrs {
+            Some(cidrs) if !cidrs.is_empty() => cidrs,
+            _ => spec.pod_cidr.into_iter().collect(),
+        };
+        let pod_cidrs = cidrs
+            .iter()
+            .filter_map(|c| c.parse::<IpNetwork>().ok())
+            .filter_map(|n| IpNetwork::new(n.network(), n.prefix()).ok())
+            .collect();
+        let internal_ips = node
+            .status
+            .and_then(|s| s.addresses)
+            .into_iter()
+            .flatten()
+            .filter(|a| a.type_ == "InternalIP")
+            .filter_map(|a| a.address.parse().ok())
+            .collect();
         NodeInfo {
             name: intern(node.metadata.name.as_deref().unwrap_or_default()),
             being_deleted: node.metadata.deletion_timestamp.is_some(),
-            to_be_deleted: node
-                .spec
-                .and_then(|s| s.taints)
+            to_be_deleted: spec
+                .taints
                 .is_some_and(|t| t.iter().any(|t| t.key == TO_BE_DELETED_TAINT)),
+            pod_cidrs,
+            internal_ips,
         }
     }
 }
