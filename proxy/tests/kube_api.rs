@@ -921,7 +921,11 @@ async fn run_with_a_kubeconfig_file() {
     .unwrap();
 
     let (tx, mut rx) = mpsc::channel(16);
-    let source = tokio::spawn(api_source::run(Some(kubeconfig), "node-a".to_string(), tx));
+    let connection = api_source::Connection {
+        kubeconfig: Some(kubeconfig.clone()),
+        api_server_from: None,
+    };
+    let source = tokio::spawn(api_source::run(connection, "node-a".to_string(), tx));
     let got = collect(
         &mut rx,
         &[(Kind::Service, 1), (Kind::EndpointSlice, 1), (Kind::Node, 1)],
@@ -949,7 +953,11 @@ async fn run_with_a_kubeconfig_file() {
     // A kubeconfig that is not there: the error names the flag and the path.
     let (tx, _rx) = mpsc::channel(1);
     let missing = dir.path().join("missing");
-    let err = api_source::run(Some(missing.clone()), "node-a".into(), tx)
+    let connection = api_source::Connection {
+        kubeconfig: Some(missing.clone()),
+        api_server_from: None,
+    };
+    let err = api_source::run(connection, "node-a".into(), tx)
         .await
         .unwrap_err();
     assert!(
@@ -958,6 +966,79 @@ async fn run_with_a_kubeconfig_file() {
         "{err}"
     );
     assert!(!err.is_retryable(), "a missing kubeconfig stays missing");
+}
+
+/// `--api-server-from`: the credentials come from where they always do (here a kubeconfig
+/// whose own server is closed), the address from the other file (the kubelet's), so the
+/// proxy lists from the server that file names.
+#[tokio::test]
+async fn the_api_server_address_from_the_kubelets_kubeconfig() {
+    let mock = Arc::new(Mock::default());
+    mock.script(
+        SERVICES,
+        "ServiceList",
+        "v1",
+        vec![Reply::List("3", vec![service("2", json!(8080))])],
+        vec![],
+    );
+    script_quiet_slices_and_node(&mock);
+    script_policy_kinds(&mock, vec![], vec![namespace("default", "1")]);
+    let addr = start(mock).await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = |name: &str, server: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(
+            &path,
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: {server}\n\
+                 contexts:\n- name: c\n  context:\n    cluster: c\n    user: nobody\n\
+                 current-context: c\nusers:\n- name: nobody\n  user: {{}}\n"
+            ),
+        )
+        .unwrap();
+        path
+    };
+    let credentials = kubeconfig("credentials", "http://127.0.0.1:1");
+    let kubelet = kubeconfig("kubelet.conf", &format!("http://{addr}"));
+
+    let (tx, mut rx) = mpsc::channel(16);
+    let connection = api_source::Connection {
+        kubeconfig: Some(credentials.clone()),
+        api_server_from: Some(kubelet),
+    };
+    let source = tokio::spawn(api_source::run(connection, "node-a".to_string(), tx));
+    let got = collect(&mut rx, &[(Kind::Service, 1)]).await;
+    assert_eq!(
+        got[&Kind::Service],
+        vec![snapshot(Kind::Service, vec![svc(service("2", json!(8080)))])]
+    );
+    drop(rx);
+    tokio::time::timeout(Duration::from_secs(5), source)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+
+    // A file that is not there, or names no server: the error says which flag and file.
+    let no_server = dir.path().join("no-server");
+    std::fs::write(&no_server, "apiVersion: v1\nkind: Config\n").unwrap();
+    for bad in [dir.path().join("missing"), no_server] {
+        let (tx, _rx) = mpsc::channel(1);
+        let connection = api_source::Connection {
+            kubeconfig: Some(credentials.clone()),
+            api_server_from: Some(bad.clone()),
+        };
+        let err = api_source::run(connection, "node-a".into(), tx)
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with(&format!("--api-server-from {}", bad.display())),
+            "{err}"
+        );
+        assert!(!err.is_retryable(), "{err}");
+    }
 }
 
 /// Receives events of `kind` (dropping the others) with the time each arrived, until one

@@ -42,7 +42,9 @@ fn available(test: &str, program: &str, package: &str) -> bool {
     found
         || ferry_tests::skip_or_fail(
             test,
-            &format!("{program} is not installed: install the Debian package {package} (scripts/setup.sh does)"),
+            &format!(
+                "{program} is not installed: install the Debian package {package} (scripts/setup.sh does)"
+            ),
         )
 }
 
@@ -125,13 +127,19 @@ fn containerd_imports_the_image_and_its_init_container_installs_the_plugins() {
         containerd.ctr(&[OsStr::new("images"), "import".as_ref(), archive.as_os_str()]),
         "ctr images import",
     );
-    assert!(imported.contains(IMAGE), "ctr images import did not name the image {IMAGE}: {imported}");
+    assert!(
+        imported.contains(IMAGE),
+        "ctr images import did not name the image {IMAGE}: {imported}"
+    );
 
     // The node's CNI plugin directory, with a plugin of someone else's in it.
     let dest = node.state_dir().join("opt-cni-bin");
     fs::create_dir_all(&dest).unwrap();
     fs::write(dest.join("loopback"), b"someone else's plugin").unwrap();
-    let mount = format!("type=bind,src={},dst=/host/opt/cni/bin,options=rbind:rw", dest.display());
+    let mount = format!(
+        "type=bind,src={},dst=/host/opt/cni/bin,options=rbind:rw",
+        dest.display()
+    );
     let install = |id: &str| {
         ok(
             containerd.ctr(&[
@@ -152,7 +160,10 @@ fn containerd_imports_the_image_and_its_init_container_installs_the_plugins() {
     let mut inodes = Vec::new();
     for plugin in PLUGINS {
         let installed = dest.join(plugin);
-        assert!(first.contains(&format!("installed /host/opt/cni/bin/{plugin}")), "{first}");
+        assert!(
+            first.contains(&format!("installed /host/opt/cni/bin/{plugin}")),
+            "{first}"
+        );
         assert_eq!(
             fs::read(&installed).unwrap(),
             fs::read(bin_dir().join(plugin)).unwrap(),
@@ -167,20 +178,41 @@ fn containerd_imports_the_image_and_its_init_container_installs_the_plugins() {
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     names.sort();
-    assert_eq!(names, ["ferry-bridge", "ferry-ipam", "loopback"], "no temporary file may stay");
+    assert_eq!(
+        names,
+        ["ferry-bridge", "ferry-ipam", "loopback"],
+        "no temporary file may stay"
+    );
     assert_eq!(fs::read(dest.join("loopback")).unwrap(), b"someone else's plugin");
 
     let second = install("install-2");
     for (plugin, inode) in PLUGINS.iter().zip(inodes) {
-        assert!(second.contains(&format!("/host/opt/cni/bin/{plugin} is up to date")), "{second}");
-        assert_eq!(fs::metadata(dest.join(plugin)).unwrap().ino(), inode, "{plugin} was rewritten");
+        assert!(
+            second.contains(&format!("/host/opt/cni/bin/{plugin} is up to date")),
+            "{second}"
+        );
+        assert_eq!(
+            fs::metadata(dest.join(plugin)).unwrap().ino(),
+            inode,
+            "{plugin} was rewritten"
+        );
     }
 
     let version = ok(
-        containerd.ctr(&["run", "--rm", IMAGE, "version", "/usr/local/bin/ferry-proxy", "--version"]),
+        containerd.ctr(&[
+            "run",
+            "--rm",
+            IMAGE,
+            "version",
+            "/usr/local/bin/ferry-proxy",
+            "--version",
+        ]),
         "ferry-proxy --version in the image",
     );
-    assert_eq!(version.trim(), format!("ferry-proxy {}", env!("CARGO_PKG_VERSION")));
+    assert_eq!(
+        version.trim(),
+        format!("ferry-proxy {}", env!("CARGO_PKG_VERSION"))
+    );
     let nft = ok(
         containerd.ctr(&["run", "--rm", IMAGE, "nft", "/usr/sbin/nft", "--version"]),
         "nft --version in the image",
@@ -211,11 +243,26 @@ fn podman_loads_the_image() {
             .expect("cannot run podman.sh")
     };
     ok(
-        podman(&["start".as_ref(), node.name().as_ref(), conf.as_os_str(), plugins.as_os_str()]),
+        podman(&[
+            "start".as_ref(),
+            node.name().as_ref(),
+            conf.as_os_str(),
+            plugins.as_os_str(),
+        ]),
         "podman.sh start",
     );
-    let loaded = podman(&["podman".as_ref(), "load".as_ref(), "-i".as_ref(), archive.as_os_str()]);
-    let listed = podman(&["podman".as_ref(), "images".as_ref(), "--format".as_ref(), "{{.Repository}}:{{.Tag}}".as_ref()]);
+    let loaded = podman(&[
+        "podman".as_ref(),
+        "load".as_ref(),
+        "-i".as_ref(),
+        archive.as_os_str(),
+    ]);
+    let listed = podman(&[
+        "podman".as_ref(),
+        "images".as_ref(),
+        "--format".as_ref(),
+        "{{.Repository}}:{{.Tag}}".as_ref(),
+    ]);
     let _ = podman(&["stop".as_ref()]);
     ok(loaded, "podman load");
     let listed = ok(listed, "podman images");
