@@ -777,7 +777,7 @@ async fn list_watch_errors_and_resync_against_a_mock_api_server() {
         forbidden.contains("forbidden") && forbidden.contains("retrying"),
         "{forbidden}"
     );
-    assert!(!forbidden.contains("conf/ferry-proxy.yaml"), "{forbidden}");
+    assert!(!forbidden.contains("conf/ferry.yaml"), "{forbidden}");
     let internal = error_text(&e[1]);
     assert!(
         internal.contains("etcdserver: request timed out") && internal.contains("retrying"),
@@ -1144,7 +1144,7 @@ async fn after_an_api_server_restart_a_new_service_arrives_within_2_s() {
     );
     for e in &errors {
         assert!(
-            !e.contains("conf/ferry-proxy.yaml"),
+            !e.contains("conf/ferry.yaml"),
             "a starting server's 403 is no RBAC problem: {e}"
         );
     }
@@ -1223,7 +1223,7 @@ async fn a_forbidden_that_lasts_asks_for_rbac() {
     assert_eq!(errors.len(), 10, "{errors:#?}");
     let (first_at, first) = &errors[0];
     assert!(
-        !first.contains("conf/ferry-proxy.yaml") && first.contains("retrying"),
+        !first.contains("conf/ferry.yaml") && first.contains("retrying"),
         "{first}"
     );
     let (last_at, last) = errors.last().unwrap();
@@ -1232,15 +1232,12 @@ async fn a_forbidden_that_lasts_asks_for_rbac() {
         "{errors:#?}"
     );
     assert!(
-        last.contains("get/list/watch on services") && last.contains("conf/ferry-proxy.yaml"),
+        last.contains("get/list/watch on services") && last.contains("conf/ferry.yaml"),
         "{last}"
     );
     for (at, e) in &errors {
         if at.duration_since(*first_at) + Duration::from_millis(200) < api_source::FORBIDDEN_GRACE {
-            assert!(
-                !e.contains("conf/ferry-proxy.yaml"),
-                "too early for RBAC advice: {e}"
-            );
+            assert!(!e.contains("conf/ferry.yaml"), "too early for RBAC advice: {e}");
         }
     }
 }

@@ -242,7 +242,7 @@ impl std::fmt::Display for SourceError {
                 write!(
                     f,
                     "watching {what}: forbidden ({message}): give ferry-proxy's ServiceAccount \
-                     get/list/watch on {what} (the ClusterRole in conf/ferry-proxy.yaml); retrying"
+                     get/list/watch on {what} (the ClusterRole in conf/ferry.yaml); retrying"
                 )
             }
             SourceError::Unauthorized { kind, message } => write!(
