@@ -894,8 +894,8 @@ async fn list_watch_errors_and_resync_against_a_mock_api_server() {
     result.unwrap().unwrap();
 }
 
-#[tokio::test]
-async fn run_with_a_kubeconfig_file() {
+/// A mock API server with one Service and nothing else, for the connection tests.
+async fn one_service_api_server() -> std::net::SocketAddr {
     let mock = Arc::new(Mock::default());
     mock.script(
         SERVICES,
@@ -907,18 +907,29 @@ async fn run_with_a_kubeconfig_file() {
     script_quiet_slices_and_node(&mock);
     script_policy_kinds(&mock, vec![], vec![namespace("default", "1")]);
     let addr = start(mock).await;
+    addr
+}
 
-    let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = dir.path().join("kubeconfig");
+/// Writes a kubeconfig named `name` into `dir` whose one cluster is `server`.
+fn write_kubeconfig(dir: &std::path::Path, name: &str, server: &str) -> std::path::PathBuf {
+    let path = dir.join(name);
     std::fs::write(
-        &kubeconfig,
+        &path,
         format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: mock\n  cluster:\n    server: http://{addr}\n\
-             contexts:\n- name: mock\n  context:\n    cluster: mock\n    user: nobody\n\
-             current-context: mock\nusers:\n- name: nobody\n  user: {{}}\n"
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: {server}\n\
+             contexts:\n- name: c\n  context:\n    cluster: c\n    user: nobody\n\
+             current-context: c\nusers:\n- name: nobody\n  user: {{}}\n"
         ),
     )
     .unwrap();
+    path
+}
+
+#[tokio::test]
+async fn run_with_a_kubeconfig_file() {
+    let addr = one_service_api_server().await;
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = write_kubeconfig(dir.path(), "kubeconfig", &format!("http://{addr}"));
 
     let (tx, mut rx) = mpsc::channel(16);
     let connection = api_source::Connection {
@@ -973,34 +984,10 @@ async fn run_with_a_kubeconfig_file() {
 /// proxy lists from the server that file names.
 #[tokio::test]
 async fn the_api_server_address_from_the_kubelets_kubeconfig() {
-    let mock = Arc::new(Mock::default());
-    mock.script(
-        SERVICES,
-        "ServiceList",
-        "v1",
-        vec![Reply::List("3", vec![service("2", json!(8080))])],
-        vec![],
-    );
-    script_quiet_slices_and_node(&mock);
-    script_policy_kinds(&mock, vec![], vec![namespace("default", "1")]);
-    let addr = start(mock).await;
-
+    let addr = one_service_api_server().await;
     let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = |name: &str, server: &str| {
-        let path = dir.path().join(name);
-        std::fs::write(
-            &path,
-            format!(
-                "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: {server}\n\
-                 contexts:\n- name: c\n  context:\n    cluster: c\n    user: nobody\n\
-                 current-context: c\nusers:\n- name: nobody\n  user: {{}}\n"
-            ),
-        )
-        .unwrap();
-        path
-    };
-    let credentials = kubeconfig("credentials", "http://127.0.0.1:1");
-    let kubelet = kubeconfig("kubelet.conf", &format!("http://{addr}"));
+    let credentials = write_kubeconfig(dir.path(), "credentials", "http://127.0.0.1:1");
+    let kubelet = write_kubeconfig(dir.path(), "kubelet.conf", &format!("http://{addr}"));
 
     let (tx, mut rx) = mpsc::channel(16);
     let connection = api_source::Connection {

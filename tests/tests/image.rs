@@ -64,6 +64,15 @@ fn build_image(dir: &Path) -> PathBuf {
     out
 }
 
+/// Empty CNI configuration and plugin directories for a runtime on `node`: the image
+/// tests run no container on a network.
+fn empty_cni_dirs(node: &Node) -> (PathBuf, PathBuf) {
+    let (conf, plugins) = (node.state_dir().join("net.d"), node.state_dir().join("bin"));
+    fs::create_dir_all(&conf).unwrap();
+    fs::create_dir_all(&plugins).unwrap();
+    (conf, plugins)
+}
+
 /// A private containerd on a test node (scripts/runtimes/containerd.sh), stopped on drop.
 struct Containerd {
     state: PathBuf,
@@ -72,9 +81,7 @@ struct Containerd {
 impl Containerd {
     fn start(node: &Node) -> Containerd {
         let state = node.state_dir().join("containerd");
-        let (conf, plugins) = (node.state_dir().join("net.d"), node.state_dir().join("bin"));
-        fs::create_dir_all(&conf).unwrap();
-        fs::create_dir_all(&plugins).unwrap();
+        let (conf, plugins) = empty_cni_dirs(node);
         let script = repo().join("scripts/runtimes/containerd.sh");
         ok(
             Command::new(&script)
@@ -230,9 +237,7 @@ fn podman_loads_the_image() {
     let node = Node::new("imgp");
     let archive = build_image(node.state_dir());
     let state = node.state_dir().join("podman");
-    let (conf, plugins) = (node.state_dir().join("net.d"), node.state_dir().join("bin"));
-    fs::create_dir_all(&conf).unwrap();
-    fs::create_dir_all(&plugins).unwrap();
+    let (conf, plugins) = empty_cni_dirs(&node);
     let script = repo().join("scripts/runtimes/podman.sh");
     let podman = |args: &[&OsStr]| {
         Command::new(&script)
