@@ -3,13 +3,14 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 CARGO ?= cargo
 
-.PHONY: help setup build release demo test lint bench
+.PHONY: help setup build release image demo test lint bench
 
 help:
 	@echo "Ferry make targets (run as root):"
 	@echo "  make setup    install system packages and rustup components (scripts/setup.sh)"
 	@echo "  make build    setup, then build all binaries (debug: what the tests run)"
 	@echo "  make release  setup, then build all binaries optimized (what you install)"
+	@echo "  make image    release build, then the node image as an archive (target/image/ferry-image.tar)"
 	@echo "  make demo     build, then run ferry-demo: a node with pods on Ferry's network"
 	@echo "  make test     build, then rustfmt check, clippy, and every test"
 	@echo "  make lint     rustfmt check and clippy only"
@@ -23,6 +24,11 @@ build: setup
 
 release: setup
 	$(CARGO) build --release --workspace --bins
+
+# The image conf/ferry.yaml runs, as an archive every node runtime loads (no registry):
+# kind load image-archive, k3s ctr images import, ctr images import, podman/docker load.
+image: release
+	scripts/image/build.sh target/release target/image/ferry-image.tar
 
 # The demo runs the plugins as they ship: optimized.
 demo: release

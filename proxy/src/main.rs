@@ -57,10 +57,25 @@ struct SourceArgs {
     /// else $KUBECONFIG or ~/.kube/config).
     #[arg(long, value_name = "PATH", conflicts_with = "manifests")]
     kubeconfig: Option<PathBuf>,
+    /// Take only the API server's address from this kubeconfig (the node's kubelet's, e.g.
+    /// /etc/kubernetes/kubelet.conf), keeping the Pod's service account: as a DaemonSet,
+    /// the proxy cannot reach the API server through the `kubernetes` Service it is
+    /// about to program.
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["manifests", "kubeconfig"])]
+    api_server_from: Option<PathBuf>,
     /// Read Services, EndpointSlices and Nodes from YAML/JSON files in DIR instead of an
     /// API server; changes are applied within a second.
     #[arg(long, value_name = "DIR")]
     manifests: Option<PathBuf>,
+}
+
+impl SourceArgs {
+    fn connection(&self) -> ferry_proxy::source::kube::Connection {
+        ferry_proxy::source::kube::Connection {
+            kubeconfig: self.kubeconfig.clone(),
+            api_server_from: self.api_server_from.clone(),
+        }
+    }
 }
 
 #[derive(Args)]
@@ -373,7 +388,7 @@ fn spawn_source(source: SourceArgs, node_name: String, tx: mpsc::Sender<Event>, 
         }
         None => {
             tokio::spawn(async move {
-                if let Err(e) = wiring::kube_source(source.kubeconfig, node_name, tx).await {
+                if let Err(e) = wiring::kube_source(source.connection(), node_name, tx).await {
                     let _ = fatal.send(e).await;
                 }
             });
@@ -438,7 +453,7 @@ fn read_store_once(source: SourceArgs, settings: &NodeSettings) -> Result<Store,
         None => runtime()?.block_on(async {
             let (tx, mut rx) = mpsc::channel(EVENT_QUEUE);
             let source = tokio::spawn(wiring::kube_source(
-                source.kubeconfig,
+                source.connection(),
                 settings.node_name.clone(),
                 tx,
             ));
@@ -512,7 +527,6 @@ fn node_settings(node: &NodeArgs) -> Result<NodeSettings, String> {
 /// What other modules provide, each behind one function: switching one on is one line.
 mod wiring {
     use std::net::SocketAddr;
-    use std::path::PathBuf;
     use std::sync::Arc;
     use std::time::{Duration, Instant};
 
@@ -617,11 +631,11 @@ mod wiring {
     /// The Kubernetes API source; returns when `tx`'s receiver is gone, or fails when no
     /// client can be made.
     pub async fn kube_source(
-        kubeconfig: Option<PathBuf>,
+        connection: ferry_proxy::source::kube::Connection,
         node_name: String,
         tx: mpsc::Sender<Event>,
     ) -> Result<(), String> {
-        ferry_proxy::source::kube::run(kubeconfig, node_name, tx)
+        ferry_proxy::source::kube::run(connection, node_name, tx)
             .await
             .map_err(|e| e.to_string())
     }

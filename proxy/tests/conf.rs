@@ -1,7 +1,8 @@
-//! `conf/ferry-proxy.yaml` parses, every field is one Kubernetes knows (a typo would be
-//! dropped by the typed round trip and show up as a difference), and it says what the
-//! README and the proxy rely on: RBAC limited to get/list/watch on what the proxy reads,
-//! the DaemonSet's node settings, probe and capabilities.
+//! `conf/ferry.yaml` (and its k3s twin) parses, every field is one Kubernetes knows (a
+//! typo would be dropped by the typed round trip and show up as a difference), and it says
+//! what the README and the proxy rely on: RBAC limited to get/list/watch on what the proxy
+//! reads, the DaemonSet's node settings, the init container that installs the plugins,
+//! the host paths, probe and capabilities; and `ferry-proxy` accepts its arguments.
 
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::ServiceAccount;
@@ -10,12 +11,13 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::Value;
 
-const PATH: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../conf/ferry-proxy.yaml");
+const CONF: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../conf");
 
-fn documents() -> Vec<Value> {
-    let text = std::fs::read_to_string(PATH).unwrap();
+fn documents(file: &str) -> Vec<Value> {
+    let path = format!("{CONF}/{file}");
+    let text = std::fs::read_to_string(&path).unwrap();
     serde_yaml_ng::Deserializer::from_str(&text)
-        .map(|d| Value::deserialize(d).unwrap_or_else(|e| panic!("{PATH}: {e}")))
+        .map(|d| Value::deserialize(d).unwrap_or_else(|e| panic!("{path}: {e}")))
         .filter(|v| !v.is_null())
         .collect()
 }
@@ -32,9 +34,53 @@ fn typed<T: DeserializeOwned + serde::Serialize>(doc: &Value) -> T {
     obj
 }
 
+/// The host paths of a distribution: CNI plugins, CNI configuration, kubelet kubeconfig.
+struct Paths {
+    cni_bin: &'static str,
+    cni_conf: &'static str,
+    kubelet_kubeconfig: &'static str,
+    cluster_cidr: &'static str,
+}
+
 #[test]
-fn ferry_proxy_yaml() {
-    let docs = documents();
+fn ferry_yaml() {
+    check(
+        "ferry.yaml",
+        Paths {
+            cni_bin: "/opt/cni/bin",
+            cni_conf: "/etc/cni/net.d",
+            kubelet_kubeconfig: "/etc/kubernetes/kubelet.conf",
+            cluster_cidr: "10.244.0.0/16",
+        },
+    );
+}
+
+#[test]
+fn ferry_k3s_yaml_is_ferry_yaml_with_k3s_paths() {
+    check(
+        "ferry-k3s.yaml",
+        Paths {
+            cni_bin: "/var/lib/rancher/k3s/data/cni",
+            cni_conf: "/var/lib/rancher/k3s/agent/etc/cni/net.d",
+            kubelet_kubeconfig: "/var/lib/rancher/k3s/agent/kubelet.kubeconfig",
+            cluster_cidr: "10.42.0.0/16",
+        },
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("ferry-k3s.yaml");
+    let status = std::process::Command::new(format!("{CONF}/../scripts/conf/k3s.sh"))
+        .arg(&out)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert!(
+        std::fs::read(&out).unwrap() == std::fs::read(format!("{CONF}/ferry-k3s.yaml")).unwrap(),
+        "conf/ferry-k3s.yaml is not what scripts/conf/k3s.sh makes of conf/ferry.yaml: run the script"
+    );
+}
+
+fn check(file: &str, paths: Paths) {
+    let docs = documents(file);
     let kinds: Vec<&str> = docs.iter().map(|d| d["kind"].as_str().unwrap()).collect();
     assert_eq!(
         kinds,
@@ -94,22 +140,76 @@ fn ferry_proxy_yaml() {
         .iter()
         .any(|t| t.operator.as_deref() == Some("Exists") && t.key.is_none() && t.effect.is_none()));
 
+    // Host paths, by volume name.
+    let volumes = pod.volumes.as_ref().unwrap();
+    let host_path = |name: &str| {
+        let v = volumes
+            .iter()
+            .find(|v| v.name == name)
+            .unwrap_or_else(|| panic!("volume {name}"));
+        v.host_path.as_ref().unwrap().path.clone()
+    };
+    assert_eq!(host_path("cni-bin"), paths.cni_bin);
+    assert_eq!(host_path("cni-conf"), paths.cni_conf);
+    assert_eq!(host_path("kubelet-kubeconfig"), paths.kubelet_kubeconfig);
+    let mounted_at = |c: &k8s_openapi::api::core::v1::Container, volume: &str| {
+        c.volume_mounts
+            .iter()
+            .flatten()
+            .find(|m| m.name == volume)
+            .map(|m| (m.mount_path.clone(), m.read_only == Some(true)))
+    };
+
+    // The init container installs the plugins into the mounted plugin directory.
+    let init = &pod.init_containers.as_ref().unwrap()[0];
+    assert_eq!(init.image.as_deref(), Some("localhost/ferry:dev"));
+    let command = init.command.as_ref().unwrap();
+    assert_eq!(command[0], "/usr/local/bin/ferry-install-cni");
+    assert_eq!(mounted_at(init, "cni-bin"), Some((command[1].clone(), false)));
+    assert_eq!(init.security_context.as_ref().unwrap().privileged, None);
+
     let c = &pod.containers[0];
-    assert_eq!(c.image.as_deref(), Some("ghcr.io/ferry/ferry-proxy:dev"));
+    assert_eq!(c.image.as_deref(), Some("localhost/ferry:dev"));
     let args = c.args.as_ref().unwrap();
     assert_eq!(args[0], "run");
-    assert!(
-        args.contains(&"--hostname-override=$(NODE_NAME)".to_string()),
-        "{args:?}"
+    let arg = |flag: &str| {
+        args.iter()
+            .find_map(|a| a.strip_prefix(&format!("--{flag}=")))
+            .unwrap_or_else(|| panic!("--{flag} in {args:?}"))
+    };
+    assert_eq!(arg("hostname-override"), "$(NODE_NAME)");
+    assert_eq!(arg("cluster-cidr"), paths.cluster_cidr);
+    assert_eq!(
+        mounted_at(c, "kubelet-kubeconfig"),
+        Some((arg("api-server-from").to_string(), true))
     );
-    assert!(args.iter().any(|a| a.starts_with("--cluster-cidr=")));
+    assert_eq!(
+        mounted_at(c, "cni-conf"),
+        Some((arg("cni-conf-dir").to_string(), false))
+    );
     let env = c.env.as_ref().unwrap();
     let node_name = env.iter().find(|e| e.name == "NODE_NAME").unwrap();
     let field = node_name.value_from.as_ref().unwrap().field_ref.as_ref().unwrap();
     assert_eq!(field.field_path, "spec.nodeName");
     for name in ["KUBERNETES_SERVICE_HOST", "KUBERNETES_SERVICE_PORT"] {
-        assert!(env.iter().any(|e| e.name == name && e.value.is_some()), "{name}");
+        assert!(
+            env.iter().all(|e| e.name != name),
+            "{name}: the address comes from --api-server-from, nothing to edit"
+        );
     }
+
+    // The binary under test takes these arguments (clap stops at --help only when every
+    // argument before it parsed).
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ferry-proxy"))
+        .args(args.iter().map(|a| a.replace("$(NODE_NAME)", "node-a")))
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "ferry-proxy refuses the DaemonSet's arguments {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     let probe = c.liveness_probe.as_ref().unwrap().http_get.as_ref().unwrap();
     assert_eq!(probe.path.as_deref(), Some("/livez"));
@@ -118,13 +218,19 @@ fn ferry_proxy_yaml() {
         k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(10256)
     );
 
-    let sc = c.security_context.as_ref().unwrap();
-    assert_ne!(sc.privileged, Some(true));
-    let caps = sc.capabilities.as_ref().unwrap();
-    assert_eq!(caps.drop.as_deref(), Some(&["ALL".to_string()][..]));
+    for c in [init, c] {
+        let sc = c.security_context.as_ref().unwrap();
+        assert_ne!(sc.privileged, Some(true));
+        assert_eq!(sc.read_only_root_filesystem, Some(true));
+        let caps = sc.capabilities.as_ref().unwrap();
+        assert_eq!(caps.drop.as_deref(), Some(&["ALL".to_string()][..]));
+    }
+    let caps = c
+        .security_context
+        .as_ref()
+        .unwrap()
+        .capabilities
+        .as_ref()
+        .unwrap();
     assert_eq!(caps.add.as_deref(), Some(&["NET_ADMIN".to_string()][..]));
-    assert!(
-        c.volume_mounts.is_none() && pod.volumes.is_none(),
-        "no host paths are needed"
-    );
 }

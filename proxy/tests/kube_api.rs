@@ -777,7 +777,7 @@ async fn list_watch_errors_and_resync_against_a_mock_api_server() {
         forbidden.contains("forbidden") && forbidden.contains("retrying"),
         "{forbidden}"
     );
-    assert!(!forbidden.contains("conf/ferry-proxy.yaml"), "{forbidden}");
+    assert!(!forbidden.contains("conf/ferry.yaml"), "{forbidden}");
     let internal = error_text(&e[1]);
     assert!(
         internal.contains("etcdserver: request timed out") && internal.contains("retrying"),
@@ -894,8 +894,8 @@ async fn list_watch_errors_and_resync_against_a_mock_api_server() {
     result.unwrap().unwrap();
 }
 
-#[tokio::test]
-async fn run_with_a_kubeconfig_file() {
+/// A mock API server with one Service and nothing else, for the connection tests.
+async fn one_service_api_server() -> std::net::SocketAddr {
     let mock = Arc::new(Mock::default());
     mock.script(
         SERVICES,
@@ -907,21 +907,36 @@ async fn run_with_a_kubeconfig_file() {
     script_quiet_slices_and_node(&mock);
     script_policy_kinds(&mock, vec![], vec![namespace("default", "1")]);
     let addr = start(mock).await;
+    addr
+}
 
-    let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = dir.path().join("kubeconfig");
+/// Writes a kubeconfig named `name` into `dir` whose one cluster is `server`.
+fn write_kubeconfig(dir: &std::path::Path, name: &str, server: &str) -> std::path::PathBuf {
+    let path = dir.join(name);
     std::fs::write(
-        &kubeconfig,
+        &path,
         format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: mock\n  cluster:\n    server: http://{addr}\n\
-             contexts:\n- name: mock\n  context:\n    cluster: mock\n    user: nobody\n\
-             current-context: mock\nusers:\n- name: nobody\n  user: {{}}\n"
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: {server}\n\
+             contexts:\n- name: c\n  context:\n    cluster: c\n    user: nobody\n\
+             current-context: c\nusers:\n- name: nobody\n  user: {{}}\n"
         ),
     )
     .unwrap();
+    path
+}
+
+#[tokio::test]
+async fn run_with_a_kubeconfig_file() {
+    let addr = one_service_api_server().await;
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = write_kubeconfig(dir.path(), "kubeconfig", &format!("http://{addr}"));
 
     let (tx, mut rx) = mpsc::channel(16);
-    let source = tokio::spawn(api_source::run(Some(kubeconfig), "node-a".to_string(), tx));
+    let connection = api_source::Connection {
+        kubeconfig: Some(kubeconfig.clone()),
+        api_server_from: None,
+    };
+    let source = tokio::spawn(api_source::run(connection, "node-a".to_string(), tx));
     let got = collect(
         &mut rx,
         &[(Kind::Service, 1), (Kind::EndpointSlice, 1), (Kind::Node, 1)],
@@ -949,7 +964,11 @@ async fn run_with_a_kubeconfig_file() {
     // A kubeconfig that is not there: the error names the flag and the path.
     let (tx, _rx) = mpsc::channel(1);
     let missing = dir.path().join("missing");
-    let err = api_source::run(Some(missing.clone()), "node-a".into(), tx)
+    let connection = api_source::Connection {
+        kubeconfig: Some(missing.clone()),
+        api_server_from: None,
+    };
+    let err = api_source::run(connection, "node-a".into(), tx)
         .await
         .unwrap_err();
     assert!(
@@ -958,6 +977,55 @@ async fn run_with_a_kubeconfig_file() {
         "{err}"
     );
     assert!(!err.is_retryable(), "a missing kubeconfig stays missing");
+}
+
+/// `--api-server-from`: the credentials come from where they always do (here a kubeconfig
+/// whose own server is closed), the address from the other file (the kubelet's), so the
+/// proxy lists from the server that file names.
+#[tokio::test]
+async fn the_api_server_address_from_the_kubelets_kubeconfig() {
+    let addr = one_service_api_server().await;
+    let dir = tempfile::tempdir().unwrap();
+    let credentials = write_kubeconfig(dir.path(), "credentials", "http://127.0.0.1:1");
+    let kubelet = write_kubeconfig(dir.path(), "kubelet.conf", &format!("http://{addr}"));
+
+    let (tx, mut rx) = mpsc::channel(16);
+    let connection = api_source::Connection {
+        kubeconfig: Some(credentials.clone()),
+        api_server_from: Some(kubelet),
+    };
+    let source = tokio::spawn(api_source::run(connection, "node-a".to_string(), tx));
+    let got = collect(&mut rx, &[(Kind::Service, 1)]).await;
+    assert_eq!(
+        got[&Kind::Service],
+        vec![snapshot(Kind::Service, vec![svc(service("2", json!(8080)))])]
+    );
+    drop(rx);
+    tokio::time::timeout(Duration::from_secs(5), source)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+
+    // A file that is not there, or names no server: the error says which flag and file.
+    let no_server = dir.path().join("no-server");
+    std::fs::write(&no_server, "apiVersion: v1\nkind: Config\n").unwrap();
+    for bad in [dir.path().join("missing"), no_server] {
+        let (tx, _rx) = mpsc::channel(1);
+        let connection = api_source::Connection {
+            kubeconfig: Some(credentials.clone()),
+            api_server_from: Some(bad.clone()),
+        };
+        let err = api_source::run(connection, "node-a".into(), tx)
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with(&format!("--api-server-from {}", bad.display())),
+            "{err}"
+        );
+        assert!(!err.is_retryable(), "{err}");
+    }
 }
 
 /// Receives events of `kind` (dropping the others) with the time each arrived, until one
@@ -1063,7 +1131,7 @@ async fn after_an_api_server_restart_a_new_service_arrives_within_2_s() {
     );
     for e in &errors {
         assert!(
-            !e.contains("conf/ferry-proxy.yaml"),
+            !e.contains("conf/ferry.yaml"),
             "a starting server's 403 is no RBAC problem: {e}"
         );
     }
@@ -1142,7 +1210,7 @@ async fn a_forbidden_that_lasts_asks_for_rbac() {
     assert_eq!(errors.len(), 10, "{errors:#?}");
     let (first_at, first) = &errors[0];
     assert!(
-        !first.contains("conf/ferry-proxy.yaml") && first.contains("retrying"),
+        !first.contains("conf/ferry.yaml") && first.contains("retrying"),
         "{first}"
     );
     let (last_at, last) = errors.last().unwrap();
@@ -1151,15 +1219,12 @@ async fn a_forbidden_that_lasts_asks_for_rbac() {
         "{errors:#?}"
     );
     assert!(
-        last.contains("get/list/watch on services") && last.contains("conf/ferry-proxy.yaml"),
+        last.contains("get/list/watch on services") && last.contains("conf/ferry.yaml"),
         "{last}"
     );
     for (at, e) in &errors {
         if at.duration_since(*first_at) + Duration::from_millis(200) < api_source::FORBIDDEN_GRACE {
-            assert!(
-                !e.contains("conf/ferry-proxy.yaml"),
-                "too early for RBAC advice: {e}"
-            );
+            assert!(!e.contains("conf/ferry.yaml"), "too early for RBAC advice: {e}");
         }
     }
 }

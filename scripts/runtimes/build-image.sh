@@ -7,7 +7,7 @@
 #   OUT_DIR defaults to $FERRY_IMAGE_DIR, else <repo>/target/runtimes-image.
 # Produces, and prints the path of, OUT_DIR:
 #   rootfs.tar  the root filesystem, for `podman import rootfs.tar <name>`
-#   oci.tar     an OCI image layout archive named $IMAGE_NAME, for `ctr images import`
+#   oci.tar     an image archive named $IMAGE_NAME (scripts/lib/oci-archive.sh), for `ctr images import`
 #               (containerd takes the name from the io.containerd.image.name annotation)
 #
 # Cached: rebuilt only when busybox or this script changed (a stamp file records both), and
@@ -28,7 +28,7 @@ if [[ ! -x $BUSYBOX ]] || ! "$BUSYBOX" --list >/dev/null 2>&1; then
 fi
 
 # The stamp: what the outputs were built from.
-stamp="busybox $(sha256sum <"$BUSYBOX" | cut -d' ' -f1) script $(sha256sum <"${BASH_SOURCE[0]}" | cut -d' ' -f1) name $IMAGE_NAME"
+stamp="busybox $(sha256sum <"$BUSYBOX" | cut -d' ' -f1) script $(cat "${BASH_SOURCE[0]}" "$here/../lib/oci-archive.sh" | sha256sum | cut -d' ' -f1) name $IMAGE_NAME"
 
 exec 9>"$out/.lock"
 flock 9
@@ -62,47 +62,12 @@ echo "hello from ferry-busybox" >"$root/www/index.html"
 tar --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner \
     -C "$root" -cf "$work/rootfs.tar" .
 
-# The OCI image layout (image-spec v1.0): one uncompressed layer, its config, a
-# manifest, and an index naming the image.
-layout=$work/oci
-blobs=$layout/blobs/sha256
-mkdir -p "$blobs"
-
-# add_blob FILE: stores FILE as a blob, sets $digest and $size.
-add_blob() {
-    digest=$(sha256sum <"$1" | cut -d' ' -f1)
-    size=$(stat -c %s "$1")
-    cp "$1" "$blobs/$digest"
-}
-
-arch=$(dpkg --print-architecture) # amd64, arm64, ...: Go's GOARCH names for these
-add_blob "$work/rootfs.tar"
-layer_digest=$digest layer_size=$size
-
-printf '%s' "{\"architecture\":\"$arch\",\"os\":\"linux\",\
-\"config\":{\"Env\":[\"PATH=/bin\"],\"Cmd\":[\"/bin/sh\"],\"WorkingDir\":\"/\"},\
-\"rootfs\":{\"type\":\"layers\",\"diff_ids\":[\"sha256:$layer_digest\"]},\
-\"history\":[{\"created_by\":\"scripts/runtimes/build-image.sh\"}]}" >"$work/config.json"
-add_blob "$work/config.json"
-config_digest=$digest config_size=$size
-
-printf '%s' "{\"schemaVersion\":2,\"mediaType\":\"application/vnd.oci.image.manifest.v1+json\",\
-\"config\":{\"mediaType\":\"application/vnd.oci.image.config.v1+json\",\
-\"digest\":\"sha256:$config_digest\",\"size\":$config_size},\
-\"layers\":[{\"mediaType\":\"application/vnd.oci.image.layer.v1.tar\",\
-\"digest\":\"sha256:$layer_digest\",\"size\":$layer_size}]}" >"$work/manifest.json"
-add_blob "$work/manifest.json"
-manifest_digest=$digest manifest_size=$size
-
-printf '%s' "{\"schemaVersion\":2,\"manifests\":[{\
-\"mediaType\":\"application/vnd.oci.image.manifest.v1+json\",\
-\"digest\":\"sha256:$manifest_digest\",\"size\":$manifest_size,\
-\"platform\":{\"architecture\":\"$arch\",\"os\":\"linux\"},\
-\"annotations\":{\"io.containerd.image.name\":\"$IMAGE_NAME\",\
-\"org.opencontainers.image.ref.name\":\"${IMAGE_NAME##*:}\"}}]}" >"$layout/index.json"
-printf '%s' '{"imageLayoutVersion":"1.0.0"}' >"$layout/oci-layout"
-tar --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner \
-    -C "$layout" -cf "$work/oci.tar" oci-layout index.json blobs
+# The image archive (OCI layout, plus Docker's manifest.json), for `ctr images import`.
+# shellcheck source=../lib/oci-archive.sh
+source "$here/../lib/oci-archive.sh"
+mkdir -p "$work/oci"
+oci_archive "$IMAGE_NAME" "$work/rootfs.tar" \
+    '{"Env":["PATH=/bin"],"Cmd":["/bin/sh"],"WorkingDir":"/"}' "$work/oci" "$work/oci.tar"
 
 mv -f "$work/rootfs.tar" "$out/rootfs.tar"
 mv -f "$work/oci.tar" "$out/oci.tar"

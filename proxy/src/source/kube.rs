@@ -49,43 +49,88 @@ use super::{Event, Kind, Object, SourceError};
 pub const SERVICE_LABEL_SELECTOR: &str =
     "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless";
 
+/// How to reach the API server: `--kubeconfig` and `--api-server-from`.
+#[derive(Debug, Clone, Default)]
+pub struct Connection {
+    /// A kubeconfig to connect with (its current context). Without one: in-cluster (a
+    /// Pod's service account), else kube's usual inference (`$KUBECONFIG`, `~/.kube/config`).
+    pub kubeconfig: Option<PathBuf>,
+    /// A kubeconfig, the node's kubelet's, to take only the API server's address from; the
+    /// credentials stay the in-cluster ones. In a Pod, the API server's address is the
+    /// `kubernetes` Service's ClusterIP, which only works once a proxy runs: the proxy
+    /// itself must go to the real address, and the kubelet's kubeconfig is where every
+    /// node already has it (kind: `/etc/kubernetes/kubelet.conf`, k3s:
+    /// `/var/lib/rancher/k3s/agent/kubelet.kubeconfig`).
+    pub api_server_from: Option<PathBuf>,
+}
+
 /// Watches the API server and sends [`Event`]s to `tx` until `tx`'s receiver is dropped
-/// (then returns `Ok`). Connects with the kubeconfig file when one is given, else with the
-/// in-cluster configuration (a Pod's service account), else with kube's usual inference
-/// (`$KUBECONFIG`, `~/.kube/config`). Fails only when no client can be built; everything
-/// that goes wrong later is an [`Event::Error`] followed by a retry.
-pub async fn run(
-    kubeconfig: Option<PathBuf>,
-    node_name: String,
-    tx: Sender<Event>,
-) -> Result<(), SourceError> {
-    let config = config_from(kubeconfig.as_deref()).await?;
+/// (then returns `Ok`). Fails only when no client can be built; everything that goes
+/// wrong later is an [`Event::Error`] followed by a retry.
+pub async fn run(connection: Connection, node_name: String, tx: Sender<Event>) -> Result<(), SourceError> {
+    let config = config_from(&connection).await?;
     let client = client_from(config)?;
     watch(client, &node_name, tx).await
 }
 
-/// The client configuration: from `kubeconfig` when given (its current context), else
-/// in-cluster, else inferred.
-pub async fn config_from(kubeconfig: Option<&Path>) -> Result<::kube::Config, SourceError> {
-    if let Some(path) = kubeconfig {
-        let bad_file = |e: &dyn std::fmt::Display| SourceError::Kubeconfig {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        };
-        let file = Kubeconfig::read_from(path).map_err(|e| bad_file(&e))?;
-        return ::kube::Config::from_custom_kubeconfig(file, &KubeConfigOptions::default())
-            .await
-            .map_err(|e| bad_file(&e));
+/// The client configuration: from the kubeconfig when given (its current context), else
+/// in-cluster, else inferred; then the API server's address from `api_server_from`.
+pub async fn config_from(connection: &Connection) -> Result<::kube::Config, SourceError> {
+    let mut config = match &connection.kubeconfig {
+        Some(path) => {
+            let bad_file = |e: &dyn std::fmt::Display| SourceError::Kubeconfig {
+                path: path.to_path_buf(),
+                message: e.to_string(),
+            };
+            let file = Kubeconfig::read_from(path).map_err(|e| bad_file(&e))?;
+            ::kube::Config::from_custom_kubeconfig(file, &KubeConfigOptions::default())
+                .await
+                .map_err(|e| bad_file(&e))?
+        }
+        None => match ::kube::Config::incluster() {
+            Ok(config) => config,
+            Err(in_cluster) => {
+                ::kube::Config::infer()
+                    .await
+                    .map_err(|inferred| SourceError::NoApiServer {
+                        in_cluster: in_cluster.to_string(),
+                        inferred: inferred.to_string(),
+                    })?
+            }
+        },
+    };
+    if let Some(path) = &connection.api_server_from {
+        let server = api_server_in(path)?;
+        config.cluster_url = server.parse().map_err(|e| SourceError::ApiServerFrom {
+            path: path.clone(),
+            message: format!("server {server:?} is not a URL: {e}"),
+        })?;
     }
-    match ::kube::Config::incluster() {
-        Ok(config) => Ok(config),
-        Err(in_cluster) => ::kube::Config::infer()
-            .await
-            .map_err(|inferred| SourceError::NoApiServer {
-                in_cluster: in_cluster.to_string(),
-                inferred: inferred.to_string(),
-            }),
-    }
+    Ok(config)
+}
+
+/// The server of the current context's cluster in the kubeconfig at `path`.
+pub fn api_server_in(path: &Path) -> Result<String, SourceError> {
+    let bad_file = |message: String| SourceError::ApiServerFrom {
+        path: path.to_path_buf(),
+        message,
+    };
+    let file = Kubeconfig::read_from(path).map_err(|e| bad_file(e.to_string()))?;
+    let context = match &file.current_context {
+        Some(name) => file.contexts.iter().find(|c| &c.name == name),
+        None => file.contexts.first(),
+    };
+    let cluster_name = context
+        .and_then(|c| c.context.as_ref())
+        .map(|c| c.cluster.as_str());
+    let cluster = match cluster_name {
+        Some(name) => file.clusters.iter().find(|c| c.name == name),
+        None => file.clusters.first(),
+    };
+    cluster
+        .and_then(|c| c.cluster.as_ref())
+        .and_then(|c| c.server.clone())
+        .ok_or_else(|| bad_file("its current context names no cluster with a server".into()))
 }
 
 /// A client for `config`. Tests point it at a local server with

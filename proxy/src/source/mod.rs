@@ -160,6 +160,8 @@ pub enum Event {
 pub enum SourceError {
     /// `--kubeconfig` could not be read or used.
     Kubeconfig { path: PathBuf, message: String },
+    /// `--api-server-from` could not be read or names no server.
+    ApiServerFrom { path: PathBuf, message: String },
     /// Neither in a Pod nor with a kubeconfig to fall back on.
     NoApiServer { in_cluster: String, inferred: String },
     /// No client could be made from the configuration (TLS material, proxy settings).
@@ -191,6 +193,7 @@ impl SourceError {
     pub fn is_retryable(&self) -> bool {
         match self {
             SourceError::Kubeconfig { .. }
+            | SourceError::ApiServerFrom { .. }
             | SourceError::NoApiServer { .. }
             | SourceError::Client { .. }
             | SourceError::ManifestsReader(_) => false,
@@ -209,6 +212,12 @@ impl std::fmt::Display for SourceError {
             SourceError::Kubeconfig { path, message } => {
                 write!(f, "--kubeconfig {}: {message}", path.display())
             }
+            SourceError::ApiServerFrom { path, message } => write!(
+                f,
+                "--api-server-from {}: {message} (mount the node's kubelet kubeconfig there, or \
+                 leave the flag out to use KUBERNETES_SERVICE_HOST)",
+                path.display()
+            ),
             SourceError::NoApiServer {
                 in_cluster,
                 inferred,
@@ -233,7 +242,7 @@ impl std::fmt::Display for SourceError {
                 write!(
                     f,
                     "watching {what}: forbidden ({message}): give ferry-proxy's ServiceAccount \
-                     get/list/watch on {what} (the ClusterRole in conf/ferry-proxy.yaml); retrying"
+                     get/list/watch on {what} (the ClusterRole in conf/ferry.yaml); retrying"
                 )
             }
             SourceError::Unauthorized { kind, message } => write!(
