@@ -611,7 +611,7 @@ mod wiring {
             // The API source watches this node's Node only; the Pod network needs all, so
             // it watches them itself and sees none of the source's events.
             tokio::spawn(ferry_proxy::network::nodes::watch(
-                source.kubeconfig.clone(),
+                source.connection(),
                 agent.sender(),
             ));
             return Ok(to_loop);

@@ -64,7 +64,11 @@ async fn every_node_is_listed_then_followed() {
     )
     .unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
-    tokio::spawn(ferry_proxy::network::nodes::watch(Some(kubeconfig), tx));
+    let connection = ferry_proxy::source::kube::Connection {
+        kubeconfig: Some(kubeconfig),
+        api_server_from: None,
+    };
+    tokio::spawn(ferry_proxy::network::nodes::watch(connection, tx));
     let updates = tokio::task::spawn_blocking(move || {
         (0..3)
             .map(|_| rx.recv_timeout(Duration::from_secs(10)).expect("a Node update"))

@@ -4,7 +4,6 @@
 //! ([`crate::source::kube::watch_kind`]). RBAC: `list`/`watch` on `nodes`, which the
 //! ClusterRole grants already.
 
-use std::path::PathBuf;
 use std::sync::mpsc::Sender;
 
 use k8s_openapi::api::core::v1::Node;
@@ -17,8 +16,8 @@ use crate::source::{kube as source, Kind};
 
 /// Watches every Node and sends the changes to `to`; returns when `to`'s receiver is gone
 /// or no client can be made (logged: the Pod network then keeps what is in place).
-pub async fn watch(kubeconfig: Option<PathBuf>, to: Sender<NodeUpdate>) {
-    let client = match source::config_from(kubeconfig.as_deref())
+pub async fn watch(connection: source::Connection, to: Sender<NodeUpdate>) {
+    let client = match source::config_from(&connection)
         .await
         .and_then(source::client_from)
     {
