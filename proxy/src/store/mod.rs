@@ -729,4 +729,47 @@ mod tests {
         assert_eq!(store.policies().count(), 0);
         assert!(store.take_dirty().is_empty(), "no Service is re-planned");
     }
+
+    #[test]
+    fn policy_changes_say_which_objects_changed_and_what_they_were() {
+        let mut store = Store::new();
+        let namespace: Namespace = serde_json::from_value(json!({"metadata": {"name": "shop"}})).unwrap();
+        store.apply(Event::Upsert(namespace.into()));
+        store.apply(Event::Upsert(pod("web-1", json!({"app": "web"}), "Running", &["10.244.0.5"])));
+        let added = store.take_policy_changes();
+        assert_eq!(added.namespaces.len(), 1);
+        let key: ObjectKey = (Arc::from("shop"), Arc::from("web-1"));
+        let change = &added.pods[&key];
+        assert!(change.before.is_none() && change.after.is_some());
+        assert!(change.peer_changed() && change.labels_changed());
+        assert!(!store.has_policy_dirty());
+
+        // Relabelled, then its address changed: one change, from the first value.
+        store.apply(Event::Upsert(pod("web-1", json!({"app": "db"}), "Running", &["10.244.0.5"])));
+        let relabelled = store.take_policy_changes();
+        assert!(relabelled.pods[&key].labels_changed() && !relabelled.pods[&key].peer_changed());
+        store.apply(Event::Upsert(pod("web-1", json!({"app": "web"}), "Running", &["10.244.0.5"])));
+        store.apply(Event::Upsert(pod("web-1", json!({"app": "web"}), "Running", &["10.244.0.6"])));
+        let moved = store.take_policy_changes();
+        let change = &moved.pods[&key];
+        assert_eq!(change.before.as_ref().unwrap().labels.get("app"), Some("db"));
+        assert_eq!(change.after.as_ref().unwrap().labels.get("app"), Some("web"));
+        assert!(change.peer_changed());
+
+        // Changed and changed back: nothing to redo.
+        store.apply(Event::Upsert(pod("web-1", json!({"app": "x"}), "Running", &["10.244.0.6"])));
+        store.apply(Event::Upsert(pod("web-1", json!({"app": "web"}), "Running", &["10.244.0.6"])));
+        assert!(store.has_policy_dirty());
+        assert!(store.take_policy_changes().is_empty());
+
+        // A relist without it: removed, with what it was.
+        store.apply(Event::Snapshot {
+            kinds: vec![Kind::Pod, Kind::Namespace],
+            objects: vec![],
+        });
+        let relisted = store.take_policy_changes();
+        assert!(relisted.pods[&key].after.is_none());
+        assert_eq!(relisted.namespaces.len(), 1);
+        assert!(relisted.namespaces[&Arc::from("shop")].after.is_none());
+    }
 }

@@ -219,3 +219,52 @@ fn resolve_name<'p>(pod: &'p PodInfo, name: &'p str, protocol: Protocol) -> impl
         .filter(move |p| p.name.as_deref() == Some(name) && p.protocol == Some(protocol))
         .filter_map(|p| u16::try_from(p.port).ok())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::{Event, Kind, Object};
+    use k8s_openapi::api::core::v1::Pod;
+    use k8s_openapi::api::networking::v1::NetworkPolicy;
+    use serde_json::json;
+
+    fn pod(name: &str, app: &str, ip: &str, host_network: bool) -> Object {
+        let pod: Pod = serde_json::from_value(json!({
+            "metadata": {"namespace": "x", "name": name, "labels": {"app": app}},
+            "spec": {"nodeName": "node-a", "hostNetwork": host_network, "containers": []},
+            "status": {"phase": "Running", "podIPs": [{"ip": ip}]}
+        }))
+        .unwrap();
+        pod.into()
+    }
+
+    #[test]
+    fn host_network_pods_are_neither_enforced_nor_selector_peers() {
+        let policy: NetworkPolicy = serde_json::from_value(json!({
+            "metadata": {"namespace": "x", "name": "p"},
+            "spec": {"podSelector": {}, "ingress": [
+                {"from": [{"podSelector": {"matchLabels": {"app": "agent"}}}]},
+                {"from": [{"ipBlock": {"cidr": "192.168.0.10/32"}}]}]}
+        }))
+        .unwrap();
+        let mut store = Store::new();
+        store.apply(Event::Snapshot {
+            kinds: Kind::ALL.to_vec(),
+            objects: vec![
+                // The node's address: a host-network agent, and a Pod with its own.
+                pod("agent", "agent", "192.168.0.10", true),
+                pod("agent-in-pod-net", "agent", "10.244.0.9", false),
+                pod("web", "web", "10.244.0.5", false),
+                policy.into(),
+            ],
+        });
+        let table = plan(&store, "node-a");
+        assert!(!table.pods.contains_key("x/agent"), "never enforced: {table:?}");
+        let ingress = table.pods["x/web"].ingress.as_ref().unwrap();
+        let node: IpAddr = "192.168.0.10".parse().unwrap();
+        let pod_net: IpAddr = "10.244.0.9".parse().unwrap();
+        assert!(!ingress.allows[0].clauses[0].peers.contains(node), "not a selector peer");
+        assert!(ingress.allows[0].clauses[0].peers.contains(pod_net));
+        assert!(ingress.allows[1].clauses[0].peers.contains(node), "ipBlock still holds it");
+    }
+}
