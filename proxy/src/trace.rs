@@ -346,6 +346,12 @@ fn find_pod<'s>(store: &'s Store, namespace: &str, name: &str) -> Result<&'s Pod
         problem: "not found in the source (check the namespace and name, e.g. with kubectl get pods -A)"
             .into(),
     })?;
+    if pod.host_network {
+        return Err(TraceError::UnknownPod {
+            pod: format!("{namespace}/{name}"),
+            problem: "runs on the host's network: its address is the node's and no policy applies to it; trace from the node's address instead".into(),
+        });
+    }
     if !policy::is_peer(pod) {
         return Err(TraceError::UnknownPod {
             pod: format!("{namespace}/{name}"),

@@ -87,7 +87,7 @@ fn parse_ips<'a>(ips: impl Iterator<Item = &'a str>) -> Vec<IpAddr> {
 }
 
 /// Labels, sorted by key, keys and values shared.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct Labels(Box<[(Arc<str>, Arc<str>)]>);
 
 impl Labels {
@@ -100,6 +100,11 @@ impl Labels {
 
     pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
         self.0.iter().map(|(k, v)| (&**k, &**v))
+    }
+
+    /// The pairs as shared strings, for indexes keyed by them.
+    pub fn pairs(&self) -> impl Iterator<Item = (&Arc<str>, &Arc<str>)> {
+        self.0.iter().map(|(k, v)| (k, v))
     }
 
     pub fn len(&self) -> usize {
@@ -416,6 +421,9 @@ pub struct PodInfo {
     /// `status.podIPs`, or `status.podIP` when only that is set; those that parse.
     pub ips: Vec<IpAddr>,
     pub phase: PodPhase,
+    /// `spec.hostNetwork`: the Pod runs in its node's network namespace, and its
+    /// addresses are the node's.
+    pub host_network: bool,
 }
 
 /// One `containers[].ports[]` entry.
@@ -462,6 +470,7 @@ impl From<Pod> for PodInfo {
                 Some("Failed") => PodPhase::Failed,
                 _ => PodPhase::Unknown,
             },
+            host_network: spec.host_network.unwrap_or(false),
         }
     }
 }

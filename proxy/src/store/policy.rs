@@ -45,7 +45,7 @@ pub struct PolicyRule {
     pub ports: Vec<PolicyPort>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum PolicyPeer {
     /// Pods chosen by labels. `namespaces: None` means the policy's own namespace;
     /// `pods: None` every Pod of the chosen namespaces.
@@ -67,14 +67,14 @@ impl PolicyPeer {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct PolicyPort {
     pub protocol: Protocol,
     /// `None`: every port of the protocol.
     pub port: Option<PortSpec>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum PortSpec {
     /// `port`, or `port..=endPort`.
     Range { first: u16, last: u16 },
@@ -84,13 +84,13 @@ pub enum PortSpec {
 
 /// A label selector: every `matchLabels` pair and every expression must hold. The empty
 /// selector selects everything.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct Selector {
     pub match_labels: Labels,
     pub expressions: Vec<Expression>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Expression {
     In(Arc<str>, Vec<Arc<str>>),
     NotIn(Arc<str>, Vec<Arc<str>>),
