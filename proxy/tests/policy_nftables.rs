@@ -665,6 +665,44 @@ fn the_daemon_applies_policy_changes_within_a_second() {
     assert!(!connects(&b.ns, at(a.v4, 81)), "only the named port");
     assert!(!connects(&c.ns, at(a.v4, 80)));
 
+    // `dump --policy` names what the kernel holds: a's ingress chain, b's set.
+    let dump = |format: &str| {
+        let out = bed
+            .node
+            .netns()
+            .command(ferry_tests::ferry_bin("ferry-proxy"))
+            .args(["dump", "--policy", "-o", format, "--manifests"])
+            .arg(&proxy.manifests)
+            .args(["--hostname-override", NODE_NAME])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let json: serde_json::Value = serde_json::from_str(&dump("json")).unwrap();
+    let chain = json["pods"]["x/a"]["ingress"]["chain"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(json["pods"]["x/a"]["ingress"]["policies"][0], "x/on-a");
+    assert!(json["pods"]["x/b"]["ingress"].is_null(), "{json}");
+    let kernel = bed.nft(&["list", "table", "inet", TABLE]);
+    assert!(
+        kernel.contains(&format!("chain {chain} {{")),
+        "{chain} not in\n{kernel}"
+    );
+    for set in json["sets"].as_object().unwrap().keys() {
+        assert!(
+            kernel.contains(&format!("set {set} {{")),
+            "{set} not in\n{kernel}"
+        );
+    }
+    let text = dump("table");
+    assert!(
+        text.contains(&format!("x/a  ingress {chain} (x/on-a) / egress open")),
+        "{text}"
+    );
+
     // The policy deleted: everything opens.
     let since = std::time::Instant::now();
     proxy.write("policy", &[]);
