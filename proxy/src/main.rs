@@ -103,6 +103,11 @@ struct RunArgs {
     /// Where /metrics is served.
     #[arg(long, value_name = "IP:PORT", default_value = "127.0.0.1:10249")]
     metrics_bind_address: SocketAddr,
+    /// Enforce NetworkPolicy for this node's Pods (table `inet ferry-policy`, hook forward).
+    /// `--network-policy=false` for clusters with another policy engine: the table is then
+    /// removed, and Pods, Namespaces and NetworkPolicies need not be listed before syncing.
+    #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
+    network_policy: bool,
     #[command(flatten)]
     backend: BackendArgs,
     #[command(flatten)]
@@ -233,6 +238,11 @@ struct DumpArgs {
     /// `ebpf`: print what this node's eBPF maps hold (no source is read).
     #[arg(long, value_enum)]
     backend: Option<BackendKind>,
+    /// Print the NetworkPolicy table instead of the Services: which Pods are isolated, by
+    /// which chain and policies, and each chain's rules and set's ranges (the names
+    /// `nft list table inet ferry-policy` shows).
+    #[arg(long, conflicts_with = "backend")]
+    policy: bool,
     /// With --backend ebpf: where the pins are (DIR/<node name>/).
     #[arg(long, value_name = "DIR", default_value = ferry_proxy::backend::ebpf::DEFAULT_PIN_ROOT)]
     bpf_pin_root: PathBuf,
@@ -355,15 +365,11 @@ fn run_command(args: RunArgs) -> Result<(), String> {
                 () = terminated() => info!("stopping; the programmed rules stay in place"),
             }
         };
-        let result = run::run(
-            rx,
-            backend,
-            LoopConfig::new(settings),
-            metrics,
-            on_synced,
-            shutdown,
-        )
-        .await;
+        let config = LoopConfig {
+            network_policy: args.network_policy,
+            ..LoopConfig::new(settings)
+        };
+        let result = run::run(rx, backend, config, metrics, on_synced, shutdown).await;
         result.map_err(|e: RunError| e.to_string())?;
         fatal.map_or(Ok(()), Err)
     })
@@ -407,6 +413,18 @@ fn dump_command(args: DumpArgs) -> Result<(), String> {
         return Ok(());
     }
     let store = read_store_once(args.source, &settings)?;
+    if args.policy {
+        let table = ferry_proxy::plan::policy::plan(&store, &settings.node_name);
+        let layout = ferry_proxy::backend::policy::layout(&table);
+        print!(
+            "{}",
+            match args.output {
+                Format::Table => dump::policy_table(&layout),
+                Format::Json => dump::policy_json(&layout),
+            }
+        );
+        return Ok(());
+    }
     let table = plan(&store, &settings);
     let text = match args.output {
         Format::Table => dump::table(&table),
@@ -473,6 +491,9 @@ fn cleanup_command(args: CleanupArgs) -> Result<(), String> {
     };
     if let Some(ebpf) = args.backend.ebpf(&node_settings(&node)?.node_name)? {
         let report = ferry_proxy::backend::ebpf::cleanup_pins(&ebpf.pin_dir, &ebpf.cgroup)
+            .map_err(|e| format!("cleanup: {e}"))?;
+        ferry_proxy::backend::policy::PolicyEnforcer::new()
+            .cleanup()
             .map_err(|e| format!("cleanup: {e}"))?;
         info!(
             links = report.links_detached,
