@@ -174,7 +174,7 @@ impl Harness {
                     let all = TruthTable::from_fn(|_, _| true);
                     let wrong: Vec<_> = tables
                         .iter()
-                        .map(|t| all.mismatches(t, UPSTREAM_IGNORES_LOOPBACK))
+                        .map(|t| all.mismatches(t, !UPSTREAM_IGNORES_LOOPBACK))
                         .collect();
                     if wrong.iter().all(Vec::is_empty) {
                         break;
@@ -207,7 +207,7 @@ impl Harness {
         for (table, through) in observed.iter_mut().zip(Through::BOTH) {
             // Recheck what looked denied but should connect (see the module doc).
             let slow: Vec<(String, String)> = expected
-                .mismatches(table, UPSTREAM_IGNORES_LOOPBACK)
+                .mismatches(table, !UPSTREAM_IGNORES_LOOPBACK)
                 .into_iter()
                 .filter(|(from, to)| state.expected(from, to, port, protocol))
                 .collect();
@@ -229,7 +229,7 @@ impl Harness {
                 }
             }
             let proto = protocol.as_str().to_lowercase();
-            let wrong = expected.mismatches(table, UPSTREAM_IGNORES_LOOPBACK);
+            let wrong = expected.mismatches(table, !UPSTREAM_IGNORES_LOOPBACK);
             if !wrong.is_empty() {
                 problems.push(format!(
                     "{port}/{proto} to the {through:?}: the kernel differs from the oracle on {} pair(s) {wrong:?}\n{}",
@@ -246,7 +246,7 @@ impl Harness {
                     .unwrap_or_else(|e| panic!("trace {from} {target}: {e}"))
                     .allowed()
             });
-            let disagree = predicted.mismatches(table, UPSTREAM_IGNORES_LOOPBACK);
+            let disagree = predicted.mismatches(table, !UPSTREAM_IGNORES_LOOPBACK);
             if !disagree.is_empty() {
                 problems.push(format!(
                     "{port}/{proto} to the {through:?}: trace predicts otherwise than the kernel on {} pair(s) {disagree:?}\ntrace's prediction vs the kernel:\n{}",
