@@ -288,13 +288,13 @@ impl Reached {
         } else {
             &p.short_circuit_endpoints
         };
+        let to_external_address = p.port == self.port
+            && (p.external_ips.contains(&self.destination)
+                || p.load_balancer_ips.contains(&self.destination));
+        let to_node_port = p.node_port == Some(self.port) && self.maybe_node;
         if p.port == self.port && p.cluster_ip == Some(self.destination) {
             Some(&p.cluster_endpoints)
-        } else if p.port == self.port
-            && (p.external_ips.contains(&self.destination) || p.load_balancer_ips.contains(&self.destination))
-        {
-            Some(external)
-        } else if p.node_port == Some(self.port) && self.maybe_node {
+        } else if to_external_address || to_node_port {
             Some(external)
         } else {
             None
