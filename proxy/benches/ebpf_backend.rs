@@ -43,6 +43,7 @@ fn measure(
     node.netns().run(|| {
         let plan = Plan {
             services: synthetic_table(services, 10, 0),
+            policy: None,
         };
         let mut backend = make();
         let t = Instant::now();

@@ -360,6 +360,7 @@ fn sync_size(n: usize, reps: usize, changes: usize) -> SizeReport {
             let start = Instant::now();
             let mut current = Plan {
                 services: plan(&store, &settings),
+                policy: None,
             };
             let planned = start.elapsed();
             let stats = backend
@@ -414,6 +415,7 @@ fn sync_size(n: usize, reps: usize, changes: usize) -> SizeReport {
                 let start = Instant::now();
                 let replanned = Plan {
                     services: plan(&store, &settings),
+                    policy: None,
                 };
                 let planned = start.elapsed();
                 let stats = backend.sync(&replanned, &Changes::all()).expect("resync");
@@ -610,6 +612,7 @@ fn latency_node(services: usize) -> LatencyNode {
         store.apply(snapshot(objs));
         let table = Plan {
             services: plan(&store, &settings),
+            policy: None,
         };
         assert_eq!(table.services.ports.len(), services);
         NftablesBackend::new()

@@ -88,6 +88,11 @@ struct RunArgs {
     /// Where /metrics is served.
     #[arg(long, value_name = "IP:PORT", default_value = "127.0.0.1:10249")]
     metrics_bind_address: SocketAddr,
+    /// Enforce NetworkPolicy for this node's Pods (table `inet ferry-policy`, hook forward).
+    /// `--network-policy=false` for clusters with another policy engine: the table is then
+    /// removed, and Pods, Namespaces and NetworkPolicies need not be listed before syncing.
+    #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
+    network_policy: bool,
     #[command(flatten)]
     backend: BackendArgs,
 }
@@ -269,15 +274,11 @@ fn run_command(args: RunArgs) -> Result<(), String> {
                 () = terminated() => info!("stopping; the programmed rules stay in place"),
             }
         };
-        let result = run::run(
-            rx,
-            backend,
-            LoopConfig::new(settings),
-            metrics,
-            on_synced,
-            shutdown,
-        )
-        .await;
+        let config = LoopConfig {
+            network_policy: args.network_policy,
+            ..LoopConfig::new(settings)
+        };
+        let result = run::run(rx, backend, config, metrics, on_synced, shutdown).await;
         result.map_err(|e: RunError| e.to_string())?;
         fatal.map_or(Ok(()), Err)
     })
@@ -387,6 +388,9 @@ fn cleanup_command(args: CleanupArgs) -> Result<(), String> {
     };
     if let Some(ebpf) = args.backend.ebpf(&node_settings(&node)?.node_name)? {
         let report = ferry_proxy::backend::ebpf::cleanup_pins(&ebpf.pin_dir, &ebpf.cgroup)
+            .map_err(|e| format!("cleanup: {e}"))?;
+        ferry_proxy::backend::policy::PolicyEnforcer::new()
+            .cleanup()
             .map_err(|e| format!("cleanup: {e}"))?;
         info!(
             links = report.links_detached,

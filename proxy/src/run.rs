@@ -12,8 +12,14 @@
 //! end compare every port with what it applied.
 //!
 //! Nothing is programmed before the source has delivered a complete picture (a snapshot
-//! of Services and of EndpointSlices): a proxy that restarts must not replace good rules
-//! with the plan of an empty store, nor plan Services without their endpoints.
+//! of Services and of EndpointSlices; with NetworkPolicy on, of Pods, Namespaces and
+//! NetworkPolicies too): a proxy that restarts must not replace good rules with the plan
+//! of an empty store, nor plan Services without their endpoints, nor open a Pod whose
+//! policies are not listed yet (no fail-open).
+//!
+//! The policy plan is made again in full whenever the store says any Pod, Namespace or
+//! NetworkPolicy changed (a policy change can concern any Pod); the back end diffs it
+//! against what it applied, Pod by Pod.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -42,6 +48,10 @@ pub struct LoopConfig {
     /// The first retry after a failed sync; doubles up to `max_retry`.
     pub min_retry: Duration,
     pub max_retry: Duration,
+    /// Enforce NetworkPolicy (`--network-policy`, on by default): the plan then carries a
+    /// policy table, and Pods, Namespaces and NetworkPolicies must be listed before the
+    /// first sync. Off: the back end removes its policy table.
+    pub network_policy: bool,
 }
 
 impl LoopConfig {
@@ -51,6 +61,7 @@ impl LoopConfig {
             resync_period: Duration::from_secs(60),
             min_retry: Duration::from_secs(1),
             max_retry: Duration::from_secs(30),
+            network_policy: true,
         }
     }
 }
@@ -120,6 +131,8 @@ impl std::error::Error for RunError {
 /// The kinds the store must have seen in full before anything is programmed. Nodes are
 /// not among them: the plan does not read them.
 const NEEDED_KINDS: [Kind; 2] = [Kind::Service, Kind::EndpointSlice];
+/// What the policy plan reads, needed as well when NetworkPolicy is enforced.
+const POLICY_KINDS: [Kind; 3] = [Kind::Pod, Kind::Namespace, Kind::NetworkPolicy];
 
 /// A back end on a dedicated thread: created there, used only there.
 pub struct BackendThread {
@@ -202,7 +215,11 @@ pub async fn run(
     };
     let mut state = SyncLoop {
         store: Store::new(),
-        plan: Arc::new(Plan { services }),
+        plan: Arc::new(Plan {
+            services,
+            policy: None,
+        }),
+        policy_dirty: false,
         changes: ChangeTracker::new(),
         pending: false,
         full_replan: true,
@@ -228,6 +245,8 @@ struct SyncLoop {
     pending: bool,
     /// Re-plan everything (first sync, periodic resync) rather than the dirty Services.
     full_replan: bool,
+    /// A Pod, Namespace or NetworkPolicy changed since the last policy plan.
+    policy_dirty: bool,
     /// After a failure: no sync before this.
     retry_at: Option<Instant>,
     backoff: Duration,
@@ -280,7 +299,15 @@ impl SyncLoop {
 
     /// Whether the store knows enough to program the node.
     fn ready(&self) -> bool {
-        NEEDED_KINDS.iter().all(|kind| self.store.has_synced(*kind))
+        let policy: &[Kind] = if self.config.network_policy {
+            &POLICY_KINDS
+        } else {
+            &[]
+        };
+        NEEDED_KINDS
+            .iter()
+            .chain(policy)
+            .all(|kind| self.store.has_synced(*kind))
     }
 
     fn apply(&mut self, event: Event) {
@@ -291,10 +318,14 @@ impl SyncLoop {
             return;
         }
         self.store.apply(event);
+        if self.store.take_policy_dirty() && self.config.network_policy {
+            self.policy_dirty = true;
+        }
         // The first time the store is complete, the node is programmed even when nothing in
         // it is dirty: an empty cluster still needs the base table (and a restart must
         // replace whatever the last process left).
-        if self.store.has_dirty() || (!self.synced_once && !self.pending && self.ready()) {
+        if self.store.has_dirty() || self.policy_dirty || (!self.synced_once && !self.pending && self.ready())
+        {
             self.queue();
         }
     }
@@ -321,7 +352,17 @@ impl SyncLoop {
         let dirty = self.store.take_dirty();
         // The back end dropped its reference before answering the last sync, so this
         // updates in place; it would copy only if that ever changed.
-        let services = &mut Arc::make_mut(&mut self.plan).services;
+        let plan_now = Arc::make_mut(&mut self.plan);
+        if !self.config.network_policy {
+            plan_now.policy = None;
+        } else if self.full_replan || self.policy_dirty || plan_now.policy.is_none() {
+            plan_now.policy = Some(crate::plan::policy::plan(
+                &self.store,
+                &self.config.settings.node_name,
+            ));
+            self.policy_dirty = false;
+        }
+        let services = &mut plan_now.services;
         if self.full_replan {
             *services = plan(&self.store, &self.config.settings);
             self.changes.all_services();
@@ -872,8 +913,23 @@ mod tests {
     }
 
     /// The loop with a fake back end and events sent by the test (no source): the sender,
-    /// the loop's task, and the tables the back end was given.
+    /// the loop's task, and the tables the back end was given. NetworkPolicy is off, so
+    /// Services and EndpointSlices are all it waits for.
     async fn loop_fed_by_hand() -> (
+        mpsc::Sender<Event>,
+        tokio::task::JoinHandle<Result<(), RunError>>,
+        Arc<Mutex<Vec<ServiceTable>>>,
+    ) {
+        loop_fed_by_hand_with(LoopConfig {
+            network_policy: false,
+            ..config()
+        })
+        .await
+    }
+
+    async fn loop_fed_by_hand_with(
+        config: LoopConfig,
+    ) -> (
         mpsc::Sender<Event>,
         tokio::task::JoinHandle<Result<(), RunError>>,
         Arc<Mutex<Vec<ServiceTable>>>,
@@ -888,12 +944,37 @@ mod tests {
         let task = tokio::spawn(run(
             rx,
             backend,
-            config(),
+            config,
             Arc::new(Metrics::default()),
             Box::new(|_, _| {}),
             std::future::pending(),
         ));
         (tx, task, seen)
+    }
+
+    #[tokio::test]
+    async fn with_network_policy_nothing_is_programmed_before_pods_namespaces_and_policies_are_listed() {
+        let (tx, task, seen) = loop_fed_by_hand_with(config()).await;
+        tx.send(Event::Snapshot {
+            kinds: vec![Kind::Service, Kind::EndpointSlice, Kind::Pod, Kind::Namespace],
+            objects: vec![],
+        })
+        .await
+        .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            seen.lock().unwrap().is_empty(),
+            "synced before NetworkPolicies were listed: Pods would be open for a while"
+        );
+        tx.send(Event::Snapshot {
+            kinds: vec![Kind::NetworkPolicy],
+            objects: vec![],
+        })
+        .await
+        .unwrap();
+        drop(tx);
+        task.await.unwrap().unwrap();
+        assert_eq!(seen.lock().unwrap().len(), 1);
     }
 
     #[tokio::test]

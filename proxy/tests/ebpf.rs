@@ -187,6 +187,7 @@ fn plan(ports: Vec<ServicePort>) -> Plan {
             },
             ports: ports.into_iter().map(|p| (p.id.clone(), p)).collect(),
         },
+        policy: None,
     }
 }
 

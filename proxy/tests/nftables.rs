@@ -291,6 +291,7 @@ fn table(settings: NodeSettings, ports: Vec<ServicePort>) -> Plan {
             settings,
             ports: ports.into_iter().map(|p| (p.id.clone(), p)).collect(),
         },
+        policy: None,
     }
 }
 
@@ -298,6 +299,7 @@ fn table(settings: NodeSettings, ports: Vec<ServicePort>) -> Plan {
 fn synthetic_plan(services: usize, endpoints: usize, offset: usize) -> Plan {
     Plan {
         services: synthetic_table(services, endpoints, offset),
+        policy: None,
     }
 }
 

@@ -1,5 +1,6 @@
 //! Back ends: turn a [`Plan`] into kernel state: nftables (`nftables/`) or eBPF maps
-//! (`ebpf/`) for Services, on the same plan; the policy back end will use the same trait.
+//! (`ebpf/`) for Services, on the same plan; both enforce NetworkPolicy through the one
+//! policy table writer (`policy/`).
 //!
 //! A back end gets the whole plan and, from the sync loop's [`ChangeTracker`], the parts
 //! of it that may differ from what it last applied ([`Changes`]): it need not work out
@@ -18,6 +19,7 @@ use crate::plan::Plan;
 
 pub mod ebpf;
 pub mod nftables;
+pub mod policy;
 
 /// What one sync did, for logs and metrics.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -179,11 +179,14 @@ pub struct ServiceTable {
     pub ports: BTreeMap<ServicePortId, ServicePort>,
 }
 
-/// Everything the node must do, as the back ends get it: Services now, NetworkPolicy (a
-/// `PolicyTable`) next to them.
+/// Everything the node must do, as the back ends get it: Services, and NetworkPolicy for
+/// the node's Pods.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Plan {
     pub services: ServiceTable,
+    /// `None`: policy is not enforced (`--network-policy=false`): the back end removes its
+    /// policy table. `Some` with no isolated Pod still has the table, empty.
+    pub policy: Option<policy::PolicyTable>,
 }
 
 fn ports_as_list<S: serde::Serializer>(

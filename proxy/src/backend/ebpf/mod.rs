@@ -69,6 +69,7 @@ use tracing::{info, warn};
 
 pub use frontends::{frontends, Skipped};
 
+use crate::backend::policy::PolicyEnforcer;
 use crate::backend::{Backend, BackendError, SyncStats};
 use crate::changes::{Changes, ServiceChanges};
 use crate::plan::{Plan, ServicePort, ServicePortId};
@@ -89,6 +90,10 @@ pub struct EbpfBackend {
     snat_set: bool,
     /// Messages already logged about what is not served, so each is said once.
     said: BTreeSet<String>,
+    /// NetworkPolicy: the same policy table as with the nftables back end, committed in
+    /// a transaction of its own (socket-level load balancing leaves the real backend
+    /// address in the packets the forward hook judges).
+    policy: PolicyEnforcer,
 }
 
 /// One Service port as last programmed.
@@ -136,6 +141,7 @@ impl EbpfBackend {
             tc_on: BTreeSet::new(),
             snat_set: false,
             said: BTreeSet::new(),
+            policy: PolicyEnforcer::new(),
         })
     }
 
@@ -283,6 +289,7 @@ impl Backend for EbpfBackend {
                     .map_err(ebpf_err(format!("removing {frontend}")))?;
             }
         }
+        self.policy.sync(plan.policy.as_ref())?;
         Ok(SyncStats {
             changed_ports,
             rules: self.applied.values().map(|a| a.frontends.len()).sum(),
@@ -295,6 +302,7 @@ impl Backend for EbpfBackend {
             .map_err(ebpf_err("removing the eBPF programs and pins"))?;
         self.applied.clear();
         self.tc_on.clear();
+        self.policy.cleanup()?;
         info!(
             links = report.links_detached,
             pins = report.pins_removed,

@@ -10,10 +10,12 @@ use super::names::TABLE;
 use super::render::{base_rules, hairpin_element, render_port, PortObjects, RenderCtx};
 use super::slots::{slots_needed, Slot, SlotAllocator};
 use super::transaction::{ops_text, Op, Tx};
+use crate::backend::policy::{KernelPolicy, PolicyWriter, Prepared, TABLE as POLICY_TABLE};
 use crate::backend::{Backend, BackendError, SyncStats};
 use crate::changes::{stale_udp_flows, Changes, ServiceChanges};
 use crate::conntrack;
 use crate::nft;
+use crate::plan::policy::PolicyTable;
 use crate::plan::{NodeSettings, Plan, ServicePort, ServicePortId, ServiceTable};
 
 /// What the back end applied last, per Service port.
@@ -323,6 +325,8 @@ pub struct NftablesBackend {
     state: Option<Applied>,
     last_transaction: String,
     conntrack: bool,
+    /// The policy table: its steps join the Services' batch.
+    policy: PolicyWriter,
 }
 
 impl Default for NftablesBackend {
@@ -342,6 +346,7 @@ impl NftablesBackend {
             state: None,
             last_transaction: String::new(),
             conntrack: true,
+            policy: PolicyWriter::new(),
         }
     }
 
@@ -367,6 +372,17 @@ impl NftablesBackend {
         &self.last_transaction
     }
 
+    /// The policy table's part of the last transaction, as nft commands ("" when it had
+    /// nothing to do there); `nft -f` accepts it.
+    pub fn last_policy_transaction(&self) -> &str {
+        self.policy.last_transaction()
+    }
+
+    /// Rules in the policy table.
+    pub fn policy_rules(&self) -> usize {
+        self.policy.rules()
+    }
+
     /// The back end's netlink socket, opened at first use in the calling thread's network
     /// namespace and kept: closing a netfilter netlink socket waits for an RCU grace
     /// period in the kernel (7-15 ms measured with strace here), more than a one-element
@@ -384,17 +400,39 @@ impl NftablesBackend {
 
     /// Whether Ferry's table is in the kernel.
     fn table_exists(&mut self) -> Result<bool, BackendError> {
+        Ok(self.tables()?.iter().any(|t| t == TABLE))
+    }
+
+    /// The inet tables in the kernel (none in a dry run).
+    fn tables(&mut self) -> Result<Vec<String>, BackendError> {
         if self.dry_run {
-            return Ok(false);
+            return Ok(Vec::new());
         }
-        let tables = self.socket()?.list_tables().map_err(|source| {
+        self.socket()?.list_tables().map_err(|source| {
             self.socket = None;
             BackendError::Socket {
                 what: "listing the inet tables".into(),
                 source,
             }
-        })?;
-        Ok(tables.iter().any(|t| t == TABLE))
+        })
+    }
+
+    /// The policy steps of this sync, from the kernel's names when the writer knows
+    /// nothing yet (a new process, or after a failed commit).
+    fn prepare_policy(&mut self, table: Option<&PolicyTable>) -> Result<Prepared, BackendError> {
+        let kernel = if self.policy.needs_kernel() && !self.dry_run {
+            let read = KernelPolicy::read(self.socket()?);
+            Some(read.map_err(|source| {
+                self.socket = None;
+                BackendError::Socket {
+                    what: format!("reading the names in table inet {POLICY_TABLE}"),
+                    source,
+                }
+            })?)
+        } else {
+            None
+        };
+        Ok(self.policy.prepare(table, kernel.as_ref()))
     }
 
     /// Sends `batch` as one transaction (`what` says what it does, for the error). A
@@ -413,10 +451,11 @@ impl NftablesBackend {
     /// One sync, in the steps the module docs describe. The state is taken out for the
     /// sync and put back only when the kernel has what it describes: a failure (here or in
     /// the commit) leaves `state` empty, and the next sync rebuilds the table.
-    fn sync_services(
+    fn sync_plan(
         &mut self,
         table: &ServiceTable,
         changes: &ServiceChanges,
+        policy: Option<&PolicyTable>,
     ) -> Result<SyncStats, BackendError> {
         let start = Instant::now();
         let mut tx = Tx::default();
@@ -435,7 +474,8 @@ impl NftablesBackend {
         state.claim_keys(&mut rendered);
         let stale_udp = state.write_diffs(&mut tx, &rendered, &old, &work.removed);
         state.keep(rendered);
-        self.commit(tx, state)?;
+        let policy = self.prepare_policy(policy)?;
+        self.commit(tx, state, policy)?;
         self.clear_stale_udp_flows(&stale_udp);
         Ok(SyncStats {
             changed_ports,
@@ -444,30 +484,37 @@ impl NftablesBackend {
         })
     }
 
-    /// Sends the transaction (if there is anything to do) and keeps `state` when it took.
-    fn commit(&mut self, tx: Tx, state: Applied) -> Result<(), BackendError> {
-        if tx.is_empty() {
+    /// Sends the transaction, Services and policy together (if there is anything to do),
+    /// and keeps `state` when it took.
+    fn commit(&mut self, tx: Tx, state: Applied, policy: Prepared) -> Result<(), BackendError> {
+        if tx.is_empty() && policy.ops.is_empty() {
             self.last_transaction.clear();
             self.state = Some(state);
+            self.policy.committed(policy);
             return Ok(());
         }
         let ops = tx.into_ops();
-        let result = self.send_ops(&ops);
+        let result = self.send_ops(&ops, &policy);
         self.last_transaction = ops_text(&ops);
         // Nothing was applied when it failed (a transaction is all or nothing): the state
-        // stays empty, so the next sync starts over from what the kernel holds.
+        // stays empty (the policy writer's too), so the next sync starts over from what
+        // the kernel holds.
         result?;
         self.state = Some(state);
+        self.policy.committed(policy);
         Ok(())
     }
 
-    /// Sends `ops` as one transaction.
-    fn send_ops(&mut self, ops: &[Op]) -> Result<(), BackendError> {
+    /// Sends `ops` and the policy steps as one transaction.
+    fn send_ops(&mut self, ops: &[Op], policy: &Prepared) -> Result<(), BackendError> {
         if self.dry_run {
             return Ok(());
         }
         let mut batch = nft::Batch::new(TABLE);
         for op in ops {
+            op.lower(&mut batch);
+        }
+        for op in &policy.ops {
             op.lower(&mut batch);
         }
         self.send(&batch, "nftables transaction failed, nothing applied")
@@ -497,20 +544,28 @@ impl NftablesBackend {
 
 impl Backend for NftablesBackend {
     fn sync(&mut self, plan: &Plan, changes: &Changes) -> Result<SyncStats, BackendError> {
-        self.sync_services(&plan.services, &changes.services)
+        self.sync_plan(&plan.services, &changes.services, plan.policy.as_ref())
     }
 
+    /// Deletes both tables, Services' and policy's, in one transaction.
     fn cleanup(&mut self) -> Result<(), BackendError> {
         self.state = None;
-        if self.dry_run {
-            return Ok(());
-        }
-        if !self.table_exists()? {
-            return Ok(());
-        }
+        self.policy.reset();
+        let tables = self.tables()?;
         let mut batch = nft::Batch::new(TABLE);
-        batch.delete_table();
-        self.send(&batch, &format!("deleting table inet {TABLE}"))
+        for table in [TABLE, POLICY_TABLE] {
+            if tables.iter().any(|t| t == table) {
+                batch.use_table(nft::TableFamily::Inet, table);
+                batch.delete_table();
+            }
+        }
+        if batch.is_empty() {
+            return Ok(());
+        }
+        self.send(
+            &batch,
+            &format!("deleting tables inet {TABLE} and inet {POLICY_TABLE}"),
+        )
     }
 }
 
@@ -525,7 +580,13 @@ mod tests {
 
     /// A sync that compares every port, as after a full plan.
     fn sync_all(backend: &mut NftablesBackend, t: &ServiceTable) -> Result<SyncStats, BackendError> {
-        backend.sync(&Plan { services: t.clone() }, &Changes::all())
+        backend.sync(
+            &Plan {
+                services: t.clone(),
+                policy: None,
+            },
+            &Changes::all(),
+        )
     }
 
     #[test]
@@ -620,6 +681,7 @@ mod tests {
         let mut full = NftablesBackend::dry_run();
         let mut t = Plan {
             services: synthetic_table(300, 3, 0),
+            policy: None,
         };
         logged.sync(&t, &Changes::all()).unwrap();
         full.sync(&t, &Changes::all()).unwrap();

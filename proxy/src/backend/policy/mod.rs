@@ -1,0 +1,103 @@
+//! NetworkPolicy in the kernel: the policy plan ([`PolicyTable`]) as one nftables table,
+//! `inet ferry-policy`, changed by diff. ONE implementation for both Service back ends:
+//! the nftables back end puts these steps in the same nfnetlink batch as its Service diff
+//! (a change that touches both is one transaction); the eBPF back end commits them in a
+//! batch of their own ([`PolicyEnforcer`]).
+//!
+//! # Layout
+//!
+//! ```text
+//! chain forward      type filter hook forward priority 0; policy accept;
+//!                    ct state established,related accept
+//!                    icmpv6 type nd-neighbor-solicit accept  (and nd-neighbor-advert)
+//!                    ip saddr vmap @egress-v4        (ip6 saddr vmap @egress-v6)
+//!                    ip daddr vmap @ingress-v4       (ip6 daddr vmap @ingress-v6)
+//! map egress-v4      type ipv4_addr : verdict    Pod address : jump egress-<H>
+//! map ingress-v4     type ipv4_addr : verdict    Pod address : goto ingress-<H>
+//! chain egress-<H>   ip daddr @peers-<S>-v4 meta l4proto tcp th dport 80 return   (per clause,
+//!                    ... one rule per family of its peers and port range)         family and
+//!                    drop                                                          port range)
+//! chain ingress-<H>  ip saddr @peers-<S>-v4 meta l4proto tcp th dport >= 80 th dport <= 81 accept
+//!                    drop
+//! set peers-<S>-v4   type ipv4_addr; flags interval;     the peers of one or more clauses
+//! ```
+//!
+//! - A connection passes both directions: the source Pod's egress (entered with `jump`,
+//!   `return` when allowed, so the base chain goes on to the destination's ingress) and
+//!   the destination Pod's ingress (`goto`, `accept` when allowed). A Pod that no policy
+//!   isolates has no element: the lookup misses and the packet goes on. Denied is `drop`
+//!   (not reject), as upstream's implementations do.
+//! - Chains are shared by content: `<H>` is a hash of the chain's rules, so Pods whose
+//!   direction resolves to the same clauses get one chain (1,000 Pods under one policy:
+//!   one chain and 1,000 map elements; a relabelled Pod is an element replaced). Peer
+//!   sets likewise: one named interval set per distinct address list and family, named
+//!   by a hash of its ranges. Ports are matched inline, not in anonymous sets (each bound
+//!   anonymous set costs the kernel a walk of the transaction; see the nftables back
+//!   end's "Measurements").
+//! - `ct state established,related accept` comes first: replies of allowed connections
+//!   pass, and so do ICMP errors about them. There is no `ct state invalid drop`: it
+//!   would drop packets conntrack cannot follow (e.g. after a conntrack table flush, or
+//!   TCP window tracking corner cases) for Pods no policy isolates too, which is not this
+//!   table's business.
+//!
+//! # Where: `inet` forward, after DNAT, with br_netfilter
+//!
+//! The hook is `forward` at priority 0, after the Service DNAT of prerouting (-100): the
+//! destination is the real backend Pod, so traffic through a ClusterIP or NodePort is
+//! judged exactly as traffic to the Pod itself. Pod-to-Pod traffic on the same bridge
+//! only reaches the `inet` hooks when `net.bridge.bridge-nf-call-iptables=1` (and
+//! `-ip6tables`): br_netfilter then runs bridged IP packets through prerouting, forward
+//! and postrouting. Services need that setting already (replies of Pod -> ClusterIP ->
+//! Pod on one bridge must be un-NATed), and routed traffic in or out of the node passes
+//! the same forward hook, so one chain covers both. A `bridge` family table would see
+//! routed traffic only on its way out of the bridge, with conntrack of its own
+//! (nf_conntrack_bridge, missing on this kernel), and would judge Service traffic before
+//! the `inet` DNAT of routed packets.
+//!
+//! The node itself is not judged: its own packets to a local Pod (kubelet probes) leave
+//! through `output`, and the Pod's replies arrive through `input`; neither passes
+//! `forward` (`proxy/tests/policy_nftables.rs` proves it under a default-deny policy).
+//! The same holds with the eBPF back end: its socket-level load balancing rewrites the
+//! connect() of the client, so the packets already carry the backend Pod's address.
+//!
+//! # Sync
+//!
+//! The [`PolicyWriter`] keeps, per Pod, the directions it applied and their chain names: a
+//! Pod whose addresses and isolations equal what was applied costs one comparison (the
+//! plan's address lists are shared `Arc`s, compared by pointer first). Changed Pods are
+//! rendered again; the transaction then adds the new sets (with their elements) and new
+//! chains (with their rules), switches the map elements that differ, and deletes the
+//! chains and sets nothing uses any more, in that order, as ONE transaction: no packet
+//! ever sees a state between the old policy and the new one. Two Pods claiming one
+//! address (a transient state) give the address to the first by `namespace/name`, with a
+//! warning, rather than failing the transaction.
+//!
+//! # Restart
+//!
+//! The table outlives the process: a Pod stays enforced while no `ferry-proxy` runs. A
+//! new process reads the names of the chains and sets in the table (no rules, no
+//! elements), and does NOT flush or delete anything before its first sync, which the
+//! sync loop holds back until Pods, Namespaces and NetworkPolicies are all listed. That
+//! sync keeps the chains and sets whose names (content hashes) it still needs, adds the
+//! missing ones, and flushes and refills the four maps in the same transaction (their
+//! elements are not read back; the refill is part of the same atomic commit). A failed
+//! commit leaves the writer knowing nothing, and the next sync starts from the kernel the
+//! same way. `--network-policy=false` and `ferry-proxy cleanup` delete the table.
+//!
+//! # Files
+//!
+//! - `render`: rules, peer sets and map elements as data (nft text and kernel
+//!   expressions), and one Pod's direction as a chain;
+//! - `transaction`: the steps of one transaction;
+//! - `sync`: the [`PolicyWriter`] (what was applied, the diff) and the [`PolicyEnforcer`]
+//!   (the writer with a socket of its own).
+//!
+//! [`PolicyTable`]: crate::plan::policy::PolicyTable
+
+mod render;
+mod sync;
+mod transaction;
+
+pub use render::{Direction, MapElement, PeerSet, PolicyChain, PolicyRule, FORWARD, TABLE};
+pub use sync::{KernelPolicy, PolicyEnforcer, PolicyWriter, Prepared};
+pub use transaction::{ops_text, PolicyOp};

@@ -1,0 +1,425 @@
+//! What the policy table holds, and each sync as one diff from it (see "Sync" and
+//! "Restart" in the module docs of [`super`]).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::net::IpAddr;
+use std::time::Instant;
+
+use super::render::{render_chain, Direction, MapElement, PolicyChain, SetCache, FAMILIES, TABLE};
+use super::transaction::{ops_text, PolicyOp};
+use crate::backend::BackendError;
+use crate::nft;
+use crate::plan::policy::{Isolation, PodPolicy, PolicyTable};
+
+/// Chain and set names found in the kernel at the first sync of a process.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KernelPolicy {
+    pub exists: bool,
+    pub chains: Vec<String>,
+    pub sets: Vec<String>,
+}
+
+impl KernelPolicy {
+    /// Reads the names (two netlink dumps; no rules, no elements).
+    pub fn read(socket: &mut nft::Socket) -> std::io::Result<KernelPolicy> {
+        if !socket.list_tables()?.iter().any(|t| t == TABLE) {
+            return Ok(KernelPolicy::default());
+        }
+        Ok(KernelPolicy {
+            exists: true,
+            chains: socket.list_chains(TABLE)?,
+            sets: socket.list_sets(TABLE)?,
+        })
+    }
+}
+
+/// What one Pod got, to skip it next time when its plan is the same.
+#[derive(Debug)]
+struct AppliedPod {
+    ips: Vec<IpAddr>,
+    ingress: Option<Isolation>,
+    egress: Option<Isolation>,
+    chains: [Option<String>; 2],
+}
+
+#[derive(Debug, Default)]
+struct AppliedChain {
+    rules: usize,
+    sets: Vec<String>,
+}
+
+/// The policy table as the kernel holds it after the last successful commit.
+#[derive(Debug, Default)]
+struct Applied {
+    /// The table exists (policy on).
+    enabled: bool,
+    pods: HashMap<String, AppliedPod>,
+    elements: HashMap<(Direction, IpAddr), String>,
+    chains: HashMap<String, AppliedChain>,
+    sets: HashSet<String>,
+    /// Only after reading the kernel: its maps' elements are unknown (flushed and
+    /// refilled in the first transaction).
+    unknown_elements: bool,
+}
+
+impl Applied {
+    fn from_kernel(kernel: &KernelPolicy) -> Applied {
+        if !kernel.exists {
+            return Applied::default();
+        }
+        Applied {
+            enabled: true,
+            chains: kernel
+                .chains
+                .iter()
+                .filter(|c| c.starts_with("egress-") || c.starts_with("ingress-"))
+                .map(|c| (c.clone(), AppliedChain::default()))
+                .collect(),
+            sets: kernel
+                .sets
+                .iter()
+                .filter(|s| s.starts_with("peers-"))
+                .cloned()
+                .collect(),
+            unknown_elements: true,
+            ..Applied::default()
+        }
+    }
+
+    fn rules(&self) -> usize {
+        if !self.enabled {
+            return 0;
+        }
+        super::render::base_rules().len() + self.chains.values().map(|c| c.rules).sum::<usize>()
+    }
+}
+
+/// A transaction prepared by [`PolicyWriter::prepare`]: its steps, and the state the
+/// kernel will hold once they are committed.
+pub struct Prepared {
+    pub ops: Vec<PolicyOp>,
+    next: Applied,
+    /// Isolated Pods (either direction) after the commit.
+    pub isolated_pods: usize,
+}
+
+/// The policy table's diff engine, shared by both back ends: it turns a [`PolicyTable`]
+/// (or none: policy off) into the steps from what it applied last. The back end sends the
+/// steps (in its own batch or one of its own) and reports back.
+#[derive(Debug, Default)]
+pub struct PolicyWriter {
+    /// `None`: nothing known (a new process, or after a failed commit): the next sync
+    /// starts from the kernel's names.
+    state: Option<Applied>,
+    last_transaction: String,
+}
+
+impl PolicyWriter {
+    pub fn new() -> PolicyWriter {
+        PolicyWriter::default()
+    }
+
+    /// Whether the next [`Self::prepare`] needs the kernel's names.
+    pub fn needs_kernel(&self) -> bool {
+        self.state.is_none()
+    }
+
+    /// The steps from what was applied to `table` (`None`: policy off, the table goes).
+    /// `kernel` is read when [`Self::needs_kernel`] says so. Until [`Self::committed`],
+    /// the writer knows nothing (a failed commit makes the next sync start from the
+    /// kernel again).
+    pub fn prepare(&mut self, table: Option<&PolicyTable>, kernel: Option<&KernelPolicy>) -> Prepared {
+        let old = match self.state.take() {
+            Some(old) => old,
+            None => Applied::from_kernel(kernel.unwrap_or(&KernelPolicy::default())),
+        };
+        match table {
+            None => {
+                let ops = if old.enabled {
+                    vec![PolicyOp::DelTable]
+                } else {
+                    Vec::new()
+                };
+                Prepared {
+                    ops,
+                    next: Applied::default(),
+                    isolated_pods: 0,
+                }
+            }
+            Some(table) => diff(old, table),
+        }
+    }
+
+    /// The prepared steps are in the kernel.
+    pub fn committed(&mut self, prepared: Prepared) {
+        self.last_transaction = ops_text(&prepared.ops);
+        self.state = Some(prepared.next);
+    }
+
+    /// The steps of the last committed transaction as nft commands ("" when there was
+    /// nothing to do); `nft -f` accepts it.
+    pub fn last_transaction(&self) -> &str {
+        &self.last_transaction
+    }
+
+    /// Rules in the policy table.
+    pub fn rules(&self) -> usize {
+        self.state.as_ref().map_or(0, Applied::rules)
+    }
+
+    /// Forgets everything (after a cleanup).
+    pub fn reset(&mut self) {
+        self.state = None;
+    }
+}
+
+/// Both directions of one Pod, rendered (or reused from what was applied).
+fn pod_chains(
+    pod: &PodPolicy,
+    old: Option<AppliedPod>,
+    cache: &mut SetCache,
+    rendered: &mut HashMap<String, PolicyChain>,
+) -> AppliedPod {
+    if let Some(old) = old {
+        if old.ips == pod.ips && old.ingress == pod.ingress && old.egress == pod.egress {
+            return old;
+        }
+    }
+    let mut chain = |direction: Direction, isolation: &Option<Isolation>| {
+        isolation.as_ref().map(|isolation| {
+            let chain = render_chain(direction, isolation, cache);
+            let name = chain.name.clone();
+            rendered.entry(name.clone()).or_insert(chain);
+            name
+        })
+    };
+    AppliedPod {
+        ips: pod.ips.clone(),
+        chains: [
+            chain(Direction::Egress, &pod.egress),
+            chain(Direction::Ingress, &pod.ingress),
+        ],
+        ingress: pod.ingress.clone(),
+        egress: pod.egress.clone(),
+    }
+}
+
+const DIRECTIONS: [Direction; 2] = [Direction::Egress, Direction::Ingress];
+
+/// The transaction from `old` to `table`, in the order the kernel needs: base objects,
+/// new sets (with their elements), new chains (with their rules), map elements switched,
+/// then what nothing refers to any more goes.
+fn diff(mut old: Applied, table: &PolicyTable) -> Prepared {
+    let mut ops = Vec::new();
+    let first = !old.enabled || old.unknown_elements;
+    if first {
+        ops.push(PolicyOp::AddTable);
+        ops.push(PolicyOp::AddBaseChain);
+        // Refilled in the same transaction: whatever an earlier version wrote there.
+        ops.push(PolicyOp::FlushChain(super::render::FORWARD.to_string()));
+        for direction in DIRECTIONS {
+            for family in FAMILIES {
+                ops.push(PolicyOp::AddMap(direction, family));
+                if old.unknown_elements {
+                    ops.push(PolicyOp::FlushMap(direction, family));
+                }
+            }
+        }
+        for rule in super::render::base_rules() {
+            ops.push(PolicyOp::AddRule(super::render::FORWARD.to_string(), rule));
+        }
+        old.elements.clear();
+    }
+    let mut cache = SetCache::default();
+    let mut rendered: HashMap<String, PolicyChain> = HashMap::new();
+    let mut pods = HashMap::with_capacity(table.pods.len());
+    let mut elements: HashMap<(Direction, IpAddr), String> = HashMap::new();
+    let mut isolated_pods = 0;
+    for (key, pod) in &table.pods {
+        let applied = pod_chains(pod, old.pods.remove(key), &mut cache, &mut rendered);
+        if applied.chains.iter().any(Option::is_some) {
+            isolated_pods += 1;
+        }
+        for (direction, chain) in DIRECTIONS.iter().zip(&applied.chains) {
+            let Some(chain) = chain else { continue };
+            for ip in &applied.ips {
+                match elements.get(&(*direction, *ip)) {
+                    Some(taken) if taken != chain => tracing::warn!(
+                        "{key}: address {ip} is also another Pod's; its {} policy is that Pod's",
+                        direction.name()
+                    ),
+                    Some(_) => {}
+                    None => {
+                        elements.insert((*direction, *ip), chain.clone());
+                    }
+                }
+            }
+        }
+        pods.insert(key.clone(), applied);
+    }
+    // The chains and sets in use after this sync.
+    let mut chains: HashMap<String, AppliedChain> = HashMap::new();
+    for name in pods.values().flat_map(|p| p.chains.iter().flatten()) {
+        if chains.contains_key(name) {
+            continue;
+        }
+        let known = match rendered.get(name) {
+            Some(chain) => AppliedChain {
+                rules: chain.rules.len(),
+                sets: chain.sets.iter().map(|s| s.name.clone()).collect(),
+            },
+            None => old.chains.remove(name).unwrap_or_default(),
+        };
+        chains.insert(name.clone(), known);
+    }
+    let sets: HashSet<String> = chains.values().flat_map(|c| c.sets.iter().cloned()).collect();
+
+    // New sets, then new chains: in name order, so one plan gives one text.
+    let mut new_chains: Vec<&PolicyChain> = rendered
+        .values()
+        .filter(|c| chains.contains_key(&c.name) && !old.chains.contains_key(&c.name))
+        .collect();
+    new_chains.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut added_sets = BTreeMap::new();
+    for chain in &new_chains {
+        for set in &chain.sets {
+            if !old.sets.contains(&set.name) {
+                added_sets.entry(set.name.clone()).or_insert_with(|| set.clone());
+            }
+        }
+    }
+    // A kept chain's sets are in the kernel already (a chain holds its sets' names).
+    ops.extend(added_sets.into_values().map(PolicyOp::AddSet));
+    for chain in &new_chains {
+        ops.push(PolicyOp::AddChain(chain.name.clone()));
+        for rule in &chain.rules {
+            ops.push(PolicyOp::AddRule(chain.name.clone(), rule.clone()));
+        }
+    }
+
+    // Elements: deleted where gone or changed, added where new or changed.
+    let mut deleted: BTreeMap<String, BTreeSet<MapElement>> = BTreeMap::new();
+    let mut added: BTreeMap<String, BTreeSet<MapElement>> = BTreeMap::new();
+    for ((direction, ip), chain) in &old.elements {
+        if elements.get(&(*direction, *ip)) != Some(chain) {
+            let e = MapElement {
+                direction: *direction,
+                ip: *ip,
+                chain: chain.clone(),
+            };
+            deleted.entry(e.map()).or_default().insert(e);
+        }
+    }
+    for ((direction, ip), chain) in &elements {
+        if old.elements.get(&(*direction, *ip)) != Some(chain) {
+            let e = MapElement {
+                direction: *direction,
+                ip: *ip,
+                chain: chain.clone(),
+            };
+            added.entry(e.map()).or_default().insert(e);
+        }
+    }
+    for (map, e) in deleted {
+        ops.push(PolicyOp::DelElements(map, e.into_iter().collect()));
+    }
+    for (map, e) in added {
+        ops.push(PolicyOp::AddElements(map, e.into_iter().collect()));
+    }
+
+    // What nothing refers to any more.
+    let mut gone_chains: Vec<&String> = old.chains.keys().filter(|c| !chains.contains_key(*c)).collect();
+    gone_chains.sort();
+    ops.extend(gone_chains.into_iter().map(|c| PolicyOp::DelChain(c.clone())));
+    let mut gone_sets: Vec<&String> = old.sets.iter().filter(|s| !sets.contains(*s)).collect();
+    gone_sets.sort();
+    ops.extend(gone_sets.into_iter().map(|s| PolicyOp::DelSet(s.clone())));
+
+    Prepared {
+        ops,
+        next: Applied {
+            enabled: true,
+            pods,
+            elements,
+            chains,
+            sets,
+            unknown_elements: false,
+        },
+        isolated_pods,
+    }
+}
+
+/// The policy table on a socket of its own: what the eBPF back end (whose Services are
+/// not in nftables) and `cleanup` use. The nftables back end puts the same steps in its
+/// own batch instead.
+#[derive(Default)]
+pub struct PolicyEnforcer {
+    writer: PolicyWriter,
+    socket: Option<nft::Socket>,
+}
+
+impl PolicyEnforcer {
+    pub fn new() -> PolicyEnforcer {
+        PolicyEnforcer::default()
+    }
+
+    fn socket(&mut self) -> Result<&mut nft::Socket, BackendError> {
+        if self.socket.is_none() {
+            let socket = nft::Socket::open().map_err(|source| BackendError::Socket {
+                what: "opening a netfilter netlink socket for the policy table".into(),
+                source,
+            })?;
+            self.socket = Some(socket);
+        }
+        Ok(self.socket.as_mut().expect("just opened"))
+    }
+
+    /// Makes the policy table match `table` (`None`: no table) in one transaction;
+    /// returns the policy rules and how long it took.
+    pub fn sync(
+        &mut self,
+        table: Option<&PolicyTable>,
+    ) -> Result<(usize, std::time::Duration), BackendError> {
+        let start = Instant::now();
+        let kernel = if self.writer.needs_kernel() {
+            let socket = self.socket()?;
+            let read = KernelPolicy::read(socket);
+            Some(read.map_err(|source| {
+                self.socket = None;
+                BackendError::Socket {
+                    what: format!("reading the names in table inet {TABLE}"),
+                    source,
+                }
+            })?)
+        } else {
+            None
+        };
+        let prepared = self.writer.prepare(table, kernel.as_ref());
+        if !prepared.ops.is_empty() {
+            let mut batch = nft::Batch::new(TABLE);
+            for op in &prepared.ops {
+                op.lower(&mut batch);
+            }
+            let result = self.socket()?.commit(&batch);
+            result.map_err(|source| {
+                self.socket = None;
+                BackendError::Commit {
+                    what: "policy transaction failed, nothing applied".into(),
+                    source,
+                }
+            })?;
+        }
+        self.writer.committed(prepared);
+        Ok((self.writer.rules(), start.elapsed()))
+    }
+
+    /// Deletes the policy table if it exists.
+    pub fn cleanup(&mut self) -> Result<(), BackendError> {
+        self.writer.reset();
+        self.sync(None).map(|_| ())
+    }
+
+    pub fn writer(&self) -> &PolicyWriter {
+        &self.writer
+    }
+}

@@ -1,0 +1,559 @@
+//! NetworkPolicy enforcement (table `inet ferry-policy`) with real packets.
+//!
+//! Each test builds its own node: a netns with a bridge `br0` (both families) and
+//! `bridge-nf-call-iptables=1`, Pod netns on veths in it, each Pod serving TCP on ports 80
+//! and 81 (answering with the peer address it saw), and an outside client on a routed
+//! link. Policy tables are written by hand here (the planner has its own tests); the back
+//! end runs on a thread inside the node netns. `ferry-proxy run` itself is exercised at
+//! the end: policy changes within one second, SIGKILL and restart under a probing denied
+//! client, `--network-policy=false`. Nothing outside these namespaces is touched.
+
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_proxy::backend::nftables::NftablesBackend;
+use ferry_proxy::backend::policy::TABLE;
+use ferry_proxy::backend::Backend;
+use ferry_proxy::changes::Changes;
+use ferry_proxy::plan::policy::{
+    AddressRange, Addresses, Allow, Clause, Isolation, PodPolicy, PolicyTable, PortRange, Ports,
+};
+use ferry_proxy::plan::{
+    Endpoint, Family, NodeSettings, Plan, Protocol, ServicePort, ServicePortId, ServiceTable,
+};
+use ferry_tests::{require_root, unique_v4_subnet, unique_v6_subnet, Netns, Node, Server};
+
+/// A denied connection is one that has not connected within this (an allowed one on a
+/// bridge connects in well under a millisecond).
+const DENIED_AFTER: Duration = Duration::from_millis(700);
+
+struct TestPod {
+    ns: ferry_tests::Pod,
+    name: String,
+    v4: IpAddr,
+    v6: IpAddr,
+    _servers: Vec<Server>,
+}
+
+impl TestPod {
+    fn ips(&self) -> Vec<IpAddr> {
+        vec![self.v4, self.v6]
+    }
+}
+
+struct Bed {
+    node: Node,
+    pods: Vec<TestPod>,
+    /// A machine outside the node, routed through it.
+    outside: Netns,
+    outside_v4: IpAddr,
+}
+
+/// "10.96.3.0/24" -> "10.96.3.".
+fn v4_prefix(cidr: &str) -> String {
+    cidr.rsplit_once(".0/").expect("an aligned /24").0.to_string() + "."
+}
+
+impl Bed {
+    fn new(pods: &[&str]) -> Bed {
+        let node = Node::new("policy-node");
+        let ns = node.netns();
+        node.netns().run(|| {
+            for (path, v) in [
+                ("net/ipv4/ip_forward", "1"),
+                ("net/ipv6/conf/all/forwarding", "1"),
+                ("net/bridge/bridge-nf-call-iptables", "1"),
+                ("net/bridge/bridge-nf-call-ip6tables", "1"),
+            ] {
+                std::fs::write(format!("/proc/sys/{path}"), v).unwrap_or_else(|e| panic!("{path}: {e}"));
+            }
+        });
+        let p4 = v4_prefix(&unique_v4_subnet(24));
+        let p6 = unique_v6_subnet().trim_end_matches("/64").to_string();
+        ns.exec_ok(&["ip", "link", "add", "br0", "type", "bridge"]);
+        ns.exec_ok(&["ip", "addr", "add", &format!("{p4}1/24"), "dev", "br0"]);
+        ns.exec_ok(&["ip", "addr", "add", &format!("{p6}1/64"), "dev", "br0", "nodad"]);
+        // A link-local address without DAD: until DAD is done the node sends no neighbour
+        // solicitation for forwarded IPv6 packets (see proxy/tests/nftables.rs).
+        ns.exec_ok(&["ip", "addr", "add", "fe80::1/64", "dev", "br0", "nodad"]);
+        ns.exec_ok(&["ip", "link", "set", "br0", "up"]);
+        let mut list = Vec::new();
+        for (i, name) in pods.iter().enumerate() {
+            let pod = node.pod(&format!("pod-{name}"));
+            let (v4, v6) = (format!("{p4}{}", 10 + i), format!("{p6}{:x}", 10 + i));
+            let port = format!("vp{i}");
+            ns.exec_ok(&[
+                "ip",
+                "link",
+                "add",
+                &port,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                pod.name(),
+            ]);
+            ns.exec_ok(&["ip", "link", "set", &port, "master", "br0"]);
+            ns.exec_ok(&[
+                "ip",
+                "link",
+                "set",
+                &port,
+                "type",
+                "bridge_slave",
+                "hairpin",
+                "on",
+            ]);
+            ns.exec_ok(&["ip", "link", "set", &port, "up"]);
+            pod.exec_ok(&["ip", "addr", "add", &format!("{v4}/24"), "dev", "eth0"]);
+            pod.exec_ok(&["ip", "addr", "add", &format!("{v6}/64"), "dev", "eth0", "nodad"]);
+            pod.exec_ok(&["ip", "link", "set", "eth0", "up"]);
+            pod.exec_ok(&["ip", "route", "add", "default", "via", &format!("{p4}1")]);
+            pod.exec_ok(&["ip", "-6", "route", "add", "default", "via", &format!("{p6}1")]);
+            // [::] takes IPv4 too.
+            let servers = [80, 81]
+                .iter()
+                .map(|port| pod.tcp_server(SocketAddr::new("::".parse().unwrap(), *port)))
+                .collect();
+            list.push(TestPod {
+                ns: pod,
+                name: name.to_string(),
+                v4: v4.parse().unwrap(),
+                v6: v6.parse().unwrap(),
+                _servers: servers,
+            });
+        }
+        let outside = node.client("outside");
+        let net = v4_prefix(&unique_v4_subnet(24));
+        node.connect_client(&outside, &format!("{net}2/24"), &format!("{net}1/24"));
+        Bed {
+            node,
+            pods: list,
+            outside,
+            outside_v4: format!("{net}2").parse().unwrap(),
+        }
+    }
+
+    fn pod(&self, name: &str) -> &TestPod {
+        self.pods
+            .iter()
+            .find(|p| p.name == name)
+            .expect("a pod of the bed")
+    }
+
+    fn sync(&self, backend: &mut NftablesBackend, plan: &Plan) {
+        self.node
+            .netns()
+            .run(|| backend.sync(plan, &Changes::all()))
+            .unwrap_or_else(|e| {
+                panic!(
+                    "sync failed: {e}\npolicy transaction:\n{}",
+                    backend.last_policy_transaction()
+                )
+            });
+    }
+
+    fn nft(&self, args: &[&str]) -> String {
+        let mut argv = vec!["nft"];
+        argv.extend_from_slice(args);
+        self.node.netns().exec_ok(&argv)
+    }
+}
+
+/// Whether a TCP connection from `from` to `to` is established and answered.
+fn connects(from: &Netns, to: SocketAddr) -> bool {
+    from.run(|| {
+        let Ok(mut conn) = TcpStream::connect_timeout(&to, DENIED_AFTER) else {
+            return false;
+        };
+        conn.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut out = String::new();
+        std::io::Read::read_to_string(&mut conn, &mut out).is_ok() && !out.is_empty()
+    })
+}
+
+fn at(ip: IpAddr, port: u16) -> SocketAddr {
+    SocketAddr::new(ip, port)
+}
+
+/// The addresses as the plan writes them: single-address ranges, sorted, v4 first.
+fn hosts(ips: &[IpAddr]) -> Arc<Addresses> {
+    let mut ranges: Vec<AddressRange> = ips
+        .iter()
+        .map(|ip| AddressRange {
+            first: *ip,
+            last: *ip,
+        })
+        .collect();
+    ranges.sort_by_key(|r| (r.first.is_ipv6(), r.first));
+    Arc::new(Addresses::Ranges(ranges))
+}
+
+fn tcp(first: u16, last: u16) -> Ports {
+    Ports::Ranges(vec![PortRange {
+        protocol: Protocol::Tcp,
+        first,
+        last,
+    }])
+}
+
+/// One direction isolated by policy `policy`, allowing these clauses (none: deny all).
+fn isolation(policy: &str, clauses: Vec<Clause>) -> Option<Isolation> {
+    Some(Isolation {
+        policies: vec![policy.to_string()],
+        allows: if clauses.is_empty() {
+            Vec::new()
+        } else {
+            vec![Allow {
+                policy: policy.to_string(),
+                rule: 0,
+                clauses,
+            }]
+        },
+    })
+}
+
+fn pod_policy(pod: &TestPod, ingress: Option<Isolation>, egress: Option<Isolation>) -> PodPolicy {
+    PodPolicy {
+        namespace: "x".into(),
+        name: pod.name.clone(),
+        ips: pod.ips(),
+        ingress,
+        egress,
+    }
+}
+
+fn plan_of(pods: Vec<PodPolicy>) -> Plan {
+    Plan {
+        services: ServiceTable::default(),
+        policy: Some(PolicyTable {
+            pods: pods
+                .into_iter()
+                .map(|p| (format!("{}/{}", p.namespace, p.name), p))
+                .collect(),
+        }),
+    }
+}
+
+#[test]
+fn default_deny_ingress_then_allow_from_a_labelled_pod_in_both_families() {
+    require_root!();
+    let bed = Bed::new(&["a", "b", "c"]);
+    let (a, b, c) = (bed.pod("a"), bed.pod("b"), bed.pod("c"));
+    let mut backend = NftablesBackend::new();
+    // Nothing isolated: everything passes, through the table already there.
+    bed.sync(&mut backend, &plan_of(vec![pod_policy(a, None, None)]));
+    assert!(bed.nft(&["list", "tables"]).contains(TABLE));
+    assert!(connects(&c.ns, at(a.v4, 80)));
+
+    // Default deny ingress for a.
+    bed.sync(
+        &mut backend,
+        &plan_of(vec![pod_policy(a, isolation("x/deny", vec![]), None)]),
+    );
+    for from in [b, c] {
+        assert!(!connects(&from.ns, at(a.v4, 80)), "{} -> a v4", from.name);
+        assert!(!connects(&from.ns, at(a.v6, 80)), "{} -> a v6", from.name);
+    }
+    // a itself is not isolated for egress, nor are the others for ingress.
+    assert!(connects(&a.ns, at(b.v4, 80)));
+    assert!(connects(&c.ns, at(b.v6, 81)));
+
+    // Allow from b (both its addresses) on TCP 80 only.
+    let allow_b = Clause {
+        peers: hosts(&b.ips()),
+        ports: tcp(80, 80),
+    };
+    bed.sync(
+        &mut backend,
+        &plan_of(vec![pod_policy(a, isolation("x/allow-b", vec![allow_b]), None)]),
+    );
+    assert!(connects(&b.ns, at(a.v4, 80)));
+    assert!(connects(&b.ns, at(a.v6, 80)));
+    assert!(!connects(&b.ns, at(a.v4, 81)), "port 81 is not allowed");
+    assert!(!connects(&c.ns, at(a.v4, 80)), "c is not allowed");
+    assert!(!connects(&c.ns, at(a.v6, 80)), "c is not allowed (v6)");
+    // From outside the node (routed): not b either.
+    assert!(!connects(&bed.outside, at(a.v4, 80)));
+
+    // Removed from the plan: open again, and the chain and set are gone.
+    bed.sync(&mut backend, &plan_of(vec![]));
+    assert!(connects(&c.ns, at(a.v4, 80)));
+    let listed = bed.nft(&["list", "table", "inet", TABLE]);
+    assert!(!listed.contains("chain ingress-"), "{listed}");
+    assert!(!listed.contains("set peers-"), "{listed}");
+}
+
+#[test]
+fn the_node_reaches_its_pods_under_default_deny() {
+    require_root!();
+    let bed = Bed::new(&["a"]);
+    let a = bed.pod("a");
+    let mut backend = NftablesBackend::new();
+    bed.sync(
+        &mut backend,
+        &plan_of(vec![pod_policy(
+            a,
+            isolation("x/deny", vec![]),
+            isolation("x/deny", vec![]),
+        )]),
+    );
+    assert!(!connects(&bed.outside, at(a.v4, 80)), "outside is denied");
+    // kubelet probes: node -> Pod leaves through output, the replies come in through
+    // input; neither passes the forward hook.
+    assert!(connects(bed.node.netns(), at(a.v4, 80)));
+    assert!(connects(bed.node.netns(), at(a.v6, 80)));
+}
+
+#[test]
+fn replies_of_allowed_connections_pass_new_ones_the_other_way_do_not() {
+    require_root!();
+    let bed = Bed::new(&["a", "b"]);
+    let (a, b) = (bed.pod("a"), bed.pod("b"));
+    let mut backend = NftablesBackend::new();
+    // a: ingress denied entirely, egress open.
+    bed.sync(
+        &mut backend,
+        &plan_of(vec![pod_policy(a, isolation("x/deny", vec![]), None)]),
+    );
+    assert!(connects(&a.ns, at(b.v4, 80)), "a -> b, and b's replies back to a");
+    assert!(connects(&a.ns, at(b.v6, 80)));
+    assert!(!connects(&b.ns, at(a.v4, 80)));
+}
+
+#[test]
+fn egress_to_an_ip_block_with_an_except() {
+    require_root!();
+    let bed = Bed::new(&["a", "b", "c"]);
+    let (a, b, c) = (bed.pod("a"), bed.pod("b"), bed.pod("c"));
+    let mut backend = NftablesBackend::new();
+    // a may send to the Pod /24 except c (as /32), and nowhere else.
+    let IpAddr::V4(c4) = c.v4 else { unreachable!() };
+    let net = u32::from(c4) & 0xffff_ff00;
+    let block = vec![
+        AddressRange {
+            first: IpAddr::V4(net.into()),
+            last: IpAddr::V4((u32::from(c4) - 1).into()),
+        },
+        AddressRange {
+            first: IpAddr::V4((u32::from(c4) + 1).into()),
+            last: IpAddr::V4((net | 0xff).into()),
+        },
+    ];
+    let clause = Clause {
+        peers: Arc::new(Addresses::Ranges(block)),
+        ports: Ports::Any,
+    };
+    bed.sync(
+        &mut backend,
+        &plan_of(vec![pod_policy(a, None, isolation("x/egress", vec![clause]))]),
+    );
+    assert!(connects(&a.ns, at(b.v4, 80)));
+    assert!(connects(&a.ns, at(b.v4, 81)));
+    assert!(!connects(&a.ns, at(c.v4, 80)), "the except");
+    assert!(!connects(&a.ns, at(b.v6, 80)), "no IPv6 block");
+    assert!(!connects(&a.ns, at(bed.outside_v4, 80)), "outside the block");
+    // Others are not isolated.
+    assert!(connects(&c.ns, at(b.v4, 80)));
+}
+
+#[test]
+fn through_a_cluster_ip_the_backend_pod_is_judged() {
+    require_root!();
+    let bed = Bed::new(&["a", "b", "c"]);
+    let (a, b, c) = (bed.pod("a"), bed.pod("b"), bed.pod("c"));
+    let mut backend = NftablesBackend::new();
+    let id = ServicePortId {
+        namespace: "x".into(),
+        name: "s-a".into(),
+        port_name: "http".into(),
+        protocol: Protocol::Tcp,
+        family: Family::V4,
+    };
+    let cluster_ip: IpAddr = "10.96.77.10".parse().unwrap();
+    let endpoint = Endpoint {
+        ip: a.v4,
+        port: 80,
+        is_local: true,
+        ready: true,
+    };
+    let port = ServicePort {
+        cluster_endpoints: vec![endpoint.clone()],
+        external_endpoints: vec![endpoint],
+        ..ServicePort::new(id.clone(), Some(cluster_ip), 8080)
+    };
+    let mut plan = plan_of(vec![pod_policy(
+        a,
+        isolation(
+            "x/allow-b",
+            vec![Clause {
+                peers: hosts(&b.ips()),
+                ports: tcp(80, 80),
+            }],
+        ),
+        None,
+    )]);
+    plan.services = ServiceTable {
+        settings: NodeSettings {
+            node_name: "node".into(),
+            ..NodeSettings::default()
+        },
+        ports: [(id, port)].into_iter().collect(),
+    };
+    // Services and policy in one transaction.
+    bed.sync(&mut backend, &plan);
+    assert!(connects(&b.ns, at(cluster_ip, 8080)), "b through the ClusterIP");
+    assert!(!connects(&c.ns, at(cluster_ip, 8080)), "c through the ClusterIP");
+    // The policy allows 80 (the backend's port), not 8080 (the Service's): it was judged
+    // after DNAT.
+    assert!(connects(&b.ns, at(a.v4, 80)));
+}
+
+/// Loads `text` with `nft -f` in `netns`.
+fn nft_f(netns: &Netns, text: &str) {
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), text).unwrap();
+    netns.exec_ok(&["nft", "-f", file.path().to_str().unwrap()]);
+}
+
+#[test]
+fn the_policy_transaction_is_nft_text_that_lists_as_the_netlink_commit() {
+    require_root!();
+    let bed = Bed::new(&["a", "b", "c"]);
+    let (a, b, c) = (bed.pod("a"), bed.pod("b"), bed.pod("c"));
+    let mut backend = NftablesBackend::new();
+    let other = Netns::new("policy-text");
+    let mixed = Clause {
+        peers: Arc::new(Addresses::Ranges(vec![
+            AddressRange {
+                first: "10.0.0.0".parse().unwrap(),
+                last: "10.0.0.255".parse().unwrap(),
+            },
+            AddressRange {
+                first: b.v4,
+                last: b.v4,
+            },
+            AddressRange {
+                first: "200.0.0.0".parse().unwrap(),
+                last: "255.255.255.255".parse().unwrap(),
+            },
+            AddressRange {
+                first: b.v6,
+                last: b.v6,
+            },
+        ])),
+        ports: Ports::Ranges(vec![
+            PortRange {
+                protocol: Protocol::Tcp,
+                first: 80,
+                last: 80,
+            },
+            PortRange {
+                protocol: Protocol::Udp,
+                first: 1000,
+                last: 2000,
+            },
+            PortRange {
+                protocol: Protocol::Sctp,
+                first: 0,
+                last: u16::MAX,
+            },
+        ]),
+    };
+    let steps = [
+        plan_of(vec![
+            pod_policy(
+                a,
+                isolation("x/mixed", vec![mixed.clone()]),
+                isolation("x/deny", vec![]),
+            ),
+            pod_policy(b, isolation("x/mixed", vec![mixed.clone()]), None),
+        ]),
+        // b relabelled out, c in; a's egress opened to anything on TCP.
+        plan_of(vec![
+            pod_policy(
+                a,
+                isolation("x/mixed", vec![mixed.clone()]),
+                isolation(
+                    "x/any",
+                    vec![Clause {
+                        peers: Arc::new(Addresses::Any),
+                        ports: tcp(0, u16::MAX),
+                    }],
+                ),
+            ),
+            pod_policy(c, isolation("x/mixed", vec![mixed]), None),
+        ]),
+    ];
+    for (i, plan) in steps.iter().enumerate() {
+        bed.sync(&mut backend, plan);
+        let text = backend.last_policy_transaction().to_string();
+        assert!(!text.is_empty() && !text.starts_with('#'), "step {i}: {text}");
+        nft_f(&other, &text);
+        let kernel = bed.nft(&["list", "table", "inet", TABLE]);
+        let from_text = other.exec_ok(&["nft", "list", "table", "inet", TABLE]);
+        assert_eq!(kernel, from_text, "step {i}: the transaction was\n{text}");
+        assert!(kernel.contains("udp dport 1000-2000 accept"), "{kernel}");
+    }
+    // The same plan again: nothing to send.
+    bed.sync(&mut backend, &steps[1]);
+    assert_eq!(backend.last_policy_transaction(), "");
+}
+
+#[test]
+fn a_new_process_converges_over_the_old_table_without_opening_it() {
+    require_root!();
+    let bed = Bed::new(&["a", "b", "c"]);
+    let (a, b, c) = (bed.pod("a"), bed.pod("b"), bed.pod("c"));
+    let only = |who: &TestPod, ports: Ports| {
+        plan_of(vec![pod_policy(
+            a,
+            isolation(
+                "x/allow",
+                vec![Clause {
+                    peers: hosts(&who.ips()),
+                    ports,
+                }],
+            ),
+            None,
+        )])
+    };
+    let mut old = NftablesBackend::new();
+    bed.sync(&mut old, &only(b, Ports::Any));
+    drop(old);
+    // c probes all along; not one connection may pass while the new back end takes over
+    // with a plan that still denies c.
+    let stop = Arc::new(AtomicBool::new(false));
+    let passed = Arc::new(AtomicUsize::new(0));
+    let probes = Arc::new(AtomicUsize::new(0));
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            while !stop.load(Ordering::Relaxed) {
+                if connects(&c.ns, at(a.v4, 80)) {
+                    passed.fetch_add(1, Ordering::Relaxed);
+                }
+                probes.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+        let mut new = NftablesBackend::new();
+        bed.sync(&mut new, &only(b, Ports::Any));
+        let tx = new.last_policy_transaction().to_string();
+        assert!(!tx.contains("delete table"), "{tx}");
+        assert!(
+            !tx.contains("add chain inet ferry-policy ingress-"),
+            "kept by name: {tx}"
+        );
+        assert!(connects(&b.ns, at(a.v4, 80)));
+        // Then a real change, by diff.
+        bed.sync(&mut new, &only(b, tcp(80, 80)));
+        assert!(!connects(&b.ns, at(a.v4, 81)));
+        std::thread::sleep(Duration::from_millis(1500));
+        stop.store(true, Ordering::Relaxed);
+    });
+    assert!(probes.load(Ordering::Relaxed) >= 2);
+    assert_eq!(passed.load(Ordering::Relaxed), 0, "a denied client got through");
+}
