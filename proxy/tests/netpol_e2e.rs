@@ -18,10 +18,12 @@
 //! answer. A probe that connected is never rechecked: a slow machine never lets through
 //! what the kernel drops.
 
+use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -34,7 +36,7 @@ use ferry_tests::netpol::kernel::{state_objects, PairProbe, Through, UpstreamNod
 use ferry_tests::netpol::{
     self, pod_keys, Action, Case, Family, Protocol, State, Step, Suite, TruthTable, UPSTREAM_IGNORES_LOOPBACK,
 };
-use ferry_tests::{require_root, ProxyProcess};
+use ferry_tests::{require_root, Netns, ProxyProcess};
 use serde_json::{json, Value};
 
 const NODE: &str = "node-a";
@@ -62,6 +64,9 @@ struct Harness {
     state_yaml: String,
     /// Steps whose sync the metrics never showed within SYNC_WAIT.
     unsynced_steps: usize,
+    /// Probes that looked denied, should connect, and were probed again.
+    rechecked: Cell<usize>,
+    cidrs: String,
 }
 
 impl Harness {
@@ -78,6 +83,8 @@ impl Harness {
             manifests,
             state_yaml: String::new(),
             unsynced_steps: 0,
+            rechecked: Cell::new(0),
+            cidrs,
         }
     }
 
@@ -99,37 +106,7 @@ impl Harness {
 
     /// Whether the daemon queued work after `when` and finished a sync since.
     fn synced_since(&self, when: SystemTime) -> bool {
-        let Some(metrics) = self.metrics() else {
-            return false;
-        };
-        let gauge = |name: &str| {
-            metrics
-                .lines()
-                .find_map(|l| {
-                    l.strip_prefix(name)?
-                        .strip_prefix(' ')?
-                        .trim()
-                        .parse::<f64>()
-                        .ok()
-                })
-                .unwrap_or(0.0)
-        };
-        let queued = gauge("ferry_proxy_sync_proxy_rules_last_queued_timestamp_seconds");
-        let synced = gauge("ferry_proxy_sync_proxy_rules_last_timestamp_seconds");
-        let when = when.duration_since(UNIX_EPOCH).unwrap().as_secs_f64();
-        queued >= when && synced >= queued
-    }
-
-    fn metrics(&self) -> Option<String> {
-        self.node.node.netns().run(|| {
-            let mut conn = TcpStream::connect(METRICS).ok()?;
-            conn.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-            conn.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
-                .ok()?;
-            let mut body = String::new();
-            conn.read_to_string(&mut body).ok()?;
-            Some(body)
-        })
+        synced_since(self.node.node.netns(), when)
     }
 
     /// The store `ferry-proxy trace --manifests` builds from the same directory.
@@ -221,6 +198,7 @@ impl Harness {
                         protocol,
                     })
                     .collect();
+                self.rechecked.set(self.rechecked.get() + probes.len());
                 let again = self.node.probe_all(&probes, RECHECK_TIMEOUT);
                 for ((from, to), verdict) in slow.iter().zip(again) {
                     let row = keys.iter().position(|k| k == from).unwrap();
@@ -278,6 +256,42 @@ impl Harness {
         }
         problems
     }
+}
+
+/// Whether the daemon in `node` queued work after `when` and finished a sync since (its
+/// `/metrics` gauges).
+fn synced_since(node: &Netns, when: SystemTime) -> bool {
+    let Some(metrics) = metrics(node) else {
+        return false;
+    };
+    let gauge = |name: &str| {
+        metrics
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(name)?
+                    .strip_prefix(' ')?
+                    .trim()
+                    .parse::<f64>()
+                    .ok()
+            })
+            .unwrap_or(0.0)
+    };
+    let queued = gauge("ferry_proxy_sync_proxy_rules_last_queued_timestamp_seconds");
+    let synced = gauge("ferry_proxy_sync_proxy_rules_last_timestamp_seconds");
+    let when = when.duration_since(UNIX_EPOCH).unwrap().as_secs_f64();
+    queued >= when && synced >= queued
+}
+
+fn metrics(node: &Netns) -> Option<String> {
+    node.run(|| {
+        let mut conn = TcpStream::connect(METRICS).ok()?;
+        conn.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        conn.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+            .ok()?;
+        let mut body = String::new();
+        conn.read_to_string(&mut body).ok()?;
+        Some(body)
+    })
 }
 
 /// The topology with its starting labels and no policy.
@@ -363,12 +377,13 @@ fn upstream_cases_hold_in_the_kernel_and_trace_predicts_every_verdict() {
         }
     }
     eprintln!(
-        "{} runs of {} cases ({} in IPv6) in {:?} (setup {setup:?}); {} step(s) showed no sync within {SYNC_WAIT:?}",
+        "{} runs of {} cases ({} in IPv6) in {:?} (setup {setup:?}); {} step(s) showed no sync within {SYNC_WAIT:?}; {} probe(s) rechecked",
         runs.len(),
         cases.len(),
         runs.len() - cases.len(),
         started.elapsed(),
-        h.unsynced_steps
+        h.unsynced_steps,
+        h.rechecked.get()
     );
     if !failed.is_empty() {
         let details: Vec<String> = failed
@@ -632,4 +647,85 @@ fn trace_store_without(h: &Harness, files: &[&str]) -> Store {
         objects,
     });
     store
+}
+
+#[test]
+fn sigkill_and_restart_under_policy_let_no_denied_packet_through() {
+    require_root!();
+    let _serial = serial();
+    let mut h = Harness::start("np-restart");
+    h.expect_everything_connects();
+    let case = Case {
+        suite: Suite::Ferry,
+        title: "deny ingress in x",
+        ports: &PORTS,
+        steps: vec![step(vec![Action::Apply(policy(
+            "x",
+            "deny-ingress",
+            json!({"podSelector": {}, "policyTypes": ["Ingress"]}),
+        ))])],
+    };
+    let scenario = case.instantiate(&h.node.addresses, Family::V4).unwrap();
+    let state = &scenario.steps[0].state;
+    h.apply(state);
+    let store = h.trace_store();
+    let mut problems = h.check_probe(state, &store, Family::V4, 80, Protocol::Tcp);
+    assert!(problems.is_empty(), "before the restart: {}", problems.join("\n"));
+
+    // y/a keeps trying x/a (TCP and UDP, to the Pod and through the ClusterIP, each try a
+    // new flow) while the daemon is killed, gone for a while, and restarted.
+    let (stop, got_through, tries) = (AtomicBool::new(false), AtomicUsize::new(0), AtomicUsize::new(0));
+    let node = &h.node;
+    let resynced = std::thread::scope(|scope| {
+        // One prober per protocol and destination, so a try starts every ~25 ms.
+        for protocol in [Protocol::Tcp, Protocol::Udp] {
+            for through in Through::BOTH {
+                let (stop, got_through, tries) = (&stop, &got_through, &tries);
+                scope.spawn(move || {
+                    let address = SocketAddr::new(node.address("x/a", Family::V4, through), 80);
+                    while !stop.load(Ordering::Relaxed) {
+                        if node.probe("y/a", "x/a", address, protocol, Duration::from_millis(100)) {
+                            got_through.fetch_add(1, Ordering::Relaxed);
+                        }
+                        tries.fetch_add(1, Ordering::Relaxed);
+                    }
+                });
+            }
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        h.proxy.kill();
+        std::thread::sleep(Duration::from_millis(700));
+        let restarted = SystemTime::now();
+        h.proxy = ProxyProcess::start(
+            node.node.netns(),
+            &h.manifests,
+            NODE,
+            &["--cluster-cidr", &h.cidrs],
+        );
+        let resynced = ferry_tests::wait_until(Duration::from_secs(10), || {
+            synced_since(node.node.netns(), restarted)
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        stop.store(true, Ordering::Relaxed);
+        resynced
+    });
+    let (got_through, tries) = (got_through.into_inner(), tries.into_inner());
+    eprintln!("{tries} denied tries across the kill and restart, {got_through} got through; resynced after {resynced:?}");
+    assert!(
+        resynced.is_some(),
+        "the restarted daemon never synced:\n{}",
+        tail(&h.proxy.log(), 40)
+    );
+    assert!(
+        tries >= 8,
+        "only {tries} tries: the probes did not run while the daemon was away"
+    );
+    assert_eq!(
+        got_through, 0,
+        "denied probes got through while the daemon restarted"
+    );
+    // And the restarted daemon enforces what the first one did.
+    let store = h.trace_store();
+    problems = h.check_probe(state, &store, Family::V4, 80, Protocol::Udp);
+    assert!(problems.is_empty(), "after the restart: {}", problems.join("\n"));
 }
