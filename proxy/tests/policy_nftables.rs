@@ -557,3 +557,193 @@ fn a_new_process_converges_over_the_old_table_without_opening_it() {
     assert!(probes.load(Ordering::Relaxed) >= 2);
     assert_eq!(passed.load(Ordering::Relaxed), 0, "a denied client got through");
 }
+
+// `ferry-proxy run --manifests DIR` itself: the sources, the loop and the back end.
+
+const NODE_NAME: &str = "node-a";
+
+/// A Pod of the bed as `kubectl get -o json` shows it, on this node, serving
+/// `serve-80-tcp` and `serve-81-tcp`.
+fn pod_manifest(pod: &TestPod, labels: serde_json::Value) -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": pod.name, "namespace": "x", "labels": labels},
+        "spec": {"nodeName": NODE_NAME, "containers": [{"name": "c", "image": "i", "ports": [
+            {"name": "serve-80-tcp", "containerPort": 80, "protocol": "TCP"},
+            {"name": "serve-81-tcp", "containerPort": 81, "protocol": "TCP"},
+        ]}]},
+        "status": {"phase": "Running", "podIP": pod.v4.to_string(),
+                   "podIPs": [{"ip": pod.v4.to_string()}, {"ip": pod.v6.to_string()}]},
+    })
+}
+
+fn namespace_x() -> serde_json::Value {
+    serde_json::json!({"apiVersion": "v1", "kind": "Namespace",
+        "metadata": {"name": "x", "labels": {"ns": "x"}}})
+}
+
+/// A policy on Pod `a` allowing ingress from Pods labelled `from=yes` on `port` (a number
+/// or a name); `None`: deny all ingress.
+fn policy_on_a(port: Option<serde_json::Value>) -> serde_json::Value {
+    let ingress = match port {
+        Some(port) => serde_json::json!([{
+            "from": [{"podSelector": {"matchLabels": {"from": "yes"}}}],
+            "ports": [{"protocol": "TCP", "port": port}],
+        }]),
+        None => serde_json::json!([]),
+    };
+    serde_json::json!({
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"name": "on-a", "namespace": "x"},
+        "spec": {"podSelector": {"matchLabels": {"pod": "a"}}, "policyTypes": ["Ingress"], "ingress": ingress},
+    })
+}
+
+/// Writes the Pods (b labelled `from=yes` when `b_allowed`) and the Namespace.
+fn write_cluster(proxy: &ferry_tests::ProxyProcess, bed: &Bed, b_allowed: bool) {
+    let b_labels = if b_allowed {
+        serde_json::json!({"pod": "b", "from": "yes"})
+    } else {
+        serde_json::json!({"pod": "b"})
+    };
+    proxy.write(
+        "pods",
+        &[
+            namespace_x(),
+            pod_manifest(bed.pod("a"), serde_json::json!({"pod": "a"})),
+            pod_manifest(bed.pod("b"), b_labels),
+            pod_manifest(bed.pod("c"), serde_json::json!({"pod": "c"})),
+        ],
+    );
+}
+
+fn start_proxy(bed: &Bed, dir: &std::path::Path, flags: &[&str]) -> ferry_tests::ProxyProcess {
+    ferry_tests::ProxyProcess::start(bed.node.netns(), &dir.join("manifests"), NODE_NAME, flags)
+}
+
+/// Whether a connection is made within `timeout` (for polling: an allowed connection on
+/// a bridge takes well under a millisecond).
+fn connects_within(from: &Netns, to: SocketAddr, timeout: Duration) -> bool {
+    from.run(|| TcpStream::connect_timeout(&to, timeout).is_ok())
+}
+
+/// Polls until `from -> to` is in the state `open`; returns when the first probe that saw
+/// it started, counted from `since`.
+fn time_until(from: &Netns, to: SocketAddr, open: bool, since: std::time::Instant) -> Duration {
+    loop {
+        let probe = since.elapsed();
+        if connects_within(from, to, Duration::from_millis(100)) == open {
+            return probe;
+        }
+        assert!(
+            since.elapsed() < Duration::from_secs(10),
+            "{to} never became open={open}"
+        );
+    }
+}
+
+#[test]
+fn the_daemon_applies_policy_changes_within_a_second() {
+    require_root!();
+    let bed = Bed::new(&["a", "b", "c"]);
+    let (a, b, c) = (bed.pod("a"), bed.pod("b"), bed.pod("c"));
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = start_proxy(&bed, dir.path(), &[]);
+    write_cluster(&proxy, &bed, false);
+    proxy.write("policy", &[policy_on_a(Some(serde_json::json!("serve-80-tcp")))]);
+    // Enforced once everything is listed.
+    time_until(&c.ns, at(a.v4, 80), false, std::time::Instant::now());
+    assert!(!connects(&b.ns, at(a.v4, 80)), "b is not labelled yet");
+    assert!(connects(&a.ns, at(b.v4, 80)), "a's egress is not isolated");
+
+    // b relabelled into the rule: the named port 80 opens, 81 stays shut.
+    let since = std::time::Instant::now();
+    write_cluster(&proxy, &bed, true);
+    let took = time_until(&b.ns, at(a.v4, 80), true, since);
+    assert!(took < Duration::from_secs(1), "relabel took {took:?}");
+    assert!(connects(&b.ns, at(a.v6, 80)));
+    assert!(!connects(&b.ns, at(a.v4, 81)), "only the named port");
+    assert!(!connects(&c.ns, at(a.v4, 80)));
+
+    // The policy deleted: everything opens.
+    let since = std::time::Instant::now();
+    proxy.write("policy", &[]);
+    let took = time_until(&c.ns, at(a.v4, 81), true, since);
+    assert!(
+        took < Duration::from_secs(1),
+        "deletion took {took:?}\n{}",
+        proxy.log()
+    );
+    // Back to deny all: it closes again.
+    let since = std::time::Instant::now();
+    proxy.write("policy", &[policy_on_a(None)]);
+    let took = time_until(&b.ns, at(a.v4, 80), false, since);
+    assert!(took < Duration::from_secs(1), "a new policy took {took:?}");
+}
+
+#[test]
+fn sigkill_and_restart_under_policy_let_no_denied_packet_through() {
+    require_root!();
+    let bed = Bed::new(&["a", "b", "c"]);
+    let (a, b, c) = (bed.pod("a"), bed.pod("b"), bed.pod("c"));
+    let dir = tempfile::tempdir().unwrap();
+    let mut proxy = start_proxy(&bed, dir.path(), &[]);
+    write_cluster(&proxy, &bed, true);
+    proxy.write("policy", &[policy_on_a(Some(serde_json::json!(80)))]);
+    time_until(&c.ns, at(a.v4, 80), false, std::time::Instant::now());
+    assert!(connects(&b.ns, at(a.v4, 80)));
+
+    let stop = AtomicBool::new(false);
+    let passed = AtomicUsize::new(0);
+    let probes = AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        // Fresh connections as fast as they fail (each waits 100 ms for an answer).
+        s.spawn(|| {
+            while !stop.load(Ordering::Relaxed) {
+                if connects_within(&c.ns, at(a.v4, 80), Duration::from_millis(100)) {
+                    passed.fetch_add(1, Ordering::Relaxed);
+                }
+                probes.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        proxy.kill();
+        std::thread::sleep(Duration::from_millis(500));
+        let mut again = start_proxy(&bed, dir.path(), &[]);
+        let synced = ferry_tests::wait_until(Duration::from_secs(10), || {
+            again.log().matches("first sync done").count() >= 2
+        });
+        assert!(synced.is_some(), "{}", again.log());
+        // The new process enforces changes too: b loses port 80.
+        again.write("policy", &[policy_on_a(Some(serde_json::json!(81)))]);
+        time_until(&b.ns, at(a.v4, 80), false, std::time::Instant::now());
+        std::thread::sleep(Duration::from_millis(500));
+        stop.store(true, Ordering::Relaxed);
+        again.kill();
+    });
+    assert!(probes.load(Ordering::Relaxed) > 10, "the client hardly probed");
+    assert_eq!(passed.load(Ordering::Relaxed), 0, "a denied client got through");
+}
+
+#[test]
+fn network_policy_false_leaves_pods_open_and_removes_the_table() {
+    require_root!();
+    let bed = Bed::new(&["a", "b", "c"]);
+    let (a, c) = (bed.pod("a"), bed.pod("c"));
+    let dir = tempfile::tempdir().unwrap();
+    let mut proxy = start_proxy(&bed, dir.path(), &[]);
+    write_cluster(&proxy, &bed, false);
+    proxy.write("policy", &[policy_on_a(None)]);
+    time_until(&c.ns, at(a.v4, 80), false, std::time::Instant::now());
+    proxy.kill();
+
+    let off = start_proxy(&bed, dir.path(), &["--network-policy=false"]);
+    time_until(&c.ns, at(a.v4, 80), true, std::time::Instant::now());
+    assert!(connects(&c.ns, at(a.v6, 80)));
+    let tables = bed.nft(&["list", "tables"]);
+    assert!(!tables.contains(TABLE), "{tables}\n{}", off.log());
+    assert!(
+        tables.contains("ferry-proxy"),
+        "Services are still programmed: {tables}"
+    );
+}
