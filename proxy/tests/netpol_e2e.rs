@@ -488,30 +488,60 @@ fn live_changes_take_effect_within_a_second() {
     ];
     let mut problems = Vec::new();
     let mut timings = Vec::new();
+    let mut previous = empty_state(&h.node);
     for (step, (what, from, to)) in scenario.steps.iter().zip(watched) {
         let want = step.state.expected(from, to, 80, Protocol::Tcp);
+        // A pair both the old and the new state deny must stay denied throughout the
+        // change: the daemon applies it in one transaction.
+        let steady = |s: &State| !s.expected("z/a", "x/a", 80, Protocol::Tcp);
+        let watch_steady = steady(&previous) && steady(&step.state);
         // Written without waiting for the sync: the probes measure.
         let yaml = to_yaml(&state_objects(&step.state, NODE));
         let (written, written_at) = (Instant::now(), SystemTime::now());
         write_file(&h.manifests, "state.yaml", &yaml);
         h.state_yaml = yaml;
-        let address = SocketAddr::new(h.node.address(to, Family::V4, Through::PodAddress), 80);
-        let mut took = None;
-        while written.elapsed() < Duration::from_secs(3) {
-            // Timed to the verdict, not to the probe's start: a denial is known only when
-            // its 150 ms are up, so denials count 150 ms more than the change took.
-            if h.node
-                .probe(from, to, address, Protocol::Tcp, Duration::from_millis(150))
-                == want
-            {
-                took = Some(written.elapsed());
-                break;
+        let (stop, leaked, tries) = (AtomicBool::new(false), AtomicUsize::new(0), AtomicUsize::new(0));
+        let node = &h.node;
+        let took = std::thread::scope(|scope| {
+            if watch_steady {
+                // Four probers, two per destination, so a try starts every ~25 ms.
+                for through in [
+                    Through::PodAddress,
+                    Through::PodAddress,
+                    Through::ClusterIp,
+                    Through::ClusterIp,
+                ] {
+                    let (stop, leaked, tries) = (&stop, &leaked, &tries);
+                    scope.spawn(move || {
+                        let address = SocketAddr::new(node.address("x/a", Family::V4, through), 80);
+                        while !stop.load(Ordering::Relaxed) {
+                            if node.probe("z/a", "x/a", address, Protocol::Tcp, Duration::from_millis(100)) {
+                                leaked.fetch_add(1, Ordering::Relaxed);
+                            }
+                            tries.fetch_add(1, Ordering::Relaxed);
+                        }
+                    });
+                }
             }
-        }
+            let address = SocketAddr::new(node.address(to, Family::V4, Through::PodAddress), 80);
+            let mut took = None;
+            while written.elapsed() < Duration::from_secs(3) {
+                // Timed to the verdict, not to the probe's start: a denial is known only
+                // when its 150 ms are up, so denials count 150 ms more than the change took.
+                if node.probe(from, to, address, Protocol::Tcp, Duration::from_millis(150)) == want {
+                    took = Some(written.elapsed());
+                    break;
+                }
+            }
+            ferry_tests::wait_until(SYNC_WAIT, || synced_since(node.node.netns(), written_at));
+            stop.store(true, Ordering::Relaxed);
+            took
+        });
         match took {
             Some(t) => timings.push(format!(
-                "{what}: {from} -> {to} {} after {t:?}",
-                if want { "connects" } else { "denied" }
+                "{what}: {from} -> {to} {} after {t:?} (z/a -> x/a, denied before and after: {} tries during the change)",
+                if want { "connects" } else { "denied" },
+                tries.load(Ordering::Relaxed)
             )),
             None => problems.push(format!(
                 "{what}: {from} -> {to} still not {} after 3 s",
@@ -521,12 +551,17 @@ fn live_changes_take_effect_within_a_second() {
         if took.is_some_and(|t| t >= Duration::from_secs(1)) {
             problems.push(format!("{what}: took {took:?}, more than one second"));
         }
+        if leaked.into_inner() > 0 {
+            problems.push(format!(
+                "{what}: z/a reached x/a during the change, which both the old and the new state deny"
+            ));
+        }
         // The rest of the matrix agrees too, once synced.
-        ferry_tests::wait_until(SYNC_WAIT, || h.synced_since(written_at));
         let store = h.trace_store();
         for problem in h.check_probe(&step.state, &store, Family::V4, 80, Protocol::Tcp) {
             problems.push(format!("after {what}: {problem}"));
         }
+        previous = step.state.clone();
     }
     eprintln!("{}", timings.join("\n"));
     assert!(
