@@ -1,9 +1,11 @@
 //! `ferry-proxy dump`: the plan as people read it (one line per Service port) or as
-//! machines read it (JSON, the serde form of [`ServiceTable`]).
+//! machines read it (JSON, the serde form of [`ServiceTable`]); with `--policy`, the
+//! policy table the plan gives (one line per Pod, then each chain and set).
 
 use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
 
+use crate::backend::policy::{DirectionLayout, PolicyLayout};
 use crate::plan::{Endpoint, Family, ServicePort, ServiceTable};
 
 const HEADER: [&str; 7] = [
@@ -65,6 +67,58 @@ pub fn table(plan: &ServiceTable) -> String {
 /// The plan as pretty-printed JSON.
 pub fn json(plan: &ServiceTable) -> String {
     let mut text = serde_json::to_string_pretty(plan).expect("a ServiceTable serializes");
+    text.push('\n');
+    text
+}
+
+/// The policy table: one line per Pod (its addresses and, per direction, the chain that
+/// isolates it and the policies behind it, or `open`), then every chain with its rules
+/// and every peer set with its ranges, as `nft list table inet ferry-policy` will name them.
+pub fn policy_table(layout: &PolicyLayout) -> String {
+    let mut out = String::new();
+    let direction = |d: &Option<DirectionLayout>| match d {
+        Some(d) => format!("{} ({})", d.chain, d.policies.join(",")),
+        None => "open".to_string(),
+    };
+    let width = layout.pods.keys().map(|k| k.len()).max().unwrap_or(3).max(3);
+    let _ = writeln!(out, "{:<width$}  INGRESS / EGRESS / ADDRESSES", "POD");
+    for (key, pod) in &layout.pods {
+        let ips: Vec<String> = pod.ips.iter().map(ToString::to_string).collect();
+        let _ = writeln!(
+            out,
+            "{key:<width$}  ingress {} / egress {} / {}",
+            direction(&pod.ingress),
+            direction(&pod.egress),
+            ips.join(",")
+        );
+    }
+    let isolated = layout
+        .pods
+        .values()
+        .filter(|p| p.ingress.is_some() || p.egress.is_some())
+        .count();
+    let _ = writeln!(
+        out,
+        "{} Pods, {isolated} isolated; {} chains, {} peer sets",
+        layout.pods.len(),
+        layout.chains.len(),
+        layout.sets.len()
+    );
+    for (name, rules) in &layout.chains {
+        let _ = writeln!(out, "\nchain {name}");
+        for rule in rules {
+            let _ = writeln!(out, "  {rule}");
+        }
+    }
+    for (name, ranges) in &layout.sets {
+        let _ = writeln!(out, "\nset {name}\n  {}", ranges.join(", "));
+    }
+    out
+}
+
+/// The policy table as pretty-printed JSON.
+pub fn policy_json(layout: &PolicyLayout) -> String {
+    let mut text = serde_json::to_string_pretty(layout).expect("a PolicyLayout serializes");
     text.push('\n');
     text
 }

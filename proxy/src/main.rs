@@ -153,6 +153,11 @@ struct DumpArgs {
     /// `ebpf`: print what this node's eBPF maps hold (no source is read).
     #[arg(long, value_enum)]
     backend: Option<BackendKind>,
+    /// Print the NetworkPolicy table instead of the Services: which Pods are isolated, by
+    /// which chain and policies, and each chain's rules and set's ranges (the names
+    /// `nft list table inet ferry-policy` shows).
+    #[arg(long, conflicts_with = "backend")]
+    policy: bool,
     /// With --backend ebpf: where the pins are (DIR/<node name>/).
     #[arg(long, value_name = "DIR", default_value = ferry_proxy::backend::ebpf::DEFAULT_PIN_ROOT)]
     bpf_pin_root: PathBuf,
@@ -322,6 +327,18 @@ fn dump_command(args: DumpArgs) -> Result<(), String> {
         return Ok(());
     }
     let store = read_store_once(args.source, &settings)?;
+    if args.policy {
+        let table = ferry_proxy::plan::policy::plan(&store, &settings.node_name);
+        let layout = ferry_proxy::backend::policy::layout(&table);
+        print!(
+            "{}",
+            match args.output {
+                Format::Table => dump::policy_table(&layout),
+                Format::Json => dump::policy_json(&layout),
+            }
+        );
+        return Ok(());
+    }
     let table = plan(&store, &settings);
     let text = match args.output {
         Format::Table => dump::table(&table),

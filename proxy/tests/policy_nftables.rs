@@ -665,6 +665,44 @@ fn the_daemon_applies_policy_changes_within_a_second() {
     assert!(!connects(&b.ns, at(a.v4, 81)), "only the named port");
     assert!(!connects(&c.ns, at(a.v4, 80)));
 
+    // `dump --policy` names what the kernel holds: a's ingress chain, b's set.
+    let dump = |format: &str| {
+        let out = bed
+            .node
+            .netns()
+            .command(ferry_tests::ferry_bin("ferry-proxy"))
+            .args(["dump", "--policy", "-o", format, "--manifests"])
+            .arg(&proxy.manifests)
+            .args(["--hostname-override", NODE_NAME])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let json: serde_json::Value = serde_json::from_str(&dump("json")).unwrap();
+    let chain = json["pods"]["x/a"]["ingress"]["chain"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(json["pods"]["x/a"]["ingress"]["policies"][0], "x/on-a");
+    assert!(json["pods"]["x/b"]["ingress"].is_null(), "{json}");
+    let kernel = bed.nft(&["list", "table", "inet", TABLE]);
+    assert!(
+        kernel.contains(&format!("chain {chain} {{")),
+        "{chain} not in\n{kernel}"
+    );
+    for set in json["sets"].as_object().unwrap().keys() {
+        assert!(
+            kernel.contains(&format!("set {set} {{")),
+            "{set} not in\n{kernel}"
+        );
+    }
+    let text = dump("table");
+    assert!(
+        text.contains(&format!("x/a  ingress {chain} (x/on-a) / egress open")),
+        "{text}"
+    );
+
     // The policy deleted: everything opens.
     let since = std::time::Instant::now();
     proxy.write("policy", &[]);
@@ -746,4 +784,87 @@ fn network_policy_false_leaves_pods_open_and_removes_the_table() {
         tables.contains("ferry-proxy"),
         "Services are still programmed: {tables}"
     );
+}
+
+#[test]
+fn with_the_ebpf_back_end_policy_judges_the_backend_pod() {
+    require_root!();
+    use ferry_proxy::backend::ebpf::{pin_dir, EbpfBackend};
+    let bed = Bed::new(&["a", "b", "c"]);
+    let (a, b, c) = (bed.pod("a"), bed.pod("b"), bed.pod("c"));
+    let sandbox = ferry_tests::EbpfSandbox::new("policy");
+    let id = ServicePortId {
+        namespace: "x".into(),
+        name: "s-a".into(),
+        port_name: "http".into(),
+        protocol: Protocol::Tcp,
+        family: Family::V4,
+    };
+    let cluster_ip: IpAddr = "10.96.78.10".parse().unwrap();
+    let endpoint = Endpoint {
+        ip: a.v4,
+        port: 80,
+        is_local: true,
+        ready: true,
+    };
+    let mut plan = plan_of(vec![pod_policy(
+        a,
+        isolation(
+            "x/allow-b",
+            vec![Clause {
+                peers: hosts(&b.ips()),
+                ports: tcp(80, 80),
+            }],
+        ),
+        None,
+    )]);
+    plan.services.settings.node_name = "node".into();
+    plan.services.ports.insert(
+        id.clone(),
+        ServicePort {
+            cluster_endpoints: vec![endpoint.clone()],
+            external_endpoints: vec![endpoint],
+            ..ServicePort::new(id, Some(cluster_ip), 8080)
+        },
+    );
+    let pins = pin_dir(sandbox.pin_root(), "node");
+    let mut backend = bed
+        .node
+        .netns()
+        .run(|| EbpfBackend::new(&pins, sandbox.cgroup()).map_err(|e| e.to_string()))
+        .unwrap();
+    bed.node
+        .netns()
+        .run(|| backend.sync(&plan, &Changes::all()))
+        .unwrap_or_else(|e| panic!("sync: {e}"));
+    fn in_cgroup<'a>(pod: &'a TestPod, cgroup: &'a std::path::Path) -> ferry_tests::Client<'a> {
+        ferry_tests::Client {
+            netns: &pod.ns,
+            cgroup: Some(cgroup),
+        }
+    }
+    let client = |pod| in_cgroup(pod, sandbox.cgroup());
+    // The socket programs send the connection to a's address at connect(): the forward
+    // hook sees the real Pod and judges it.
+    let answer = client(b)
+        .tcp_request(at(cluster_ip, 8080))
+        .expect("b through the ClusterIP");
+    assert!(
+        answer.contains(&format!("{}]", b.v4)),
+        "b's own address: {answer}"
+    );
+    assert!(
+        client(c).tcp_request(at(cluster_ip, 8080)).is_err(),
+        "c through the ClusterIP"
+    );
+    assert!(bed.nft(&["list", "tables"]).contains(TABLE));
+    // Policy off with the eBPF back end: the table goes.
+    plan.policy = None;
+    bed.node
+        .netns()
+        .run(|| backend.sync(&plan, &Changes::all()))
+        .unwrap_or_else(|e| panic!("sync: {e}"));
+    assert!(!bed.nft(&["list", "tables"]).contains(TABLE));
+    assert!(client(c).tcp_request(at(cluster_ip, 8080)).is_ok());
+    bed.node.netns().run(|| backend.cleanup()).unwrap();
 }

@@ -90,14 +90,17 @@
 //!   expressions), and one Pod's direction as a chain;
 //! - `transaction`: the steps of one transaction;
 //! - `sync`: the [`PolicyWriter`] (what was applied, the diff) and the [`PolicyEnforcer`]
-//!   (the writer with a socket of its own).
+//!   (the writer with a socket of its own);
+//! - `layout`: the table a plan gives, as names and text, for `ferry-proxy dump --policy`.
 //!
 //! [`PolicyTable`]: crate::plan::policy::PolicyTable
 
+mod layout;
 mod render;
 mod sync;
 mod transaction;
 
+pub use layout::{layout, DirectionLayout, PodLayout, PolicyLayout};
 pub use render::{Direction, MapElement, PeerSet, PolicyChain, PolicyRule, FORWARD, TABLE};
 pub use sync::{KernelPolicy, PolicyEnforcer, PolicyWriter, Prepared};
 pub use transaction::{ops_text, PolicyOp};

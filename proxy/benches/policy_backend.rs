@@ -1,0 +1,222 @@
+//! The policy table's back end at scale (issue 11's "Benchmark", back-end part): the
+//! cluster of `policy_plan` (10,000 Pods on 10 nodes, 1,000 on this one, 100 namespaces,
+//! 1,000 NetworkPolicies with ingress and egress rules on named ports and ranges), planned
+//! for one node and applied by the nftables back end in a node netns of the bench's own.
+//!
+//! Printed, medians of `FERRY_BENCH_REPS` (default 5): the full sync (plan, then back end)
+//! against the same node with no policy in the store (the baseline, same run); then
+//! single changes, from the change in the store to the kernel, split in plan (the full
+//! re-plan the loop does today) and back end: one policy changed, one local Pod
+//! relabelled, one local Pod added; the first sync of a new back end over the existing
+//! table (a restart); and the table's size.
+//!
+//! Run: `cargo bench -p ferry-proxy --bench policy_backend` (root).
+
+use std::time::{Duration, Instant};
+
+use ferry_proxy::backend::nftables::NftablesBackend;
+use ferry_proxy::backend::Backend;
+use ferry_proxy::changes::Changes;
+use ferry_proxy::plan::policy::plan;
+use ferry_proxy::plan::Plan;
+use ferry_proxy::source::{Event, Kind, Object};
+use ferry_proxy::store::Store;
+use ferry_tests::{require_root, Node};
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use serde_json::json;
+
+// The generator follows `policy_plan.rs`, so both benches measure one cluster.
+const PODS: usize = 10_000;
+const NODES: usize = 10;
+const NAMESPACES: usize = 100;
+const POLICIES: usize = 1_000;
+const NODE: &str = "node-0";
+
+fn namespace(i: usize) -> Object {
+    let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": format!("ns{i}"),
+        "labels": {"team": format!("t{}", i % 10)}}}))
+    .unwrap();
+    ns.into()
+}
+
+fn pod(i: usize, app: &str) -> Object {
+    let ip = format!("10.{}.{}.{}", 64 + i / 65536, (i / 256) % 256, i % 256);
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"namespace": format!("ns{}", i % NAMESPACES), "name": format!("pod-{i}"),
+                     "labels": {"app": app, "tier": format!("{}", i % 3)}},
+        "spec": {"nodeName": format!("node-{}", i % NODES), "containers": [{"name": "c",
+                 "ports": [{"name": "http", "containerPort": 8000 + (i % 7) as i32}]}]},
+        "status": {"phase": "Running", "podIPs": [{"ip": ip}]}
+    }))
+    .unwrap();
+    pod.into()
+}
+
+fn policy(j: usize, port_end: u16) -> Object {
+    let policy: NetworkPolicy = serde_json::from_value(json!({
+        "metadata": {"namespace": format!("ns{}", j % NAMESPACES), "name": format!("policy-{j}")},
+        "spec": {
+            "podSelector": {"matchLabels": {"app": format!("a{}", j % 200)}},
+            "policyTypes": ["Ingress", "Egress"],
+            "ingress": [{"from": [
+                {"namespaceSelector": {}, "podSelector": {"matchLabels": {"app": format!("a{}", (j + 1) % 200)}}},
+                {"namespaceSelector": {"matchLabels": {"team": format!("t{}", j % 10)}},
+                 "podSelector": {"matchExpressions": [{"key": "tier", "operator": "In", "values": ["1"]}]}},
+                {"ipBlock": {"cidr": "192.168.0.0/16", "except": ["192.168.1.0/24"]}}],
+              "ports": [{"port": "http"}, {"port": 9000, "endPort": port_end}]}],
+            "egress": [{"to": [{"namespaceSelector": {}}], "ports": [{"port": "http"}]}]
+        }
+    }))
+    .unwrap();
+    policy.into()
+}
+
+fn app(i: usize) -> String {
+    format!("a{}", i % 200)
+}
+
+fn store(policies: usize) -> Store {
+    let mut objects: Vec<Object> = (0..NAMESPACES).map(namespace).collect();
+    objects.extend((0..PODS).map(|i| pod(i, &app(i))));
+    objects.extend((0..policies).map(|j| policy(j, 9100)));
+    let mut store = Store::new();
+    store.apply(Event::Snapshot {
+        kinds: Kind::ALL.to_vec(),
+        objects,
+    });
+    store
+}
+
+fn median(mut times: Vec<Duration>) -> Duration {
+    times.sort();
+    times[times.len() / 2]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// Plan and back-end times of one sync of `store`'s plan.
+fn sync(store: &Store, backend: &mut NftablesBackend) -> (Duration, Duration) {
+    let t = Instant::now();
+    let plan = Plan {
+        services: Default::default(),
+        policy: Some(plan(store, NODE)),
+    };
+    let planned = t.elapsed();
+    let t = Instant::now();
+    backend
+        .sync(&plan, &Changes::all())
+        .unwrap_or_else(|e| panic!("sync: {e}"));
+    (planned, t.elapsed())
+}
+
+/// Medians of a full sync from an empty kernel (the table deleted before each).
+fn full_sync(store: &Store, reps: usize) -> (Duration, Duration, NftablesBackend) {
+    let (mut plans, mut applies) = (Vec::new(), Vec::new());
+    let mut last = None;
+    for _ in 0..reps {
+        let mut backend = NftablesBackend::new();
+        backend.cleanup().expect("cleanup");
+        let (p, a) = sync(store, &mut backend);
+        plans.push(p);
+        applies.push(a);
+        last = Some(backend);
+    }
+    (median(plans), median(applies), last.unwrap())
+}
+
+/// One change per rep, `change` applied to the store, then synced: plan and back end.
+fn changes(
+    store: &mut Store,
+    backend: &mut NftablesBackend,
+    reps: usize,
+    change: impl Fn(usize) -> Object,
+) -> (Duration, Duration) {
+    let (mut plans, mut applies) = (Vec::new(), Vec::new());
+    for rep in 0..reps {
+        store.apply(Event::Upsert(change(rep)));
+        assert!(store.take_policy_dirty());
+        let (p, a) = sync(store, backend);
+        assert!(
+            !backend.last_policy_transaction().is_empty(),
+            "the change changed nothing"
+        );
+        plans.push(p);
+        applies.push(a);
+    }
+    (median(plans), median(applies))
+}
+
+/// Lines of `nft list table inet ferry-policy` that start with `prefix`.
+fn count(node: &Node, prefix: &str) -> usize {
+    let listed = node
+        .netns()
+        .exec_ok(&["nft", "list", "table", "inet", "ferry-policy"]);
+    listed
+        .lines()
+        .filter(|l| l.trim_start().starts_with(prefix))
+        .count()
+}
+
+fn main() {
+    require_root!();
+    let reps = ferry_tests::bench::env_usize("FERRY_BENCH_REPS", 5);
+    let node = Node::new("policy-bench");
+    let baseline_store = store(0);
+    let mut store = store(POLICIES);
+    node.netns().run(|| {
+        let (base_plan, base_apply, _) = full_sync(&baseline_store, reps);
+        let (full_plan, full_apply, mut backend) = full_sync(&store, reps);
+        let rules = backend.policy_rules();
+
+        let (policy_plan, policy_apply) =
+            changes(&mut store, &mut backend, reps, |rep| policy(7, 9101 + rep as u16));
+        // Pod 10 is on node-0 (10 % 10): relabelled to apps no policy selects and back.
+        let (relabel_plan, relabel_apply) = changes(&mut store, &mut backend, reps, |rep| {
+            pod(10, &format!("a{}", 50 + rep))
+        });
+        // New Pods on node-0, selected by existing policies.
+        let (added_plan, added_apply) = changes(&mut store, &mut backend, reps, |rep| {
+            let i = PODS + rep * NODES;
+            pod(i, &app(i))
+        });
+        let mut restarted = NftablesBackend::new();
+        let (restart_plan, restart_apply) = sync(&store, &mut restarted);
+
+        println!(
+            "policy back end (nftables), {PODS} Pods ({} on the node), {POLICIES} policies, median of {reps}",
+            PODS / NODES
+        );
+        println!("  {:<52} {:>9} {:>9}", "", "plan ms", "apply ms");
+        let row = |what: &str, p: Duration, a: Duration| {
+            println!("  {what:<52} {:>9.1} {:>9.1}", ms(p), ms(a));
+        };
+        row(
+            "baseline: full sync, no policy (nothing isolated)",
+            base_plan,
+            base_apply,
+        );
+        row("full sync, 1,000 policies", full_plan, full_apply);
+        println!(
+            "    apply ratio to baseline: {:.1}x; total (plan + apply): {:.1} ms",
+            ms(full_apply) / ms(base_apply),
+            ms(full_plan + full_apply)
+        );
+        row("one policy changed", policy_plan, policy_apply);
+        row("one local Pod relabelled", relabel_plan, relabel_apply);
+        row("one local Pod added", added_plan, added_apply);
+        row(
+            "restart: first sync of a new back end",
+            restart_plan,
+            restart_apply,
+        );
+        println!(
+            "  table: {rules} rules, {} chains (incl. forward), {} peer sets, {} map lines",
+            count(&node, "chain "),
+            count(&node, "set peers-"),
+            count(&node, "map "),
+        );
+    });
+}
