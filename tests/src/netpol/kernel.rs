@@ -118,6 +118,7 @@ impl UpstreamNode {
         }
     }
 
+    /// The namespace of Pod `key` (`x/a`), e.g. to run a command in it.
     pub fn pod(&self, key: &str) -> &Pod {
         &self.pods[index_of(key)]
     }
