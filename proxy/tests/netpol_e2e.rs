@@ -12,6 +12,8 @@
 //! verdicts must agree on every pair (the diagonal left out, as upstream does): the
 //! oracle's (`State::expected`, independent of Ferry's code), the kernel's (real
 //! packets), and `trace`'s (the library function, reading the same manifests directory).
+//! A tenth row comes from a machine outside the node, to every Pod's address: traffic
+//! routed into the node rather than bridged, judged by the same three.
 //!
 //! A probe the oracle allows but that saw nothing within [`DENIED_AFTER`] is probed once
 //! more with [`RECHECK_TIMEOUT`] before it counts: a loaded CI machine can be slow to
@@ -44,7 +46,7 @@ use ferry_proxy::source::{manifests, Event, Kind};
 use ferry_proxy::store::Store;
 use ferry_proxy::trace;
 use ferry_tests::netpol::cluster::PORTS;
-use ferry_tests::netpol::kernel::{state_objects, PairProbe, Through, UpstreamNode};
+use ferry_tests::netpol::kernel::{state_objects, PairProbe, Through, UpstreamNode, OUTSIDE};
 use ferry_tests::netpol::{
     self, pod_keys, Action, Case, Family, Protocol, State, Step, Suite, TruthTable, UPSTREAM_IGNORES_LOOPBACK,
 };
@@ -159,17 +161,20 @@ impl Harness {
             for protocol in Protocol::ALL {
                 loop {
                     let tables = self.node.probe_matrices(family, 80, protocol, RECHECK_TIMEOUT);
+                    let outside = self
+                        .node
+                        .probe_from_outside(family, 80, protocol, RECHECK_TIMEOUT);
                     let all = TruthTable::from_fn(|_, _| true);
                     let wrong: Vec<_> = tables
                         .iter()
                         .map(|t| all.mismatches(t, !UPSTREAM_IGNORES_LOOPBACK))
                         .collect();
-                    if wrong.iter().all(Vec::is_empty) {
+                    if wrong.iter().all(Vec::is_empty) && outside.iter().all(|v| *v) {
                         break;
                     }
                     assert!(
                         Instant::now() < deadline,
-                        "without policies, {family:?} {protocol:?} pairs do not connect (Pod address, ClusterIP): {wrong:?}\nproxy log:\n{}",
+                        "without policies, {family:?} {protocol:?} pairs do not connect (Pod address, ClusterIP): {wrong:?}; from outside: {outside:?}\nproxy log:\n{}",
                         self.proxy.log()
                     );
                 }
@@ -188,10 +193,16 @@ impl Harness {
         protocol: Protocol,
     ) -> Vec<String> {
         let expected = state.truth_table(port, protocol);
-        let mut observed = self.node.probe_matrices(family, port, protocol, DENIED_AFTER);
+        // The matrices and the outside machine's probes at once: each costs a timeout.
+        let node = &self.node;
+        let (mut observed, outside) = std::thread::scope(|scope| {
+            let outside = scope.spawn(|| node.probe_from_outside(family, port, protocol, DENIED_AFTER));
+            let matrices = node.probe_matrices(family, port, protocol, DENIED_AFTER);
+            (matrices, outside.join().unwrap())
+        });
         let settings = self.settings();
         let keys = pod_keys();
-        let mut problems = Vec::new();
+        let mut problems = self.check_outside(state, store, family, port, protocol, outside);
         for (table, through) in observed.iter_mut().zip(Through::BOTH) {
             // Recheck what looked denied but should connect (see the module doc).
             let slow: Vec<(String, String)> = expected
@@ -241,6 +252,41 @@ impl Harness {
                     "{port}/{proto} to the {through:?}: trace predicts otherwise than the kernel on {} pair(s) {disagree:?}\ntrace's prediction vs the kernel:\n{}",
                     disagree.len(),
                     predicted.report(table)
+                ));
+            }
+        }
+        problems
+    }
+
+    /// The outside machine's row: its verdicts (`observed`, per Pod) against the oracle's
+    /// and `trace`'s, slow denials rechecked as in the matrix.
+    fn check_outside(
+        &self,
+        state: &State,
+        store: &Store,
+        family: Family,
+        port: u16,
+        protocol: Protocol,
+        mut observed: Vec<bool>,
+    ) -> Vec<String> {
+        let from = self.node.outside_ip(family);
+        let proto = protocol.as_str().to_lowercase();
+        let settings = self.settings();
+        let keys = pod_keys();
+        let mut problems = Vec::new();
+        for (to, verdict) in keys.iter().zip(observed.iter_mut()) {
+            let expected = state.expected_from_address(from, to, port, protocol);
+            let address = SocketAddr::new(self.node.address(to, family, Through::PodAddress), port);
+            if expected && !*verdict {
+                self.rechecked.set(self.rechecked.get() + 1);
+                *verdict = self.node.probe(OUTSIDE, to, address, protocol, RECHECK_TIMEOUT);
+            }
+            let predicted = trace::trace(store, &settings, &from.to_string(), &format!("{address}/{proto}"))
+                .unwrap_or_else(|e| panic!("trace {from} {address}/{proto}: {e}"))
+                .allowed();
+            if *verdict != expected || predicted != *verdict {
+                problems.push(format!(
+                    "{port}/{proto} from outside ({from}) to {to}: oracle {expected}, kernel {verdict}, trace {predicted}"
                 ));
             }
         }

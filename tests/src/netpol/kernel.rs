@@ -30,7 +30,8 @@ use serde_json::{json, Value};
 
 use super::cluster::{pod_keys, service_name, service_port_name, PORTS, PORT_RANGE_PORTS};
 use super::{Family, PodAddresses, Protocol, State, TruthTable};
-use crate::{ferry_bin, sctp, unique_v4_subnet, unique_v6_subnet, CniCall, Node, Pod};
+use crate::netns::run_ip;
+use crate::{ferry_bin, sctp, unique_v4_subnet, unique_v6_subnet, CniCall, Netns, Node, Pod};
 
 /// Every port any case probes: each Pod serves all of them on every protocol.
 pub fn served_ports() -> Vec<u16> {
@@ -49,13 +50,21 @@ impl Through {
     pub const BOTH: [Through; 2] = [Through::PodAddress, Through::ClusterIp];
 }
 
-/// The node, its nine Pods (in [`pod_keys`] order) and their servers.
+/// The source name [`PairProbe`] uses for the machine outside the node.
+pub const OUTSIDE: &str = "outside";
+
+/// The node, its nine Pods (in [`pod_keys`] order) and their servers, and a machine
+/// outside the node whose traffic to the Pods is routed through it.
 pub struct UpstreamNode {
     // Field order is drop order: servers stop before their namespaces go.
     servers: Vec<PodServer>,
     /// Each Pod's namespace held open, for probe threads to enter.
     entered: Vec<ferry_netlink::Netns>,
+    outside_entered: ferry_netlink::Netns,
     pods: Vec<Pod>,
+    outside: Netns,
+    /// The outside machine's IPv4 and IPv6 addresses.
+    outside_ips: [IpAddr; 2],
     pub addresses: PodAddresses,
     /// The IPv4 and IPv6 Pod subnets (what `--cluster-cidr` gets).
     pub subnets: [String; 2],
@@ -108,10 +117,15 @@ impl UpstreamNode {
             .map(|p| ferry_netlink::Netns::open(p.path()).unwrap_or_else(|e| panic!("{e}")))
             .collect();
         let servers = pods.iter().map(PodServer::start).collect();
+        let (outside, outside_ips) = connect_outside(&node);
+        let outside_entered = ferry_netlink::Netns::open(outside.path()).unwrap_or_else(|e| panic!("{e}"));
         UpstreamNode {
             servers,
             entered,
+            outside_entered,
             pods,
+            outside,
+            outside_ips,
             addresses,
             subnets,
             node,
@@ -121,6 +135,40 @@ impl UpstreamNode {
     /// The namespace of Pod `key` (`x/a`), e.g. to run a command in it.
     pub fn pod(&self, key: &str) -> &Pod {
         &self.pods[index_of(key)]
+    }
+
+    /// The outside machine's namespace.
+    pub fn outside(&self) -> &Netns {
+        &self.outside
+    }
+
+    /// The outside machine's address of `family`.
+    pub fn outside_ip(&self, family: Family) -> IpAddr {
+        self.outside_ips[match family {
+            Family::V4 => 0,
+            Family::V6 => 1,
+        }]
+    }
+
+    /// Probes each Pod's address from the outside machine (routed through the node, not
+    /// bridged); the verdicts in [`pod_keys`] order.
+    pub fn probe_from_outside(
+        &self,
+        family: Family,
+        port: u16,
+        protocol: Protocol,
+        timeout: Duration,
+    ) -> Vec<bool> {
+        let probes: Vec<PairProbe> = pod_keys()
+            .into_iter()
+            .map(|to| PairProbe {
+                from: OUTSIDE.into(),
+                address: SocketAddr::new(self.address(&to, family, Through::PodAddress), port),
+                to,
+                protocol,
+            })
+            .collect();
+        self.probe_all(&probes, timeout)
     }
 
     /// The ClusterIP of `pod`'s Service in `family` (a fixed range no Pod subnet uses).
@@ -219,7 +267,11 @@ impl UpstreamNode {
             let threads: Vec<_> = probes
                 .iter()
                 .map(|p| {
-                    let source = &self.entered[index_of(&p.from)];
+                    let source = if p.from == OUTSIDE {
+                        &self.outside_entered
+                    } else {
+                        &self.entered[index_of(&p.from)]
+                    };
                     let seen = &self.servers[index_of(&p.to)].sctp_seen;
                     (source, source.spawn(scope, move || probe_once(p, seen, timeout)))
                 })
@@ -250,7 +302,54 @@ impl UpstreamNode {
     }
 }
 
-/// One probe of a matrix: from Pod `from` to `address`, which belongs to Pod `to` (its own
+/// A machine outside the node on a veth of its own, dual stack, its default routes via the
+/// node; the node reaches it on the connected subnets.
+fn connect_outside(node: &Node) -> (Netns, [IpAddr; 2]) {
+    let outside = node.client(OUTSIDE);
+    let v4 = unique_v4_subnet(24);
+    let v4 = v4.rsplit_once(".0/").expect("an aligned /24").0;
+    let node_if = node.connect_client(&outside, &format!("{v4}.2/24"), &format!("{v4}.1/24"));
+    let v6 = unique_v6_subnet();
+    let v6 = v6.trim_end_matches("/64");
+    // No duplicate address detection: the addresses would be unusable for a while.
+    run_ip(&[
+        "-n",
+        outside.name(),
+        "addr",
+        "add",
+        &format!("{v6}2/64"),
+        "dev",
+        "eth0",
+        "nodad",
+    ]);
+    run_ip(&[
+        "-n",
+        node.name(),
+        "addr",
+        "add",
+        &format!("{v6}1/64"),
+        "dev",
+        &node_if,
+        "nodad",
+    ]);
+    run_ip(&[
+        "-n",
+        outside.name(),
+        "-6",
+        "route",
+        "add",
+        "default",
+        "via",
+        &format!("{v6}1"),
+    ]);
+    let ips = [
+        format!("{v4}.2").parse().unwrap(),
+        format!("{v6}2").parse().unwrap(),
+    ];
+    (outside, ips)
+}
+
+/// One probe of a matrix: from Pod `from` (or [`OUTSIDE`]) to `address`, which belongs to Pod `to` (its own
 /// address or its Service's).
 #[derive(Clone, Debug)]
 pub struct PairProbe {
