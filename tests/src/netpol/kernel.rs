@@ -20,6 +20,7 @@ use std::collections::HashSet;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -31,6 +32,7 @@ use serde_json::{json, Value};
 use super::cluster::{pod_keys, service_name, service_port_name, PORTS, PORT_RANGE_PORTS};
 use super::{Family, PodAddresses, Protocol, State, TruthTable};
 use crate::netns::run_ip;
+use crate::proxy::{sockaddr, socket_in_cgroup};
 use crate::{ferry_bin, sctp, unique_v4_subnet, unique_v6_subnet, CniCall, Netns, Node, Pod};
 
 /// Every port any case probes: each Pod serves all of them on every protocol.
@@ -65,6 +67,9 @@ pub struct UpstreamNode {
     outside: Netns,
     /// The outside machine's IPv4 and IPv6 addresses.
     outside_ips: [IpAddr; 2],
+    /// Where probes from Pods make their TCP and UDP sockets (the eBPF back end's cgroup:
+    /// its socket programs translate Services only for sockets made there).
+    client_cgroup: Option<PathBuf>,
     pub addresses: PodAddresses,
     /// The IPv4 and IPv6 Pod subnets (what `--cluster-cidr` gets).
     pub subnets: [String; 2],
@@ -126,6 +131,7 @@ impl UpstreamNode {
             pods,
             outside,
             outside_ips,
+            client_cgroup: None,
             addresses,
             subnets,
             node,
@@ -135,6 +141,12 @@ impl UpstreamNode {
     /// The namespace of Pod `key` (`x/a`), e.g. to run a command in it.
     pub fn pod(&self, key: &str) -> &Pod {
         &self.pods[index_of(key)]
+    }
+
+    /// Makes the Pods' TCP and UDP probe sockets inside `cgroup` from now on, as a Pod's
+    /// processes would be on a node running the eBPF back end.
+    pub fn set_client_cgroup(&mut self, cgroup: Option<PathBuf>) {
+        self.client_cgroup = cgroup;
     }
 
     /// The outside machine's namespace.
@@ -273,7 +285,12 @@ impl UpstreamNode {
                         &self.entered[index_of(&p.from)]
                     };
                     let seen = &self.servers[index_of(&p.to)].sctp_seen;
-                    (source, source.spawn(scope, move || probe_once(p, seen, timeout)))
+                    // The outside machine is no Pod: its sockets stay out of the cgroup.
+                    let cgroup = self.client_cgroup.as_deref().filter(|_| p.from != OUTSIDE);
+                    (
+                        source,
+                        source.spawn(scope, move || probe_once(p, seen, timeout, cgroup)),
+                    )
                 })
                 .collect();
             threads
@@ -367,10 +384,15 @@ fn index_of(pod: &str) -> usize {
 }
 
 /// Runs on a thread inside the source Pod's namespace.
-fn probe_once(probe: &PairProbe, sctp_seen: &Mutex<HashSet<u32>>, timeout: Duration) -> bool {
+fn probe_once(
+    probe: &PairProbe,
+    sctp_seen: &Mutex<HashSet<u32>>,
+    timeout: Duration,
+    cgroup: Option<&Path>,
+) -> bool {
     match probe.protocol {
         Protocol::Tcp => {
-            let Ok(mut conn) = TcpStream::connect_timeout(&probe.address, timeout) else {
+            let Ok(mut conn) = tcp_connect(probe.address, timeout, cgroup) else {
                 return false;
             };
             let _ = conn.set_read_timeout(Some(timeout));
@@ -386,7 +408,14 @@ fn probe_once(probe: &PairProbe, sctp_seen: &Mutex<HashSet<u32>>, timeout: Durat
             }
             .parse()
             .unwrap();
-            let socket = UdpSocket::bind(bind).expect("a UDP socket in the source Pod");
+            let socket = match cgroup {
+                // Unbound: the first send picks a fresh source port.
+                Some(cgroup) => UdpSocket::from(
+                    socket_in_cgroup(cgroup, domain(probe.address), libc::SOCK_DGRAM)
+                        .expect("a UDP socket in the client cgroup"),
+                ),
+                None => UdpSocket::bind(bind).expect("a UDP socket in the source Pod"),
+            };
             socket.set_read_timeout(Some(timeout / 2)).unwrap();
             let message = format!("probe {} -> {}", probe.from, probe.address);
             let mut buf = [0u8; 256];
@@ -424,6 +453,53 @@ fn probe_once(probe: &PairProbe, sctp_seen: &Mutex<HashSet<u32>>, timeout: Durat
             false
         }
     }
+}
+
+fn domain(address: SocketAddr) -> i32 {
+    if address.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    }
+}
+
+/// `TcpStream::connect_timeout`, from a socket made in `cgroup` when given.
+fn tcp_connect(to: SocketAddr, timeout: Duration, cgroup: Option<&Path>) -> std::io::Result<TcpStream> {
+    let Some(cgroup) = cgroup else {
+        return TcpStream::connect_timeout(&to, timeout);
+    };
+    let conn = TcpStream::from(socket_in_cgroup(cgroup, domain(to), libc::SOCK_STREAM)?);
+    conn.set_nonblocking(true)?;
+    let (address, length) = sockaddr(to);
+    // SAFETY: connect(2) on a socket we own, with an address that outlives the call.
+    let started = unsafe {
+        libc::connect(
+            conn.as_raw_fd(),
+            (&address as *const libc::sockaddr_storage).cast(),
+            length,
+        )
+    };
+    if started != 0 {
+        let error = std::io::Error::last_os_error();
+        if error.raw_os_error() != Some(libc::EINPROGRESS) {
+            return Err(error);
+        }
+        let mut pollfd = libc::pollfd {
+            fd: conn.as_raw_fd(),
+            events: libc::POLLOUT,
+            revents: 0,
+        };
+        // SAFETY: one live pollfd.
+        let ready = unsafe { libc::poll(&mut pollfd, 1, timeout.as_millis() as libc::c_int) };
+        if ready <= 0 {
+            return Err(std::io::Error::from(ErrorKind::TimedOut));
+        }
+        if let Some(error) = conn.take_error()? {
+            return Err(error);
+        }
+    }
+    conn.set_nonblocking(false)?;
+    Ok(conn)
 }
 
 /// One Pod's servers: TCP and UDP on every served port (one dual-stack socket each) and a
