@@ -25,14 +25,16 @@
 //!
 //! The other tests reuse the harness on a node of their own: a sample of the cases with
 //! `--backend ebpf` (probe sockets made in its cgroup; SCTP ClusterIPs left out, as that
-//! back end does not serve them); live changes (a Pod
-//! relabelled out of and back into a rule, a Namespace relabelled, a policy deleted) timed
-//! from the write to the verdict; bad policies reported by file and field and not enforced
-//! at all; SIGKILL and restart with a denied client trying throughout.
+//! back end does not serve them); live changes (a Pod relabelled out of and back into a
+//! rule, a Namespace relabelled, a policy deleted) timed from the write to the verdict,
+//! with a pair both states deny probed throughout; bad policies reported by file and
+//! field and not enforced at all; SIGKILL and restart with a denied client trying
+//! throughout.
 //!
 //! Measured here (2 shared cores, December 2026): setup ~0.5 s, 79 case runs (61 cases in
-//! IPv4, 18 again in IPv6) ~140 s, 18 with eBPF ~40 s, the whole file ~190 s; live changes judged 150-330 ms
-//! after the write (the manifests directory is polled every 200 ms).
+//! IPv4, 18 again in IPv6) ~140 s, 18 with eBPF ~40 s, the whole file ~190 s; live
+//! changes judged 150-350 ms after the write (the manifests directory is polled every
+//! 200 ms).
 
 use std::cell::Cell;
 use std::collections::BTreeMap;
