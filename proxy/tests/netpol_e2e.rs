@@ -32,7 +32,7 @@
 //! throughout.
 //!
 //! Measured here (2 shared cores, December 2026): setup ~0.5 s, 79 case runs (61 cases in
-//! IPv4, 18 again in IPv6) ~140 s, 18 with eBPF ~40 s, the whole file ~190 s; live
+//! IPv4, 18 again in IPv6) ~110 s, 18 with eBPF ~27 s, the whole file ~150 s; live
 //! changes judged 150-350 ms after the write (the manifests directory is polled every
 //! 200 ms).
 
@@ -59,7 +59,7 @@ use serde_json::{json, Value};
 
 const NODE: &str = "node-a";
 /// How long a probe waits before it counts as denied.
-const DENIED_AFTER: Duration = Duration::from_millis(400);
+const DENIED_AFTER: Duration = Duration::from_millis(300);
 /// A probe the oracle allows and that saw nothing is tried once more, this patiently.
 const RECHECK_TIMEOUT: Duration = Duration::from_secs(2);
 /// The longest a step may take to be synced before the test probes anyway (and says so).
