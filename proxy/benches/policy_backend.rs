@@ -8,7 +8,12 @@
 //! single changes, from the change in the store to the kernel, split in plan (the full
 //! re-plan the loop does today) and back end: one policy changed, one local Pod
 //! relabelled, one local Pod added; the first sync of a new back end over the existing
-//! table (a restart); and the table's size.
+//! table (a restart); and the table's size. Then the data path: connect latency p50/p99
+//! from one local Pod to another (both real netns on a bridge, addresses of the
+//! generator's Pods 10 and 20, the connection allowed by their policies) with 0, 100 and
+//! 1,000 policies in the store against no policy table at all, interleaved round by round
+//! so that load on the machine hits every case alike (`FERRY_BENCH_CONNECTS`, default
+//! 2,000 per case).
 //!
 //! Run: `cargo bench -p ferry-proxy --bench policy_backend` (root).
 
@@ -21,6 +26,7 @@ use ferry_proxy::plan::policy::plan;
 use ferry_proxy::plan::Plan;
 use ferry_proxy::source::{Event, Kind, Object};
 use ferry_proxy::store::Store;
+use ferry_tests::bench::percentile;
 use ferry_tests::{require_root, Node};
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
@@ -160,6 +166,97 @@ fn count(node: &Node, prefix: &str) -> usize {
         .count()
 }
 
+/// Pod `i`'s address in the generator.
+fn pod_ip(i: usize) -> String {
+    format!("10.{}.{}.{}", 64 + i / 65536, (i / 256) % 256, i % 256)
+}
+
+/// Connect latency from Pod 10 to Pod 20's `http` port (8006) with each policy count.
+fn connect_latency(connects: usize) {
+    let node = Node::new("policy-lat");
+    let ns = node.netns();
+    ns.exec_ok(&[
+        "sysctl",
+        "-qw",
+        "net.ipv4.ip_forward=1",
+        "net.bridge.bridge-nf-call-iptables=1",
+    ]);
+    ns.exec_ok(&["ip", "link", "add", "br0", "type", "bridge"]);
+    ns.exec_ok(&["ip", "addr", "add", "10.64.255.254/16", "dev", "br0"]);
+    ns.exec_ok(&["ip", "link", "set", "br0", "up"]);
+    let mut pods = Vec::new();
+    for i in [10, 20] {
+        let pod = node.pod(&format!("p{i}"));
+        let port = format!("vp{i}");
+        ns.exec_ok(&[
+            "ip",
+            "link",
+            "add",
+            &port,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            pod.name(),
+        ]);
+        ns.exec_ok(&["ip", "link", "set", &port, "master", "br0"]);
+        ns.exec_ok(&["ip", "link", "set", &port, "up"]);
+        pod.exec_ok(&["ip", "addr", "add", &format!("{}/16", pod_ip(i)), "dev", "eth0"]);
+        pod.exec_ok(&["ip", "link", "set", "eth0", "up"]);
+        pods.push(pod);
+    }
+    let to: std::net::SocketAddr = format!("{}:8006", pod_ip(20)).parse().unwrap();
+    let _server = pods[1].tcp_server(to);
+    let cases = [
+        ("policy off (no table)", None),
+        ("0 policies", Some(0)),
+        ("100 policies", Some(100)),
+        ("1,000 policies", Some(POLICIES)),
+    ];
+    // Each case's plan, applied before its round.
+    let plans: Vec<Plan> = cases
+        .iter()
+        .map(|(_, n)| Plan {
+            services: Default::default(),
+            policy: n.map(|n| plan(&store(n), NODE)),
+        })
+        .collect();
+    let mut backend = NftablesBackend::new();
+    let mut samples: Vec<Vec<Duration>> = vec![Vec::new(); cases.len()];
+    let rounds = 10;
+    for _ in 0..rounds {
+        for (k, plan) in plans.iter().enumerate() {
+            ns.run(|| backend.sync(plan, &Changes::all())).expect("sync");
+            let times = pods[0].run(|| {
+                (0..connects / rounds)
+                    .map(|_| {
+                        let t = Instant::now();
+                        let conn = std::net::TcpStream::connect(to).expect("an allowed connection");
+                        let took = t.elapsed();
+                        drop(conn);
+                        took
+                    })
+                    .collect::<Vec<_>>()
+            });
+            samples[k].extend(times);
+        }
+    }
+    let us = |d: Duration| d.as_secs_f64() * 1e6;
+    let mut base50 = 0.0;
+    println!("connect latency Pod 10 -> Pod 20:8006, {connects} connects per case, interleaved");
+    println!("  {:<28} {:>9} {:>9} {:>12}", "", "p50 us", "p99 us", "p50 added");
+    for (k, (name, _)) in cases.iter().enumerate() {
+        let p50 = us(percentile(&mut samples[k], 0.5));
+        let p99 = us(percentile(&mut samples[k], 0.99));
+        if k == 0 {
+            base50 = p50;
+        }
+        println!("  {name:<28} {p50:>9.1} {p99:>9.1} {:>+12.1}", p50 - base50);
+    }
+}
+
 fn main() {
     require_root!();
     let reps = ferry_tests::bench::env_usize("FERRY_BENCH_REPS", 5);
@@ -171,9 +268,12 @@ fn main() {
         let (full_plan, full_apply, mut backend) = full_sync(&store, reps);
         let rules = backend.policy_rules();
 
-        let (policy_plan, policy_apply) =
-            changes(&mut store, &mut backend, reps, |rep| policy(7, 9101 + rep as u16));
-        // Pod 10 is on node-0 (10 % 10): relabelled to apps no policy selects and back.
+        // Policy 10 selects app a10, whose Pods are all on node-0 (10 % 10): its port
+        // range grows by one each time.
+        let (policy_plan, policy_apply) = changes(&mut store, &mut backend, reps, |rep| {
+            policy(10, 9101 + rep as u16)
+        });
+        // Pod 10 is on node-0: relabelled to other apps, each selected by other policies.
         let (relabel_plan, relabel_apply) = changes(&mut store, &mut backend, reps, |rep| {
             pod(10, &format!("a{}", 50 + rep))
         });
@@ -219,4 +319,5 @@ fn main() {
             count(&node, "map "),
         );
     });
+    connect_latency(ferry_tests::bench::env_usize("FERRY_BENCH_CONNECTS", 2_000));
 }

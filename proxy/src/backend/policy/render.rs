@@ -382,10 +382,13 @@ fn range_text(r: &AddressRange) -> String {
     }
 }
 
-/// The first 16 hex digits of the SHA-256 of `text`: names that stay the same for the same
-/// content, across restarts.
-fn content_hash(text: &str) -> String {
-    let digest = Sha256::digest(text.as_bytes());
+/// The first 16 hex digits of the SHA-256 of `bytes`: names that stay the same for the
+/// same content, across restarts.
+fn content_hash(bytes: &[u8]) -> String {
+    hex16(&Sha256::digest(bytes))
+}
+
+fn hex16(digest: &[u8]) -> String {
     digest[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
 
@@ -432,9 +435,15 @@ fn peer_sets(addresses: &Addresses) -> Vec<Arc<PeerSet>> {
             if ranges.is_empty() {
                 return None;
             }
-            let text: String = ranges.iter().map(|r| range_text(r) + ",").collect();
+            // The addresses' bytes, not their text: sets of thousands of Pods are hashed
+            // at every sync that renders a chain using them.
+            let mut hasher = Sha256::new();
+            for r in &ranges {
+                hasher.update(addr_bytes(r.first));
+                hasher.update(addr_bytes(r.last));
+            }
             Some(Arc::new(PeerSet {
-                name: format!("peers-{}-{}", content_hash(&text), fam(*family)),
+                name: format!("peers-{}-{}", hex16(&hasher.finalize()), fam(*family)),
                 family: *family,
                 ranges,
             }))
@@ -478,7 +487,7 @@ pub(super) fn render_chain(direction: Direction, isolation: &Isolation, cache: &
     rules.push(PolicyRule::Drop);
     let text: String = rules.iter().map(|r| r.to_string() + "\n").collect();
     PolicyChain {
-        name: format!("{}-{}", direction.name(), content_hash(&text)),
+        name: format!("{}-{}", direction.name(), content_hash(text.as_bytes())),
         rules,
         sets,
     }
