@@ -3,8 +3,9 @@
 //!
 //! FROM is a Pod (`namespace/name`) or an address; TO is a Pod or an address with a port
 //! and an optional protocol (`x/b:80/udp`, `10.96.0.10:53/udp`, `[fd00::1]:80`). When TO
-//! is a Service address, the Services plan gives the endpoints the packet can be sent to
-//! (policy judges the packet after DNAT: on the endpoint's address and target port).
+//! is a Service address (a ClusterIP, an external or load-balancer IP, or a NodePort on
+//! an address of the node), the Services plan gives the endpoints the packet can be sent
+//! to (policy judges the packet after DNAT: on the endpoint's address and target port).
 //! For each endpoint the policy plan then answers twice: may the source Pod send it
 //! (egress, enforced on the source's node) and may the destination Pod take it (ingress,
 //! on the destination's node); either "not isolated", or allowed by these rules, or
@@ -16,7 +17,7 @@ use std::net::IpAddr;
 use serde::Serialize;
 
 use crate::plan::policy::{self, Isolation, PodPolicy, PolicyTable};
-use crate::plan::{services, Family, NodeSettings, Protocol};
+use crate::plan::{services, Endpoint, Family, NodeSettings, Protocol, ServicePort};
 use crate::store::objects::PodInfo;
 use crate::store::Store;
 
@@ -216,16 +217,29 @@ pub fn trace_parsed(
     };
     let mut endpoints = vec![(destination, to.port)];
     let table = services::plan(store, settings);
-    if let Some(port) = table.ports.values().find(|p| {
-        p.id.protocol == to.protocol
-            && p.port == to.port
-            && (p.cluster_ip == Some(destination) || p.external_ips.contains(&destination))
-    }) {
+    let reached = Reached {
+        destination,
+        port: to.port,
+        protocol: to.protocol,
+        from_pod: source_pod.is_some(),
+        maybe_node: pod_by_address(store, destination).is_none()
+            && !settings.cluster_cidrs.iter().any(|c| c.contains(destination))
+            && (settings.nodeport_addresses.is_empty()
+                || settings
+                    .nodeport_addresses
+                    .iter()
+                    .any(|c| c.contains(destination))),
+    };
+    if let Some((port, chosen)) = table
+        .ports
+        .values()
+        .find_map(|p| reached.endpoints(p).map(|e| (p, e)))
+    {
         trace.service = Some(format!(
             "{}/{}:{}",
             port.id.namespace, port.id.name, port.id.port_name
         ));
-        endpoints = port.cluster_endpoints.iter().map(|e| (e.ip, e.port)).collect();
+        endpoints = chosen.iter().map(|e| (e.ip, e.port)).collect();
     }
 
     // Plan both ends (whatever their node): trace answers for the whole path.
@@ -244,6 +258,48 @@ pub fn trace_parsed(
             .push(judge(&policies, from, source_pod, ip, port, to.protocol, store));
     }
     Ok(trace)
+}
+
+/// The first packet's destination, as the Services plan matches it.
+struct Reached {
+    destination: IpAddr,
+    port: u16,
+    protocol: Protocol,
+    /// Sent by a Pod: kube-proxy short-circuits such traffic to external, load-balancer
+    /// and NodePort addresses inside the node instead of applying externalTrafficPolicy.
+    from_pod: bool,
+    /// The destination may be an address of the node (a NodePort target): no Pod has it,
+    /// it is outside the cluster CIDRs and within `--nodeport-addresses` when given. The
+    /// plan does not know the node's addresses; the CLI's user names one.
+    maybe_node: bool,
+}
+
+impl Reached {
+    /// The endpoints `p` sends the packet to, if it is addressed to `p`: its ClusterIP, an
+    /// external or load-balancer IP on its port, or its NodePort on a node address.
+    fn endpoints<'p>(&self, p: &'p ServicePort) -> Option<&'p [Endpoint]> {
+        if p.id.protocol != self.protocol || p.id.family != Family::of(self.destination) {
+            return None;
+        }
+        let external = if !self.from_pod {
+            &p.external_endpoints
+        } else if p.short_circuit_endpoints.is_empty() {
+            &p.cluster_endpoints
+        } else {
+            &p.short_circuit_endpoints
+        };
+        let to_external_address = p.port == self.port
+            && (p.external_ips.contains(&self.destination)
+                || p.load_balancer_ips.contains(&self.destination));
+        let to_node_port = p.node_port == Some(self.port) && self.maybe_node;
+        if p.port == self.port && p.cluster_ip == Some(self.destination) {
+            Some(&p.cluster_endpoints)
+        } else if to_external_address || to_node_port {
+            Some(external)
+        } else {
+            None
+        }
+    }
 }
 
 fn judge(
@@ -433,6 +489,92 @@ fn describe(judgement: &Judgement, end: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::source::{Event, Kind, Object};
+    use k8s_openapi::api::core::v1::{Pod, Service};
+    use k8s_openapi::api::discovery::v1::EndpointSlice;
+    use serde_json::json;
+
+    /// A LoadBalancer Service (NodePort 30080, load-balancer IP 192.0.2.10,
+    /// externalTrafficPolicy Local) with one endpoint on node-a and one on node-b.
+    fn load_balancer_store() -> Store {
+        let pod = |name: &str, ip: &str, node: &str| -> Object {
+            let pod: Pod = serde_json::from_value(json!({
+                "metadata": {"namespace": "x", "name": name, "labels": {"app": "web"}},
+                "spec": {"nodeName": node, "containers": []},
+                "status": {"phase": "Running", "podIPs": [{"ip": ip}]}
+            }))
+            .unwrap();
+            pod.into()
+        };
+        let service: Service = serde_json::from_value(json!({
+            "metadata": {"namespace": "x", "name": "web"},
+            "spec": {"type": "LoadBalancer", "clusterIP": "10.96.0.10", "externalTrafficPolicy": "Local",
+                     "ports": [{"name": "http", "protocol": "TCP", "port": 80, "targetPort": 8080, "nodePort": 30080}]},
+            "status": {"loadBalancer": {"ingress": [{"ip": "192.0.2.10"}]}}
+        }))
+        .unwrap();
+        let slice: EndpointSlice = serde_json::from_value(json!({
+            "metadata": {"namespace": "x", "name": "web-1", "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "protocol": "TCP", "port": 8080}],
+            "endpoints": [{"addresses": ["10.244.0.5"], "nodeName": "node-a"},
+                          {"addresses": ["10.244.1.5"], "nodeName": "node-b"}]
+        }))
+        .unwrap();
+        let mut store = Store::new();
+        store.apply(Event::Snapshot {
+            kinds: Kind::ALL.to_vec(),
+            objects: vec![
+                pod("local", "10.244.0.5", "node-a"),
+                pod("remote", "10.244.1.5", "node-b"),
+                service.into(),
+                slice.into(),
+            ],
+        });
+        store
+    }
+
+    #[test]
+    fn node_ports_and_load_balancer_ips_lead_to_the_endpoints_kube_proxy_picks() {
+        let store = load_balancer_store();
+        let settings = NodeSettings {
+            node_name: "node-a".into(),
+            cluster_cidrs: vec!["10.244.0.0/16".parse().unwrap()],
+            ..NodeSettings::default()
+        };
+        let destinations = |from: &str, to: &str| {
+            let t = trace(&store, &settings, from, to).unwrap();
+            let mut d: Vec<String> = t
+                .paths
+                .iter()
+                .map(|p| format!("{}:{}", p.destination, p.port))
+                .collect();
+            d.sort();
+            (t.service, d)
+        };
+        let web = Some("x/web:http".to_string());
+        // From outside: externalTrafficPolicy Local keeps to the local endpoint.
+        for to in ["192.0.2.10:80", "203.0.113.1:30080"] {
+            assert_eq!(
+                destinations("198.51.100.7", to),
+                (web.clone(), vec!["10.244.0.5:8080".to_string()]),
+                "{to}"
+            );
+        }
+        // From a Pod: short-circuited to every endpoint.
+        assert_eq!(
+            destinations("x/remote", "192.0.2.10:80"),
+            (
+                web.clone(),
+                vec!["10.244.0.5:8080".to_string(), "10.244.1.5:8080".to_string()]
+            )
+        );
+        // A Pod's own address on the NodePort's number is that Pod, not the Service.
+        assert_eq!(
+            destinations("198.51.100.7", "10.244.1.5:30080"),
+            (None, vec!["10.244.1.5:30080".to_string()])
+        );
+    }
 
     #[test]
     fn arguments_parse_or_say_how_to_write_them() {

@@ -34,6 +34,7 @@ mod node;
 mod pods;
 mod proxy;
 mod root;
+pub mod sctp;
 mod traffic;
 
 pub use bins::{bin_dir, ferry_bin, reference_plugin, REFERENCE_PLUGIN_DIR};

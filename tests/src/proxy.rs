@@ -381,7 +381,7 @@ impl Client<'_> {
     }
 }
 
-fn sockaddr(to: SocketAddr) -> (nix::libc::sockaddr_storage, nix::libc::socklen_t) {
+pub(crate) fn sockaddr(to: SocketAddr) -> (nix::libc::sockaddr_storage, nix::libc::socklen_t) {
     use nix::libc;
     // SAFETY: all-zero is a valid sockaddr_storage.
     let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
@@ -424,7 +424,7 @@ fn sockaddr(to: SocketAddr) -> (nix::libc::sockaddr_storage, nix::libc::socklen_
 /// (same netns as this thread) joins the cgroup, makes the socket and hands it back over a
 /// Unix socket (SCM_RIGHTS), then exits. The child makes only raw system calls on buffers
 /// prepared before the fork: the test process has other threads.
-fn socket_in_cgroup(cgroup: &Path, domain: i32, ty: i32) -> std::io::Result<std::os::fd::OwnedFd> {
+pub(crate) fn socket_in_cgroup(cgroup: &Path, domain: i32, ty: i32) -> std::io::Result<std::os::fd::OwnedFd> {
     use nix::libc;
     use std::os::fd::FromRawFd;
     let procs = std::ffi::CString::new(cgroup.join("cgroup.procs").into_os_string().into_encoded_bytes())

@@ -13,6 +13,9 @@
 //! 3. [`model`]: the oracle. [`State::expected`] answers "does x/a reach y/b on 80/TCP
 //!    after this step", from the API reference alone.
 //! 4. [`reachability`]: upstream's way of writing expectations, and its truth tables.
+//! 5. [`kernel`]: the topology on a real node (Pods on `ferry-bridge`, servers, Services,
+//!    the manifests that describe a step) and probes that fill a [`TruthTable`] from real
+//!    packets; `proxy/tests/netpol_e2e.rs` holds `ferry-proxy` to the oracle with it.
 //!
 //! What an end-to-end test does with a case, step by step: start the nine pods, each
 //! serving [`Case::ports`] on TCP, UDP and SCTP behind a Service named
@@ -42,6 +45,7 @@
 
 pub mod cases;
 pub mod cluster;
+pub mod kernel;
 pub mod model;
 pub mod reachability;
 
