@@ -17,9 +17,10 @@
 //! of an empty store, nor plan Services without their endpoints, nor open a Pod whose
 //! policies are not listed yet (no fail-open).
 //!
-//! The policy plan is made again in full whenever the store says any Pod, Namespace or
-//! NetworkPolicy changed (a policy change can concern any Pod); the back end diffs it
-//! against what it applied, Pod by Pod.
+//! The policy plan is kept by a [`PolicyPlanner`]: planned whole at the first sync and at
+//! each periodic resync, and between them brought up to date with exactly the Pods,
+//! Namespaces and NetworkPolicies the store says changed (all of them since the last sync,
+//! taken once per sync). The back end diffs the table against what it applied, Pod by Pod.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -31,6 +32,7 @@ use tracing::{debug, error, info};
 use crate::backend::{Backend, BackendError, SyncStats};
 use crate::changes::{ChangeTracker, Changes};
 use crate::metrics::Metrics;
+use crate::plan::policy::PolicyPlanner;
 use crate::plan::services::{plan, plan_services};
 use crate::plan::{NodeSettings, Plan, ServiceTable};
 use crate::source::{Event, Kind, SourceError};
@@ -219,7 +221,7 @@ pub async fn run(
             services,
             policy: None,
         }),
-        policy_dirty: false,
+        policy_planner: PolicyPlanner::new(&config.settings.node_name),
         changes: ChangeTracker::new(),
         pending: false,
         full_replan: true,
@@ -245,8 +247,8 @@ struct SyncLoop {
     pending: bool,
     /// Re-plan everything (first sync, periodic resync) rather than the dirty Services.
     full_replan: bool,
-    /// A Pod, Namespace or NetworkPolicy changed since the last policy plan.
-    policy_dirty: bool,
+    /// Keeps the policy plan up to date change by change (when NetworkPolicy is on).
+    policy_planner: PolicyPlanner,
     /// After a failure: no sync before this.
     retry_at: Option<Instant>,
     backoff: Duration,
@@ -318,13 +320,18 @@ impl SyncLoop {
             return;
         }
         self.store.apply(event);
-        if self.store.take_policy_dirty() && self.config.network_policy {
-            self.policy_dirty = true;
+        // Policy changes wait in the store until the sync takes them; with NetworkPolicy
+        // off nobody will, so they are dropped at once.
+        let policy_dirty = self.store.has_policy_dirty();
+        if policy_dirty && !self.config.network_policy {
+            self.store.take_policy_changes();
         }
         // The first time the store is complete, the node is programmed even when nothing in
         // it is dirty: an empty cluster still needs the base table (and a restart must
         // replace whatever the last process left).
-        if self.store.has_dirty() || self.policy_dirty || (!self.synced_once && !self.pending && self.ready())
+        if self.store.has_dirty()
+            || (policy_dirty && self.config.network_policy)
+            || (!self.synced_once && !self.pending && self.ready())
         {
             self.queue();
         }
@@ -355,12 +362,16 @@ impl SyncLoop {
         let plan_now = Arc::make_mut(&mut self.plan);
         if !self.config.network_policy {
             plan_now.policy = None;
-        } else if self.full_replan || self.policy_dirty || plan_now.policy.is_none() {
-            plan_now.policy = Some(crate::plan::policy::plan(
-                &self.store,
-                &self.config.settings.node_name,
-            ));
-            self.policy_dirty = false;
+        } else {
+            let policy_changes = self.store.take_policy_changes();
+            match &mut plan_now.policy {
+                Some(table) if !self.full_replan => {
+                    if !policy_changes.is_empty() {
+                        self.policy_planner.update(&self.store, &policy_changes, table);
+                    }
+                }
+                _ => plan_now.policy = Some(self.policy_planner.full(&self.store)),
+            }
         }
         let services = &mut plan_now.services;
         if self.full_replan {

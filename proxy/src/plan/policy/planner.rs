@@ -27,7 +27,7 @@ use std::sync::Arc;
 
 use super::ranges::{block_ranges, normalize};
 use super::{
-    is_peer, on_node, resolve_name, Addresses, AddressRange, Allow, Clause, Isolation, PodPolicy,
+    is_peer, on_node, resolve_name, AddressRange, Addresses, Allow, Clause, Isolation, PodPolicy,
     PolicyTable, PortRange, Ports,
 };
 use crate::plan::Protocol;
@@ -65,7 +65,12 @@ impl PolicyPlanner {
 
     /// Brings `table` (the last one this planner made or updated) up to date with
     /// `dirty`; returns the `namespace/name` of each Pod whose entry changed, came or went.
-    pub fn update(&mut self, store: &Store, dirty: &PolicyDirty, table: &mut PolicyTable) -> BTreeSet<String> {
+    pub fn update(
+        &mut self,
+        store: &Store,
+        dirty: &PolicyDirty,
+        table: &mut PolicyTable,
+    ) -> BTreeSet<String> {
         let node = self.node.clone();
         self.compiled
             .update(store, dirty, &|pod: &PodInfo| on_node(pod, &node), table)
@@ -125,6 +130,9 @@ impl PeerList {
     }
 }
 
+/// Per port number, the addresses of the peers that give a port name that number.
+type NamedPorts = Vec<(PortRange, Arc<Addresses>)>;
+
 /// One list of peers, resolved.
 struct PeerSet {
     /// The peer Pods a selector peer picks.
@@ -132,7 +140,7 @@ struct PeerSet {
     addresses: Arc<Addresses>,
     /// Per sorted list of (name, protocol) of an egress rule: per port number, the
     /// addresses among `addresses` of the peer Pods that give a name that number.
-    named: HashMap<Vec<(Arc<str>, Protocol)>, Vec<(PortRange, Arc<Addresses>)>>,
+    named: HashMap<Vec<(Arc<str>, Protocol)>, NamedPorts>,
     /// The policies with a rule of these peers.
     users: BTreeSet<ObjectKey>,
 }
@@ -320,7 +328,10 @@ impl Compiled {
                         .ips
                         .iter()
                         .filter(|ip| peers.contains(**ip))
-                        .map(|ip| AddressRange { first: *ip, last: *ip });
+                        .map(|ip| AddressRange {
+                            first: *ip,
+                            last: *ip,
+                        });
                     let range = PortRange {
                         protocol: *protocol,
                         first: number,
@@ -402,10 +413,7 @@ impl Compiled {
             egress: info.egress.as_ref().map(|r| plan_rules(r, true)),
             info,
         };
-        self.policies
-            .entry(key.0)
-            .or_default()
-            .insert(key.1, planned);
+        self.policies.entry(key.0).or_default().insert(key.1, planned);
     }
 
     fn remove_policy(&mut self, key: &ObjectKey) {
@@ -434,7 +442,12 @@ impl Compiled {
     fn pod_policy(&self, pod: &PodInfo) -> PodPolicy {
         let mut ingress: Option<Isolation> = None;
         let mut egress: Option<Isolation> = None;
-        for planned in self.policies.get(&pod.namespace).into_iter().flat_map(|p| p.values()) {
+        for planned in self
+            .policies
+            .get(&pod.namespace)
+            .into_iter()
+            .flat_map(|p| p.values())
+        {
             let policy = &planned.info;
             if !policy.pod_selector.matches(&pod.labels) {
                 continue;
@@ -546,10 +559,7 @@ impl Compiled {
             let pod = self.peers.get(key).cloned();
             let labels = pod.as_ref().map(|p| namespace_labels(store, &p.namespace));
             for (list, set) in &mut self.peer_sets {
-                let now = pod
-                    .as_ref()
-                    .zip(labels)
-                    .is_some_and(|(p, l)| list.selects(p, l));
+                let now = pod.as_ref().zip(labels).is_some_and(|(p, l)| list.selects(p, l));
                 let was = set.members.contains(key);
                 if now != was || (now && peer_changed) {
                     if now {
@@ -665,10 +675,12 @@ impl Compiled {
                 .map(|pod| self.pod_policy(pod));
             let name = table_key(&key);
             let differs = match entry {
-                Some(entry) => table.pods.get(&name) != Some(&entry) && {
-                    table.pods.insert(name.clone(), entry);
-                    true
-                },
+                Some(entry) => {
+                    table.pods.get(&name) != Some(&entry) && {
+                        table.pods.insert(name.clone(), entry);
+                        true
+                    }
+                }
                 None => table.pods.remove(&name).is_some(),
             };
             if differs {
