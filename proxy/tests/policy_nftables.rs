@@ -565,21 +565,18 @@ const NODE_NAME: &str = "node-a";
 /// A Pod of the bed as `kubectl get -o json` shows it, on this node, serving
 /// `serve-80-tcp` and `serve-81-tcp`.
 fn pod_manifest(pod: &TestPod, labels: serde_json::Value) -> serde_json::Value {
-    serde_json::json!({
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": pod.name, "namespace": "x", "labels": labels},
-        "spec": {"nodeName": NODE_NAME, "containers": [{"name": "c", "image": "i", "ports": [
-            {"name": "serve-80-tcp", "containerPort": 80, "protocol": "TCP"},
-            {"name": "serve-81-tcp", "containerPort": 81, "protocol": "TCP"},
-        ]}]},
-        "status": {"phase": "Running", "podIP": pod.v4.to_string(),
-                   "podIPs": [{"ip": pod.v4.to_string()}, {"ip": pod.v6.to_string()}]},
-    })
+    ferry_tests::pod(
+        "x",
+        &pod.name,
+        NODE_NAME,
+        labels,
+        &[pod.v4, pod.v6],
+        &[("serve-80-tcp", "TCP", 80), ("serve-81-tcp", "TCP", 81)],
+    )
 }
 
 fn namespace_x() -> serde_json::Value {
-    serde_json::json!({"apiVersion": "v1", "kind": "Namespace",
-        "metadata": {"name": "x", "labels": {"ns": "x"}}})
+    ferry_tests::namespace("x", serde_json::json!({"ns": "x"}))
 }
 
 /// A policy on Pod `a` allowing ingress from Pods labelled `from=yes` on `port` (a number

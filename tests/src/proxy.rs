@@ -2,7 +2,7 @@
 //! Services and EndpointSlices it reads; for the eBPF back end, the test's own cgroup and
 //! bpf file system, and clients whose sockets belong to that cgroup.
 
-use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::net::{IpAddr, SocketAddr, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
@@ -111,6 +111,38 @@ pub fn wait_until(timeout: Duration, mut ok: impl FnMut() -> bool) -> Option<Dur
         std::thread::sleep(Duration::from_millis(20));
     }
     None
+}
+
+/// A container port of a Pod, for [`pod`]: (name, protocol, number).
+pub type ContainerPort<'a> = (&'a str, &'a str, u16);
+
+/// A running Pod on `node_name` as `kubectl get -o json` shows it: its labels, its
+/// addresses (the first is `status.podIP`) and one container serving `ports`.
+pub fn pod(
+    namespace: &str,
+    name: &str,
+    node_name: &str,
+    labels: Value,
+    ips: &[IpAddr],
+    ports: &[ContainerPort],
+) -> Value {
+    let ports: Vec<Value> = ports
+        .iter()
+        .map(|(n, proto, port)| json!({"name": n, "protocol": proto, "containerPort": port}))
+        .collect();
+    let ips: Vec<Value> = ips.iter().map(|ip| json!({"ip": ip.to_string()})).collect();
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": namespace, "labels": labels},
+        "spec": {"nodeName": node_name, "containers": [{"name": "server", "image": "server", "ports": ports}]},
+        "status": {"phase": "Running", "podIP": ips.first().map(|ip| ip["ip"].clone()), "podIPs": ips}
+    })
+}
+
+/// A Namespace with `labels` (like the API server, ferry-proxy adds
+/// `kubernetes.io/metadata.name` itself).
+pub fn namespace(name: &str, labels: Value) -> Value {
+    json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}})
 }
 
 /// One port of a Service, for [`service`]: (name, protocol, port, targetPort).

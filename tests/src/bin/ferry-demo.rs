@@ -4,16 +4,18 @@
 //! three pod netns; runs the real `ferry-bridge` (which delegates addresses to
 //! `ferry-ipam`) the way a runtime would, then shows what it made: the bridge, the
 //! veths, the addresses, the nftables rules, the leases on disk, and packets flowing pod to
-//! pod and pod to outside (masqueraded). Then DEL, GC and STATUS. Everything lives in
-//! namespaces and a temp directory made here, and is removed at the end. Needs root.
+//! pod and pod to outside (masqueraded); ferry-proxy with a Service, then a NetworkPolicy
+//! that denies and then allows, explained by `ferry-proxy trace`. Then DEL, GC and STATUS.
+//! Everything lives in namespaces and a temp directory made here, and is removed at the
+//! end. Needs root.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use ferry_tests::{
-    bin_dir, endpoint_slice, root_missing, service, unique_v4_subnet, unique_v6_subnet, wait_until, CniCall,
-    Node, Pod, ProxyProcess,
+    bin_dir, endpoint_slice, namespace, pod, root_missing, service, unique_v4_subnet, unique_v6_subnet,
+    wait_until, CniCall, Node, Pod, ProxyProcess,
 };
 use serde_json::{json, Value};
 
@@ -312,6 +314,7 @@ fn services(
         "   outside -> 203.0.113.1:30080 (NodePort): the pod saw {} (the node, masqueraded)",
         reply.split_whitespace().next().unwrap_or("?")
     );
+    network_policy(node, &proxy, pods, addrs)?;
     drop(proxy);
     let out = node
         .netns()
@@ -326,6 +329,95 @@ fn services(
         ));
     }
     println!("   ferry-proxy stopped; `ferry-proxy cleanup` removed its table");
+    Ok(())
+}
+
+/// NetworkPolicy, by the same ferry-proxy: a policy isolates web and denies cache, then a
+/// changed policy lets cache (and only cache) in; `ferry-proxy trace` explains both.
+fn network_policy(
+    node: &Node,
+    proxy: &ProxyProcess,
+    pods: &[(&str, Pod)],
+    addrs: &[IpAddr],
+) -> Result<(), String> {
+    println!("\n== NetworkPolicy: the Pods and a policy that isolates web");
+    let mut objects = vec![namespace("default", json!({}))];
+    for ((name, _), ip) in pods.iter().zip(addrs) {
+        objects.push(pod(
+            "default",
+            name,
+            "demo-node",
+            json!({ "app": name }),
+            &[*ip],
+            &[("http", "TCP", 8080)],
+        ));
+    }
+    proxy.write("pods", &objects);
+    let policy = |ingress: Value| {
+        json!({
+            "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": {"name": "web-ingress", "namespace": "default"},
+            "spec": {"podSelector": {"matchLabels": {"app": "web"}}, "policyTypes": ["Ingress"], "ingress": ingress}
+        })
+    };
+    let web = SocketAddr::new(addrs[0], 8080);
+    let cache = &pods[2].1;
+    let db = &pods[1].1;
+    let trace = |from: &str| -> Result<String, String> {
+        let out = node
+            .netns()
+            .command(bin_dir().join("ferry-proxy"))
+            .args(["trace", "--manifests"])
+            .arg(&proxy.manifests)
+            .args(["--hostname-override", "demo-node", from, "default/web:8080"])
+            .output()
+            .map_err(|e| format!("ferry-proxy trace: {e}"))?;
+        Ok(String::from_utf8_lossy(&out.stdout).trim_end().to_string())
+    };
+    // One step: write the policy, wait until the kernel says what trace says, show both.
+    let step = |ingress: Value, what: &str| -> Result<(), String> {
+        println!("   {what}");
+        proxy.write("policy", &[policy(ingress)]);
+        // Until the daemon has synced (within a second), the kernel may still hold the
+        // last step: wait until it does what trace says.
+        wait_until(std::time::Duration::from_secs(10), || {
+            let expected = trace("default/cache").is_ok_and(|t| t.contains("ALLOWED"));
+            cache.tcp_request(web).is_ok() == expected
+        })
+        .ok_or_else(|| {
+            format!(
+                "the kernel did not follow the policy; ferry-proxy's log:\n{}",
+                proxy.log()
+            )
+        })?;
+        for (name, from) in [("cache", cache), ("db", db)] {
+            let verdict = match from.tcp_request(web) {
+                Ok(_) => "connected".to_string(),
+                Err(e) => format!("no answer ({e}): dropped"),
+            };
+            println!("   {name:<5} -> web {web}: {verdict}");
+        }
+        println!(
+            "-- ferry-proxy trace default/cache default/web:8080\n{}",
+            trace("default/cache")?
+        );
+        Ok(())
+    };
+    step(
+        json!([]),
+        "policy web-ingress: selects app=web, allows no ingress",
+    )?;
+    step(
+        json!([{"from": [{"podSelector": {"matchLabels": {"app": "cache"}}}], "ports": [{"port": "http"}]}]),
+        "policy web-ingress changed: allows app=cache on the named port http",
+    )?;
+    let table = node
+        .netns()
+        .exec(&["nft", "list", "table", "inet", "ferry-policy"]);
+    println!(
+        "-- nft list table inet ferry-policy\n{}",
+        String::from_utf8_lossy(&table.stdout).trim_end()
+    );
     Ok(())
 }
 
