@@ -94,7 +94,8 @@ fn namespace(mut seed: u64) -> Object {
         1 => json!({"team": "a"}),
         _ => json!({"team": "b"}),
     };
-    let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": name, "labels": labels}})).unwrap();
+    let ns: Namespace =
+        serde_json::from_value(json!({"metadata": {"name": name, "labels": labels}})).unwrap();
     ns.into()
 }
 
@@ -162,7 +163,12 @@ fn policy(mut seed: u64) -> Object {
     let name = format!("q{}", pick(seed, &[0, 1, 2]));
     let types = pick(
         seed,
-        &[json!(null), json!(["Ingress"]), json!(["Egress"]), json!(["Ingress", "Egress"])],
+        &[
+            json!(null),
+            json!(["Ingress"]),
+            json!(["Egress"]),
+            json!(["Ingress", "Egress"]),
+        ],
     );
     let mut spec = json!({"podSelector": selector(seed), "ingress": rules(seed, "from"),
                           "egress": rules(seed, "to")});
@@ -235,7 +241,9 @@ fn incremental_plan_equals_the_whole_plan_from_a_busy_store() {
     let mut batches: Vec<Vec<(u8, u64)>> = Vec::new();
     let mut seed = 0x5eed_u64;
     let mut next = || {
-        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         seed >> 11
     };
     let start: Vec<(u8, u64)> = (0..60)

@@ -294,7 +294,12 @@ impl Store {
             Object::Namespace(namespace) => {
                 if !namespace.name.is_empty() {
                     let key = namespace.name.clone();
-                    replace_noted(&mut self.namespaces, key, namespace, &mut self.policy_before.namespaces);
+                    replace_noted(
+                        &mut self.namespaces,
+                        key,
+                        namespace,
+                        &mut self.policy_before.namespaces,
+                    );
                 }
             }
             Object::NetworkPolicy(policy) => {
@@ -735,7 +740,12 @@ mod tests {
         let mut store = Store::new();
         let namespace: Namespace = serde_json::from_value(json!({"metadata": {"name": "shop"}})).unwrap();
         store.apply(Event::Upsert(namespace.into()));
-        store.apply(Event::Upsert(pod("web-1", json!({"app": "web"}), "Running", &["10.244.0.5"])));
+        store.apply(Event::Upsert(pod(
+            "web-1",
+            json!({"app": "web"}),
+            "Running",
+            &["10.244.0.5"],
+        )));
         let added = store.take_policy_changes();
         assert_eq!(added.namespaces.len(), 1);
         let key: ObjectKey = (Arc::from("shop"), Arc::from("web-1"));
@@ -745,11 +755,26 @@ mod tests {
         assert!(!store.has_policy_dirty());
 
         // Relabelled, then its address changed: one change, from the first value.
-        store.apply(Event::Upsert(pod("web-1", json!({"app": "db"}), "Running", &["10.244.0.5"])));
+        store.apply(Event::Upsert(pod(
+            "web-1",
+            json!({"app": "db"}),
+            "Running",
+            &["10.244.0.5"],
+        )));
         let relabelled = store.take_policy_changes();
         assert!(relabelled.pods[&key].labels_changed() && !relabelled.pods[&key].peer_changed());
-        store.apply(Event::Upsert(pod("web-1", json!({"app": "web"}), "Running", &["10.244.0.5"])));
-        store.apply(Event::Upsert(pod("web-1", json!({"app": "web"}), "Running", &["10.244.0.6"])));
+        store.apply(Event::Upsert(pod(
+            "web-1",
+            json!({"app": "web"}),
+            "Running",
+            &["10.244.0.5"],
+        )));
+        store.apply(Event::Upsert(pod(
+            "web-1",
+            json!({"app": "web"}),
+            "Running",
+            &["10.244.0.6"],
+        )));
         let moved = store.take_policy_changes();
         let change = &moved.pods[&key];
         assert_eq!(change.before.as_ref().unwrap().labels.get("app"), Some("db"));
@@ -757,8 +782,18 @@ mod tests {
         assert!(change.peer_changed());
 
         // Changed and changed back: nothing to redo.
-        store.apply(Event::Upsert(pod("web-1", json!({"app": "x"}), "Running", &["10.244.0.6"])));
-        store.apply(Event::Upsert(pod("web-1", json!({"app": "web"}), "Running", &["10.244.0.6"])));
+        store.apply(Event::Upsert(pod(
+            "web-1",
+            json!({"app": "x"}),
+            "Running",
+            &["10.244.0.6"],
+        )));
+        store.apply(Event::Upsert(pod(
+            "web-1",
+            json!({"app": "web"}),
+            "Running",
+            &["10.244.0.6"],
+        )));
         assert!(store.has_policy_dirty());
         assert!(store.take_policy_changes().is_empty());
 

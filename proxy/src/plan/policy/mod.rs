@@ -263,8 +263,14 @@ mod tests {
         let ingress = table.pods["x/web"].ingress.as_ref().unwrap();
         let node: IpAddr = "192.168.0.10".parse().unwrap();
         let pod_net: IpAddr = "10.244.0.9".parse().unwrap();
-        assert!(!ingress.allows[0].clauses[0].peers.contains(node), "not a selector peer");
+        assert!(
+            !ingress.allows[0].clauses[0].peers.contains(node),
+            "not a selector peer"
+        );
         assert!(ingress.allows[0].clauses[0].peers.contains(pod_net));
-        assert!(ingress.allows[1].clauses[0].peers.contains(node), "ipBlock still holds it");
+        assert!(
+            ingress.allows[1].clauses[0].peers.contains(node),
+            "ipBlock still holds it"
+        );
     }
 }
