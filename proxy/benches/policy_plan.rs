@@ -201,9 +201,10 @@ fn main() {
     release_freed_memory();
     let before_planner = rss_kib();
     let mut planner = PolicyPlanner::new("node-0");
-    let mut table = planner.full(&store);
+    let measured = planner.full(&store);
     release_freed_memory();
     let planner_kib = rss_kib().saturating_sub(before_planner);
+    drop(measured);
 
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     println!(
@@ -229,7 +230,7 @@ fn main() {
             store.take_policy_changes();
             plan(&store, "node-0")
         });
-        table = planner.full(&store);
+        let mut table = planner.full(&store);
         let mut changed = Vec::new();
         let mut times = Vec::new();
         for rep in 0..reps {

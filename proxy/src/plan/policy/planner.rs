@@ -140,10 +140,16 @@ struct PeerSet {
     addresses: Arc<Addresses>,
     /// Per sorted list of (name, protocol) of an egress rule: per port number, the
     /// addresses among `addresses` of the peer Pods that give a name that number.
-    named: HashMap<Vec<(Arc<str>, Protocol)>, Vec<(PortRange, Arc<Addresses>)>>,
+    named: HashMap<PortNames, Destinations>,
     /// The policies with a rule of these peers.
     users: BTreeSet<ObjectKey>,
 }
+
+/// The named ports of an egress rule: (name, protocol), sorted.
+type PortNames = Vec<(Arc<str>, Protocol)>;
+
+/// Per port number, the destination addresses that give a name that number.
+type Destinations = Vec<(PortRange, Arc<Addresses>)>;
 
 struct PlannedPolicy {
     info: Arc<NetworkPolicyInfo>,
@@ -156,7 +162,7 @@ struct PlannedRule {
     /// Empty: every port.
     ports: Vec<PolicyPort>,
     /// Egress only: the named ports, sorted, resolved on each destination.
-    names: Vec<(Arc<str>, Protocol)>,
+    names: PortNames,
 }
 
 fn no_labels() -> &'static Labels {
@@ -315,11 +321,7 @@ impl Compiled {
 
     /// Per port number, the addresses in `peers` of the peer Pods that give one of
     /// `names` that number.
-    fn named_destinations(
-        &mut self,
-        peers: &Addresses,
-        names: &[(Arc<str>, Protocol)],
-    ) -> Vec<(PortRange, Arc<Addresses>)> {
+    fn named_destinations(&mut self, peers: &Addresses, names: &[(Arc<str>, Protocol)]) -> Destinations {
         let mut by_number: BTreeMap<PortRange, Vec<AddressRange>> = BTreeMap::new();
         for (name, protocol) in names {
             for pod in self.peers.values() {
@@ -376,7 +378,7 @@ impl Compiled {
                 .iter()
                 .map(|rule| {
                     let peers = PeerList::of(&info.namespace, rule);
-                    let mut names: Vec<(Arc<str>, Protocol)> = Vec::new();
+                    let mut names: PortNames = Vec::new();
                     if egress {
                         names = rule
                             .ports
@@ -631,7 +633,7 @@ impl Compiled {
             let set = &self.peer_sets[&list];
             let addresses = set.addresses.clone();
             let moved = changed_sets.contains(&list);
-            let redo: Vec<Vec<(Arc<str>, Protocol)>> = set
+            let redo: Vec<PortNames> = set
                 .named
                 .keys()
                 .filter(|names| moved || names.iter().any(|n| moved_names.contains(n)))
