@@ -6,12 +6,12 @@
 //! | traffic | served by |
 //! |---|---|
 //! | Pods and node processes in the `--cgroup` tree → ClusterIP, externalIPs, LB IPs, NodePorts on node addresses (TCP, UDP; IPv4 and IPv6) | cgroup socket programs: `connect`/`sendmsg` pick an endpoint, `getpeername`/`recvmsg` show the Service address |
-//! | outside → NodePort, externalIPs, LB IPs (IPv4, TCP and UDP) | tc (tcx) ingress program on every node interface: DNAT, SNAT to the node unless `externalTrafficPolicy: Local` |
+//! | outside → NodePort, externalIPs, LB IPs (TCP and UDP, IPv4 and IPv6) | tc (tcx) ingress program on every node interface: DNAT, SNAT to the node unless `externalTrafficPolicy: Local`, `loadBalancerSourceRanges` (other sources dropped), session affinity by client address |
 //! | hairpin (a Pod reaching itself through its Service) | nothing to do: the socket connects to the Pod's own address |
 //! | ClusterIP from a node process outside the cluster CIDR | nothing to do: no packet is NATed, the endpoint sees the node's address and answers it |
 //! | masquerade of Pod traffic leaving the cluster | ferry-bridge's nftables rules (`ipMasq`), as with the nftables back end |
 //! | health check node ports | the daemon's HTTP side (both back ends) |
-//! | not served: SCTP, IPv6 from outside, LB IPs with `loadBalancerSourceRanges` from outside (closed rather than open to every source), session affinity from outside, processes outside `--cgroup` | use `--backend nftables` |
+//! | not served: SCTP (see below), processes outside `--cgroup` | use `--backend nftables` |
 //!
 //! No nftables rule of this back end rewrites Service traffic: a socket already connected
 //! to an endpoint never meets a ClusterIP rule, and one that should not be translated
@@ -86,7 +86,8 @@ pub struct EbpfBackend {
     node_ips: Vec<IpAddr>,
     /// Interfaces the tc program is attached to.
     tc_on: BTreeSet<String>,
-    snat_set: bool,
+    /// Whether the IPv4 and the IPv6 SNAT address are set.
+    snat_set: [bool; 2],
     /// Messages already logged about what is not served, so each is said once.
     said: BTreeSet<String>,
 }
@@ -134,7 +135,7 @@ impl EbpfBackend {
             applied: BTreeMap::new(),
             node_ips: Vec::new(),
             tc_on: BTreeSet::new(),
-            snat_set: false,
+            snat_set: [false; 2],
             said: BTreeSet::new(),
         })
     }
@@ -153,32 +154,37 @@ impl EbpfBackend {
         Ok(())
     }
 
-    /// Sets the SNAT address once an IPv4 endpoint reached from outside exists: the node's
-    /// address on the route towards it.
+    /// Sets the SNAT address of each family once an endpoint of that family reached from
+    /// outside exists: the node's address on the route towards it.
     fn set_snat_address(&mut self, plan: &Plan) -> Result<(), BackendError> {
-        if self.snat_set {
-            return Ok(());
-        }
-        let Some(endpoint) = plan
-            .services
-            .ports
-            .values()
-            .flat_map(|p| &p.external_endpoints)
-            .find(|e| e.ip.is_ipv4())
-        else {
-            return Ok(());
-        };
-        let to = std::net::SocketAddr::new(endpoint.ip, endpoint.port);
-        match node::source_address_towards(to) {
-            Ok(IpAddr::V4(ip)) => {
-                self.dp
-                    .set_snat_ipv4(ip)
-                    .map_err(ebpf_err("setting the SNAT address"))?;
-                info!(%ip, "traffic from outside is SNATed to this node address");
-                self.snat_set = true;
+        for (done, v4) in [(0, true), (1, false)] {
+            if self.snat_set[done] {
+                continue;
             }
-            Ok(IpAddr::V6(_)) => {}
-            Err(e) => warn!("no route to endpoint {to} to choose the SNAT address: {e}"),
+            let Some(endpoint) = plan
+                .services
+                .ports
+                .values()
+                .flat_map(|p| &p.external_endpoints)
+                .find(|e| e.ip.is_ipv4() == v4)
+            else {
+                continue;
+            };
+            let to = std::net::SocketAddr::new(endpoint.ip, endpoint.port);
+            let set = match node::source_address_towards(to) {
+                Ok(IpAddr::V4(ip)) => self.dp.set_snat_ipv4(ip).map(|()| IpAddr::V4(ip)),
+                Ok(IpAddr::V6(ip)) => self.dp.set_snat_ipv6(ip).map(|()| IpAddr::V6(ip)),
+                Err(e) => {
+                    warn!("no route to endpoint {to} to choose the SNAT address: {e}");
+                    continue;
+                }
+            };
+            let ip = set.map_err(ebpf_err("setting the SNAT address"))?;
+            info!(%ip, "traffic from outside is SNATed to this node address");
+            if ip.is_ipv6() && !node::forwards_ipv6() {
+                warn!("net.ipv6.conf.all.forwarding is 0 on this node: IPv6 NodePorts and external IPs from outside will not be forwarded");
+            }
+            self.snat_set[done] = true;
         }
         Ok(())
     }
@@ -327,6 +333,10 @@ pub fn dump_text(pin_dir: &Path) -> Result<String, BackendError> {
         if s.backends.keep_source {
             extra.push_str(" keep-source");
         }
+        if !s.backends.source_ranges.is_empty() {
+            let ranges: Vec<String> = s.backends.source_ranges.iter().map(ToString::to_string).collect();
+            extra.push_str(&format!(" from=[{}]", ranges.join(", ")));
+        }
         out.push_str(&format!(
             "{} id={} -> [{}]{extra}\n",
             s.frontend,
@@ -339,12 +349,14 @@ pub fn dump_text(pin_dir: &Path) -> Result<String, BackendError> {
         ));
     }
     out.push_str(&format!(
-        "# {} frontends; revnat {} entries, udp-sticky {}, affinity {}, flows from outside {}\n",
+        "# {} frontends; revnat {} entries, udp-sticky {}, affinity {}, flows from outside {}, \
+         affinity from outside {}\n",
         dump.services.len(),
         dump.revnat_entries,
         dump.udp_sticky_entries,
         dump.affinity_entries,
-        dump.nat4_entries / 2
+        (dump.nat4_entries + dump.nat6_entries) / 2,
+        dump.client_affinity_entries
     ));
     Ok(out)
 }
