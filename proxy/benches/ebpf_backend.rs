@@ -3,7 +3,7 @@
 //!
 //! For N ClusterIP Services with 10 endpoints each (`synthetic_table`): the first sync of
 //! the whole plan, one endpoint changed with its port named (as the sync loop hands it),
-//! a resync with nothing changed but every port compared (`Changes::all()`), and the first
+//! one Service added (a new port with 10 endpoints, named the same way), a resync with nothing changed but every port compared (`Changes::all()`), and the first
 //! sync of a restarted back end over what the kernel holds. Each back end on a thread in a
 //! node netns of its own; the eBPF one attached to a cgroup and a bpffs the bench makes
 //! (never the machine's root cgroup). Medians of `FERRY_BENCH_CHANGES` (default 20)
@@ -29,6 +29,7 @@ fn median(mut v: Vec<Duration>) -> Duration {
 struct Figures {
     full: Duration,
     one_endpoint: Duration,
+    one_added: Duration,
     no_change_all: Duration,
     restart: Duration,
 }
@@ -68,6 +69,20 @@ fn measure(
                 .expect("one change");
             one.push(t.elapsed());
         }
+        let mut added = Vec::new();
+        let template = plan.services.ports.values().next().expect("a port").clone();
+        for k in 0..changes {
+            let mut port = template.clone();
+            port.id.name = format!("added-{k}");
+            port.cluster_ip = Some(std::net::IpAddr::from([10, 201, (k >> 8) as u8, k as u8]));
+            let id = port.id.clone();
+            plan.services.ports.insert(id.clone(), port);
+            let t = Instant::now();
+            backend
+                .sync(&plan, &Changes::service_ports([id]))
+                .expect("one Service added");
+            added.push(t.elapsed());
+        }
         let mut none = Vec::new();
         for _ in 0..3 {
             let t = Instant::now();
@@ -82,6 +97,7 @@ fn measure(
         Figures {
             full,
             one_endpoint: median(one),
+            one_added: median(added),
             no_change_all: median(none),
             restart,
         }
@@ -113,6 +129,7 @@ fn main() {
             nft.one_endpoint,
             ebpf.one_endpoint,
         ),
+        ("one Service added (median)", nft.one_added, ebpf.one_added),
         (
             "nothing changed, all compared (median)",
             nft.no_change_all,

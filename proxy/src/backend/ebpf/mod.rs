@@ -11,7 +11,7 @@
 //! | ClusterIP from a node process outside the cluster CIDR | nothing to do: no packet is NATed, the endpoint sees the node's address and answers it |
 //! | masquerade of Pod traffic leaving the cluster | ferry-bridge's nftables rules (`ipMasq`), as with the nftables back end |
 //! | health check node ports | the daemon's HTTP side (both back ends) |
-//! | not served: SCTP (see below), processes outside `--cgroup` | use `--backend nftables` |
+//! | not served: SCTP (why: [`Skipped::Sctp`]), processes outside `--cgroup` | use `--backend nftables` |
 //!
 //! No nftables rule of this back end rewrites Service traffic: a socket already connected
 //! to an endpoint never meets a ClusterIP rule, and one that should not be translated
