@@ -11,9 +11,20 @@
  * the node must forward (net.ipv4.ip_forward=1, net.ipv6.conf.all.forwarding=1) and, for
  * IPv4, accept packets that carry one of its own addresses as their source
  * (net.ipv4.conf.all.accept_local=1), which every SNATed packet and every reply
- * translated back does; IPv6 has no such check. (Redirecting them with bpf_fib_lookup
- * and bpf_redirect_neigh, as Cilium does, would avoid that setting, but bpf_fib_lookup
- * is GPL-only and this program is Apache-2.0.)
+ * translated back does; IPv6 has no such check (an IPv6 NodePort works without any).
+ *
+ * Why not redirect instead: looking the route up here (bpf_fib_lookup) and sending the
+ * packet straight out of the right interface (bpf_redirect_neigh, not GPL-only), as
+ * Cilium does, would skip the stack's routing and so the accept_local check. But the
+ * kernel declares bpf_fib_lookup GPL-only (net/core/filter.c, bpf_skb_fib_lookup_proto:
+ * `.gpl_only = true`), and the verifier refuses a GPL-only helper in a program whose
+ * license string is not GPL-compatible (kernel/bpf/verifier.c, check_helper_call: "cannot
+ * call GPL-restricted function from non-GPL compatible program"). The compatible strings
+ * are those of include/linux/license.h, license_is_gpl_compatible(): "GPL", "GPL v2",
+ * "GPL and additional rights", "Dual BSD/GPL", "Dual MIT/GPL", "Dual MPL/GPL". This
+ * program says "Apache-2.0", the project's licence; offering it also under the GPL
+ * (e.g. "Dual BSD/GPL", as Cilium's datapath does) is a licensing decision for the
+ * project's lead, not one made in code. Until then the daemon sets accept_local.
  *
  * loadBalancerSourceRanges: a Service with ranges opens new flows only from sources inside
  * them (an LPM trie keyed by Service id and address); others are dropped, as the
