@@ -190,3 +190,45 @@ fn an_ipv6_nodeport_from_outside_is_snated_or_keeps_the_client_and_replies_come_
     assert!(dump.nat6_entries >= 6, "{dump:?}");
     assert_eq!(dump.nat4_entries, 0, "{dump:?}");
 }
+
+#[test]
+fn source_ranges_admit_only_their_clients_and_change_with_a_write_and_a_delete() {
+    ferry_tests::require_root!();
+    let (bench, outside, mut dp) = setup("ebpf-ranges");
+    let node_ip: IpAddr = NODE_IP.parse().unwrap();
+    let frontend = Frontend::outside(node_ip, 30090, Protocol::Tcp);
+    let with_ranges = |ranges: &[&str]| ServiceBackends {
+        source_ranges: ranges.iter().map(|r| r.parse().unwrap()).collect(),
+        ..bench.backends()
+    };
+    let to = SocketAddr::new(node_ip, 30090);
+    let short = std::time::Duration::from_millis(500);
+    let connect = || outside.run(|| std::net::TcpStream::connect_timeout(&to, short));
+
+    // The client's /24 and another range: admitted.
+    let ops = dp
+        .upsert_service(
+            frontend,
+            &with_ranges(&[&format!("{OUTSIDE_IP}/24"), "198.18.0.0/24"]),
+        )
+        .unwrap();
+    // Two endpoint slots, two ranges, the frontend.
+    assert_eq!(ops, 5);
+    connect().expect("a source inside the ranges");
+    let dumped = dp.dump().unwrap();
+    assert_eq!(dumped.services[0].backends.source_ranges.len(), 2, "{dumped:?}");
+
+    // Only the other range left: one delete, nothing else written; the client is dropped.
+    let ops = dp
+        .upsert_service(frontend, &with_ranges(&["198.18.0.0/24"]))
+        .unwrap();
+    assert_eq!(ops, 1, "narrowing the ranges is one delete");
+    let err = connect().unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::TimedOut, "{err}");
+
+    // No ranges: the frontend's flag goes, the last range after it; open to all again.
+    let ops = dp.upsert_service(frontend, &bench.backends()).unwrap();
+    assert_eq!(ops, 2);
+    connect().expect("no ranges: every source");
+    assert!(dp.dump().unwrap().services[0].backends.source_ranges.is_empty());
+}
