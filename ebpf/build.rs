@@ -81,6 +81,7 @@ fn defines() -> Vec<String> {
         ("FERRY_MAX_SOCKETS", layout::MAX_SOCKETS),
         ("FERRY_MAX_AFFINITY", layout::MAX_AFFINITY),
         ("FERRY_MAX_NAT_FLOWS", layout::MAX_NAT_FLOWS),
+        ("FERRY_MAX_SOURCE_RANGES", layout::MAX_SOURCE_RANGES),
     ]
     .iter()
     .map(|(k, v)| format!("-D{k}={v}"))

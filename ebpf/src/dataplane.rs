@@ -10,13 +10,15 @@ use aya::maps::{HashMap as BpfHashMap, MapData};
 use aya::programs::links::{CgroupAttachMode, FdLink, PinnedLink};
 use aya::programs::{CgroupSockAddr, SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
+use ipnetwork::IpNetwork;
 
 use crate::error::map_err;
 use crate::layout::MAX_BACKENDS_PER_SERVICE;
 use crate::maps::{
-    same_family, AffinityKey, BackendKey, Flow4, NodeConfig, Protocol, SockAddr, SockKey, Sticky, Svc,
-    SvcKey, SVC_KEEP_SOURCE,
+    same_family, AffinityKey, BackendKey, ClientKey, Flow4, Flow6, NodeConfig, NodeConfig6, Protocol,
+    SockAddr, SockKey, Sticky, Svc, SvcKey, SVC_KEEP_SOURCE, SVC_SOURCE_RANGES,
 };
+use crate::source_ranges::{self, RangeMap};
 use crate::sys::{self, attached_program_ids};
 use crate::Error;
 
@@ -40,7 +42,7 @@ pub const PROGRAMS: [(&str, u32); 8] = [
 ];
 
 /// Every map of the objects (all pinned by name under `<pin_dir>/maps`).
-pub const MAPS: [&str; 7] = [
+pub const MAPS: [&str; 11] = [
     "ferry_services",
     "ferry_backends",
     "ferry_revnat",
@@ -48,6 +50,10 @@ pub const MAPS: [&str; 7] = [
     "ferry_affinity",
     "ferry_nat4",
     "ferry_node_config",
+    "ferry_source_ranges",
+    "ferry_client_affinity",
+    "ferry_nat6",
+    "ferry_node_config6",
 ];
 
 /// Whom a frontend entry serves.
@@ -57,7 +63,7 @@ pub enum Scope {
     /// external, load-balancer and node addresses reached from inside.
     Inside,
     /// Packets arriving from outside (tc program): NodePorts on node addresses, externalIPs,
-    /// load-balancer IPs. IPv4 only for now.
+    /// load-balancer IPs; IPv4 and IPv6.
     Outside,
 }
 
@@ -126,6 +132,9 @@ pub struct ServiceBackends {
     /// Outside scope only: keep the client's source address (externalTrafficPolicy Local)
     /// instead of SNATing to the node's.
     pub keep_source: bool,
+    /// Outside scope only: `loadBalancerSourceRanges`; when not empty, new flows from
+    /// other sources are dropped. Of the frontend's address family.
+    pub source_ranges: Vec<IpNetwork>,
 }
 
 /// One frontend as the maps hold it, for `dump`.
@@ -146,6 +155,10 @@ pub struct Dump {
     pub affinity_entries: usize,
     /// Entries of translated flows from outside (two per flow).
     pub nat4_entries: usize,
+    /// The same for IPv6 flows.
+    pub nat6_entries: usize,
+    /// Clients from outside remembered for session affinity.
+    pub client_affinity_entries: usize,
 }
 
 /// What [`EbpfDataplane::cleanup`] removed.
@@ -174,7 +187,11 @@ pub struct EbpfDataplane {
     udp_sticky: BpfHashMap<MapData, SockKey, Sticky>,
     affinity: BpfHashMap<MapData, AffinityKey, Sticky>,
     nat4: BpfHashMap<MapData, Flow4, Flow4>,
+    nat6: BpfHashMap<MapData, Flow6, Flow6>,
+    client_affinity: BpfHashMap<MapData, ClientKey, Sticky>,
+    source_ranges: RangeMap,
     node_config: aya::maps::Array<MapData, NodeConfig>,
+    node_config6: aya::maps::Array<MapData, NodeConfig6>,
     /// What the maps hold, read back at load: the maps are the truth, this is an index.
     programmed: BTreeMap<Frontend, (u32, ServiceBackends)>,
     free_ids: BTreeSet<u32>,
@@ -213,6 +230,14 @@ impl EbpfDataplane {
             .load(TC_OBJ)
             .map_err(|e| Error::Load(Box::new(e)))?;
         let nat4 = take_map(&mut tc, "ferry_nat4")?;
+        let client_affinity = take_map(&mut tc, "ferry_client_affinity")?;
+        let source_ranges = tc.take_map(source_ranges::MAP).ok_or_else(|| Error::Map {
+            map: source_ranges::MAP,
+            source: Box::new(aya::maps::MapError::InvalidName {
+                name: source_ranges::MAP.to_owned(),
+            }),
+        })?;
+        let source_ranges = RangeMap::try_from(source_ranges).map_err(map_err(source_ranges::MAP))?;
         let node_config = tc.take_map("ferry_node_config").ok_or_else(|| Error::Map {
             map: "ferry_node_config",
             source: Box::new(aya::maps::MapError::InvalidName {
@@ -220,6 +245,14 @@ impl EbpfDataplane {
             }),
         })?;
         let node_config = aya::maps::Array::try_from(node_config).map_err(map_err("ferry_node_config"))?;
+        let nat6 = take_map(&mut tc, "ferry_nat6")?;
+        let node_config6 = tc.take_map("ferry_node_config6").ok_or_else(|| Error::Map {
+            map: "ferry_node_config6",
+            source: Box::new(aya::maps::MapError::InvalidName {
+                name: "ferry_node_config6".to_owned(),
+            }),
+        })?;
+        let node_config6 = aya::maps::Array::try_from(node_config6).map_err(map_err("ferry_node_config6"))?;
         tc_program(&mut tc)?.load().map_err(|e| Error::Program {
             program: TC_PROGRAM,
             source: Box::new(e),
@@ -235,7 +268,11 @@ impl EbpfDataplane {
             udp_sticky,
             affinity,
             nat4,
+            nat6,
+            client_affinity,
+            source_ranges,
             node_config,
+            node_config6,
             programmed: BTreeMap::new(),
             free_ids: BTreeSet::new(),
             next_id: 0,
@@ -295,7 +332,11 @@ impl EbpfDataplane {
             endpoints: slots,
             affinity_seconds: backends.affinity_seconds,
             keep_source: backends.keep_source,
+            source_ranges: source_ranges::canonical(&backends.source_ranges),
         };
+        let old_ranges = old.as_ref().map(|o| o.source_ranges.as_slice()).unwrap_or(&[]);
+        ops +=
+            source_ranges::add_missing(&mut self.source_ranges, id, old_ranges, &programmed.source_ranges)?;
         let new_svc = svc_value(id, &programmed);
         if old.as_ref().map(|o| svc_value(id, o)) != Some(new_svc) {
             let key = frontend.key();
@@ -304,6 +345,8 @@ impl EbpfDataplane {
                 .map_err(map_err("ferry_services"))?;
             ops += 1;
         }
+        ops +=
+            source_ranges::remove_extra(&mut self.source_ranges, id, old_ranges, &programmed.source_ranges)?;
         for slot in programmed.endpoints.len()..old_slots.len() {
             self.backends
                 .remove(&BackendKey {
@@ -325,6 +368,7 @@ impl EbpfDataplane {
         };
         let key = frontend.key();
         self.services.remove(&key).map_err(map_err("ferry_services"))?;
+        source_ranges::remove_extra(&mut self.source_ranges, id, &old.source_ranges, &[])?;
         for slot in 0..old.endpoints.len() {
             self.backends
                 .remove(&BackendKey {
@@ -339,21 +383,14 @@ impl EbpfDataplane {
 
     /// The frontends programmed (read from the maps themselves) and the LRU maps' sizes.
     pub fn dump(&self) -> Result<Dump, Error> {
-        let mut services = Vec::new();
-        for (frontend, id, svc) in read_services(&self.services)? {
-            services.push(DumpedService {
-                frontend,
-                id,
-                backends: read_backends(&self.backends, id, &svc)?,
-            });
-        }
-        services.sort_by_key(|s| s.frontend);
         Ok(Dump {
-            services,
+            services: read_all(&self.services, &self.backends, &self.source_ranges)?,
             revnat_entries: self.revnat.keys().count(),
             udp_sticky_entries: self.udp_sticky.keys().count(),
             affinity_entries: self.affinity.keys().count(),
             nat4_entries: self.nat4.keys().count(),
+            nat6_entries: self.nat6.keys().count(),
+            client_affinity_entries: self.client_affinity.keys().count(),
         })
     }
 
@@ -364,17 +401,13 @@ impl EbpfDataplane {
         let maps = sys::maps_dir(pin_dir);
         let services: BpfHashMap<MapData, SvcKey, Svc> = open_pinned(&maps, "ferry_services")?;
         let backends: BpfHashMap<MapData, BackendKey, SockAddr> = open_pinned(&maps, "ferry_backends")?;
-        let mut out = Vec::new();
-        for (frontend, id, svc) in read_services(&services)? {
-            out.push(DumpedService {
-                frontend,
-                id,
-                backends: read_backends(&backends, id, &svc)?,
-            });
-        }
-        out.sort_by_key(|s| s.frontend);
+        let ranges_data =
+            MapData::from_pin(maps.join(source_ranges::MAP)).map_err(map_err(source_ranges::MAP))?;
+        let ranges = aya::maps::Map::from_map_data(ranges_data)
+            .map_err(map_err(source_ranges::MAP))
+            .and_then(|m| RangeMap::try_from(m).map_err(map_err(source_ranges::MAP)))?;
         Ok(Dump {
-            services: out,
+            services: read_all(&services, &backends, &ranges)?,
             revnat_entries: open_pinned::<SockKey, SockAddr>(&maps, "ferry_revnat")?
                 .keys()
                 .count(),
@@ -385,6 +418,10 @@ impl EbpfDataplane {
                 .keys()
                 .count(),
             nat4_entries: open_pinned::<Flow4, Flow4>(&maps, "ferry_nat4")?.keys().count(),
+            nat6_entries: open_pinned::<Flow6, Flow6>(&maps, "ferry_nat6")?.keys().count(),
+            client_affinity_entries: open_pinned::<ClientKey, Sticky>(&maps, "ferry_client_affinity")?
+                .keys()
+                .count(),
         })
     }
 
@@ -475,6 +512,16 @@ impl EbpfDataplane {
             .map_err(map_err("ferry_node_config"))
     }
 
+    /// The node's IPv6 address packets from outside to IPv6 frontends are SNATed to.
+    pub fn set_snat_ipv6(&mut self, ip: std::net::Ipv6Addr) -> Result<(), Error> {
+        let config = NodeConfig6 {
+            snat_ip6: crate::maps::ip_words(IpAddr::V6(ip)),
+        };
+        self.node_config6
+            .set(0, config, 0)
+            .map_err(map_err("ferry_node_config6"))
+    }
+
     fn allocate_id(&mut self) -> u32 {
         if let Some(id) = self.free_ids.pop_first() {
             return id;
@@ -486,10 +533,9 @@ impl EbpfDataplane {
     /// Rebuilds the index from maps reused from pins.
     fn read_back(&mut self) -> Result<(), Error> {
         let mut used = BTreeSet::new();
-        for (frontend, id, svc) in read_services(&self.services)? {
-            let backends = read_backends(&self.backends, id, &svc)?;
-            used.insert(id);
-            self.programmed.insert(frontend, (id, backends));
+        for s in read_all(&self.services, &self.backends, &self.source_ranges)? {
+            used.insert(s.id);
+            self.programmed.insert(s.frontend, (s.id, s.backends));
         }
         self.next_id = used.last().copied().unwrap_or(0);
         self.free_ids = (1..self.next_id).filter(|id| !used.contains(id)).collect();
@@ -643,11 +689,18 @@ pub fn assign_slots(old: &[SocketAddr], new: &[SocketAddr]) -> Vec<SocketAddr> {
 }
 
 fn svc_value(id: u32, b: &ServiceBackends) -> Svc {
+    let mut flags = 0;
+    if b.keep_source {
+        flags |= SVC_KEEP_SOURCE;
+    }
+    if !b.source_ranges.is_empty() {
+        flags |= SVC_SOURCE_RANGES;
+    }
     Svc {
         id,
         count: b.endpoints.len() as u32,
         affinity_timeout_s: b.affinity_seconds.unwrap_or(0),
-        flags: if b.keep_source { SVC_KEEP_SOURCE } else { 0 },
+        flags,
     }
 }
 
@@ -691,17 +744,20 @@ fn validate(frontend: &Frontend, backends: &ServiceBackends) -> Result<(), Error
                 .into(),
         ));
     }
-    if frontend.scope == Scope::Outside && !frontend.ip.is_ipv4() {
+    if frontend.scope == Scope::Inside && !backends.source_ranges.is_empty() {
         return Err(invalid(
-            "frontends from outside are IPv4 only for now (the tc program)".into(),
+            "source ranges (loadBalancerSourceRanges) apply to frontends from outside only".into(),
         ));
     }
-    if frontend.scope == Scope::Outside && backends.affinity_seconds.is_some() {
-        return Err(invalid(
-            "session affinity is not implemented for traffic from outside yet; program the \
-             frontend without it"
-                .into(),
-        ));
+    if let Some(range) = backends
+        .source_ranges
+        .iter()
+        .find(|r| r.is_ipv4() != frontend.ip.is_ipv4())
+    {
+        return Err(invalid(format!(
+            "source range {range} is not of the frontend's address family: give an IPv4 \
+             frontend IPv4 ranges and an IPv6 one IPv6 ranges"
+        )));
     }
     if backends.affinity_seconds == Some(0) {
         return Err(invalid(
@@ -734,6 +790,29 @@ fn read_services(map: &BpfHashMap<MapData, SvcKey, Svc>) -> Result<Vec<(Frontend
     Ok(out)
 }
 
+/// Every frontend the maps hold, with its endpoints and source ranges, in frontend order.
+fn read_all(
+    services: &BpfHashMap<MapData, SvcKey, Svc>,
+    backends: &BpfHashMap<MapData, BackendKey, SockAddr>,
+    ranges: &RangeMap,
+) -> Result<Vec<DumpedService>, Error> {
+    let mut ranges = source_ranges::read(ranges)?;
+    let mut out = Vec::new();
+    for (frontend, id, svc) in read_services(services)? {
+        let mut backends = read_backends(backends, id, &svc)?;
+        if svc.flags & SVC_SOURCE_RANGES != 0 {
+            backends.source_ranges = ranges.remove(&id).unwrap_or_default();
+        }
+        out.push(DumpedService {
+            frontend,
+            id,
+            backends,
+        });
+    }
+    out.sort_by_key(|s| s.frontend);
+    Ok(out)
+}
+
 fn read_backends(
     map: &BpfHashMap<MapData, BackendKey, SockAddr>,
     id: u32,
@@ -750,6 +829,7 @@ fn read_backends(
         endpoints,
         affinity_seconds: (svc.affinity_timeout_s != 0).then_some(svc.affinity_timeout_s),
         keep_source: svc.flags & SVC_KEEP_SOURCE != 0,
+        source_ranges: Vec::new(),
     })
 }
 
@@ -791,6 +871,7 @@ mod tests {
                     endpoints,
                     affinity_seconds,
                     keep_source: false,
+                    source_ranges: Vec::new(),
                 },
             )
             .unwrap_err()
@@ -814,6 +895,7 @@ mod tests {
                 endpoints: eps(&[1, 2]),
                 affinity_seconds: Some(10800),
                 keep_source: false,
+                source_ranges: Vec::new(),
             }
         )
         .is_ok());

@@ -86,6 +86,37 @@ pub const NODE_CONFIG: Layout = Layout {
     fields: &[("snat_ip4", 0), ("pad", 4)],
 };
 
+pub const RANGE_KEY: Layout = Layout {
+    c_name: "ferry_range_key",
+    size: 24,
+    fields: &[("prefixlen", 0), ("svc_id", 4), ("ip", 8)],
+};
+
+pub const CLIENT_KEY: Layout = Layout {
+    c_name: "ferry_client_key",
+    size: 20,
+    fields: &[("ip", 0), ("svc_id", 16)],
+};
+
+pub const FLOW6: Layout = Layout {
+    c_name: "ferry_flow6",
+    size: 40,
+    fields: &[
+        ("saddr", 0),
+        ("daddr", 16),
+        ("sport", 32),
+        ("dport", 34),
+        ("proto", 36),
+        ("pad", 37),
+    ],
+};
+
+pub const NODE_CONFIG6: Layout = Layout {
+    c_name: "ferry_node_config6",
+    size: 16,
+    fields: &[("snat_ip6", 0)],
+};
+
 pub const ALL: &[Layout] = &[
     SVC_KEY,
     SVC,
@@ -96,6 +127,10 @@ pub const ALL: &[Layout] = &[
     STICKY,
     FLOW4,
     NODE_CONFIG,
+    RANGE_KEY,
+    CLIENT_KEY,
+    FLOW6,
+    NODE_CONFIG6,
 ];
 
 /// Sizes of the maps (entries), passed to C as `-D` so both sides agree.
@@ -111,3 +146,5 @@ pub const MAX_SOCKETS: u32 = 262_144;
 pub const MAX_NAT_FLOWS: u32 = 262_144;
 /// Client netns x Service pairs remembered for session affinity (LRU).
 pub const MAX_AFFINITY: u32 = 65_536;
+/// loadBalancerSourceRanges of all frontends together.
+pub const MAX_SOURCE_RANGES: u32 = 65_536;

@@ -16,7 +16,9 @@
 //! program `ferry_tc_ingress` (`src/bpf/tc.c`, tcx ingress on the node's interfaces): it
 //! DNATs a new flow to an endpoint, SNATs it to the node's address unless the Service
 //! keeps the source (externalTrafficPolicy Local), and translates the flow's later packets
-//! and replies from its own flow table. IPv4 only; see tc.c for what the node must allow.
+//! and replies from its own flow table, IPv4 and IPv6. It also drops new flows from
+//! sources outside a load-balancer IP's `loadBalancerSourceRanges`, and keeps session
+//! affinity by client address. See tc.c for what the node must allow.
 //!
 //! The cgroup programs act on every socket made by a process in the cgroup they are attached to
 //! (and its descendants), whatever its network namespace. A node attaches them to the root
@@ -35,8 +37,10 @@
 //! | `ferry_revnat` | LRU hash | socket cookie . endpoint → frontend | connect, sendmsg |
 //! | `ferry_udp_sticky` | LRU hash | socket cookie . frontend → endpoint (slot, last use) | sendmsg |
 //! | `ferry_affinity` | LRU hash | client netns cookie . Service id → endpoint (slot, last use) | connect, sendmsg |
-//! | `ferry_nat4` | LRU hash | IPv4 flow on the wire → what to rewrite it to (both directions) | tc |
-//! | `ferry_node_config` | array | the node's SNAT address | daemon |
+//! | `ferry_nat4`, `ferry_nat6` | LRU hash | IPv4 (IPv6) flow on the wire → what to rewrite it to (both directions) | tc |
+//! | `ferry_client_affinity` | LRU hash | client address . Service id → endpoint (slot, last use), affinity from outside | tc |
+//! | `ferry_source_ranges` | LPM trie | Service id . client range → allowed (`loadBalancerSourceRanges`) | daemon |
+//! | `ferry_node_config`, `ferry_node_config6` | array | the node's IPv4 (IPv6) SNAT address | daemon |
 //!
 //! A frontend key also says whom the entry serves ([`Scope`]): the node's sockets, or
 //! packets from outside. One address and port can lead to different endpoint lists for
@@ -107,6 +111,7 @@ mod error;
 #[allow(dead_code)] // shared with build.rs, which reads the parts this crate does not
 mod layout;
 mod maps;
+mod source_ranges;
 mod sys;
 
 pub use dataplane::{

@@ -55,6 +55,26 @@ pub(crate) struct SvcKey {
 
 /// `FERRY_SVC_KEEP_SOURCE`: no SNAT for traffic from outside.
 pub(crate) const SVC_KEEP_SOURCE: u32 = 1;
+/// `FERRY_SVC_SOURCE_RANGES`: new flows from outside only from the Service's ranges in
+/// `ferry_source_ranges`.
+pub(crate) const SVC_SOURCE_RANGES: u32 = 2;
+
+/// `struct ferry_range_key` without its leading `prefixlen`, which aya's
+/// [`aya::maps::lpm_trie::Key`] adds: a Service and an address range's first address.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct RangeData {
+    pub svc_id: u32,
+    pub ip: [u32; 4],
+}
+
+/// `struct ferry_client_key`: a client address and a Service (affinity from outside).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct ClientKey {
+    pub ip: [u32; 4],
+    pub svc_id: u32,
+}
 
 /// `struct ferry_flow4`: an IPv4 flow, as a key of `ferry_nat4` or what it is rewritten to.
 #[repr(C)]
@@ -66,6 +86,25 @@ pub(crate) struct Flow4 {
     pub dport: u16,
     pub proto: u8,
     pub pad: [u8; 3],
+}
+
+/// `struct ferry_flow6`: an IPv6 flow, as a key of `ferry_nat6` or what it is rewritten to.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct Flow6 {
+    pub saddr: [u32; 4],
+    pub daddr: [u32; 4],
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub pad: [u8; 3],
+}
+
+/// `struct ferry_node_config6`: the node's IPv6 SNAT address, as the maps hold addresses.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct NodeConfig6 {
+    pub snat_ip6: [u32; 4],
 }
 
 /// `struct ferry_node_config`.
@@ -146,6 +185,10 @@ unsafe impl aya::Pod for AffinityKey {}
 unsafe impl aya::Pod for Sticky {}
 unsafe impl aya::Pod for Flow4 {}
 unsafe impl aya::Pod for NodeConfig {}
+unsafe impl aya::Pod for RangeData {}
+unsafe impl aya::Pod for Flow6 {}
+unsafe impl aya::Pod for NodeConfig6 {}
+unsafe impl aya::Pod for ClientKey {}
 
 /// Compile-time check of one mirror against the layout table: size, and each field's
 /// offset in the table's order.
@@ -174,6 +217,16 @@ check_layout!(AffinityKey, layout::AFFINITY_KEY, [netns_cookie, svc_id, pad]);
 check_layout!(Sticky, layout::STICKY, [last_used_ns, slot, pad, backend, pad2]);
 check_layout!(Flow4, layout::FLOW4, [saddr, daddr, sport, dport, proto, pad]);
 check_layout!(NodeConfig, layout::NODE_CONFIG, [snat_ip4, pad]);
+check_layout!(ClientKey, layout::CLIENT_KEY, [ip, svc_id]);
+check_layout!(Flow6, layout::FLOW6, [saddr, daddr, sport, dport, proto, pad]);
+check_layout!(NodeConfig6, layout::NODE_CONFIG6, [snat_ip6]);
+// RangeData sits after aya's 4-byte prefix length in the trie's key.
+const _: () = {
+    let l = layout::RANGE_KEY;
+    assert!(std::mem::size_of::<aya::maps::lpm_trie::Key<RangeData>>() == l.size);
+    assert!(l.fields[0].1 == 0 && l.fields[1].1 == 4 + std::mem::offset_of!(RangeData, svc_id));
+    assert!(l.fields[2].1 == 4 + std::mem::offset_of!(RangeData, ip));
+};
 
 /// An address as the maps hold it: 16 bytes in network order, IPv4 v4-mapped.
 pub(crate) fn ip_words(ip: IpAddr) -> [u32; 4] {

@@ -88,6 +88,7 @@ fn child(spec: &str) {
         endpoints: vec![endpoint],
         affinity_seconds: None,
         keep_source: false,
+        source_ranges: Vec::new(),
     };
     dp.upsert_service(frontend, &backends).unwrap();
     let probe = Command::new(env!("CARGO_BIN_EXE_ferry-ebpf-probe"))

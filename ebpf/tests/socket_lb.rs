@@ -75,6 +75,7 @@ fn ipv6_services_translate_connect_getpeername_sendto_and_replies() {
         endpoints: bench.endpoints6.clone(),
         affinity_seconds: None,
         keep_source: false,
+        source_ranges: Vec::new(),
     };
     dp.upsert_service(v6(80, Protocol::Tcp), &backends).unwrap();
     dp.upsert_service(v6(53, Protocol::Udp), &backends).unwrap();
@@ -153,6 +154,7 @@ fn session_affinity_keeps_a_client_on_one_endpoint() {
         endpoints: bench.endpoints.iter().copied().filter(|e| *e != gone).collect(),
         affinity_seconds: Some(60),
         keep_source: false,
+        source_ranges: Vec::new(),
     };
     dp.upsert_service(bench.frontend(80, Protocol::Tcp), &left)
         .unwrap();
@@ -171,6 +173,7 @@ fn an_update_is_a_handful_of_map_writes_and_takes_effect_at_once() {
         endpoints: vec![ep],
         affinity_seconds: None,
         keep_source: false,
+        source_ranges: Vec::new(),
     };
 
     // New frontend: one slot and the entry.
@@ -193,6 +196,7 @@ fn an_update_is_a_handful_of_map_writes_and_takes_effect_at_once() {
         endpoints: (1..=500).map(|p| SocketAddr::from(([10, 1, 0, 1], p))).collect(),
         affinity_seconds: None,
         keep_source: false,
+        source_ranges: Vec::new(),
     };
     assert_eq!(dp.upsert_service(big, &many).unwrap(), 501);
     many.endpoints[250] = SocketAddr::from(([10, 1, 0, 2], 1));
@@ -259,6 +263,7 @@ fn bad_input_is_refused_with_what_to_fix() {
         endpoints: vec!["[fd00::1]:80".parse().unwrap()],
         affinity_seconds: None,
         keep_source: false,
+        source_ranges: Vec::new(),
     };
     let err = dp.upsert_service(fe, &v6).unwrap_err().to_string();
     assert!(err.contains("address family"), "{err}");
@@ -297,6 +302,7 @@ fn connect_latency_through_the_service_vs_direct() {
         endpoints: vec![bench.endpoints[0]],
         affinity_seconds: None,
         keep_source: false,
+        source_ranges: Vec::new(),
     };
     dp.upsert_service(bench.frontend(80, Protocol::Tcp), &one)
         .unwrap();

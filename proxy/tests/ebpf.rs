@@ -272,3 +272,41 @@ fn dual_stack_services_sync_only_the_named_ports_and_a_restart_converges() {
         "cleanup left the pins"
     );
 }
+
+#[test]
+fn dual_stack_external_ips_are_served_from_outside_by_the_tc_program() {
+    require_root!();
+    let b = Bench::new("ebpf-be-out");
+    let (ext4, ext6): (IpAddr, IpAddr) = ("198.51.100.40".parse().unwrap(), "2001:db8::40".parse().unwrap());
+    let mut a = port("a", Protocol::Tcp, "10.96.9.20", &b.v4);
+    a.external_ips = vec![ext4];
+    let mut c = port("c", Protocol::Tcp, "fd00:96::20", &b.v6);
+    c.external_ips = vec![ext6];
+    let both = plan(vec![a, c]);
+    // The client's netns, but a socket outside the cgroup: a machine outside the node as
+    // far as Ferry can tell, so only the tc program on the node's interfaces translates.
+    let outside = Client {
+        netns: &b.client,
+        cgroup: None,
+    };
+    b.node.netns().run(|| {
+        let mut backend = b.backend();
+        backend.sync(&both, &Changes::all()).unwrap();
+        for (ext, endpoints) in [(ext4, &b.v4), (ext6, &b.v6)] {
+            let to = SocketAddr::new(ext, 80);
+            let answered: BTreeSet<IpAddr> = (0..20)
+                .map(|_| {
+                    let reply = outside
+                        .tcp_request(to)
+                        .unwrap_or_else(|e| panic!("{to} from outside: {e}"));
+                    let local: SocketAddr = reply.split_whitespace().nth(1).unwrap().parse().unwrap();
+                    local.ip()
+                })
+                .collect();
+            assert_eq!(&answered, &endpoints.iter().copied().collect(), "{to}");
+        }
+        let d = dump(&b);
+        assert!(d.contains("[2001:db8::40]:80/tcp (from outside)"), "{d}");
+        backend.cleanup().unwrap();
+    });
+}

@@ -5,7 +5,7 @@
 //! Every test body runs against both back ends ([`both_backends!`]): `<test>::nftables`
 //! and `<test>::ebpf`. For the eBPF one the test makes its own cgroup (the proxy gets
 //! `--cgroup` that directory) and the Pods' clients make their sockets inside it; what
-//! the eBPF back end does not serve yet is marked `#[ignore = "why"]` on its variant.
+//! the eBPF back end does not serve yet would be marked `#[ignore = "why"]` on its variant.
 
 use std::collections::{BTreeMap, HashSet};
 use std::io::{BufRead, BufReader, Write};
@@ -434,11 +434,64 @@ fn load_balancer_ip_with_source_ranges(backend: ProxyBackend) {
     );
 }
 
-both_backends!(
-    load_balancer_ip_with_source_ranges,
-    ebpf_ignore =
-        "the tc program cannot filter sources: the eBPF back end leaves such LB IPs closed from outside"
-);
+both_backends!(load_balancer_ip_with_source_ranges);
+
+fn session_affinity_from_outside_keeps_a_client_on_one_endpoint(backend: ProxyBackend) {
+    require_root!();
+    let c = Cluster::new("px-affout", &["b1", "b2"], backend);
+    let _servers = serve(&c, &["b1", "b2"], &[8080], &[]);
+    let (b1, b2) = (c.ip("b1").to_string(), c.ip("b2").to_string());
+    let both = [ep(&b1, NODE), ep(&b2, NODE)];
+    c.proxy.write(
+        "aff",
+        &[
+            service(
+                "sticky",
+                "10.96.8.10",
+                &[("http", "TCP", 80, json!(8080))],
+                json!({"externalIPs": ["198.51.100.30"], "sessionAffinity": "ClientIP",
+                       "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 60}}}),
+            ),
+            endpoint_slice("sticky", "a", &both, &[("http", "TCP", 8080)]),
+            service(
+                "plain",
+                "10.96.8.11",
+                &[("http", "TCP", 80, json!(8080))],
+                json!({"externalIPs": ["198.51.100.31"]}),
+            ),
+            endpoint_slice("plain", "a", &both, &[("http", "TCP", 8080)]),
+        ],
+    );
+    c.wait_for_rules("10.96.8.11");
+    // Without affinity new connections from one client spread over both endpoints, so
+    // the loop below would see both if affinity did nothing.
+    let spread: HashSet<IpAddr> = (0..30)
+        .map(|_| {
+            answered_by(
+                &c.net
+                    .outside
+                    .tcp_request(sock("198.51.100.31:80"))
+                    .expect("externalIP"),
+            )
+        })
+        .collect();
+    assert_eq!(spread, HashSet::from([c.ip("b1"), c.ip("b2")]));
+    let first = answered_by(
+        &c.net
+            .outside
+            .tcp_request(sock("198.51.100.30:80"))
+            .expect("externalIP with affinity"),
+    );
+    for _ in 0..20 {
+        assert_eq!(
+            answered_by(&c.net.outside.tcp_request(sock("198.51.100.30:80")).unwrap()),
+            first,
+            "ClientIP affinity from outside"
+        );
+    }
+}
+
+both_backends!(session_affinity_from_outside_keeps_a_client_on_one_endpoint);
 
 fn load_balancer_ip_external_ip_affinity_and_hairpin(backend: ProxyBackend) {
     require_root!();

@@ -40,6 +40,9 @@ struct ferry_svc {
 
 /* Outside scope: keep the client's address (externalTrafficPolicy Local), no SNAT. */
 #define FERRY_SVC_KEEP_SOURCE 1
+/* Outside scope: new flows only from sources in ferry_source_ranges under this Service's
+ * id (loadBalancerSourceRanges); others are dropped. */
+#define FERRY_SVC_SOURCE_RANGES 2
 
 struct ferry_backend_key {
 	__u32 svc_id;
@@ -83,6 +86,22 @@ struct ferry_sticky {
 	__u32 pad2;
 };
 
+/* An LPM trie key of ferry_source_ranges: a Service and a client address range.
+ * `prefixlen` counts the bits matched after it: svc_id's 32, then the address's (an IPv4
+ * /24 is 32 + 96 + 24, being v4-mapped). */
+struct ferry_range_key {
+	__u32 prefixlen;
+	__u32 svc_id;
+	__u32 ip[4];
+};
+
+/* The client of session affinity from outside: its address (what Kubernetes means by
+ * ClientIP, as a packet carries it) and the Service. */
+struct ferry_client_key {
+	__u32 ip[4];
+	__u32 svc_id;
+};
+
 /* An IPv4 flow as the tc programs see it on the wire, and what to rewrite it to. Each
  * translated connection has two entries in ferry_nat4: client->frontend becomes
  * source->endpoint, and endpoint->source becomes frontend->client. */
@@ -93,6 +112,21 @@ struct ferry_flow4 {
 	__u16 dport;
 	__u8 proto;
 	__u8 pad[3];
+};
+
+/* An IPv6 flow, as ferry_flow4 (ferry_nat6). */
+struct ferry_flow6 {
+	__u32 saddr[4];
+	__u32 daddr[4];
+	__u16 sport;
+	__u16 dport;
+	__u8 proto;
+	__u8 pad[3];
+};
+
+/* The node's IPv6 SNAT address (array, one entry; all zero: not set). */
+struct ferry_node_config6 {
+	__u32 snat_ip6[4];
 };
 
 /* Node settings the tc programs read (array, one entry). */

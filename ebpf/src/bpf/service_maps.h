@@ -34,4 +34,31 @@ static __always_inline int is_v4_mapped(const __u32 ip[4])
 	return ip[0] == 0 && ip[1] == 0 && ip[2] == bpf_htonl(0xffff);
 }
 
+static __always_inline int same_sockaddr(const struct ferry_sockaddr *a,
+					 const struct ferry_sockaddr *b)
+{
+	return a->ip[0] == b->ip[0] && a->ip[1] == b->ip[1] && a->ip[2] == b->ip[2] &&
+	       a->ip[3] == b->ip[3] && a->port == b->port;
+}
+
+/* A remembered endpoint, if the Service still has it at the same slot. */
+static __always_inline int sticky_still_valid(const struct ferry_svc *svc,
+					      const struct ferry_sticky *s)
+{
+	if (s->slot >= svc->count)
+		return 0;
+	struct ferry_backend_key bkey = { .svc_id = svc->id, .slot = s->slot };
+	struct ferry_sockaddr *now = bpf_map_lookup_elem(&ferry_backends, &bkey);
+	return now && same_sockaddr(now, &s->backend);
+}
+
+/* Whether session affinity `s` still holds at time `now`: used within the Service's
+ * timeout, and its endpoint still there. */
+static __always_inline int affinity_holds(const struct ferry_svc *svc,
+					  const struct ferry_sticky *s, __u64 now)
+{
+	return now - s->last_used_ns <= (__u64)svc->affinity_timeout_s * 1000000000ULL &&
+	       sticky_still_valid(svc, s);
+}
+
 #endif

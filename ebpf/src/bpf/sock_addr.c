@@ -63,24 +63,6 @@ struct {
 
 enum verdict { NOT_A_SERVICE, TRANSLATED, NO_ENDPOINT };
 
-static __always_inline int same_sockaddr(const struct ferry_sockaddr *a,
-					 const struct ferry_sockaddr *b)
-{
-	return a->ip[0] == b->ip[0] && a->ip[1] == b->ip[1] && a->ip[2] == b->ip[2] &&
-	       a->ip[3] == b->ip[3] && a->port == b->port;
-}
-
-/* A remembered endpoint, if the Service still has it at the same slot. */
-static __always_inline int sticky_still_valid(const struct ferry_svc *svc,
-					      const struct ferry_sticky *s)
-{
-	if (s->slot >= svc->count)
-		return 0;
-	struct ferry_backend_key bkey = { .svc_id = svc->id, .slot = s->slot };
-	struct ferry_sockaddr *now = bpf_map_lookup_elem(&ferry_backends, &bkey);
-	return now && same_sockaddr(now, &s->backend);
-}
-
 /* Picks the endpoint for a socket going to `key`. `udp_sendmsg` is set for sendmsg: the
  * socket's earlier choice for this frontend wins, then affinity, then a random slot. */
 static __always_inline enum verdict pick_endpoint(void *ctx, const struct ferry_svc_key *key,
@@ -115,8 +97,7 @@ static __always_inline enum verdict pick_endpoint(void *ctx, const struct ferry_
 		akey.netns_cookie = bpf_get_netns_cookie(ctx);
 		akey.svc_id = svc->id;
 		struct ferry_sticky *a = bpf_map_lookup_elem(&ferry_affinity, &akey);
-		if (a && now - a->last_used_ns <= (__u64)svc->affinity_timeout_s * 1000000000ULL &&
-		    sticky_still_valid(svc, a)) {
+		if (a && affinity_holds(svc, a, now)) {
 			a->last_used_ns = now;
 			chosen.slot = a->slot;
 			chosen.backend = a->backend;

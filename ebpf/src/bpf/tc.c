@@ -5,16 +5,36 @@
  * externalIP, load-balancer IP) starts a flow: an endpoint is picked, the packet's
  * destination is rewritten to it and, unless the Service keeps the client's address
  * (externalTrafficPolicy Local), its source to the node's address and a port of its own.
- * Both directions are remembered in ferry_nat4, so later packets of the flow, and the
- * endpoint's replies arriving on whichever interface, are rewritten without a Service
- * lookup. The rewritten packet goes on up the stack, which routes it: the node must
- * forward IPv4 (net.ipv4.ip_forward=1) and accept packets that carry one of its own
- * addresses as their source (net.ipv4.conf.all.accept_local=1), which every SNATed
- * packet and every reply translated back does. (Redirecting them with bpf_fib_lookup
- * and bpf_redirect_neigh, as Cilium does, would avoid that setting, but bpf_fib_lookup
- * is GPL-only and this program is Apache-2.0.)
+ * Both directions are remembered in ferry_nat4 (IPv6: ferry_nat6), so later packets of
+ * the flow, and the endpoint's replies arriving on whichever interface, are rewritten
+ * without a Service lookup. The rewritten packet goes on up the stack, which routes it:
+ * the node must forward (net.ipv4.ip_forward=1, net.ipv6.conf.all.forwarding=1) and, for
+ * IPv4, accept packets that carry one of its own addresses as their source
+ * (net.ipv4.conf.all.accept_local=1), which every SNATed packet and every reply
+ * translated back does; IPv6 has no such check (an IPv6 NodePort works without any).
  *
- * IPv4, TCP and UDP only; IP options and fragments pass untranslated. Flows leave
+ * Why not redirect instead: looking the route up here (bpf_fib_lookup) and sending the
+ * packet straight out of the right interface (bpf_redirect_neigh, not GPL-only), as
+ * Cilium does, would skip the stack's routing and so the accept_local check. But the
+ * kernel declares bpf_fib_lookup GPL-only (net/core/filter.c, bpf_skb_fib_lookup_proto:
+ * `.gpl_only = true`), and the verifier refuses a GPL-only helper in a program whose
+ * license string is not GPL-compatible (kernel/bpf/verifier.c, check_helper_call: "cannot
+ * call GPL-restricted function from non-GPL compatible program"). The compatible strings
+ * are those of include/linux/license.h, license_is_gpl_compatible(): "GPL", "GPL v2",
+ * "GPL and additional rights", "Dual BSD/GPL", "Dual MIT/GPL", "Dual MPL/GPL". This
+ * program says "Apache-2.0", the project's licence; offering it also under the GPL
+ * (e.g. "Dual BSD/GPL", as Cilium's datapath does) is a licensing decision for the
+ * project's lead, not one made in code. Until then the daemon sets accept_local.
+ *
+ * loadBalancerSourceRanges: a Service with ranges opens new flows only from sources inside
+ * them (an LPM trie keyed by Service id and address); others are dropped, as the
+ * nftables back end's firewall chain does. Session affinity (ClientIP) remembers the
+ * endpoint per client address and Service; it applies when a flow starts, so a flow keeps
+ * its endpoint for its life as it does in conntrack.
+ *
+ * TCP and UDP, IPv4 and IPv6; IPv4 options, fragments and IPv6 extension headers pass
+ * untranslated. An IPv6 address is rewritten with the L4 checksum fixed from
+ * bpf_csum_diff over the 16 bytes (IPv6 has no header checksum). Flows leave
  * ferry_nat4 by LRU eviction only (no FIN tracking), and a Service without endpoints
  * drops new flows (a cgroup program can refuse a connect, a tc program can only drop).
  */
@@ -22,6 +42,7 @@
 #include <linux/if_ether.h>
 #include <linux/in.h>
 #include <linux/ip.h>
+#include <linux/ipv6.h>
 #include <linux/pkt_cls.h>
 #include <linux/tcp.h>
 #include <linux/udp.h>
@@ -50,7 +71,37 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } ferry_nat4 SEC(".maps");
 
-/* Written by the daemon: the node's SNAT address. */
+/* The same for IPv6 flows. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, FERRY_MAX_NAT_FLOWS);
+	__type(key, struct ferry_flow6);
+	__type(value, struct ferry_flow6);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} ferry_nat6 SEC(".maps");
+
+/* Written by the daemon: (Service, source range) for Services with
+ * FERRY_SVC_SOURCE_RANGES; a new flow's source must fall in one of its Service's. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, FERRY_MAX_SOURCE_RANGES);
+	__type(key, struct ferry_range_key);
+	__type(value, __u8);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} ferry_source_ranges SEC(".maps");
+
+/* Written by this program: (client address, Service) -> endpoint, for sessionAffinity
+ * ClientIP from outside; valid while new flows come within the Service's timeout. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, FERRY_MAX_AFFINITY);
+	__type(key, struct ferry_client_key);
+	__type(value, struct ferry_sticky);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} ferry_client_affinity SEC(".maps");
+
+/* Written by the daemon: the node's IPv4 SNAT address. */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, 1);
@@ -59,39 +110,122 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } ferry_node_config SEC(".maps");
 
+/* Written by the daemon: the node's IPv6 SNAT address (all zero: none yet). */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct ferry_node_config6);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} ferry_node_config6 SEC(".maps");
+
 #define IP_CSUM_OFF (ETH_HLEN + offsetof(struct iphdr, check))
 #define IP_SRC_OFF (ETH_HLEN + offsetof(struct iphdr, saddr))
 #define IP_DST_OFF (ETH_HLEN + offsetof(struct iphdr, daddr))
 #define L4_OFF (ETH_HLEN + sizeof(struct iphdr))
+#define IP6_SRC_OFF (ETH_HLEN + offsetof(struct ipv6hdr, saddr))
+#define IP6_DST_OFF (ETH_HLEN + offsetof(struct ipv6hdr, daddr))
+#define L4_OFF6 (ETH_HLEN + sizeof(struct ipv6hdr))
 
-enum verdict { NOT_A_SERVICE, TRANSLATED, NO_ENDPOINT };
+enum verdict { NOT_A_SERVICE, TRANSLATED, NO_ENDPOINT, SOURCE_NOT_ALLOWED };
 
-/* Picks the endpoint and source of a new flow `in`, and remembers both directions. */
-static __always_inline enum verdict new_flow(const struct ferry_flow4 *in, struct ferry_flow4 *out)
+/* The outside frontend a new flow goes to; `daddr` as the maps hold addresses. */
+static __always_inline struct ferry_svc *outside_frontend(const __u32 daddr[4], __u16 dport,
+							   __u8 proto)
 {
 	struct ferry_svc_key skey = {};
-	skey.ip[2] = bpf_htonl(0xffff);
-	skey.ip[3] = in->daddr;
-	skey.port = in->dport;
-	skey.proto = in->proto;
+	__builtin_memcpy(skey.ip, daddr, sizeof(skey.ip));
+	skey.port = dport;
+	skey.proto = proto;
 	skey.scope = FERRY_SCOPE_OUTSIDE;
-	struct ferry_svc *svc = bpf_map_lookup_elem(&ferry_services, &skey);
-	if (!svc)
-		return NOT_A_SERVICE;
-	if (svc->count == 0)
-		return NO_ENDPOINT;
+	return bpf_map_lookup_elem(&ferry_services, &skey);
+}
+
+/* Whether `saddr` may open a flow to `svc` (loadBalancerSourceRanges). */
+static __always_inline int source_allowed(const struct ferry_svc *svc, const __u32 saddr[4])
+{
+	if (!(svc->flags & FERRY_SVC_SOURCE_RANGES))
+		return 1;
+	struct ferry_range_key rkey = { .prefixlen = 32 + 128, .svc_id = svc->id };
+	__builtin_memcpy(rkey.ip, saddr, sizeof(rkey.ip));
+	return bpf_map_lookup_elem(&ferry_source_ranges, &rkey) != NULL;
+}
+
+/* The endpoint for a new flow from `saddr`: the one session affinity remembers for this
+ * client while it holds, else a random slot (remembered when the Service has affinity). */
+static __always_inline struct ferry_sockaddr *pick_endpoint(const struct ferry_svc *svc,
+							    const __u32 saddr[4],
+							    struct ferry_sockaddr *buf)
+{
+	__u64 now = 0;
+	struct ferry_client_key ckey = {};
+	if (svc->affinity_timeout_s) {
+		now = bpf_ktime_get_ns();
+		__builtin_memcpy(ckey.ip, saddr, sizeof(ckey.ip));
+		ckey.svc_id = svc->id;
+		struct ferry_sticky *a = bpf_map_lookup_elem(&ferry_client_affinity, &ckey);
+		if (a && affinity_holds(svc, a, now)) {
+			a->last_used_ns = now;
+			*buf = a->backend;
+			return buf;
+		}
+	}
 	struct ferry_backend_key bkey = { .svc_id = svc->id,
 					  .slot = bpf_get_prandom_u32() % svc->count };
 	struct ferry_sockaddr *be = bpf_map_lookup_elem(&ferry_backends, &bkey);
-	if (!be || !is_v4_mapped(be->ip))
+	if (!be)
+		return NULL;
+	*buf = *be;
+	if (svc->affinity_timeout_s) {
+		struct ferry_sticky chosen = { .last_used_ns = now, .slot = bkey.slot, .backend = *be };
+		bpf_map_update_elem(&ferry_client_affinity, &ckey, &chosen, BPF_ANY);
+	}
+	return buf;
+}
+
+/* The checks and choice every new flow makes: frontend, source ranges, endpoint. */
+static __always_inline enum verdict choose(const __u32 saddr[4], const __u32 daddr[4],
+					   __u16 dport, __u8 proto, struct ferry_sockaddr *be,
+					   int *keep_source)
+{
+	struct ferry_svc *svc = outside_frontend(daddr, dport, proto);
+	if (!svc)
+		return NOT_A_SERVICE;
+	if (!source_allowed(svc, saddr))
+		return SOURCE_NOT_ALLOWED;
+	if (svc->count == 0)
 		return NO_ENDPOINT;
+	if (!pick_endpoint(svc, saddr, be))
+		return NO_ENDPOINT;
+	/* The daemon programs only endpoints of the frontend's family. */
+	if (is_v4_mapped(be->ip) != is_v4_mapped(daddr))
+		return NO_ENDPOINT;
+	*keep_source = svc->flags & FERRY_SVC_KEEP_SOURCE;
+	return TRANSLATED;
+}
+
+static __always_inline __u16 snat_port(void)
+{
+	return bpf_htons(SNAT_PORT_MIN + bpf_get_prandom_u32() % SNAT_PORT_COUNT);
+}
+
+/* Picks the endpoint and source of a new IPv4 flow `in`, and remembers both directions. */
+static __always_inline enum verdict new_flow4(const struct ferry_flow4 *in, struct ferry_flow4 *out)
+{
+	__u32 saddr[4] = { 0, 0, bpf_htonl(0xffff), in->saddr };
+	__u32 daddr[4] = { 0, 0, bpf_htonl(0xffff), in->daddr };
+	struct ferry_sockaddr be;
+	int keep_source = 0;
+	enum verdict v = choose(saddr, daddr, in->dport, in->proto, &be, &keep_source);
+	if (v != TRANSLATED)
+		return v;
 
 	out->saddr = in->saddr;
-	out->daddr = be->ip[3];
+	out->daddr = be.ip[3];
 	out->sport = in->sport;
-	out->dport = be->port;
+	out->dport = be.port;
 	out->proto = in->proto;
-	if (!(svc->flags & FERRY_SVC_KEEP_SOURCE)) {
+	if (!keep_source) {
 		__u32 zero = 0;
 		struct ferry_node_config *cfg = bpf_map_lookup_elem(&ferry_node_config, &zero);
 		/* Without an address to SNAT to, replies could not find their way back. */
@@ -100,7 +234,7 @@ static __always_inline enum verdict new_flow(const struct ferry_flow4 *in, struc
 		out->saddr = cfg->snat_ip4;
 		int found = 0;
 		for (int i = 0; i < SNAT_PORT_TRIES; i++) {
-			__u16 port = bpf_htons(SNAT_PORT_MIN + bpf_get_prandom_u32() % SNAT_PORT_COUNT);
+			__u16 port = snat_port();
 			struct ferry_flow4 reply = { .saddr = out->daddr, .daddr = out->saddr,
 						     .sport = out->dport, .dport = port,
 						     .proto = in->proto };
@@ -124,45 +258,138 @@ static __always_inline enum verdict new_flow(const struct ferry_flow4 *in, struc
 	return TRANSLATED;
 }
 
-/* Rewrites addresses and ports from `from` to `to`, keeping the IP and L4 checksums. */
-static __always_inline void rewrite(struct __sk_buff *skb, const struct ferry_flow4 *from,
-				    const struct ferry_flow4 *to)
+static __always_inline int addr6_is_zero(const __u32 a[4])
 {
-	__u32 csum_off = L4_OFF + (from->proto == IPPROTO_TCP ? offsetof(struct tcphdr, check)
-							      : offsetof(struct udphdr, check));
-	/* A UDP checksum of 0 means "none" and must stay 0. */
-	__u64 mangled0 = from->proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0;
+	return !(a[0] | a[1] | a[2] | a[3]);
+}
+
+/* The reverse of flow `f`: what its replies look like on the wire. */
+static __always_inline void reverse6(const struct ferry_flow6 *f, struct ferry_flow6 *r)
+{
+	__builtin_memcpy(r->saddr, f->daddr, sizeof(r->saddr));
+	__builtin_memcpy(r->daddr, f->saddr, sizeof(r->daddr));
+	r->sport = f->dport;
+	r->dport = f->sport;
+	r->proto = f->proto;
+}
+
+/* new_flow4 for IPv6. */
+static __always_inline enum verdict new_flow6(const struct ferry_flow6 *in, struct ferry_flow6 *out)
+{
+	struct ferry_sockaddr be;
+	int keep_source = 0;
+	enum verdict v = choose(in->saddr, in->daddr, in->dport, in->proto, &be, &keep_source);
+	if (v != TRANSLATED)
+		return v;
+
+	__builtin_memcpy(out->saddr, in->saddr, sizeof(out->saddr));
+	__builtin_memcpy(out->daddr, be.ip, sizeof(out->daddr));
+	out->sport = in->sport;
+	out->dport = be.port;
+	out->proto = in->proto;
+	struct ferry_flow6 reply = {};
+	if (!keep_source) {
+		__u32 zero = 0;
+		struct ferry_node_config6 *cfg = bpf_map_lookup_elem(&ferry_node_config6, &zero);
+		if (!cfg || addr6_is_zero(cfg->snat_ip6))
+			return NO_ENDPOINT;
+		__builtin_memcpy(out->saddr, cfg->snat_ip6, sizeof(out->saddr));
+		int found = 0;
+		for (int i = 0; i < SNAT_PORT_TRIES; i++) {
+			out->sport = snat_port();
+			reverse6(out, &reply);
+			if (!bpf_map_lookup_elem(&ferry_nat6, &reply)) {
+				found = 1;
+				break;
+			}
+		}
+		if (!found)
+			return NO_ENDPOINT;
+	}
+	reverse6(out, &reply);
+	struct ferry_flow6 reply_to = {};
+	reverse6(in, &reply_to);
+	if (bpf_map_update_elem(&ferry_nat6, &reply, &reply_to, BPF_NOEXIST))
+		return NO_ENDPOINT;
+	bpf_map_update_elem(&ferry_nat6, in, out, BPF_ANY);
+	return TRANSLATED;
+}
+
+/* The L4 checksum's offset, and the flag that keeps a UDP checksum of 0 ("none") at 0. */
+static __always_inline __u32 l4_csum_off(__u32 l4_off, __u8 proto)
+{
+	return l4_off + (proto == IPPROTO_TCP ? offsetof(struct tcphdr, check)
+					      : offsetof(struct udphdr, check));
+}
+
+static __always_inline __u64 mangled0(__u8 proto)
+{
+	return proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0;
+}
+
+/* Rewrites the ports at `l4_off` from `from` to `to`, keeping the L4 checksum. */
+static __always_inline void rewrite_ports(struct __sk_buff *skb, __u32 l4_off, __u8 proto,
+					  __u16 from_sport, __u16 from_dport, __u16 to_sport,
+					  __u16 to_dport)
+{
+	__u32 csum_off = l4_csum_off(l4_off, proto);
+	if (from_sport != to_sport) {
+		bpf_l4_csum_replace(skb, csum_off, from_sport, to_sport, mangled0(proto) | 2);
+		bpf_skb_store_bytes(skb, l4_off, &to_sport, 2, 0);
+	}
+	if (from_dport != to_dport) {
+		bpf_l4_csum_replace(skb, csum_off, from_dport, to_dport, mangled0(proto) | 2);
+		bpf_skb_store_bytes(skb, l4_off + 2, &to_dport, 2, 0);
+	}
+}
+
+/* Rewrites addresses and ports from `from` to `to`, keeping the IP and L4 checksums. */
+static __always_inline void rewrite4(struct __sk_buff *skb, const struct ferry_flow4 *from,
+				     const struct ferry_flow4 *to)
+{
+	__u32 csum_off = l4_csum_off(L4_OFF, from->proto);
+	__u64 flags = mangled0(from->proto) | BPF_F_PSEUDO_HDR | 4;
 	if (from->saddr != to->saddr) {
-		bpf_l4_csum_replace(skb, csum_off, from->saddr, to->saddr,
-				    mangled0 | BPF_F_PSEUDO_HDR | 4);
+		bpf_l4_csum_replace(skb, csum_off, from->saddr, to->saddr, flags);
 		bpf_l3_csum_replace(skb, IP_CSUM_OFF, from->saddr, to->saddr, 4);
 		bpf_skb_store_bytes(skb, IP_SRC_OFF, &to->saddr, 4, 0);
 	}
 	if (from->daddr != to->daddr) {
-		bpf_l4_csum_replace(skb, csum_off, from->daddr, to->daddr,
-				    mangled0 | BPF_F_PSEUDO_HDR | 4);
+		bpf_l4_csum_replace(skb, csum_off, from->daddr, to->daddr, flags);
 		bpf_l3_csum_replace(skb, IP_CSUM_OFF, from->daddr, to->daddr, 4);
 		bpf_skb_store_bytes(skb, IP_DST_OFF, &to->daddr, 4, 0);
 	}
-	if (from->sport != to->sport) {
-		bpf_l4_csum_replace(skb, csum_off, from->sport, to->sport, mangled0 | 2);
-		bpf_skb_store_bytes(skb, L4_OFF, &to->sport, 2, 0);
-	}
-	if (from->dport != to->dport) {
-		bpf_l4_csum_replace(skb, csum_off, from->dport, to->dport, mangled0 | 2);
-		bpf_skb_store_bytes(skb, L4_OFF + 2, &to->dport, 2, 0);
-	}
+	rewrite_ports(skb, L4_OFF, from->proto, from->sport, from->dport, to->sport, to->dport);
 }
 
-SEC("classifier")
-int ferry_tc_ingress(struct __sk_buff *skb)
+/* Rewrites one IPv6 address at `off`: the L4 checksum takes the difference of the 16
+ * bytes (its pseudo-header covers them), then the bytes are stored. */
+static __always_inline void rewrite_addr6(struct __sk_buff *skb, __u32 off, __u8 proto,
+					  const __u32 from[4], const __u32 to[4])
 {
-	void *data = (void *)(long)skb->data;
-	void *data_end = (void *)(long)skb->data_end;
-	struct ethhdr *eth = data;
-	if ((void *)(eth + 1) > data_end || eth->h_proto != bpf_htons(ETH_P_IP))
-		return TC_ACT_OK;
-	struct iphdr *ip = (void *)(eth + 1);
+	if (from[0] == to[0] && from[1] == to[1] && from[2] == to[2] && from[3] == to[3])
+		return;
+	__s64 diff = bpf_csum_diff((__be32 *)from, 16, (__be32 *)to, 16, 0);
+	bpf_l4_csum_replace(skb, l4_csum_off(L4_OFF6, proto), 0, diff,
+			    mangled0(proto) | BPF_F_PSEUDO_HDR);
+	bpf_skb_store_bytes(skb, off, to, 16, 0);
+}
+
+static __always_inline void rewrite6(struct __sk_buff *skb, const struct ferry_flow6 *from,
+				     const struct ferry_flow6 *to)
+{
+	rewrite_addr6(skb, IP6_SRC_OFF, from->proto, from->saddr, to->saddr);
+	rewrite_addr6(skb, IP6_DST_OFF, from->proto, from->daddr, to->daddr);
+	rewrite_ports(skb, L4_OFF6, from->proto, from->sport, from->dport, to->sport, to->dport);
+}
+
+static __always_inline int verdict_action(enum verdict v)
+{
+	return v == NO_ENDPOINT || v == SOURCE_NOT_ALLOWED ? TC_ACT_SHOT : TC_ACT_OK;
+}
+
+static __always_inline int ingress4(struct __sk_buff *skb, void *data_end, struct iphdr *ip)
+{
 	if ((void *)(ip + 1) > data_end || ip->ihl != 5 || (ip->frag_off & bpf_htons(0x3fff)))
 		return TC_ACT_OK;
 	if (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP)
@@ -179,15 +406,51 @@ int ferry_tc_ingress(struct __sk_buff *skb)
 	if (known) {
 		to = *known;
 	} else {
-		switch (new_flow(&key, &to)) {
-		case NOT_A_SERVICE:
-			return TC_ACT_OK;
-		case NO_ENDPOINT:
-			return TC_ACT_SHOT;
-		case TRANSLATED:
-			break;
-		}
+		enum verdict v = new_flow4(&key, &to);
+		if (v != TRANSLATED)
+			return verdict_action(v);
 	}
-	rewrite(skb, &key, &to);
+	rewrite4(skb, &key, &to);
+	return TC_ACT_OK;
+}
+
+static __always_inline int ingress6(struct __sk_buff *skb, void *data_end, struct ipv6hdr *ip6)
+{
+	if ((void *)(ip6 + 1) > data_end)
+		return TC_ACT_OK;
+	if (ip6->nexthdr != IPPROTO_TCP && ip6->nexthdr != IPPROTO_UDP)
+		return TC_ACT_OK;
+	__u16 *ports = (void *)(ip6 + 1);
+	if ((void *)(ports + 2) > data_end)
+		return TC_ACT_OK;
+
+	struct ferry_flow6 key = { .sport = ports[0], .dport = ports[1], .proto = ip6->nexthdr };
+	__builtin_memcpy(key.saddr, &ip6->saddr, sizeof(key.saddr));
+	__builtin_memcpy(key.daddr, &ip6->daddr, sizeof(key.daddr));
+	struct ferry_flow6 to = {};
+	struct ferry_flow6 *known = bpf_map_lookup_elem(&ferry_nat6, &key);
+	if (known) {
+		to = *known;
+	} else {
+		enum verdict v = new_flow6(&key, &to);
+		if (v != TRANSLATED)
+			return verdict_action(v);
+	}
+	rewrite6(skb, &key, &to);
+	return TC_ACT_OK;
+}
+
+SEC("classifier")
+int ferry_tc_ingress(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	if ((void *)(eth + 1) > data_end)
+		return TC_ACT_OK;
+	if (eth->h_proto == bpf_htons(ETH_P_IP))
+		return ingress4(skb, data_end, (void *)(eth + 1));
+	if (eth->h_proto == bpf_htons(ETH_P_IPV6))
+		return ingress6(skb, data_end, (void *)(eth + 1));
 	return TC_ACT_OK;
 }

@@ -286,6 +286,7 @@ impl Bench {
             endpoints: self.endpoints.clone(),
             affinity_seconds: None,
             keep_source: false,
+            source_ranges: Vec::new(),
         }
     }
 

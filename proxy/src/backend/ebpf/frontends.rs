@@ -10,31 +10,26 @@ use crate::plan::{Endpoint, Protocol, ServicePort};
 /// Why a part of a Service port is not programmed by the eBPF back end.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Skipped {
-    /// SCTP: the socket programs translate TCP and UDP only; the whole port is left out.
+    /// SCTP: the whole port is left out, inside and outside.
+    ///
+    /// Inside, no cgroup socket hook runs for SCTP sockets (Linux 6.6 source):
+    /// `net/sctp/socket.c` `sctp_inet_connect()` goes straight to `sctp_connect()` and
+    /// `__sctp_connect()`, `struct proto sctp_prot` has no `pre_connect` (the member
+    /// through which `__inet_stream_connect()` runs `BPF_CGROUP_INET4_CONNECT` for TCP),
+    /// and `BPF_CGROUP_UDP4/6_SENDMSG` run from `udp_sendmsg()`/`udpv6_sendmsg()` only.
+    /// So a socket program never sees an SCTP connect or send. Outside, a tc program
+    /// could rewrite addresses, but SCTP's checksum is a CRC32c over the whole packet (no
+    /// pseudo-header, so no incremental `bpf_l4_csum_replace`) that would have to be
+    /// recomputed in the program. The test kernel has no SCTP socket stack at all
+    /// (`CONFIG_IP_SCTP` unset: `socket(AF_INET, SOCK_STREAM, IPPROTO_SCTP)` fails with
+    /// EPROTONOSUPPORT), so neither path could be tested end to end here.
     Sctp,
-    /// An IPv6 address reached from outside: the tc program is IPv4 only.
-    OutsideV6(IpAddr),
-    /// `loadBalancerSourceRanges`: the tc program cannot filter sources, so the
-    /// load-balancer IP is not served from outside at all (closed, never open to all).
-    SourceRanges(IpAddr),
-    /// Session affinity from outside is not implemented by the tc program: those
-    /// frontends balance without it.
-    OutsideAffinity,
 }
 
 impl std::fmt::Display for Skipped {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Skipped::Sctp => f.write_str("SCTP is not served by the eBPF back end (use --backend nftables)"),
-            Skipped::OutsideV6(ip) => write!(f, "{ip} from outside: the tc program is IPv4 only"),
-            Skipped::SourceRanges(ip) => write!(
-                f,
-                "{ip} from outside is not served: loadBalancerSourceRanges cannot be enforced by \
-                 the tc program (use --backend nftables)"
-            ),
-            Skipped::OutsideAffinity => {
-                f.write_str("session affinity is not applied to traffic from outside")
-            }
         }
     }
 }
@@ -48,7 +43,7 @@ pub fn frontends(
     node_ips: &[IpAddr],
 ) -> (Vec<(Frontend, ServiceBackends)>, Vec<Skipped>) {
     let mut out = Vec::new();
-    let mut skipped = Vec::new();
+    let skipped = Vec::new();
     let protocol = match port.id.protocol {
         Protocol::Tcp => ferry_ebpf::Protocol::Tcp,
         Protocol::Udp => ferry_ebpf::Protocol::Udp,
@@ -59,6 +54,7 @@ pub fn frontends(
         endpoints: addrs(eps),
         affinity_seconds: port.affinity_seconds,
         keep_source: false,
+        source_ranges: Vec::new(),
     };
     let cluster = inside(&port.cluster_endpoints);
     // With both traffic policies Local, in-cluster traffic to external addresses goes to
@@ -70,39 +66,35 @@ pub fn frontends(
     };
     let from_outside = ServiceBackends {
         endpoints: addrs(&port.external_endpoints),
-        affinity_seconds: None,
+        affinity_seconds: port.affinity_seconds,
         keep_source: port.external_local,
+        source_ranges: Vec::new(),
+    };
+    // loadBalancerSourceRanges guard the load-balancer IPs only, as in kube-proxy.
+    let from_outside_to_lb = ServiceBackends {
+        source_ranges: port.source_ranges.clone(),
+        ..from_outside.clone()
     };
     if let Some(ip) = port.cluster_ip {
         out.push((Frontend::inside(ip, port.port, protocol), cluster.clone()));
     }
-    let mut outside_affinity_dropped = false;
-    let mut outside =
-        |ip: IpAddr, p: u16, out: &mut Vec<(Frontend, ServiceBackends)>, skipped: &mut Vec<Skipped>| {
-            if !family_v4 || !ip.is_ipv4() {
-                skipped.push(Skipped::OutsideV6(ip));
-                return;
-            }
-            outside_affinity_dropped |= port.affinity_seconds.is_some();
-            out.push((Frontend::outside(ip, p, protocol), from_outside.clone()));
+    let outside =
+        |ip: IpAddr, p: u16, backends: &ServiceBackends, out: &mut Vec<(Frontend, ServiceBackends)>| {
+            out.push((Frontend::outside(ip, p, protocol), backends.clone()));
         };
     for ip in &port.external_ips {
         out.push((
             Frontend::inside(*ip, port.port, protocol),
             from_inside_to_external.clone(),
         ));
-        outside(*ip, port.port, &mut out, &mut skipped);
+        outside(*ip, port.port, &from_outside, &mut out);
     }
     for ip in &port.load_balancer_ips {
         out.push((
             Frontend::inside(*ip, port.port, protocol),
             from_inside_to_external.clone(),
         ));
-        if port.source_ranges.is_empty() {
-            outside(*ip, port.port, &mut out, &mut skipped);
-        } else {
-            skipped.push(Skipped::SourceRanges(*ip));
-        }
+        outside(*ip, port.port, &from_outside_to_lb, &mut out);
     }
     if let Some(node_port) = port.node_port {
         for ip in node_ips.iter().filter(|ip| ip.is_ipv4() == family_v4) {
@@ -110,11 +102,8 @@ pub fn frontends(
                 Frontend::inside(*ip, node_port, protocol),
                 from_inside_to_external.clone(),
             ));
-            outside(*ip, node_port, &mut out, &mut skipped);
+            outside(*ip, node_port, &from_outside, &mut out);
         }
-    }
-    if outside_affinity_dropped {
-        skipped.push(Skipped::OutsideAffinity);
     }
     (out, skipped)
 }
@@ -161,7 +150,7 @@ mod tests {
     }
 
     #[test]
-    fn every_address_gets_an_inside_frontend_and_the_v4_external_ones_an_outside_one() {
+    fn every_address_gets_an_inside_frontend_and_the_external_ones_an_outside_one() {
         let mut p = port(Protocol::Tcp);
         p.node_port = Some(30080);
         p.external_ips = vec!["198.51.100.20".parse().unwrap()];
@@ -185,28 +174,59 @@ mod tests {
     }
 
     #[test]
+    fn ipv6_addresses_are_served_from_outside_too() {
+        let mut p = port(Protocol::Udp);
+        p.id.family = Family::V6;
+        p.cluster_ip = Some("fd00:96::10".parse().unwrap());
+        p.cluster_endpoints = vec![ep("fd00:244::2", true)];
+        p.external_endpoints = p.cluster_endpoints.clone();
+        p.external_ips = vec!["2001:db8::20".parse().unwrap()];
+        p.node_port = Some(30053);
+        let node_ips: Vec<IpAddr> = vec!["192.168.1.7".parse().unwrap(), "fd00::7".parse().unwrap()];
+        let (fes, skipped) = frontends(&p, &node_ips);
+        assert!(skipped.is_empty(), "{skipped:?}");
+        let ext = find(&fes, "2001:db8::20", 80, Scope::Outside);
+        assert_eq!(ext.endpoints, vec!["[fd00:244::2]:8080".parse().unwrap()]);
+        find(&fes, "fd00::7", 30053, Scope::Outside);
+        assert!(
+            !fes.iter()
+                .any(|(f, _)| f.ip == "192.168.1.7".parse::<IpAddr>().unwrap()),
+            "an IPv6 port has no frontend on the node's IPv4 address: {fes:?}"
+        );
+    }
+
+    #[test]
     fn what_ebpf_cannot_do_is_left_out_and_said() {
         assert_eq!(
             frontends(&port(Protocol::Sctp), &[]),
             (vec![], vec![Skipped::Sctp])
         );
+    }
+
+    #[test]
+    fn source_ranges_guard_only_the_lb_ip_from_outside_and_affinity_applies_outside_too() {
         let mut p = port(Protocol::Tcp);
         p.load_balancer_ips = vec!["198.51.100.10".parse().unwrap()];
         p.source_ranges = vec!["203.0.113.0/24".parse().unwrap()];
         p.affinity_seconds = Some(60);
         p.external_ips = vec!["198.51.100.20".parse().unwrap()];
-        let (fes, skipped) = frontends(&p, &[]);
-        assert!(
-            !fes.iter()
-                .any(|(f, _)| f.scope == Scope::Outside && f.ip == "198.51.100.10".parse::<IpAddr>().unwrap()),
-            "a source-ranged LB IP is closed from outside: {fes:?}"
-        );
-        assert!(skipped.contains(&Skipped::SourceRanges("198.51.100.10".parse().unwrap())));
-        assert!(skipped.contains(&Skipped::OutsideAffinity));
-        let ext = find(&fes, "198.51.100.20", 80, Scope::Outside);
-        assert_eq!(ext.affinity_seconds, None);
+        p.node_port = Some(30080);
+        let (fes, skipped) = frontends(&p, &["192.168.1.7".parse().unwrap()]);
+        assert!(skipped.is_empty(), "{skipped:?}");
+        let lb = find(&fes, "198.51.100.10", 80, Scope::Outside);
+        assert_eq!(lb.source_ranges, p.source_ranges);
+        assert_eq!(lb.affinity_seconds, Some(60));
+        assert!(find(&fes, "198.51.100.10", 80, Scope::Inside)
+            .source_ranges
+            .is_empty());
+        assert!(find(&fes, "198.51.100.20", 80, Scope::Outside)
+            .source_ranges
+            .is_empty());
+        assert!(find(&fes, "192.168.1.7", 30080, Scope::Outside)
+            .source_ranges
+            .is_empty());
         assert_eq!(
-            find(&fes, "10.96.0.10", 80, Scope::Inside).affinity_seconds,
+            find(&fes, "198.51.100.20", 80, Scope::Outside).affinity_seconds,
             Some(60)
         );
     }

@@ -70,3 +70,8 @@ pub fn allow_local_sources() -> std::io::Result<()> {
 pub fn forwards_ipv4() -> bool {
     std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").is_ok_and(|v| v.trim() == "1")
 }
+
+/// Whether the node forwards IPv6 (IPv6 NodePorts from outside need it).
+pub fn forwards_ipv6() -> bool {
+    std::fs::read_to_string("/proc/sys/net/ipv6/conf/all/forwarding").is_ok_and(|v| v.trim() == "1")
+}
