@@ -253,7 +253,10 @@ fn flood_plan(pod: IpAddr, cluster_cidr: &str) -> Plan {
         ..ServicePort::new(id.clone(), Some(IpAddr::from([10, 96, 99, 99])), 53)
     };
     services.ports.insert(id, port);
-    Plan { services }
+    Plan {
+        services,
+        policy: None,
+    }
 }
 
 /// Straight to the Pod, then through the NodePort, on a node whose Services `make`'s back
