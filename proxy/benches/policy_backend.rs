@@ -273,9 +273,10 @@ fn main() {
         let (policy_plan, policy_apply) = changes(&mut store, &mut backend, reps, |rep| {
             policy(10, 9101 + rep as u16)
         });
-        // Pod 10 is on node-0: relabelled to other apps, each selected by other policies.
+        // Pod 10 (ns10, node-0, app a10, isolated by policy 10) relabelled out of every
+        // policy and back in, in turns: each rep is a change.
         let (relabel_plan, relabel_apply) = changes(&mut store, &mut backend, reps, |rep| {
-            pod(10, &format!("a{}", 50 + rep))
+            pod(10, if rep % 2 == 0 { "unselected" } else { "a10" })
         });
         // New Pods on node-0, selected by existing policies.
         let (added_plan, added_apply) = changes(&mut store, &mut backend, reps, |rep| {

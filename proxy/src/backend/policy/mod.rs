@@ -62,15 +62,16 @@
 //!
 //! # Sync
 //!
-//! The [`PolicyWriter`] keeps, per Pod, the directions it applied and their chain names: a
-//! Pod whose addresses and isolations equal what was applied costs one comparison (the
-//! plan's address lists are shared `Arc`s, compared by pointer first). Changed Pods are
-//! rendered again; the transaction then adds the new sets (with their elements) and new
-//! chains (with their rules), switches the map elements that differ, and deletes the
-//! chains and sets nothing uses any more, in that order, as ONE transaction: no packet
-//! ever sees a state between the old policy and the new one. Two Pods claiming one
-//! address (a transient state) give the address to the first by `namespace/name`, with a
-//! warning, rather than failing the transaction.
+//! The [`PolicyWriter`] keeps what the kernel holds: each map element (address ->
+//! chain), each chain (with the sets it uses) and each set. A sync renders the plan's
+//! chains, each distinct one once (keyed by the plan's shared address lists and ports, so
+//! 1,000 Pods under the same policies cost one rendering, not 1,000 comparisons of their
+//! peer lists), and compares names: the transaction adds the new sets (with their
+//! elements) and new chains (with their rules), switches the map elements that differ,
+//! and deletes the chains and sets nothing uses any more, in that order, as ONE
+//! transaction: no packet ever sees a state between the old policy and the new one. Two
+//! Pods claiming one address (a transient state) give the address to the first by
+//! `namespace/name`, with a warning, rather than failing the transaction.
 //!
 //! # Restart
 //!
@@ -83,6 +84,29 @@
 //! elements are not read back; the refill is part of the same atomic commit). A failed
 //! commit leaves the writer knowing nothing, and the next sync starts from the kernel the
 //! same way. `--network-policy=false` and `ferry-proxy cleanup` delete the table.
+//!
+//! # Measurements
+//!
+//! `cargo bench -p ferry-proxy --bench policy_backend` (release, Linux 6.18, 2 CPUs
+//! shared with other builds, one run each): 10,000 Pods (1,000 on the node), 1,000
+//! policies; 435 rules, 142 chains, 27 peer sets.
+//!
+//! | sync                                  | plan (full re-plan) | back end |
+//! |---------------------------------------|--------------------:|---------:|
+//! | full, no policy (baseline)            |   3 ms              |  4 ms    |
+//! | full, 1,000 policies                  | 611 ms              | 66 ms    |
+//! | one policy changed                    | 313 ms              |  9 ms    |
+//! | one local Pod relabelled              | 353 ms              | 12 ms    |
+//! | one local Pod added                   | 302 ms              | 45 ms    |
+//! | restart (new back end, table kept)    | 237 ms              | 16 ms    |
+//!
+//! An added Pod costs more than a relabel: its address joins peer sets shared by many
+//! chains (every "to all namespaces on `http`" rule), and a set is named by its content,
+//! so the set is written anew and every chain using it is re-created and its Pods'
+//! elements switched. Updating such sets in place (names by identity, elements diffed)
+//! would bring it to the relabel's cost. Connect latency on a bridge, p50 (4,000
+//! connects per case, interleaved): 13.5 us with no table, +0.7 us with the table and
+//! no policy, +2.4 us at 100 policies, +2.0 us at 1,000.
 //!
 //! # Files
 //!
