@@ -13,9 +13,9 @@
 //!   resync with nothing changed (full re-plan, every port compared, nothing sent);
 //! - the rule count (`SyncStats`, checked against `nft -a list table`);
 //! - the memory of a real `ferry-proxy run --manifests DIR` after its first sync (VmRSS 1 s
-//!   after it, and VmHWM, the peak), at 1k and N Services, and at N Services plus N Pods
-//!   (the Pods NetworkPolicy will read; realistic `kubectl get -o json` objects, on 100
-//!   nodes); with `FERRY_BENCH_BASELINE_PROXY=PATH` (another build of ferry-proxy, e.g. of
+//!   after it, and VmHWM, the peak), at 1k and N Services, at N Services plus N Pods
+//!   (realistic `kubectl get -o json` objects on 100 nodes, one in ten on this one), and
+//!   with N/10 NetworkPolicies more (enforced on this node's Pods); with `FERRY_BENCH_BASELINE_PROXY=PATH` (another build of ferry-proxy, e.g. of
 //!   the commit before a change), the same for that build, run by run in turn, with the
 //!   ratio;
 //! - the first packet: the time of a TCP connect from a client pod to a ClusterIP whose one
@@ -194,7 +194,8 @@ fn generated_pod(i: usize) -> Value {
                                  "controller": true, "blockOwnerDeletion": true}]
         },
         "spec": {
-            "nodeName": format!("node-{}", i % 100),
+            // One in ten on this node: the Pods NetworkPolicy enforces here.
+            "nodeName": if i.is_multiple_of(10) { NODE_NAME.to_string() } else { format!("node-{}", i % 100) },
             "serviceAccountName": "default",
             "restartPolicy": "Always",
             "dnsPolicy": "ClusterFirst",
@@ -487,10 +488,35 @@ fn write_list(dir: &Path, name: &str, items: Vec<Value>) {
     std::fs::write(dir.join(name), serde_json::to_vec(&list).unwrap()).unwrap();
 }
 
+/// NetworkPolicy `j` of [`proxy_process`]'s `policies`, as in `benches/policy_plan.rs`:
+/// it isolates the two Pods of one app (one of them on this node) for ingress from
+/// another app's Pods in the namespaces of one team and from an address block with a
+/// hole, on the named port, and for egress to every namespace on the named port (the
+/// name is resolved on every destination Pod).
+fn generated_policy(j: usize) -> Value {
+    json!({
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"namespace": format!("ns{}", (j * 10) % 50), "name": format!("policy-{j}")},
+        "spec": {
+            "podSelector": {"matchLabels": {"app": format!("svc-{}", j * 5)}},
+            "ingress": [{
+                "from": [
+                    {"namespaceSelector": {"matchLabels": {"team": format!("t{}", j % 10)}},
+                     "podSelector": {"matchLabels": {"app": format!("svc-{}", j * 5 + 1)}}},
+                    {"ipBlock": {"cidr": "100.64.0.0/10", "except": [format!("100.96.{}.0/24", j % 256)]}}
+                ],
+                "ports": [{"port": "http"}]
+            }],
+            "egress": [{"to": [{"namespaceSelector": {}}], "ports": [{"port": "http"}]}]
+        }
+    })
+}
+
 /// Runs `bin run --manifests DIR` (a ferry-proxy) with `n` generated Services (in 4 List
-/// files) and `pods` generated Pods (in one more), written before it starts; waits for its
-/// first sync and reads its memory.
-fn proxy_process(bin: &Path, n: usize, pods: usize) -> ProcessReport {
+/// files), `pods` generated Pods (in one more, with their 50 Namespaces) and `policies`
+/// NetworkPolicies (in one more), written before it starts; waits for its first sync and
+/// reads its memory.
+fn proxy_process(bin: &Path, n: usize, pods: usize, policies: usize) -> ProcessReport {
     let node = Node::new("bench-rss");
     let dir = node.state_dir().join("manifests");
     std::fs::create_dir_all(&dir).unwrap();
@@ -500,7 +526,22 @@ fn proxy_process(bin: &Path, n: usize, pods: usize) -> ProcessReport {
         write_list(&dir, &format!("services-{f}.json"), items);
     }
     if pods > 0 {
-        write_list(&dir, "pods.json", (0..pods).map(generated_pod).collect());
+        let namespaces = (0..50).map(|i| {
+            json!({"apiVersion": "v1", "kind": "Namespace",
+                   "metadata": {"name": format!("ns{i}"), "labels": {"team": format!("t{}", i % 10)}}})
+        });
+        write_list(
+            &dir,
+            "pods.json",
+            namespaces.chain((0..pods).map(generated_pod)).collect(),
+        );
+    }
+    if policies > 0 {
+        write_list(
+            &dir,
+            "policies.json",
+            (0..policies).map(generated_policy).collect(),
+        );
     }
     let start = Instant::now();
     let mut proxy =
@@ -684,32 +725,33 @@ fn connect_times(series: &[(&Netns, SocketAddr)], warmup: usize, rounds: usize) 
     })
 }
 
-/// The memory of `ferry-proxy run` at 1k and N Services, and at N Services plus N Pods;
-/// with a baseline build, each configuration is run with both builds in turn (baseline
-/// first), so both see the same machine.
+/// The memory of `ferry-proxy run` at 1k and N Services, at N Services plus N Pods, and
+/// with N/10 NetworkPolicies more; with a baseline build, each configuration is run with
+/// both builds in turn (baseline first), so both see the same machine.
 fn memory_part(proxy: &Path, baseline: Option<&Path>, sizes: &[usize], n: usize) {
-    let mut configs: Vec<(usize, usize)> = sizes.iter().map(|&s| (s, 0)).collect();
-    configs.push((n, n));
+    let mut configs: Vec<(usize, usize, usize)> = sizes.iter().map(|&s| (s, 0, 0)).collect();
+    configs.push((n, n, 0));
+    configs.push((n, n, n / 10));
     let mut ours = Vec::new();
     let mut theirs = Vec::new();
-    for &(services, pods) in &configs {
-        eprintln!("proxy bench: memory at {services} Services, {pods} Pods...");
+    for &(services, pods, policies) in &configs {
+        eprintln!("proxy bench: memory at {services} Services, {pods} Pods, {policies} policies...");
         if let Some(baseline) = baseline {
-            theirs.push(proxy_process(baseline, services, pods));
+            theirs.push(proxy_process(baseline, services, pods, policies));
         }
-        ours.push(proxy_process(proxy, services, pods));
+        ours.push(proxy_process(proxy, services, pods, policies));
     }
     println!(
         "ferry-proxy run --manifests DIR: ClusterIP Services x {ENDPOINTS} endpoints (4 List files), \
-         Pods in a fifth; memory 1 s after the first sync"
+         Pods in a fifth, NetworkPolicies (NP) in a sixth; memory 1 s after the first sync"
     );
     let header: String = configs
         .iter()
-        .map(|(s, p)| {
-            let label = if *p == 0 {
-                format!("{s} Services")
-            } else {
-                format!("{s} Svc + {p} Pods")
+        .map(|(s, p, np)| {
+            let label = match (p, np) {
+                (0, _) => format!("{s} Services"),
+                (p, 0) => format!("{s} Svc + {p} Pods"),
+                (p, np) => format!("{s} Svc+{p} Pods+{np} NP"),
             };
             format!(" {label:>22}")
         })
@@ -747,7 +789,7 @@ fn memory_part(proxy: &Path, baseline: Option<&Path>, sizes: &[usize], n: usize)
                 .collect(),
         );
     }
-    let at_goal = ours[configs.len() - 2].rss_kib;
+    let at_goal = ours[configs.len() - 3].rss_kib;
     println!(
         "goal: < 100 MiB at {GOAL_SERVICES} Services x {ENDPOINTS} endpoints: {}",
         verdict(at_goal < 100 * 1024, n)
@@ -794,7 +836,7 @@ fn main() {
     eprintln!("proxy bench: ferry-proxy processes...");
     let processes: Vec<ProcessReport> = sizes
         .iter()
-        .map(|&size| proxy_process(&proxy_bin, size, 0))
+        .map(|&size| proxy_process(&proxy_bin, size, 0, 0))
         .collect();
     eprintln!("proxy bench: connect latency...");
     let small = latency_node(10);
