@@ -16,6 +16,10 @@
 # What is in it:
 #   /usr/local/bin/ferry-proxy          the node daemon (the entrypoint)
 #   /opt/ferry/cni/ferry-{bridge,ipam}  the CNI plugins the init container installs
+#   /opt/ferry/cni-if-missing/loopback  the reference loopback plugin (Debian's
+#                                       containernetworking-plugins), installed only where
+#                                       the node has none: containerd's CRI runs it for every
+#                                       Pod sandbox, and a node without a CNI network may lack it
 #   /usr/local/bin/ferry-install-cni    that installer (scripts/image/install-cni.sh)
 #   /bin/busybox and its applets        a shell for the installer and for operators
 #   /usr/sbin/nft                       to look at the rules: `nft list table inet ferry-proxy`
@@ -40,17 +44,20 @@ for b in ferry-proxy ferry-bridge ferry-ipam; do
 done
 [[ -x $busybox ]] && "$busybox" --list >/dev/null 2>&1 || die "$busybox is missing: install busybox-static (scripts/setup.sh does)"
 [[ -x $nft ]] || die "$nft is missing: install nftables (scripts/setup.sh does)"
+loopback=/usr/lib/cni/loopback
+[[ -x $loopback ]] || die "$loopback is missing: install containernetworking-plugins (scripts/setup.sh does)"
 
 mkdir -p "$(dirname "$out")"
 work=$(mktemp -d "$(dirname "$out")/.image.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 root=$work/rootfs
-mkdir -p "$root"/{bin,etc,proc,sys,dev,tmp,run,root,usr/local/bin,usr/sbin,opt/ferry/cni,var/run}
+mkdir -p "$root"/{bin,etc,proc,sys,dev,tmp,run,root,usr/local/bin,usr/sbin,opt/ferry/cni,opt/ferry/cni-if-missing,var/run}
 chmod 1777 "$root/tmp"
 
 install -m 0755 "$bin_dir/ferry-proxy" "$root/usr/local/bin/ferry-proxy"
 install -m 0755 "$bin_dir/ferry-bridge" "$root/opt/ferry/cni/ferry-bridge"
 install -m 0755 "$bin_dir/ferry-ipam" "$root/opt/ferry/cni/ferry-ipam"
+install -m 0755 "$loopback" "$root/opt/ferry/cni-if-missing/loopback"
 install -m 0755 "$here/install-cni.sh" "$root/usr/local/bin/ferry-install-cni"
 install -m 0755 "$nft" "$root/usr/sbin/nft"
 cp "$busybox" "$root/bin/busybox"

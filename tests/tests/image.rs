@@ -143,11 +143,11 @@ fn containerd_imports_the_image_and_its_init_container_installs_the_plugins() {
     let dest = node.state_dir().join("opt-cni-bin");
     fs::create_dir_all(&dest).unwrap();
     fs::write(dest.join("loopback"), b"someone else's plugin").unwrap();
-    let mount = format!(
-        "type=bind,src={},dst=/host/opt/cni/bin,options=rbind:rw",
-        dest.display()
-    );
-    let install = |id: &str| {
+    let install_into = |dest: &Path, id: &str| {
+        let mount = format!(
+            "type=bind,src={},dst=/host/opt/cni/bin,options=rbind:rw",
+            dest.display()
+        );
         ok(
             containerd.ctr(&[
                 "run",
@@ -163,6 +163,7 @@ fn containerd_imports_the_image_and_its_init_container_installs_the_plugins() {
         )
     };
 
+    let install = |id: &str| install_into(&dest, id);
     let first = install("install-1");
     let mut inodes = Vec::new();
     for plugin in PLUGINS {
