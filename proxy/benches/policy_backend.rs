@@ -24,75 +24,16 @@ use ferry_proxy::backend::Backend;
 use ferry_proxy::changes::Changes;
 use ferry_proxy::plan::policy::plan;
 use ferry_proxy::plan::Plan;
-use ferry_proxy::source::{Event, Kind, Object};
+use ferry_proxy::source::{Event, Object};
 use ferry_proxy::store::Store;
 use ferry_tests::bench::percentile;
 use ferry_tests::{require_root, Node};
-use k8s_openapi::api::core::v1::{Namespace, Pod};
-use k8s_openapi::api::networking::v1::NetworkPolicy;
-use serde_json::json;
 
-// The generator follows `policy_plan.rs`, so both benches measure one cluster.
-const PODS: usize = 10_000;
-const NODES: usize = 10;
-const NAMESPACES: usize = 100;
-const POLICIES: usize = 1_000;
+#[path = "common/policy_cluster.rs"]
+mod policy_cluster;
+use policy_cluster::{app, pod, policy, store, NODES, PODS, POLICIES};
+
 const NODE: &str = "node-0";
-
-fn namespace(i: usize) -> Object {
-    let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": format!("ns{i}"),
-        "labels": {"team": format!("t{}", i % 10)}}}))
-    .unwrap();
-    ns.into()
-}
-
-fn pod(i: usize, app: &str) -> Object {
-    let ip = format!("10.{}.{}.{}", 64 + i / 65536, (i / 256) % 256, i % 256);
-    let pod: Pod = serde_json::from_value(json!({
-        "metadata": {"namespace": format!("ns{}", i % NAMESPACES), "name": format!("pod-{i}"),
-                     "labels": {"app": app, "tier": format!("{}", i % 3)}},
-        "spec": {"nodeName": format!("node-{}", i % NODES), "containers": [{"name": "c",
-                 "ports": [{"name": "http", "containerPort": 8000 + (i % 7) as i32}]}]},
-        "status": {"phase": "Running", "podIPs": [{"ip": ip}]}
-    }))
-    .unwrap();
-    pod.into()
-}
-
-fn policy(j: usize, port_end: u16) -> Object {
-    let policy: NetworkPolicy = serde_json::from_value(json!({
-        "metadata": {"namespace": format!("ns{}", j % NAMESPACES), "name": format!("policy-{j}")},
-        "spec": {
-            "podSelector": {"matchLabels": {"app": format!("a{}", j % 200)}},
-            "policyTypes": ["Ingress", "Egress"],
-            "ingress": [{"from": [
-                {"namespaceSelector": {}, "podSelector": {"matchLabels": {"app": format!("a{}", (j + 1) % 200)}}},
-                {"namespaceSelector": {"matchLabels": {"team": format!("t{}", j % 10)}},
-                 "podSelector": {"matchExpressions": [{"key": "tier", "operator": "In", "values": ["1"]}]}},
-                {"ipBlock": {"cidr": "192.168.0.0/16", "except": ["192.168.1.0/24"]}}],
-              "ports": [{"port": "http"}, {"port": 9000, "endPort": port_end}]}],
-            "egress": [{"to": [{"namespaceSelector": {}}], "ports": [{"port": "http"}]}]
-        }
-    }))
-    .unwrap();
-    policy.into()
-}
-
-fn app(i: usize) -> String {
-    format!("a{}", i % 200)
-}
-
-fn store(policies: usize) -> Store {
-    let mut objects: Vec<Object> = (0..NAMESPACES).map(namespace).collect();
-    objects.extend((0..PODS).map(|i| pod(i, &app(i))));
-    objects.extend((0..policies).map(|j| policy(j, 9100)));
-    let mut store = Store::new();
-    store.apply(Event::Snapshot {
-        kinds: Kind::ALL.to_vec(),
-        objects,
-    });
-    store
-}
 
 fn median(mut times: Vec<Duration>) -> Duration {
     times.sort();
