@@ -5,8 +5,9 @@
 //!
 //! Printed, medians of `FERRY_BENCH_REPS` (default 5): the full sync (plan, then back end)
 //! against the same node with no policy in the store (the baseline, same run); then
-//! single changes, from the change in the store to the kernel, split in plan (the full
-//! re-plan the loop does today) and back end: one policy changed, one local Pod
+//! single changes, from the change in the store to the kernel, split in plan (a full
+//! re-plan here; the sync loop updates its plan with `PolicyPlanner`, whose single-change
+//! times `policy_plan` measures) and back end: one policy changed, one local Pod
 //! relabelled, one local Pod added; the first sync of a new back end over the existing
 //! table (a restart); and the table's size. Then the data path: connect latency p50/p99
 //! from one local Pod to another (both real netns on a bridge, addresses of the
