@@ -476,6 +476,9 @@ fn read_store_once(source: SourceArgs, settings: &NodeSettings) -> Result<Store,
                 tx,
             ));
             let store = run::read_store(&mut rx, Duration::from_secs(30)).await;
+            // Closed first, so the watchers see nobody listens and stop without
+            // reporting the client's shutdown as a failed watch.
+            drop(rx);
             source.abort();
             store.map_err(|e| e.to_string())
         })?,

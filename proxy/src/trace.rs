@@ -235,10 +235,13 @@ pub fn trace_parsed(
         .values()
         .find_map(|p| reached.endpoints(p).map(|e| (p, e)))
     {
-        trace.service = Some(format!(
-            "{}/{}:{}",
-            port.id.namespace, port.id.name, port.id.port_name
-        ));
+        // `namespace/name:port`, or `namespace/name` for a Service's one unnamed port.
+        let id = &port.id;
+        trace.service = Some(if id.port_name.is_empty() {
+            format!("{}/{}", id.namespace, id.name)
+        } else {
+            format!("{}/{}:{}", id.namespace, id.name, id.port_name)
+        });
         endpoints = chosen.iter().map(|e| (e.ip, e.port)).collect();
     }
 

@@ -334,6 +334,9 @@ where
                 }
                 Ok(watcher::Event::Apply(obj)) => (Event::Upsert(Object::from(obj)), None),
                 Ok(watcher::Event::Delete(obj)) => (Event::Delete(Object::from(obj)), None),
+                // Nobody listens any more (a one-shot read such as `trace` got its
+                // snapshot and is shutting the client down): nothing to report.
+                Err(_) if tx.is_closed() => return,
                 Err(err) => {
                     let (error, retry) = classify(kind, &err, &mut backoff);
                     match retry {
