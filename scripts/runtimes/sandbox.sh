@@ -67,6 +67,8 @@ init() {
     mount -t tmpfs -o mode=1777,size=64m ferry-sandbox-shm /dev/shm
     local -A overlaid=()
     local n=0 bind src dst anc
+    # Overlays first, binds after: an overlay mounted over a parent would hide a bind made
+    # below it earlier (e.g. /etc/cni/net.d bound, then /etc overlaid for /etc/kubernetes).
     for bind in "$@"; do
         src=${bind%%:*}
         dst=${bind#*:}
@@ -84,7 +86,9 @@ init() {
             fi
             mkdir -p "$dst"
         fi
-        mount --bind "$src" "$dst"
+    done
+    for bind in "$@"; do
+        mount --bind "${bind%%:*}" "${bind#*:}"
     done
     touch "$dir/sandbox.ready"
     exec catatonit -P
