@@ -492,6 +492,7 @@ fn cleanup_command(args: CleanupArgs) -> Result<(), String> {
         cluster_cidr: Vec::new(),
         nodeport_addresses: Vec::new(),
     };
+    // The Service back end's state, then what either back end shares: the Pod network.
     if let Some(ebpf) = args.backend.ebpf(&node_settings(&node)?.node_name)? {
         let report = ferry_proxy::backend::ebpf::cleanup_pins(&ebpf.pin_dir, &ebpf.cgroup)
             .map_err(|e| format!("cleanup: {e}"))?;
@@ -503,10 +504,10 @@ fn cleanup_command(args: CleanupArgs) -> Result<(), String> {
             pins = report.pins_removed,
             "removed Ferry's eBPF programs and pins"
         );
-        return Ok(());
+    } else {
+        let mut backend = wiring::backend(None).map_err(|e| e.to_string())?;
+        backend.cleanup().map_err(|e| format!("cleanup: {e}"))?;
     }
-    let mut backend = wiring::backend(None).map_err(|e| e.to_string())?;
-    backend.cleanup().map_err(|e| format!("cleanup: {e}"))?;
     let network =
         ferry_proxy::network::agent::cleanup().map_err(|e| format!("cleanup of the Pod network: {e}"))?;
     info!("removed the Pod network's {network}");
