@@ -367,6 +367,21 @@ fn through_a_cluster_ip_the_backend_pod_is_judged() {
     let bed = Bed::new(&["a", "b", "c"]);
     let (a, b, c) = (bed.pod("a"), bed.pod("b"), bed.pod("c"));
     let mut backend = NftablesBackend::new();
+    let cluster_ip: IpAddr = "10.96.77.10".parse().unwrap();
+    let plan = a_behind_a_service_allowing_only_b(a, b, cluster_ip);
+    // Services and policy in one transaction.
+    bed.sync(&mut backend, &plan);
+    assert!(connects(&b.ns, at(cluster_ip, 8080)), "b through the ClusterIP");
+    assert!(!connects(&c.ns, at(cluster_ip, 8080)), "c through the ClusterIP");
+    // The policy allows 80 (the backend's port), not 8080 (the Service's): it was judged
+    // after DNAT.
+    assert!(connects(&b.ns, at(a.v4, 80)));
+}
+
+/// A plan for node `node`: Service `x/s-a` (`cluster_ip`:8080/TCP) with `a`:80 as its one
+/// endpoint, and `a` isolated for ingress but from `b` on 80 (the endpoint's port, so a
+/// connection through the ClusterIP passes only when judged after DNAT).
+fn a_behind_a_service_allowing_only_b(a: &TestPod, b: &TestPod, cluster_ip: IpAddr) -> Plan {
     let id = ServicePortId {
         namespace: "x".into(),
         name: "s-a".into(),
@@ -374,7 +389,6 @@ fn through_a_cluster_ip_the_backend_pod_is_judged() {
         protocol: Protocol::Tcp,
         family: Family::V4,
     };
-    let cluster_ip: IpAddr = "10.96.77.10".parse().unwrap();
     let endpoint = Endpoint {
         ip: a.v4,
         port: 80,
@@ -404,13 +418,7 @@ fn through_a_cluster_ip_the_backend_pod_is_judged() {
         },
         ports: [(id, port)].into_iter().collect(),
     };
-    // Services and policy in one transaction.
-    bed.sync(&mut backend, &plan);
-    assert!(connects(&b.ns, at(cluster_ip, 8080)), "b through the ClusterIP");
-    assert!(!connects(&c.ns, at(cluster_ip, 8080)), "c through the ClusterIP");
-    // The policy allows 80 (the backend's port), not 8080 (the Service's): it was judged
-    // after DNAT.
-    assert!(connects(&b.ns, at(a.v4, 80)));
+    plan
 }
 
 /// Loads `text` with `nft -f` in `netns`.
@@ -790,40 +798,8 @@ fn with_the_ebpf_back_end_policy_judges_the_backend_pod() {
     let bed = Bed::new(&["a", "b", "c"]);
     let (a, b, c) = (bed.pod("a"), bed.pod("b"), bed.pod("c"));
     let sandbox = ferry_tests::EbpfSandbox::new("policy");
-    let id = ServicePortId {
-        namespace: "x".into(),
-        name: "s-a".into(),
-        port_name: "http".into(),
-        protocol: Protocol::Tcp,
-        family: Family::V4,
-    };
     let cluster_ip: IpAddr = "10.96.78.10".parse().unwrap();
-    let endpoint = Endpoint {
-        ip: a.v4,
-        port: 80,
-        is_local: true,
-        ready: true,
-    };
-    let mut plan = plan_of(vec![pod_policy(
-        a,
-        isolation(
-            "x/allow-b",
-            vec![Clause {
-                peers: hosts(&b.ips()),
-                ports: tcp(80, 80),
-            }],
-        ),
-        None,
-    )]);
-    plan.services.settings.node_name = "node".into();
-    plan.services.ports.insert(
-        id.clone(),
-        ServicePort {
-            cluster_endpoints: vec![endpoint.clone()],
-            external_endpoints: vec![endpoint],
-            ..ServicePort::new(id, Some(cluster_ip), 8080)
-        },
-    );
+    let mut plan = a_behind_a_service_allowing_only_b(a, b, cluster_ip);
     let pins = pin_dir(sandbox.pin_root(), "node");
     let mut backend = bed
         .node
