@@ -15,7 +15,7 @@ use cni::{
     Attachment, CniResult, Code, Dns, Env, Error, Interface, IpConfig, Plugin, Request, Route, Version,
 };
 use proptest::prelude::*;
-use proptest::test_runner::{Config, RngSeed};
+use proptest::test_runner::Config;
 use serde_json::{json, Map, Value};
 
 /// Accepts every call: what is rejected here, the protocol layer rejected.
@@ -50,15 +50,7 @@ impl Plugin for Accepting {
 const SPEC_CODES: [u64; 10] = [1, 2, 3, 4, 5, 6, 7, 11, 50, 51];
 
 fn config() -> Config {
-    Config {
-        cases: std::env::var("PROPTEST_CASES")
-            .ok()
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(256),
-        rng_seed: RngSeed::Fixed(0x0f_e7_72_10),
-        failure_persistence: None,
-        ..Config::default()
-    }
+    ferry_tests::property::config(0x0f_e7_72_10)
 }
 
 /// What must hold of any call's outcome.

@@ -11,19 +11,11 @@ use std::path::Path;
 
 use ferry_proxy::source::manifests::parse_file;
 use proptest::prelude::*;
-use proptest::test_runner::{Config, RngSeed};
+use proptest::test_runner::Config;
 use serde_json::{json, Value};
 
 fn config() -> Config {
-    Config {
-        cases: std::env::var("PROPTEST_CASES")
-            .ok()
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(256),
-        rng_seed: RngSeed::Fixed(0x6d_61_6e_69),
-        failure_persistence: None,
-        ..Config::default()
-    }
+    ferry_tests::property::config(0x6d_61_6e_69)
 }
 
 /// One valid object of each kind the proxy reads, as `kubectl get -o yaml` writes them.

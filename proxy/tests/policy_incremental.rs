@@ -14,22 +14,14 @@ use ferry_proxy::store::Store;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use proptest::prelude::*;
-use proptest::test_runner::{Config, RngSeed};
+use proptest::test_runner::Config;
 use serde_json::{json, Value};
 
 const NODE: &str = "node-a";
 const NAMESPACES: [&str; 3] = ["x", "y", "z"];
 
 fn config() -> Config {
-    Config {
-        cases: std::env::var("PROPTEST_CASES")
-            .ok()
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(256),
-        rng_seed: RngSeed::Fixed(0x70_6f_6c_69),
-        failure_persistence: None,
-        ..Config::default()
-    }
+    ferry_tests::property::config(0x70_6f_6c_69)
 }
 
 /// Picks one of `choices` with the next digits of `seed`.

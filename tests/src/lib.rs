@@ -32,6 +32,7 @@ mod netns;
 pub mod netpol;
 mod node;
 mod pods;
+pub mod property;
 mod proxy;
 mod root;
 pub mod sctp;
