@@ -15,11 +15,12 @@ use netlink_packet_route::link::{
     InfoPortData, InfoPortKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage, State,
 };
 use netlink_packet_route::route::{
-    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
+    RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
 };
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 
 use crate::netlink::{Error, Result, Socket};
+use ferry_netlink::route::{address_family, ip_of, route_address};
 
 /// What the plugin needs to know of a link.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -316,7 +317,7 @@ impl Socket {
     /// Adds an address; `EEXIST` is returned as is.
     pub fn add_address(&mut self, index: u32, addr: IpNetwork, nodad: bool) -> Result<()> {
         let mut m = AddressMessage::default();
-        m.header.family = family(addr.ip());
+        m.header.family = address_family(addr.ip());
         m.header.prefix_len = addr.prefix();
         m.header.index = index;
         m.attributes.push(AddressAttribute::Local(addr.ip()));
@@ -329,7 +330,7 @@ impl Socket {
 
     pub fn delete_address(&mut self, index: u32, addr: IpNetwork) -> Result<()> {
         let mut m = AddressMessage::default();
-        m.header.family = family(addr.ip());
+        m.header.family = address_family(addr.ip());
         m.header.prefix_len = addr.prefix();
         m.header.index = index;
         m.attributes.push(AddressAttribute::Local(addr.ip()));
@@ -368,7 +369,7 @@ impl Socket {
     pub fn add_route(&mut self, route: &cni::Route, oif: u32) -> Result<()> {
         let dst = route.dst;
         let mut m = RouteMessage::default();
-        m.header.address_family = family(dst.ip());
+        m.header.address_family = address_family(dst.ip());
         m.header.destination_prefix_length = dst.prefix();
         m.header.table = route
             .table
@@ -475,29 +476,6 @@ impl NameProbe {
             e if e.raw_os_error() == Some(libc::ENODEV) => Ok(false),
             e => Err(e),
         }
-    }
-}
-
-fn family(ip: IpAddr) -> AddressFamily {
-    if ip.is_ipv4() {
-        AddressFamily::Inet
-    } else {
-        AddressFamily::Inet6
-    }
-}
-
-fn route_address(ip: IpAddr) -> RouteAddress {
-    match ip {
-        IpAddr::V4(a) => RouteAddress::Inet(a),
-        IpAddr::V6(a) => RouteAddress::Inet6(a),
-    }
-}
-
-fn ip_of(a: &RouteAddress) -> Option<IpAddr> {
-    match a {
-        RouteAddress::Inet(a) => Some(IpAddr::V4(*a)),
-        RouteAddress::Inet6(a) => Some(IpAddr::V6(*a)),
-        _ => None,
     }
 }
 

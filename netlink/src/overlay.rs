@@ -15,9 +15,11 @@ use netlink_packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
 };
 use netlink_packet_route::route::{
-    RouteAddress, RouteAttribute, RouteFlags, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
+    RouteAttribute, RouteFlags, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
 };
 use netlink_packet_route::AddressFamily;
+
+use crate::route::{address_family, ip_of, route_address};
 
 /// A VXLAN device: VNI, the UDP port, the local underlay address and the link it leaves by.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,7 +100,7 @@ pub fn fdb_entry(ifindex: u32, mac: [u8; 6], remote: Ipv4Addr) -> NeighbourMessa
 /// across the overlay.
 pub fn static_neighbour(ifindex: u32, ip: IpAddr, mac: [u8; 6]) -> NeighbourMessage {
     let mut m = NeighbourMessage::default();
-    m.header.family = family(ip);
+    m.header.family = address_family(ip);
     m.header.ifindex = ifindex;
     m.header.state = NeighbourState::Permanent;
     m.header.kind = RouteType::Unicast;
@@ -161,7 +163,7 @@ pub enum NextHop {
 /// replace DST via GW [dev DEV onlink] proto PROTOCOL`).
 pub fn owned_route(dst: IpAddr, prefix_len: u8, hop: NextHop, protocol: u8) -> RouteMessage {
     let mut m = RouteMessage::default();
-    m.header.address_family = family(dst);
+    m.header.address_family = address_family(dst);
     m.header.destination_prefix_length = prefix_len;
     m.header.table = RouteHeader::RT_TABLE_MAIN;
     m.header.protocol = RouteProtocol::from(protocol);
@@ -229,33 +231,10 @@ pub fn route_entry(m: &RouteMessage) -> Option<RouteEntry> {
     Some(e)
 }
 
-fn family(ip: IpAddr) -> AddressFamily {
-    if ip.is_ipv4() {
-        AddressFamily::Inet
-    } else {
-        AddressFamily::Inet6
-    }
-}
-
-fn route_address(ip: IpAddr) -> RouteAddress {
-    match ip {
-        IpAddr::V4(a) => RouteAddress::Inet(a),
-        IpAddr::V6(a) => RouteAddress::Inet6(a),
-    }
-}
-
 fn neighbour_address(ip: IpAddr) -> NeighbourAddress {
     match ip {
         IpAddr::V4(a) => NeighbourAddress::Inet(a),
         IpAddr::V6(a) => NeighbourAddress::Inet6(a),
-    }
-}
-
-fn ip_of(a: &RouteAddress) -> Option<IpAddr> {
-    match a {
-        RouteAddress::Inet(a) => Some((*a).into()),
-        RouteAddress::Inet6(a) => Some((*a).into()),
-        _ => None,
     }
 }
 

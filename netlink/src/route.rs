@@ -3,14 +3,42 @@
 //! node network between hosts sends. `Socket<Route>` (opened with `Socket::<Route>::open()`) carries them; what to ask for is the caller's business
 //! (ferry-bridge's `link.rs` builds its requests on it).
 
+use std::net::IpAddr;
+
 use netlink_packet_route::address::{AddressAttribute, AddressMessage};
 use netlink_packet_route::link::{LinkAttribute, LinkMessage};
 use netlink_packet_route::neighbour::NeighbourMessage;
 use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage};
-use netlink_packet_route::RouteNetlinkMessage;
+use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use netlink_sys::protocols::NETLINK_ROUTE;
 
 use crate::socket::Family;
+
+/// The address family of `ip`, as rtnetlink messages carry it.
+pub fn address_family(ip: IpAddr) -> AddressFamily {
+    if ip.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    }
+}
+
+/// `ip` as a route attribute's address (destination, gateway, source).
+pub fn route_address(ip: IpAddr) -> RouteAddress {
+    match ip {
+        IpAddr::V4(a) => RouteAddress::Inet(a),
+        IpAddr::V6(a) => RouteAddress::Inet6(a),
+    }
+}
+
+/// The IP address in a route attribute, if it holds one.
+pub fn ip_of(a: &RouteAddress) -> Option<IpAddr> {
+    match a {
+        RouteAddress::Inet(a) => Some(IpAddr::V4(*a)),
+        RouteAddress::Inet6(a) => Some(IpAddr::V6(*a)),
+        _ => None,
+    }
+}
 
 /// The rtnetlink family marker: `Socket<Route>`.
 #[derive(Debug, Clone, Copy)]
