@@ -539,7 +539,7 @@ mod tests {
             Direction::Ingress,
             &isolation(vec![Clause {
                 peers: peers.clone(),
-                ports,
+                ports: ports.clone(),
             }]),
             &mut SetCache::default(),
         );
@@ -561,18 +561,7 @@ mod tests {
         // The same content under another policy name is the same chain.
         let mut other = isolation(vec![Clause {
             peers: Arc::new((*peers).clone()),
-            ports: Ports::Ranges(vec![
-                PortRange {
-                    protocol: Protocol::Tcp,
-                    first: 80,
-                    last: 80,
-                },
-                PortRange {
-                    protocol: Protocol::Udp,
-                    first: 100,
-                    last: 200,
-                },
-            ]),
+            ports,
         }]);
         other.allows[0].policy = "y/q".into();
         assert_eq!(
