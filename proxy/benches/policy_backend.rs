@@ -129,24 +129,13 @@ fn connect_latency(connects: usize) {
     let mut pods = Vec::new();
     for i in [10, 20] {
         let pod = node.pod(&format!("p{i}"));
-        let port = format!("vp{i}");
-        ns.exec_ok(&[
-            "ip",
-            "link",
-            "add",
-            &port,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            pod.name(),
-        ]);
-        ns.exec_ok(&["ip", "link", "set", &port, "master", "br0"]);
-        ns.exec_ok(&["ip", "link", "set", &port, "up"]);
-        pod.exec_ok(&["ip", "addr", "add", &format!("{}/16", pod_ip(i)), "dev", "eth0"]);
-        pod.exec_ok(&["ip", "link", "set", "eth0", "up"]);
+        node.wire_pod(
+            &pod,
+            "br0",
+            &format!("vp{i}"),
+            &[&format!("{}/16", pod_ip(i))],
+            &[],
+        );
         pods.push(pod);
     }
     let to: std::net::SocketAddr = format!("{}:8006", pod_ip(20)).parse().unwrap();

@@ -104,65 +104,13 @@ impl Cluster {
         for i in 0..pods {
             let ns = node.pod(&format!("pod{i}"));
             let (v4, v6) = (format!("{p4}{}", 10 + i), format!("{p6}{:x}", 10 + i));
-            let port = format!("vp{i}");
-            ip(&[
-                "-n",
-                &n,
-                "link",
-                "add",
-                &port,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "netns",
-                ns.name(),
-            ]);
-            ip(&["-n", &n, "link", "set", &port, "master", "br0"]);
-            ip(&[
-                "-n",
-                &n,
-                "link",
-                "set",
-                &port,
-                "type",
-                "bridge_slave",
-                "hairpin",
-                "on",
-            ]);
-            ip(&["-n", &n, "link", "set", &port, "up"]);
-            ip(&["-n", ns.name(), "addr", "add", &format!("{v4}/24"), "dev", "eth0"]);
-            ip(&[
-                "-n",
-                ns.name(),
-                "addr",
-                "add",
-                &format!("{v6}/64"),
-                "dev",
-                "eth0",
-                "nodad",
-            ]);
-            ip(&["-n", ns.name(), "link", "set", "eth0", "up"]);
-            ip(&[
-                "-n",
-                ns.name(),
-                "route",
-                "add",
-                "default",
-                "via",
-                &format!("{p4}1"),
-            ]);
-            ip(&[
-                "-n",
-                ns.name(),
-                "-6",
-                "route",
-                "add",
-                "default",
-                "via",
-                &format!("{p6}1"),
-            ]);
+            node.wire_pod(
+                &ns,
+                "br0",
+                &format!("vp{i}"),
+                &[&format!("{v4}/24"), &format!("{v6}/64")],
+                &[&format!("{p4}1"), &format!("{p6}1")],
+            );
             let pod = Pod {
                 ns,
                 v4: v4.parse().unwrap(),

@@ -83,37 +83,13 @@ impl Bed {
         for (i, name) in pods.iter().enumerate() {
             let pod = node.pod(&format!("pod-{name}"));
             let (v4, v6) = (format!("{p4}{}", 10 + i), format!("{p6}{:x}", 10 + i));
-            let port = format!("vp{i}");
-            ns.exec_ok(&[
-                "ip",
-                "link",
-                "add",
-                &port,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "netns",
-                pod.name(),
-            ]);
-            ns.exec_ok(&["ip", "link", "set", &port, "master", "br0"]);
-            ns.exec_ok(&[
-                "ip",
-                "link",
-                "set",
-                &port,
-                "type",
-                "bridge_slave",
-                "hairpin",
-                "on",
-            ]);
-            ns.exec_ok(&["ip", "link", "set", &port, "up"]);
-            pod.exec_ok(&["ip", "addr", "add", &format!("{v4}/24"), "dev", "eth0"]);
-            pod.exec_ok(&["ip", "addr", "add", &format!("{v6}/64"), "dev", "eth0", "nodad"]);
-            pod.exec_ok(&["ip", "link", "set", "eth0", "up"]);
-            pod.exec_ok(&["ip", "route", "add", "default", "via", &format!("{p4}1")]);
-            pod.exec_ok(&["ip", "-6", "route", "add", "default", "via", &format!("{p6}1")]);
+            node.wire_pod(
+                &pod,
+                "br0",
+                &format!("vp{i}"),
+                &[&format!("{v4}/24"), &format!("{v6}/64")],
+                &[&format!("{p4}1"), &format!("{p6}1")],
+            );
             // [::] takes IPv4 too.
             let servers = [80, 81]
                 .iter()

@@ -90,6 +90,40 @@ impl Node {
         run_ip(&["-n", c, "route", "add", "default", "via", gateway, "dev", "eth0"]);
         node_if
     }
+
+    /// Wires `pod` to bridge `bridge` of this node by hand, without a CNI plugin, for tests
+    /// that need Pods but not ferry-bridge: a veth pair, `eth0` in the Pod, `port` on the
+    /// bridge with hairpin on; `cidrs` on `eth0` (IPv6 without duplicate address
+    /// detection), a default route via each of `gateways`. Runs `ip` only inside these two
+    /// namespaces.
+    pub fn wire_pod(&self, pod: &Pod, bridge: &str, port: &str, cidrs: &[&str], gateways: &[&str]) {
+        let (n, p) = (self.name(), pod.name());
+        run_ip(&[
+            "-n", n, "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", p,
+        ]);
+        run_ip(&["-n", n, "link", "set", port, "master", bridge]);
+        run_ip(&[
+            "-n",
+            n,
+            "link",
+            "set",
+            port,
+            "type",
+            "bridge_slave",
+            "hairpin",
+            "on",
+        ]);
+        run_ip(&["-n", n, "link", "set", port, "up"]);
+        for cidr in cidrs {
+            let nodad: &[&str] = if cidr.contains(':') { &["nodad"] } else { &[] };
+            run_ip(&[&["-n", p, "addr", "add", cidr, "dev", "eth0"], nodad].concat());
+        }
+        run_ip(&["-n", p, "link", "set", "eth0", "up"]);
+        for gateway in gateways {
+            let family = if gateway.contains(':') { "-6" } else { "-4" };
+            run_ip(&["-n", p, family, "route", "add", "default", "via", gateway]);
+        }
+    }
 }
 
 impl Pod {
