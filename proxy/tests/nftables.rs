@@ -72,16 +72,7 @@ impl Cluster {
         let pod_cidr_v6 = unique_v6_subnet();
         let p4 = v4_parts(&pod_cidr_v4);
         let p6 = pod_cidr_v6.trim_end_matches("/64").to_string(); // "fd00:x:y::"
-        node.netns().run(|| {
-            for (path, v) in [
-                ("net/ipv4/ip_forward", "1"),
-                ("net/ipv6/conf/all/forwarding", "1"),
-                ("net/bridge/bridge-nf-call-iptables", "1"),
-                ("net/bridge/bridge-nf-call-ip6tables", "1"),
-            ] {
-                std::fs::write(format!("/proc/sys/{path}"), v).unwrap_or_else(|e| panic!("{path}: {e}"));
-            }
-        });
+        node.forward_and_filter_bridged();
         ip(&["-n", &n, "link", "add", "br0", "type", "bridge"]);
         ip(&["-n", &n, "addr", "add", &format!("{p4}1/24"), "dev", "br0"]);
         ip(&[

@@ -60,6 +60,28 @@ impl Node {
         }
     }
 
+    /// Makes the node forward IPv4 and IPv6 and pass bridged traffic through netfilter, as
+    /// a node with Services and NetworkPolicy must: Pod-to-Pod traffic on one bridge is
+    /// judged (and un-NATed) only when br_netfilter hands it to the `inet` hooks. Writes
+    /// only this node's netns's sysctls; panics if br_netfilter is not loaded.
+    pub fn forward_and_filter_bridged(&self) {
+        self.netns.run(|| {
+            for path in [
+                "net/ipv4/ip_forward",
+                "net/ipv6/conf/all/forwarding",
+                "net/bridge/bridge-nf-call-iptables",
+                "net/bridge/bridge-nf-call-ip6tables",
+            ] {
+                std::fs::write(format!("/proc/sys/{path}"), "1").unwrap_or_else(|e| {
+                    panic!(
+                        "sysctl {path} in node {}: {e} (is br_netfilter loaded?)",
+                        self.name()
+                    )
+                });
+            }
+        });
+    }
+
     /// A netns standing for a machine outside the node (see [`Node::connect_client`]).
     pub fn client(&self, tag: &str) -> Netns {
         Netns::new(tag)

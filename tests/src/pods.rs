@@ -31,8 +31,7 @@ impl PodNetwork {
         // and bridged pod-to-Service traffic must cross netfilter to be un-NATed.
         node.netns()
             .exec_ok(&["ip", "route", "add", "default", "via", OUTSIDE_IP]);
-        node.netns()
-            .exec_ok(&["sysctl", "-qw", "net.bridge.bridge-nf-call-iptables=1"]);
+        node.forward_and_filter_bridged();
         let subnet = unique_v4_subnet(24);
         let conf = json!({
             "cniVersion": "1.1.0", "name": "pods", "type": "ferry-bridge",

@@ -81,17 +81,7 @@ impl UpstreamNode {
     /// the nine Pods with `ferry-bridge` and starts their servers.
     pub fn new(tag: &str) -> UpstreamNode {
         let node = Node::new(tag);
-        node.netns().run(|| {
-            for (path, value) in [
-                ("net/ipv4/ip_forward", "1"),
-                ("net/ipv6/conf/all/forwarding", "1"),
-                ("net/bridge/bridge-nf-call-iptables", "1"),
-                ("net/bridge/bridge-nf-call-ip6tables", "1"),
-            ] {
-                std::fs::write(format!("/proc/sys/{path}"), value)
-                    .unwrap_or_else(|e| panic!("sysctl {path} in the node: {e}"));
-            }
-        });
+        node.forward_and_filter_bridged();
         let subnets = [unique_v4_subnet(24), unique_v6_subnet()];
         let conf = json!({
             "cniVersion": "1.1.0", "name": "netpol", "type": "ferry-bridge",
