@@ -25,6 +25,7 @@ use axum::routing::get;
 use axum::Router;
 use ferry_proxy::source::kube as api_source;
 use ferry_proxy::source::{Event, Kind, Object};
+use ferry_tests::write_kubeconfig;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -910,21 +911,6 @@ async fn one_service_api_server() -> std::net::SocketAddr {
     addr
 }
 
-/// Writes a kubeconfig named `name` into `dir` whose one cluster is `server`.
-fn write_kubeconfig(dir: &std::path::Path, name: &str, server: &str) -> std::path::PathBuf {
-    let path = dir.join(name);
-    std::fs::write(
-        &path,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: {server}\n\
-             contexts:\n- name: c\n  context:\n    cluster: c\n    user: nobody\n\
-             current-context: c\nusers:\n- name: nobody\n  user: {{}}\n"
-        ),
-    )
-    .unwrap();
-    path
-}
-
 #[tokio::test]
 async fn run_with_a_kubeconfig_file() {
     let addr = one_service_api_server().await;
@@ -1288,16 +1274,7 @@ async fn the_binary_logs_each_failure_once_and_each_recovery() {
         let addr = start_on(mock.clone(), listener_in(&netns)).await;
 
         let dir = tempfile::tempdir().unwrap();
-        let kubeconfig = dir.path().join("kubeconfig");
-        std::fs::write(
-            &kubeconfig,
-            format!(
-                "apiVersion: v1\nkind: Config\nclusters:\n- name: mock\n  cluster:\n    server: http://{addr}\n\
-                 contexts:\n- name: mock\n  context:\n    cluster: mock\n    user: nobody\n\
-                 current-context: mock\nusers:\n- name: nobody\n  user: {{}}\n"
-            ),
-        )
-        .unwrap();
+        let kubeconfig = write_kubeconfig(dir.path(), "kubeconfig", &format!("http://{addr}"));
         let stderr_path = dir.path().join("stderr");
         let mut child = netns
             .command(env!("CARGO_BIN_EXE_ferry-proxy"))

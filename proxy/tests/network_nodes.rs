@@ -53,16 +53,7 @@ async fn every_node_is_listed_then_followed() {
             .unwrap()
     });
     let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = dir.path().join("kubeconfig");
-    std::fs::write(
-        &kubeconfig,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: mock\n  cluster:\n    server: http://{addr}\n\
-             contexts:\n- name: mock\n  context:\n    cluster: mock\n    user: nobody\n\
-             current-context: mock\nusers:\n- name: nobody\n  user: {{}}\n"
-        ),
-    )
-    .unwrap();
+    let kubeconfig = ferry_tests::write_kubeconfig(dir.path(), "kubeconfig", &format!("http://{addr}"));
     let (tx, rx) = std::sync::mpsc::channel();
     let connection = ferry_proxy::source::kube::Connection {
         kubeconfig: Some(kubeconfig),

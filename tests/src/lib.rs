@@ -44,8 +44,8 @@ pub use netns::{list_netns, unique_v4_subnet, unique_v6_subnet, Netns};
 pub use node::{Node, Pod};
 pub use pods::{PodNetwork, NODE_IP, OUTSIDE_IP};
 pub use proxy::{
-    endpoint_slice, namespace, pod, service, wait_until, Client, ContainerPort, EbpfSandbox, ProxyBackend,
-    ProxyProcess, SliceEndpoint, SvcPort,
+    endpoint_slice, namespace, pod, service, wait_until, write_kubeconfig, Client, ContainerPort,
+    EbpfSandbox, ProxyBackend, ProxyProcess, SliceEndpoint, SvcPort,
 };
 pub use root::{require_root, root_missing, skip_or_fail};
 pub use traffic::{Server, TIMEOUT};

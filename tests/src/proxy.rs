@@ -11,6 +11,22 @@ use serde_json::{json, Value};
 
 use crate::{ferry_bin, Netns};
 
+/// Writes a kubeconfig named `name` into `dir` whose one cluster is `server` (e.g.
+/// `http://127.0.0.1:8080`, a mock API server) and whose user has no credentials.
+pub fn write_kubeconfig(dir: &Path, name: &str, server: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(
+        &path,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: {server}\n\
+             contexts:\n- name: c\n  context:\n    cluster: c\n    user: nobody\n\
+             current-context: c\nusers:\n- name: nobody\n  user: {{}}\n"
+        ),
+    )
+    .unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+    path
+}
+
 /// A `ferry-proxy run --manifests DIR` process inside a node's netns; killed on drop.
 pub struct ProxyProcess {
     child: Option<Child>,
