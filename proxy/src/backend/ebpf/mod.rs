@@ -338,6 +338,7 @@ impl Backend for EbpfBackend {
     fn cleanup(&mut self) -> Result<(), BackendError> {
         let report = EbpfDataplane::cleanup(self.dp.pin_dir(), self.dp.cgroup())
             .map_err(ebpf_err("removing the eBPF programs and pins"))?;
+        remove_pin_root_if_empty(self.dp.pin_dir());
         self.applied.clear();
         self.tc_on.clear();
         self.policy.cleanup()?;
@@ -358,7 +359,19 @@ pub fn cleanup_pins(pin_dir: &Path, cgroup: &Path) -> Result<ferry_ebpf::Cleanup
         true => resolve_cgroup(cgroup)?,
         false => cgroup.to_owned(),
     };
-    EbpfDataplane::cleanup(pin_dir, &cgroup).map_err(ebpf_err("removing the eBPF programs and pins"))
+    let report =
+        EbpfDataplane::cleanup(pin_dir, &cgroup).map_err(ebpf_err("removing the eBPF programs and pins"))?;
+    remove_pin_root_if_empty(pin_dir);
+    Ok(report)
+}
+
+/// Removes the pin root (`/sys/fs/bpf/ferry`) once its last node's pins are gone, so that a
+/// cleaned node keeps nothing of Ferry's in the host's bpffs. Left alone while other
+/// nodes' pins are in it, or when it is a mount point (tests mount a bpffs of their own).
+fn remove_pin_root_if_empty(pin_dir: &Path) {
+    if let Some(root) = pin_dir.parent() {
+        let _ = std::fs::remove_dir(root);
+    }
 }
 
 /// What the maps pinned in `pin_dir` hold, as text: one frontend a line with its
