@@ -104,6 +104,15 @@ fn ferry_k3s_yaml_is_ferry_yaml_with_k3s_paths() {
     generated_by("ferry-k3s.yaml", "k3s.sh", &[]);
 }
 
+/// Where container `c` mounts `volume`, and whether read-only.
+fn mounted_at(c: &k8s_openapi::api::core::v1::Container, volume: &str) -> Option<(String, bool)> {
+    c.volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| m.name == volume)
+        .map(|m| (m.mount_path.clone(), m.read_only == Some(true)))
+}
+
 fn check(file: &str, paths: Paths, backend: Backend) {
     let docs = documents(file);
     let kinds: Vec<&str> = docs.iter().map(|d| d["kind"].as_str().unwrap()).collect();
@@ -177,14 +186,6 @@ fn check(file: &str, paths: Paths, backend: Backend) {
     assert_eq!(host_path("cni-bin"), paths.cni_bin);
     assert_eq!(host_path("cni-conf"), paths.cni_conf);
     assert_eq!(host_path("kubelet-kubeconfig"), paths.kubelet_kubeconfig);
-    let mounted_at = |c: &k8s_openapi::api::core::v1::Container, volume: &str| {
-        c.volume_mounts
-            .iter()
-            .flatten()
-            .find(|m| m.name == volume)
-            .map(|m| (m.mount_path.clone(), m.read_only == Some(true)))
-    };
-
     // The init container installs the plugins into the mounted plugin directory; the eBPF
     // variant prepares the node first.
     let inits = pod.init_containers.as_ref().unwrap();
@@ -269,7 +270,7 @@ fn check(file: &str, paths: Paths, backend: Backend) {
             assert_eq!(caps.add.as_deref(), Some(&["NET_ADMIN".to_string()][..]));
             assert!(args.iter().all(|a| !a.starts_with("--backend")));
         }
-        Backend::Ebpf => check_ebpf(&pod, c, &host_path, &mounted_at),
+        Backend::Ebpf => check_ebpf(&pod, c, &host_path),
     }
 }
 
@@ -280,7 +281,6 @@ fn check_ebpf(
     pod: &k8s_openapi::api::core::v1::PodSpec,
     c: &k8s_openapi::api::core::v1::Container,
     host_path: &dyn Fn(&str) -> String,
-    mounted_at: &dyn Fn(&k8s_openapi::api::core::v1::Container, &str) -> Option<(String, bool)>,
 ) {
     let args = c.args.as_ref().unwrap();
     assert!(args.contains(&"--backend=ebpf".to_string()), "{args:?}");

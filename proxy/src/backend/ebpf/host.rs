@@ -85,14 +85,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_path_on_neither_cgroup2_nor_tmpfs_is_refused_with_what_to_pass() {
-        let dir = std::env::temp_dir();
-        // /tmp may itself be a tmpfs: give a regular directory's file system then.
-        let on_disk = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let e = attach_cgroup(on_disk).unwrap_err();
-        assert!(e.to_string().contains("not a cgroup v2 directory"), "{e}");
-        assert!(e.to_string().contains("/sys/fs/cgroup/unified on hybrid"), "{e}");
-        let e = attach_cgroup(&dir.join("ferry-no-such-cgroup")).unwrap_err();
-        assert!(e.to_string().contains("cannot read it"), "{e}");
+    fn a_path_on_neither_cgroup2_nor_a_hybrid_mount_is_refused_with_what_to_pass() {
+        // The source tree: on disk here; should it be a tmpfs, it has no `unified` either.
+        let tree = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let e = attach_cgroup(tree).unwrap_err().to_string();
+        let on_tmpfs = statfs(tree).unwrap().filesystem_type() == TMPFS_MAGIC;
+        let why = match on_tmpfs {
+            true => "without a cgroup v2 `unified` directory",
+            false => "not a cgroup v2 directory, nor a hybrid host's cgroup mount",
+        };
+        assert!(e.contains(why), "{e}");
+        assert!(e.contains("/sys/fs/cgroup/unified on hybrid ones"), "{e}");
+        assert!(e.contains("use --backend nftables"), "{e}");
+        let e = attach_cgroup(&tree.join("no-such-cgroup"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("cannot read it"), "{e}");
     }
 }
