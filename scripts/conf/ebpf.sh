@@ -73,8 +73,8 @@ cat >"$work/args" <<'EOF'
 EOF
 cat >"$work/caps" <<'EOF'
             # The minimum for --backend=ebpf, found by trying (Linux 6.18): without any one
-            # of these it stops at start. NET_ADMIN: attaching to cgroups and interfaces
-            # (tcx), the policy table in nftables, conntrack, routes, the VXLAN device; BPF:
+            # of these it stops at start. NET_ADMIN: loading and attaching the socket and tc
+            # programs, the policy table in nftables, conntrack, routes, the VXLAN device; BPF:
             # loading programs, making and pinning maps and links; PERFMON: the verifier
             # refuses the tc program's packet pointer arithmetic to a loader without it.
             # Not SYS_ADMIN (it would stand for BPF and PERFMON, and for much else): the
