@@ -4,8 +4,8 @@
 # more. Run after every change to conf/ferry.yaml (proxy/tests/conf.rs fails until the
 # files agree):
 #
-#   scripts/conf/ebpf.sh                                          # conf/ferry.yaml -> conf/ferry-ebpf.yaml
-#   scripts/conf/ebpf.sh conf/ferry-k3s.yaml conf/ferry-k3s-ebpf.yaml  # k3s (run scripts/conf/k3s.sh first)
+#   scripts/conf/k3s.sh && scripts/conf/ebpf.sh   # conf/ferry-ebpf.yaml and conf/ferry-k3s-ebpf.yaml
+#   scripts/conf/ebpf.sh IN OUT                    # one manifest
 #
 # What it adds (each with its reason, in the output's comments):
 #   - an init container `prepare-node`, the only privileged one: sets
@@ -16,11 +16,16 @@
 #     in the daemon's container;
 #   - the daemon's capabilities: NET_ADMIN, BPF and PERFMON instead of NET_ADMIN alone.
 #
-# Usage: scripts/conf/ebpf.sh [IN [OUT]] (default conf/ferry.yaml, conf/ferry-ebpf.yaml)
+# Usage: scripts/conf/ebpf.sh [IN OUT] (default: both pairs above)
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
-in=${1:-$repo/conf/ferry.yaml}
-out=${2:-$repo/conf/ferry-ebpf.yaml}
+if (($# == 0)); then
+    "$0" "$repo/conf/ferry.yaml" "$repo/conf/ferry-ebpf.yaml"
+    exec "$0" "$repo/conf/ferry-k3s.yaml" "$repo/conf/ferry-k3s-ebpf.yaml"
+fi
+(($# == 2)) || { echo "usage: scripts/conf/ebpf.sh [IN OUT]" >&2; exit 2; }
+in=$1
+out=$2
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
