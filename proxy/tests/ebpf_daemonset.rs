@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use ferry_tests::{endpoint_slice, require_root, service, wait_until, EbpfSandbox, Netns};
+use ferry_tests::{endpoint_slice, require_root, service, wait_until, Client, EbpfSandbox, Netns};
 use serde::Deserialize;
 use serde_json::json;
 
@@ -177,6 +177,9 @@ fn the_daemonset_daemon_runs_with_its_capabilities_a_read_only_proc_sys_and_a_hy
     // What the init container does on the node: the daemon finds it done and writes nothing.
     d.node
         .exec_ok(&["sysctl", "-qw", "net.ipv4.conf.all.accept_local=1"]);
+    // The Service's endpoint: a server on the node itself.
+    d.node.exec_ok(&["ip", "addr", "add", "10.7.0.5/32", "dev", "lo"]);
+    let _server = d.node.tcp_server("10.7.0.5:8080".parse().unwrap());
     let mut daemon = d.run(true, "run.log");
     let manifests = d.dir.path().join("manifests");
     let write = |name: &str, objects: serde_json::Value| {
@@ -217,6 +220,23 @@ fn the_daemonset_daemon_runs_with_its_capabilities_a_read_only_proc_sys_and_a_hy
     assert!(
         programs_on(Path::new("/sys/fs/cgroup/unified")).is_empty(),
         "a Ferry program on the machine's root cgroup"
+    );
+    // A socket made in the test's cgroup reaches the Service; the same connect from this
+    // test process, outside that cgroup, is not translated (the node has no route to it).
+    let frontend = "10.96.7.7:80".parse().unwrap();
+    let inside = Client {
+        netns: &d.node,
+        cgroup: Some(d.sandbox.cgroup()),
+    };
+    let answer = inside.tcp_request(frontend).unwrap();
+    assert!(answer.ends_with(" 10.7.0.5:8080"), "{answer}");
+    let outside = Client {
+        netns: &d.node,
+        cgroup: None,
+    };
+    assert!(
+        outside.tcp_request(frontend).is_err(),
+        "translated outside the cgroup"
     );
     daemon.kill().unwrap();
     daemon.wait().unwrap();
