@@ -190,8 +190,9 @@ struct BackendArgs {
     #[arg(long, value_enum, default_value_t = BackendKind::Nftables)]
     backend: BackendKind,
     /// With --backend ebpf: the cgroup v2 directory whose processes (and those below it)
-    /// reach Services. A DaemonSet passes the root of the host's cgroup2 mount; processes
-    /// outside it are never translated.
+    /// reach Services; processes outside it are never translated. A DaemonSet passes the
+    /// host's /sys/fs/cgroup: the cgroup2 root on pure v2 hosts, or on hybrid hosts the
+    /// mount of the v1 tree, whose `unified` directory is then used (and logged).
     #[arg(long, value_name = "PATH")]
     cgroup: Option<PathBuf>,
     /// With --backend ebpf: pins go to DIR/<node name>/ (a bpf file system).
@@ -215,8 +216,9 @@ impl BackendArgs {
                 Err("--cgroup is for --backend ebpf only: drop it, or add --backend ebpf".into())
             }
             (BackendKind::Ebpf, None) => Err("--backend ebpf needs --cgroup PATH: the cgroup v2 directory \
-                 whose processes reach Services (a DaemonSet passes the root of the host's cgroup2 \
-                 mount, e.g. /sys/fs/cgroup or /sys/fs/cgroup/unified); it is never chosen for you"
+                 whose processes reach Services (a DaemonSet passes the host's /sys/fs/cgroup: the \
+                 cgroup2 root, or on hybrid hosts the tree holding it as `unified`); it is never \
+                 chosen for you"
                 .into()),
             (BackendKind::Ebpf, Some(cgroup)) => Ok(Some(EbpfSettings {
                 cgroup: cgroup.clone(),

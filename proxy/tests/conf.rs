@@ -1,8 +1,9 @@
-//! `conf/ferry.yaml` (and its k3s twin) parses, every field is one Kubernetes knows (a
-//! typo would be dropped by the typed round trip and show up as a difference), and it says
-//! what the README and the proxy rely on: RBAC limited to get/list/watch on what the proxy
-//! reads, the DaemonSet's node settings, the init container that installs the plugins,
-//! the host paths, probe and capabilities; and `ferry-proxy` accepts its arguments.
+//! `conf/ferry.yaml` (and its k3s twin, and the eBPF variants of both) parses, every field
+//! is one Kubernetes knows (a typo would be dropped by the typed round trip and show up as
+//! a difference), and it says what the README and the proxy rely on: RBAC limited to
+//! get/list/watch on what the proxy reads, the DaemonSet's node settings, the init
+//! container that installs the plugins, the host paths, probe and capabilities; and
+//! `ferry-proxy` accepts its arguments. The generated files are what their scripts make.
 
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::ServiceAccount;
@@ -10,6 +11,7 @@ use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::Value;
+use std::path::Path;
 
 const CONF: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../conf");
 
@@ -42,44 +44,76 @@ struct Paths {
     cluster_cidr: &'static str,
 }
 
+/// Which Service back end a manifest runs.
+#[derive(Clone, Copy, PartialEq)]
+enum Backend {
+    Nftables,
+    Ebpf,
+}
+
+const KIND_PATHS: Paths = Paths {
+    cni_bin: "/opt/cni/bin",
+    cni_conf: "/etc/cni/net.d",
+    kubelet_kubeconfig: "/etc/kubernetes/kubelet.conf",
+    cluster_cidr: "10.244.0.0/16",
+};
+
+const K3S_PATHS: Paths = Paths {
+    cni_bin: "/var/lib/rancher/k3s/data/cni",
+    cni_conf: "/var/lib/rancher/k3s/agent/etc/cni/net.d",
+    kubelet_kubeconfig: "/var/lib/rancher/k3s/agent/kubelet.kubeconfig",
+    cluster_cidr: "10.42.0.0/16",
+};
+
 #[test]
 fn ferry_yaml() {
-    check(
-        "ferry.yaml",
-        Paths {
-            cni_bin: "/opt/cni/bin",
-            cni_conf: "/etc/cni/net.d",
-            kubelet_kubeconfig: "/etc/kubernetes/kubelet.conf",
-            cluster_cidr: "10.244.0.0/16",
-        },
+    check("ferry.yaml", KIND_PATHS, Backend::Nftables);
+}
+
+/// Runs `script args...` into a temporary file and checks it made exactly `conf/<file>`.
+fn generated_by(file: &str, script: &str, inputs: &[&str]) {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join(file);
+    let status = std::process::Command::new(format!("{CONF}/../scripts/conf/{script}"))
+        .args(inputs.iter().map(|i| format!("{CONF}/{i}")))
+        .arg(&out)
+        .status()
+        .unwrap();
+    assert!(status.success(), "scripts/conf/{script} failed");
+    assert!(
+        std::fs::read(&out).unwrap() == std::fs::read(format!("{CONF}/{file}")).unwrap(),
+        "conf/{file} is not what scripts/conf/{script} makes of {inputs:?}: run the script"
     );
+}
+
+#[test]
+fn ferry_ebpf_yaml_is_ferry_yaml_with_the_ebpf_back_end() {
+    check("ferry-ebpf.yaml", KIND_PATHS, Backend::Ebpf);
+    generated_by("ferry-ebpf.yaml", "ebpf.sh", &["ferry.yaml"]);
+}
+
+#[test]
+fn ferry_k3s_ebpf_yaml_is_ferry_k3s_yaml_with_the_ebpf_back_end() {
+    check("ferry-k3s-ebpf.yaml", K3S_PATHS, Backend::Ebpf);
+    generated_by("ferry-k3s-ebpf.yaml", "ebpf.sh", &["ferry-k3s.yaml"]);
 }
 
 #[test]
 fn ferry_k3s_yaml_is_ferry_yaml_with_k3s_paths() {
-    check(
-        "ferry-k3s.yaml",
-        Paths {
-            cni_bin: "/var/lib/rancher/k3s/data/cni",
-            cni_conf: "/var/lib/rancher/k3s/agent/etc/cni/net.d",
-            kubelet_kubeconfig: "/var/lib/rancher/k3s/agent/kubelet.kubeconfig",
-            cluster_cidr: "10.42.0.0/16",
-        },
-    );
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("ferry-k3s.yaml");
-    let status = std::process::Command::new(format!("{CONF}/../scripts/conf/k3s.sh"))
-        .arg(&out)
-        .status()
-        .unwrap();
-    assert!(status.success());
-    assert!(
-        std::fs::read(&out).unwrap() == std::fs::read(format!("{CONF}/ferry-k3s.yaml")).unwrap(),
-        "conf/ferry-k3s.yaml is not what scripts/conf/k3s.sh makes of conf/ferry.yaml: run the script"
-    );
+    check("ferry-k3s.yaml", K3S_PATHS, Backend::Nftables);
+    generated_by("ferry-k3s.yaml", "k3s.sh", &[]);
 }
 
-fn check(file: &str, paths: Paths) {
+/// Where container `c` mounts `volume`, and whether read-only.
+fn mounted_at(c: &k8s_openapi::api::core::v1::Container, volume: &str) -> Option<(String, bool)> {
+    c.volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| m.name == volume)
+        .map(|m| (m.mount_path.clone(), m.read_only == Some(true)))
+}
+
+fn check(file: &str, paths: Paths, backend: Backend) {
     let docs = documents(file);
     let kinds: Vec<&str> = docs.iter().map(|d| d["kind"].as_str().unwrap()).collect();
     assert_eq!(
@@ -135,7 +169,7 @@ fn check(file: &str, paths: Paths) {
     assert_eq!(pod.service_account_name.as_ref(), Some(&sa_name));
     assert_eq!(pod.host_network, Some(true));
     assert_eq!(pod.priority_class_name.as_deref(), Some("system-node-critical"));
-    let tolerations = pod.tolerations.unwrap();
+    let tolerations = pod.tolerations.as_ref().unwrap();
     assert!(tolerations
         .iter()
         .any(|t| t.operator.as_deref() == Some("Exists") && t.key.is_none() && t.effect.is_none()));
@@ -152,16 +186,15 @@ fn check(file: &str, paths: Paths) {
     assert_eq!(host_path("cni-bin"), paths.cni_bin);
     assert_eq!(host_path("cni-conf"), paths.cni_conf);
     assert_eq!(host_path("kubelet-kubeconfig"), paths.kubelet_kubeconfig);
-    let mounted_at = |c: &k8s_openapi::api::core::v1::Container, volume: &str| {
-        c.volume_mounts
-            .iter()
-            .flatten()
-            .find(|m| m.name == volume)
-            .map(|m| (m.mount_path.clone(), m.read_only == Some(true)))
-    };
-
-    // The init container installs the plugins into the mounted plugin directory.
-    let init = &pod.init_containers.as_ref().unwrap()[0];
+    // The init container installs the plugins into the mounted plugin directory; the eBPF
+    // variant prepares the node first.
+    let inits = pod.init_containers.as_ref().unwrap();
+    let names: Vec<&str> = inits.iter().map(|c| c.name.as_str()).collect();
+    match backend {
+        Backend::Nftables => assert_eq!(names, ["install-cni"]),
+        Backend::Ebpf => assert_eq!(names, ["prepare-node", "install-cni"]),
+    }
+    let init = inits.iter().find(|c| c.name == "install-cni").unwrap();
     assert_eq!(init.image.as_deref(), Some("localhost/ferry:dev"));
     let command = init.command.as_ref().unwrap();
     assert_eq!(command[0], "/usr/local/bin/ferry-install-cni");
@@ -232,5 +265,64 @@ fn check(file: &str, paths: Paths) {
         .capabilities
         .as_ref()
         .unwrap();
-    assert_eq!(caps.add.as_deref(), Some(&["NET_ADMIN".to_string()][..]));
+    match backend {
+        Backend::Nftables => {
+            assert_eq!(caps.add.as_deref(), Some(&["NET_ADMIN".to_string()][..]));
+            assert!(args.iter().all(|a| !a.starts_with("--backend")));
+        }
+        Backend::Ebpf => check_ebpf(&pod, c, &host_path),
+    }
+}
+
+/// What `--backend=ebpf` needs in the DaemonSet (README.md, "Installing Ferry on a
+/// cluster"): the host's cgroup tree as `--cgroup`, the host's bpffs where the pins go,
+/// the capabilities found by trying, and the node preparation the daemon cannot do.
+fn check_ebpf(
+    pod: &k8s_openapi::api::core::v1::PodSpec,
+    c: &k8s_openapi::api::core::v1::Container,
+    host_path: &dyn Fn(&str) -> String,
+) {
+    let args = c.args.as_ref().unwrap();
+    assert!(args.contains(&"--backend=ebpf".to_string()), "{args:?}");
+    // --cgroup is the host's whole cgroup tree, mounted read-only (opening it is enough).
+    assert_eq!(host_path("cgroup"), "/sys/fs/cgroup");
+    let cgroup = args.iter().find_map(|a| a.strip_prefix("--cgroup=")).unwrap();
+    assert_eq!(mounted_at(c, "cgroup"), Some((cgroup.to_string(), true)));
+    // The pins go to the default root, on the host's bpffs, which the daemon sees mounted
+    // later too.
+    assert!(args.iter().all(|a| !a.starts_with("--bpf-pin-root")));
+    assert_eq!(host_path("bpffs"), "/sys/fs/bpf");
+    let (bpffs, read_only) = mounted_at(c, "bpffs").unwrap();
+    assert!(!read_only);
+    assert!(Path::new(ferry_proxy::backend::ebpf::DEFAULT_PIN_ROOT).starts_with(&bpffs));
+    let propagation = |c: &k8s_openapi::api::core::v1::Container, volume: &str| {
+        c.volume_mounts
+            .iter()
+            .flatten()
+            .find(|m| m.name == volume)
+            .and_then(|m| m.mount_propagation.clone())
+    };
+    assert_eq!(propagation(c, "bpffs").as_deref(), Some("HostToContainer"));
+    let caps = c
+        .security_context
+        .as_ref()
+        .unwrap()
+        .capabilities
+        .as_ref()
+        .unwrap();
+    let add: Vec<&str> = caps.add.iter().flatten().map(String::as_str).collect();
+    assert_eq!(add, ["NET_ADMIN", "BPF", "PERFMON"]);
+
+    // The one privileged container sets the sysctl and mounts the host's bpffs when
+    // missing, so that the mount is the host's (Bidirectional), then exits.
+    let prepare = &pod.init_containers.as_ref().unwrap()[0];
+    assert_eq!(prepare.security_context.as_ref().unwrap().privileged, Some(true));
+    let (at, _) = mounted_at(prepare, "bpffs").unwrap();
+    assert_eq!(propagation(prepare, "bpffs").as_deref(), Some("Bidirectional"));
+    let script = prepare.command.as_ref().unwrap().join(" ");
+    assert!(
+        script.contains("/proc/sys/net/ipv4/conf/all/accept_local"),
+        "{script}"
+    );
+    assert!(script.contains(&format!("mount -t bpf bpf {at}")), "{script}");
 }

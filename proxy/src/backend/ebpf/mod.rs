@@ -66,6 +66,7 @@
 //! restart reuses the maps and replaces the links without a gap.
 
 mod frontends;
+pub mod host;
 mod node;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -122,6 +123,23 @@ fn system_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Backend
     move |source| BackendError::System { what, source }
 }
 
+/// The cgroup v2 directory `--cgroup` stands for ([`host::attach_cgroup`]), logged when it
+/// was found through a hybrid host's cgroup mount.
+fn resolve_cgroup(given: &Path) -> Result<PathBuf, BackendError> {
+    let found = host::attach_cgroup(given).map_err(|e| BackendError::System {
+        what: "choosing the cgroup for the socket programs".into(),
+        source: std::io::Error::other(e),
+    })?;
+    if found.through_hybrid_mount {
+        info!(
+            given = %given.display(),
+            cgroup = %found.path.display(),
+            "--cgroup is a hybrid host's cgroup mount: its cgroup v2 hierarchy is used"
+        );
+    }
+    Ok(found.path)
+}
+
 /// `<pin_root>/<node_name>`.
 pub fn pin_dir(pin_root: &Path, node_name: &str) -> PathBuf {
     pin_root.join(node_name)
@@ -132,11 +150,15 @@ impl EbpfBackend {
     /// programs to the cgroup v2 directory `cgroup`. Call it on the thread that will sync,
     /// in the node's network namespace.
     pub fn new(pin_dir: &Path, cgroup: &Path) -> Result<EbpfBackend, BackendError> {
+        let cgroup = &resolve_cgroup(cgroup)?;
         if !node::forwards_ipv4() {
             warn!("net.ipv4.ip_forward is 0 on this node: NodePorts and external IPs from outside will not be forwarded");
         }
         node::allow_local_sources().map_err(system_err(
-            "setting net.ipv4.conf.all.accept_local=1 (the tc program's translated packets carry the node's address)",
+            "net.ipv4.conf.all.accept_local must be 1 (the tc program's translated packets carry the \
+             node's address) and this process cannot set it (/proc/sys is read-only in an \
+             unprivileged container): set it on the node (`sysctl -w net.ipv4.conf.all.accept_local=1`; \
+             conf/ferry-ebpf.yaml's init container does)",
         ))?;
         let dp = EbpfDataplane::load(pin_dir, cgroup).map_err(ebpf_err("loading the eBPF programs"))?;
         info!(
@@ -316,6 +338,7 @@ impl Backend for EbpfBackend {
     fn cleanup(&mut self) -> Result<(), BackendError> {
         let report = EbpfDataplane::cleanup(self.dp.pin_dir(), self.dp.cgroup())
             .map_err(ebpf_err("removing the eBPF programs and pins"))?;
+        remove_pin_root_if_empty(self.dp.pin_dir());
         self.applied.clear();
         self.tc_on.clear();
         self.policy.cleanup()?;
@@ -331,7 +354,24 @@ impl Backend for EbpfBackend {
 /// Detaches every program pinned in `pin_dir` and removes the pins, without loading
 /// anything (`ferry-proxy cleanup --backend ebpf`).
 pub fn cleanup_pins(pin_dir: &Path, cgroup: &Path) -> Result<ferry_ebpf::CleanupReport, BackendError> {
-    EbpfDataplane::cleanup(pin_dir, cgroup).map_err(ebpf_err("removing the eBPF programs and pins"))
+    // A cgroup already gone holds no program: only the pins are left to remove.
+    let cgroup = match cgroup.exists() {
+        true => resolve_cgroup(cgroup)?,
+        false => cgroup.to_owned(),
+    };
+    let report =
+        EbpfDataplane::cleanup(pin_dir, &cgroup).map_err(ebpf_err("removing the eBPF programs and pins"))?;
+    remove_pin_root_if_empty(pin_dir);
+    Ok(report)
+}
+
+/// Removes the pin root (`/sys/fs/bpf/ferry`) once its last node's pins are gone, so that a
+/// cleaned node keeps nothing of Ferry's in the host's bpffs. Left alone while other
+/// nodes' pins are in it, or when it is a mount point (tests mount a bpffs of their own).
+fn remove_pin_root_if_empty(pin_dir: &Path) {
+    if let Some(root) = pin_dir.parent() {
+        let _ = std::fs::remove_dir(root);
+    }
 }
 
 /// What the maps pinned in `pin_dir` hold, as text: one frontend a line with its

@@ -4,6 +4,7 @@
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::path::Path;
 
 use ipnetwork::IpNetwork;
 
@@ -61,8 +62,19 @@ pub fn source_address_towards(endpoint: SocketAddr) -> std::io::Result<IpAddr> {
 /// as their source on the wire; without `accept_local` the kernel drops them as martians.
 /// (A FIB lookup and redirect in the program would avoid it, but `bpf_fib_lookup` needs a
 /// GPL-compatible program licence.)
+///
+/// Written only when not 1 already: in an unprivileged container /proc/sys is read-only,
+/// and the eBPF DaemonSet sets it from a privileged init container instead.
 pub fn allow_local_sources() -> std::io::Result<()> {
-    std::fs::write("/proc/sys/net/ipv4/conf/all/accept_local", "1")
+    ensure_sysctl(Path::new("/proc/sys/net/ipv4/conf/all/accept_local"), "1")
+}
+
+/// Makes the sysctl file `path` read `value`, writing it only when it does not already.
+fn ensure_sysctl(path: &Path, value: &str) -> std::io::Result<()> {
+    if std::fs::read_to_string(path)?.trim() == value {
+        return Ok(());
+    }
+    std::fs::write(path, value)
 }
 
 /// Whether the node forwards IPv4 (NodePorts from outside need it; the CNI plugin or the
