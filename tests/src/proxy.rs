@@ -371,6 +371,13 @@ impl Client<'_> {
         Ok(conn)
     }
 
+    /// An unconnected TCP socket, made the way [`Client::tcp_connect`] makes its own: for
+    /// a bench that times `connect()` alone (making a socket in a cgroup forks). Call it
+    /// on a thread inside `self.netns`, e.g. within [`Netns::run`].
+    pub fn unconnected_tcp_socket(&self, v4: bool) -> std::io::Result<std::os::fd::OwnedFd> {
+        self.socket(v4, true)
+    }
+
     /// A TCP connection, usable from any thread.
     pub fn tcp_connect(&self, to: SocketAddr) -> std::io::Result<TcpStream> {
         self.netns.run(|| self.tcp_connected(to))
