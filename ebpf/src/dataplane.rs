@@ -15,8 +15,8 @@ use ipnetwork::IpNetwork;
 use crate::error::map_err;
 use crate::layout::MAX_BACKENDS_PER_SERVICE;
 use crate::maps::{
-    same_family, AffinityKey, BackendKey, ClientKey, Flow4, Flow6, NodeConfig, NodeConfig6, Protocol,
-    SockAddr, SockKey, Sticky, Svc, SvcKey, SVC_KEEP_SOURCE, SVC_SOURCE_RANGES,
+    same_family, AffinityKey, BackendKey, ClientKey, Flow4, Flow6, Nat4Entry, Nat6Entry, NodeConfig,
+    NodeConfig6, Protocol, SockAddr, SockKey, Sticky, Svc, SvcKey, SVC_KEEP_SOURCE, SVC_SOURCE_RANGES,
 };
 use crate::source_ranges::{self, RangeMap};
 use crate::sys::{self, attached_program_ids};
@@ -186,8 +186,8 @@ pub struct EbpfDataplane {
     revnat: BpfHashMap<MapData, SockKey, SockAddr>,
     udp_sticky: BpfHashMap<MapData, SockKey, Sticky>,
     affinity: BpfHashMap<MapData, AffinityKey, Sticky>,
-    nat4: BpfHashMap<MapData, Flow4, Flow4>,
-    nat6: BpfHashMap<MapData, Flow6, Flow6>,
+    nat4: BpfHashMap<MapData, Flow4, Nat4Entry>,
+    nat6: BpfHashMap<MapData, Flow6, Nat6Entry>,
     client_affinity: BpfHashMap<MapData, ClientKey, Sticky>,
     source_ranges: RangeMap,
     node_config: aya::maps::Array<MapData, NodeConfig>,
@@ -196,6 +196,8 @@ pub struct EbpfDataplane {
     programmed: BTreeMap<Frontend, (u32, ServiceBackends)>,
     free_ids: BTreeSet<u32>,
     next_id: u32,
+    /// Maps whose pins had another layout (an older build's) and were made anew.
+    recreated_maps: Vec<&'static str>,
 }
 
 impl EbpfDataplane {
@@ -212,6 +214,7 @@ impl EbpfDataplane {
         for dir in [sys::maps_dir(pin_dir), sys::links_dir(pin_dir)] {
             std::fs::create_dir_all(&dir).map_err(|source| Error::PinDir { path: dir, source })?;
         }
+        let recreated_maps = crate::pins::remove_changed(&sys::maps_dir(pin_dir))?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(sys::maps_dir(pin_dir))
             .load(SOCK_ADDR_OBJ)
@@ -276,6 +279,7 @@ impl EbpfDataplane {
             programmed: BTreeMap::new(),
             free_ids: BTreeSet::new(),
             next_id: 0,
+            recreated_maps,
         };
         dp.read_back()?;
         Ok(dp)
@@ -285,6 +289,12 @@ impl EbpfDataplane {
     /// them at load): no map is read.
     pub fn frontends(&self) -> impl Iterator<Item = &Frontend> {
         self.programmed.keys()
+    }
+
+    /// The maps this load made anew because their pins had another layout (an older
+    /// build's), losing what they held; empty when every pinned map was reused.
+    pub fn recreated_maps(&self) -> &[&'static str] {
+        &self.recreated_maps
     }
 
     pub fn pin_dir(&self) -> &Path {
@@ -417,8 +427,12 @@ impl EbpfDataplane {
             affinity_entries: open_pinned::<AffinityKey, Sticky>(&maps, "ferry_affinity")?
                 .keys()
                 .count(),
-            nat4_entries: open_pinned::<Flow4, Flow4>(&maps, "ferry_nat4")?.keys().count(),
-            nat6_entries: open_pinned::<Flow6, Flow6>(&maps, "ferry_nat6")?.keys().count(),
+            nat4_entries: open_pinned::<Flow4, Nat4Entry>(&maps, "ferry_nat4")?
+                .keys()
+                .count(),
+            nat6_entries: open_pinned::<Flow6, Nat6Entry>(&maps, "ferry_nat6")?
+                .keys()
+                .count(),
             client_affinity_entries: open_pinned::<ClientKey, Sticky>(&maps, "ferry_client_affinity")?
                 .keys()
                 .count(),
@@ -636,7 +650,7 @@ fn pin_replacing(link: FdLink, path: &Path) -> Result<(), Error> {
     Ok(())
 }
 
-fn open_pinned<K: aya::Pod, V: aya::Pod>(
+pub(crate) fn open_pinned<K: aya::Pod, V: aya::Pod>(
     maps: &Path,
     name: &'static str,
 ) -> Result<BpfHashMap<MapData, K, V>, Error> {

@@ -108,9 +108,11 @@
 
 mod dataplane;
 mod error;
+mod flows;
 #[allow(dead_code)] // shared with build.rs, which reads the parts this crate does not
 mod layout;
 mod maps;
+mod pins;
 mod source_ranges;
 mod sys;
 
@@ -119,5 +121,6 @@ pub use dataplane::{
     Scope, ServiceBackends, MAPS, PROGRAMS, TC_PROGRAM,
 };
 pub use error::Error;
+pub use flows::{FlowSweeper, FlowTimeouts, SweepReport};
 pub use maps::Protocol;
 pub use sys::{attached_program_ids, cgroup2_root, BPFFS_ROOT};

@@ -124,6 +124,31 @@ struct ferry_flow6 {
 	__u8 pad[3];
 };
 
+/* What a flow entry of ferry_nat4 (ferry_nat6) has seen, in `flags`: packets after the one
+ * that made it, and TCP's FIN and RST in its direction. The daemon's sweep reads them with
+ * `last_seen_ns` to end flows as conntrack would (ebpf/src/flows.rs has the timeouts). */
+#define FERRY_FLOW_SEEN 1
+#define FERRY_FLOW_FIN 2
+#define FERRY_FLOW_RST 4
+
+/* A value of ferry_nat4: what a flow is rewritten to, when a packet of it last passed
+ * (bpf_ktime_get_ns, CLOCK_MONOTONIC; refreshed at most once a second per entry, so
+ * packets of a busy flow do not all write it) and FERRY_FLOW_* flags. */
+struct ferry_nat4_entry {
+	struct ferry_flow4 to;
+	__u64 last_seen_ns;
+	__u32 flags;
+	__u32 pad;
+};
+
+/* A value of ferry_nat6, as ferry_nat4_entry. */
+struct ferry_nat6_entry {
+	struct ferry_flow6 to;
+	__u64 last_seen_ns;
+	__u32 flags;
+	__u32 pad;
+};
+
 /* The node's IPv6 SNAT address (array, one entry; all zero: not set). */
 struct ferry_node_config6 {
 	__u32 snat_ip6[4];
