@@ -65,6 +65,7 @@
 //! `/sys/fs/bpf/ferry/<node>/`), so several nodes on one host each keep their own, and a
 //! restart reuses the maps and replaces the links without a gap.
 
+mod flow_sweep;
 mod frontends;
 mod node;
 
@@ -76,6 +77,7 @@ use std::time::Instant;
 use ferry_ebpf::{EbpfDataplane, Frontend};
 use tracing::{info, warn};
 
+pub use flow_sweep::{timeouts_from_env, FLOW_TIMEOUTS_ENV};
 pub use frontends::{frontends, Skipped};
 
 use crate::backend::policy::PolicyEnforcer;
@@ -104,6 +106,9 @@ pub struct EbpfBackend {
     /// a transaction of its own (socket-level load balancing leaves the real backend
     /// address in the packets the forward hook judges).
     policy: PolicyEnforcer,
+    /// Ends idle flows from outside while the back end lives (a thread with handles of its
+    /// own on the flow tables).
+    _flow_sweep: flow_sweep::FlowSweepThread,
 }
 
 /// One Service port as last programmed.
@@ -131,7 +136,18 @@ impl EbpfBackend {
     /// Loads the programs (reusing maps pinned in `pin_dir`) and attaches the socket
     /// programs to the cgroup v2 directory `cgroup`. Call it on the thread that will sync,
     /// in the node's network namespace.
+    /// Flows from outside end after the timeouts of [`FLOW_TIMEOUTS_ENV`] (the defaults
+    /// when it is unset).
     pub fn new(pin_dir: &Path, cgroup: &Path) -> Result<EbpfBackend, BackendError> {
+        EbpfBackend::with_flow_timeouts(pin_dir, cgroup, timeouts_from_env()?)
+    }
+
+    /// [`EbpfBackend::new`] with the flow timeouts given.
+    pub fn with_flow_timeouts(
+        pin_dir: &Path,
+        cgroup: &Path,
+        timeouts: ferry_ebpf::FlowTimeouts,
+    ) -> Result<EbpfBackend, BackendError> {
         if !node::forwards_ipv4() {
             warn!("net.ipv4.ip_forward is 0 on this node: NodePorts and external IPs from outside will not be forwarded");
         }
@@ -139,6 +155,13 @@ impl EbpfBackend {
             "setting net.ipv4.conf.all.accept_local=1 (the tc program's translated packets carry the node's address)",
         ))?;
         let dp = EbpfDataplane::load(pin_dir, cgroup).map_err(ebpf_err("loading the eBPF programs"))?;
+        if !dp.recreated_maps().is_empty() {
+            warn!(
+                maps = ?dp.recreated_maps(),
+                "pinned maps of an older layout were made anew: connections from outside open during the upgrade are lost"
+            );
+        }
+        let flow_sweep = flow_sweep::FlowSweepThread::start(pin_dir, timeouts)?;
         info!(
             cgroup = %cgroup.display(),
             pins = %pin_dir.display(),
@@ -152,6 +175,7 @@ impl EbpfBackend {
             snat_set: [false; 2],
             said: BTreeSet::new(),
             policy: PolicyEnforcer::new(),
+            _flow_sweep: flow_sweep,
         })
     }
 
