@@ -37,7 +37,7 @@
 //! | `ferry_revnat` | LRU hash | socket cookie . endpoint → frontend | connect, sendmsg |
 //! | `ferry_udp_sticky` | LRU hash | socket cookie . frontend → endpoint (slot, last use) | sendmsg |
 //! | `ferry_affinity` | LRU hash | client netns cookie . Service id → endpoint (slot, last use) | connect, sendmsg |
-//! | `ferry_nat4`, `ferry_nat6` | LRU hash | IPv4 (IPv6) flow on the wire → what to rewrite it to (both directions) | tc |
+//! | `ferry_nat4`, `ferry_nat6` | LRU hash | IPv4 (IPv6) flow on the wire → what to rewrite it to, last packet's time, FIN/RST seen (both directions) | tc; deleted by the sweep |
 //! | `ferry_client_affinity` | LRU hash | client address . Service id → endpoint (slot, last use), affinity from outside | tc |
 //! | `ferry_source_ranges` | LPM trie | Service id . client range → allowed (`loadBalancerSourceRanges`) | daemon |
 //! | `ferry_node_config`, `ferry_node_config6` | array | the node's IPv4 (IPv6) SNAT address | daemon |
@@ -55,10 +55,29 @@
 //! reused only while the Service still has it at the same slot, so endpoint changes never
 //! send a client to a removed Pod.
 //!
+//! Flows from outside end as conntrack's do: [`FlowSweeper`] deletes flows idle past a
+//! timeout that depends on what they saw (UDP replied or not, TCP open, FIN or RST; the
+//! defaults and the conntrack settings they follow are in `flows.rs`), and the tc program
+//! itself ends a closed flow when its client port opens a new connection. The daemon runs
+//! a sweep every few seconds (ferry-proxy's eBPF back end).
+//!
+//! Session affinity is per frontend, not per Service port as kube-proxy keeps it: each
+//! frontend has its own Service id and its own endpoint slots, and the affinity maps key on
+//! that id, so a client reaching one Service port by its NodePort and by its externalIP
+//! may land on two endpoints. Sharing it needs an identity common to a port's frontends
+//! that the programs can read (a field of `ferry_svc`, whose layout change recreates
+//! `ferry_services` at the upgrade, or a map of its own) and a remembered endpoint checked
+//! by address rather than by slot, since sibling frontends may order their slots
+//! differently: not done yet.
+//!
 //! One changed frontend is a handful of map writes ([`EbpfDataplane::upsert_service`]
 //! returns how many), never a reload. Maps and links are pinned under the pin directory
 //! (`/sys/fs/bpf/ferry/<node>/` for the daemon): a restarted daemon reuses the maps as
-//! they are and replaces the links without a moment where sockets go untranslated.
+//! they are and replaces the links without a moment where sockets go untranslated. A
+//! pinned map whose key size, value size or capacity differ from this build's (an older
+//! build's layout) is made anew instead ([`EbpfDataplane::recreated_maps`] names them; see
+//! `pins.rs`): `build.rs` holds C and Rust to one layout at build time, this holds the
+//! kernel's maps to it at load time.
 //!
 //! # From the plan to frontends
 //!

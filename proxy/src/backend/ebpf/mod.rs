@@ -56,7 +56,12 @@
 //! keeps the endpoint it connected to (as with any connected socket to a vanished peer),
 //! and an unconnected one re-picks on its next `sendmsg`, since the program reuses a
 //! remembered endpoint only while the Service still has it at the same slot. Flows from
-//! outside live in the tc program's LRU flow table and are not cleared yet.
+//! outside live in the tc program's flow table until they are idle past their timeout
+//! (UDP 30 s, 120 s once replied, as conntrack's defaults): a thread of this back end
+//! sweeps the table every few seconds (`flow_sweep.rs`, timeouts replaceable with
+//! `FERRY_EBPF_FLOW_TIMEOUTS`), so the next datagram after that picks a current endpoint.
+//! TCP flows end 120 s after a FIN, 10 s after a RST, at once when their client port
+//! opens a new connection, and after 6 h without a packet.
 //!
 //! # Where it runs
 //!
