@@ -11,13 +11,17 @@
 //! sockets are made in it; the nftables nodes' clients use plain sockets.
 //!
 //! Measured, per node, to the ClusterIP and to the server's Pod IP:
-//! - connect: the time of `connect()` on a fresh socket (making the socket is not timed:
-//!   in a cgroup it takes a fork), `FERRY_BENCH_CONNECTS` (default 2000) per series;
+//! - connect: the time of `connect()` on a fresh socket, `FERRY_BENCH_CONNECTS` (default
+//!   2000) per series; each series makes all its sockets before it starts (in a cgroup that
+//!   takes a fork, after which the first writes to each page of the process fault: made
+//!   one by one, that cost 10-15 us landed in the eBPF series' connects);
 //! - request/response: on one established connection, 32 bytes out and the same 32 bytes
 //!   echoed back, `FERRY_BENCH_ROUND_TRIPS` (default 20000) per series.
 //!
 //! All eight series of a kind run interleaved round by round (common/interleaved.rs), after
-//! untimed warm-up rounds, so load from the rest of the machine falls on all alike. The
+//! untimed warm-up rounds, so load from the rest of the machine falls on all alike; every
+//! client thread runs on CPU 0 and every server thread on CPU 1, so no series gets a
+//! luckier placement than another. The
 //! figures are p50 and p99 and the ratio ClusterIP / Pod IP per node (goal for eBPF:
 //! <= 1.05x); the load average is printed before and after.
 //!
@@ -175,9 +179,9 @@ impl LatencyNode {
     }
 }
 
-/// A connected socket made by `client` (on the calling thread, in its netns).
-fn connect(client: &Client<'_>, to: SocketAddr) -> std::io::Result<(socket2::Socket, Duration)> {
-    let socket = socket2::Socket::from(client.unconnected_tcp_socket(to.is_ipv4())?);
+/// Connects `socket` (made by the series' client) to `to`, timing `connect()` alone.
+fn connect(socket: std::os::fd::OwnedFd, to: SocketAddr) -> std::io::Result<(socket2::Socket, Duration)> {
+    let socket = socket2::Socket::from(socket);
     // SO_SNDTIMEO bounds connect() too: a lost SYN fails the series instead of hanging.
     socket.set_write_timeout(Some(TIMEOUT))?;
     let start = Instant::now();
@@ -185,13 +189,21 @@ fn connect(client: &Client<'_>, to: SocketAddr) -> std::io::Result<(socket2::Soc
     Ok((socket, start.elapsed()))
 }
 
-fn connect_series<'a>(node: &'a LatencyNode, what: &str, to: SocketAddr) -> Series<'a> {
+/// `samples` connects, each on a socket of its own made before the series starts (all at
+/// once: in a cgroup that is one fork, whose page faults then fall in the warm-up).
+fn connect_series<'a>(node: &'a LatencyNode, what: &str, to: SocketAddr, samples: usize) -> Series<'a> {
     let client = node.client();
     Series {
         label: format!("{}: connect to the {what} {to}", node.label),
         netns: node.client.netns(),
         start: Box::new(move || {
-            let sample: Sample<'a> = Box::new(move || connect(&client, to).map(|(_, took)| took));
+            let mut sockets = client.unconnected_tcp_sockets(to.is_ipv4(), samples)?;
+            let sample: Sample<'a> = Box::new(move || {
+                let socket = sockets
+                    .pop()
+                    .ok_or_else(|| std::io::Error::other("more samples than sockets made"))?;
+                connect(socket, to).map(|(_, took)| took)
+            });
             Ok(sample)
         }),
     }
@@ -203,7 +215,8 @@ fn echo_series<'a>(node: &'a LatencyNode, what: &str, to: SocketAddr) -> Series<
         label: format!("{}: request/response to the {what} {to}", node.label),
         netns: node.client.netns(),
         start: Box::new(move || {
-            let (socket, _) = connect(&client, to)?;
+            let socket = client.unconnected_tcp_sockets(to.is_ipv4(), 1)?.remove(0);
+            let (socket, _) = connect(socket, to)?;
             let mut conn = TcpStream::from(socket);
             conn.set_nodelay(true)?;
             conn.set_read_timeout(Some(TIMEOUT))?;
@@ -220,6 +233,47 @@ fn echo_series<'a>(node: &'a LatencyNode, what: &str, to: SocketAddr) -> Series<
             });
             Ok(sample)
         }),
+    }
+}
+
+/// Where the series' client threads run (they inherit it from the thread that spawns them)
+/// and where the servers' threads do.
+const CLIENT_CPU: usize = 0;
+const SERVER_CPU: usize = 1;
+
+/// Pins the calling thread, and threads it spawns from now on, to `cpu` (when the machine
+/// has it).
+fn pin_to_cpu(cpu: usize) {
+    if online_cpus() <= cpu {
+        return;
+    }
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET and sched_setaffinity only
+    // touch that set and this thread's affinity.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
+/// The machine's CPUs (`available_parallelism` counts only those this thread may use).
+fn online_cpus() -> usize {
+    // SAFETY: sysconf has no memory effects.
+    unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.max(1) as usize
+}
+
+/// Every connect series holds its sockets from the start: allow that many open files.
+fn raise_fd_limit(wanted: usize) {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit on a struct we own.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < wanted as libc::rlim_t {
+            lim.rlim_cur = lim.rlim_max.min(wanted as libc::rlim_t);
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
     }
 }
 
@@ -269,6 +323,11 @@ fn main() {
     let connects = env_usize("FERRY_BENCH_CONNECTS", 2000).max(10);
     let round_trips = env_usize("FERRY_BENCH_ROUND_TRIPS", 20_000).max(10);
     let load_before = loadavg();
+    raise_fd_limit(8 * (connects + connects / 20) + 1024);
+    // Servers (made next) run on SERVER_CPU, clients on CLIENT_CPU: every series sees the
+    // same placement, where leaving it to the scheduler gave two series of one node (same
+    // client, same server, same packets) medians 1.6x apart.
+    pin_to_cpu(SERVER_CPU);
 
     eprintln!("service latency: four nodes (nftables and eBPF, 10 and {services} Services)...");
     let nodes: Vec<LatencyNode> = [Kind::Nftables, Kind::Ebpf]
@@ -278,14 +337,16 @@ fn main() {
         .collect();
 
     eprintln!("service latency: {connects} connects per series...");
+    let warmup = connects / 20;
     let series = nodes
         .iter()
         .flat_map(|node| {
             node.targets(CONNECT_PORT)
-                .map(|(what, to)| connect_series(node, what, to))
+                .map(|(what, to)| connect_series(node, what, to, warmup + connects))
         })
         .collect();
-    let mut connect_times = interleaved(series, connects / 20, connects);
+    pin_to_cpu(CLIENT_CPU);
+    let mut connect_times = interleaved(series, warmup, connects);
 
     eprintln!("service latency: {round_trips} round trips per series...");
     let series = nodes
@@ -302,7 +363,7 @@ fn main() {
          Services x 10 endpoints; series interleaved round by round; ratio = ClusterIP / Pod \
          IP on the same node (goal for eBPF <= {GOAL}x); {} CPUs; load average {load_before} \
          before, {} after",
-        std::thread::available_parallelism().map_or(0, |c| c.get()),
+        online_cpus(),
         loadavg()
     );
     print_table(
