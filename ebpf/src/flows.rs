@@ -27,8 +27,21 @@
 //! reused: the tc program ends it at the new SYN (conntrack does the same in TIME_WAIT).
 //!
 //! A pass reads every entry (two system calls each), decides, then re-reads each entry it
-//! is about to delete and keeps it if a packet refreshed it meanwhile. What a pass over a
-//! full table costs is measured by `cargo bench -p ferry-ebpf --bench flow_sweep`.
+//! is about to delete and keeps it if a packet refreshed it meanwhile. Its cost grows with
+//! the table, not with what expires: `cargo bench -p ferry-ebpf --bench flow_sweep`
+//! (release, Linux 6.18, 2 shared CPUs, load average 5.6), a full `ferry_nat4` (262,144
+//! entries, 131,072 connections), medians of 5 passes in one run:
+//!
+//! | | pass | per entry | vs read |
+//! |---|---:|---:|---:|
+//! | read every entry (baseline) | 206 ms | 787 ns | 1.00x |
+//! | sweep, nothing expired | 333 ms | 1269 ns | 1.61x |
+//! | sweep, everything expired | 592 ms | 2256 ns | 2.87x |
+//!
+//! At the daemon's default of a pass every 5 s that is under 7% of one CPU with the table
+//! full, and in proportion less with fewer flows (10,000 connections: about 25 ms a pass).
+//! Batched reads (`BPF_MAP_LOOKUP_BATCH`, Linux 5.6; aya 0.14 has no call for it) would
+//! take most of the system calls out.
 
 use std::collections::HashMap;
 use std::hash::Hash;

@@ -9,7 +9,9 @@
 //! A pass runs every half of the shortest timeout, between 1 s and 30 s (5 s with the
 //! defaults), so a flow is gone at most half a timeout (plus the one second its timestamp
 //! may lag) after it expired. A pass reads the whole table, so its cost grows with the
-//! number of flows, not with how many expire: see `FlowSweeper` for the measured cost.
+//! number of flows, not with how many expire: 333 ms over a full table (131,072
+//! connections) with nothing expired, so under 7% of a CPU at the default interval (see
+//! `ferry_ebpf::FlowSweeper` for the figures).
 
 use std::path::Path;
 use std::sync::{Arc, Condvar, Mutex};
