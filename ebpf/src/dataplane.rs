@@ -42,7 +42,7 @@ pub const PROGRAMS: [(&str, u32); 8] = [
 ];
 
 /// Every map of the objects (all pinned by name under `<pin_dir>/maps`).
-pub const MAPS: [&str; 11] = [
+pub const MAPS: [&str; 12] = [
     "ferry_services",
     "ferry_backends",
     "ferry_revnat",
@@ -54,6 +54,7 @@ pub const MAPS: [&str; 11] = [
     "ferry_client_affinity",
     "ferry_nat6",
     "ferry_node_config6",
+    "ferry_affinity_group",
 ];
 
 /// Whom a frontend entry serves.
@@ -182,6 +183,8 @@ pub struct EbpfDataplane {
     tc: Ebpf,
     services: BpfHashMap<MapData, SvcKey, Svc>,
     backends: BpfHashMap<MapData, BackendKey, SockAddr>,
+    /// Service id -> the id its session affinity is kept under (absent: its own).
+    affinity_group: BpfHashMap<MapData, u32, u32>,
     // The programs' own maps, read by `dump` only.
     revnat: BpfHashMap<MapData, SockKey, SockAddr>,
     udp_sticky: BpfHashMap<MapData, SockKey, Sticky>,
@@ -196,6 +199,8 @@ pub struct EbpfDataplane {
     programmed: BTreeMap<Frontend, (u32, ServiceBackends)>,
     free_ids: BTreeSet<u32>,
     next_id: u32,
+    /// What `affinity_group` holds.
+    groups: BTreeMap<u32, u32>,
     /// Maps whose pins had another layout (an older build's) and were made anew.
     recreated_maps: Vec<&'static str>,
 }
@@ -224,6 +229,7 @@ impl EbpfDataplane {
         }
         let services = take_map(&mut ebpf, "ferry_services")?;
         let backends = take_map(&mut ebpf, "ferry_backends")?;
+        let affinity_group = take_map(&mut ebpf, "ferry_affinity_group")?;
         let revnat = take_map(&mut ebpf, "ferry_revnat")?;
         let udp_sticky = take_map(&mut ebpf, "ferry_udp_sticky")?;
         let affinity = take_map(&mut ebpf, "ferry_affinity")?;
@@ -267,6 +273,7 @@ impl EbpfDataplane {
             tc,
             services,
             backends,
+            affinity_group,
             revnat,
             udp_sticky,
             affinity,
@@ -279,6 +286,7 @@ impl EbpfDataplane {
             programmed: BTreeMap::new(),
             free_ids: BTreeSet::new(),
             next_id: 0,
+            groups: BTreeMap::new(),
             recreated_maps,
         };
         dp.read_back()?;
@@ -370,6 +378,41 @@ impl EbpfDataplane {
         Ok(ops)
     }
 
+    /// Keeps `frontend`'s session affinity under `leader`'s (both programmed): one Service
+    /// port's frontends of one scope share it, so a client keeps its endpoint whichever
+    /// address of the port it comes by. `leader` itself, or any frontend never given one,
+    /// keeps its own. Returns the map writes and deletes made (0 when already so).
+    pub fn set_affinity_group(&mut self, frontend: &Frontend, leader: &Frontend) -> Result<usize, Error> {
+        let id_of = |f: &Frontend| {
+            self.programmed
+                .get(f)
+                .map(|(id, _)| *id)
+                .ok_or_else(|| Error::InvalidService {
+                    frontend: f.to_string(),
+                    reason: "not programmed: upsert it before grouping its affinity".into(),
+                })
+        };
+        let (id, group) = (id_of(frontend)?, id_of(leader)?);
+        match (self.groups.get(&id).copied(), group == id) {
+            (None, true) => Ok(0),
+            (Some(g), false) if g == group => Ok(0),
+            (Some(_), true) => {
+                self.affinity_group
+                    .remove(&id)
+                    .map_err(map_err("ferry_affinity_group"))?;
+                self.groups.remove(&id);
+                Ok(1)
+            }
+            (_, false) => {
+                self.affinity_group
+                    .insert(id, group, 0)
+                    .map_err(map_err("ferry_affinity_group"))?;
+                self.groups.insert(id, group);
+                Ok(1)
+            }
+        }
+    }
+
     /// Removes `frontend`: its entry first (new connects pass untranslated from then on),
     /// then its endpoint slots. Returns whether it was programmed.
     pub fn remove_service(&mut self, frontend: &Frontend) -> Result<bool, Error> {
@@ -378,6 +421,11 @@ impl EbpfDataplane {
         };
         let key = frontend.key();
         self.services.remove(&key).map_err(map_err("ferry_services"))?;
+        if self.groups.remove(&id).is_some() {
+            self.affinity_group
+                .remove(&id)
+                .map_err(map_err("ferry_affinity_group"))?;
+        }
         source_ranges::remove_extra(&mut self.source_ranges, id, &old.source_ranges, &[])?;
         for slot in 0..old.endpoints.len() {
             self.backends
@@ -550,6 +598,10 @@ impl EbpfDataplane {
         for s in read_all(&self.services, &self.backends, &self.source_ranges)? {
             used.insert(s.id);
             self.programmed.insert(s.frontend, (s.id, s.backends));
+        }
+        for entry in self.affinity_group.iter() {
+            let (id, group) = entry.map_err(map_err("ferry_affinity_group"))?;
+            self.groups.insert(id, group);
         }
         self.next_id = used.last().copied().unwrap_or(0);
         self.free_ids = (1..self.next_id).filter(|id| !used.contains(id)).collect();

@@ -36,9 +36,10 @@
 //! | `ferry_backends` | hash | Service id . slot → endpoint ip . port | daemon |
 //! | `ferry_revnat` | LRU hash | socket cookie . endpoint → frontend | connect, sendmsg |
 //! | `ferry_udp_sticky` | LRU hash | socket cookie . frontend → endpoint (slot, last use) | sendmsg |
-//! | `ferry_affinity` | LRU hash | client netns cookie . Service id → endpoint (slot, last use) | connect, sendmsg |
+//! | `ferry_affinity` | LRU hash | client netns cookie . affinity group → endpoint (slot, last use) | connect, sendmsg |
+//! | `ferry_affinity_group` | hash | Service id → the affinity group it shares (absent: its own id) | daemon |
 //! | `ferry_nat4`, `ferry_nat6` | LRU hash | IPv4 (IPv6) flow on the wire → what to rewrite it to, last packet's time, FIN/RST seen (both directions) | tc; deleted by the sweep |
-//! | `ferry_client_affinity` | LRU hash | client address . Service id → endpoint (slot, last use), affinity from outside | tc |
+//! | `ferry_client_affinity` | LRU hash | client address . affinity group → endpoint (slot, last use), affinity from outside | tc |
 //! | `ferry_source_ranges` | LPM trie | Service id . client range → allowed (`loadBalancerSourceRanges`) | daemon |
 //! | `ferry_node_config`, `ferry_node_config6` | array | the node's IPv4 (IPv6) SNAT address | daemon |
 //!
@@ -61,14 +62,15 @@
 //! itself ends a closed flow when its client port opens a new connection. The daemon runs
 //! a sweep every few seconds (ferry-proxy's eBPF back end).
 //!
-//! Session affinity is per frontend, not per Service port as kube-proxy keeps it: each
-//! frontend has its own Service id and its own endpoint slots, and the affinity maps key on
-//! that id, so a client reaching one Service port by its NodePort and by its externalIP
-//! may land on two endpoints. Sharing it needs an identity common to a port's frontends
-//! that the programs can read (a field of `ferry_svc`, whose layout change recreates
-//! `ferry_services` at the upgrade, or a map of its own) and a remembered endpoint checked
-//! by address rather than by slot, since sibling frontends may order their slots
-//! differently: not done yet.
+//! Session affinity is per Service port, as kube-proxy keeps it: each frontend has its own
+//! Service id and endpoint slots, but the affinity maps key on the id of a group
+//! (`ferry_affinity_group`, [`EbpfDataplane::set_affinity_group`]), one per Service port
+//! and scope, so a client reaching one port by its NodePort and by its externalIP keeps
+//! its endpoint. A remembered endpoint is still checked by slot: sibling frontends are
+//! programmed together and number their endpoints alike, and where they do not (one added
+//! later, after the others' slots moved) the client gets a fresh pick, never a wrong
+//! endpoint. Inside and outside stay two groups: their clients are told apart differently
+//! (network namespace, address).
 //!
 //! One changed frontend is a handful of map writes ([`EbpfDataplane::upsert_service`]
 //! returns how many), never a reload. Maps and links are pinned under the pin directory

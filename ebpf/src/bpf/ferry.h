@@ -72,7 +72,7 @@ struct ferry_sock_key {
  * netns cookie stands for the "ClientIP" Kubernetes means. */
 struct ferry_affinity_key {
 	__u64 netns_cookie;
-	__u32 svc_id;
+	__u32 svc_id; /* the affinity group: affinity_id() in service_maps.h */
 	__u32 pad;
 };
 
@@ -99,7 +99,7 @@ struct ferry_range_key {
  * ClientIP, as a packet carries it) and the Service. */
 struct ferry_client_key {
 	__u32 ip[4];
-	__u32 svc_id;
+	__u32 svc_id; /* the affinity group, as in ferry_affinity_key */
 };
 
 /* An IPv4 flow as the tc programs see it on the wire, and what to rewrite it to. Each

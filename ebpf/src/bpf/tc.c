@@ -170,7 +170,7 @@ static __always_inline struct ferry_sockaddr *pick_endpoint(const struct ferry_s
 	if (svc->affinity_timeout_s) {
 		now = bpf_ktime_get_ns();
 		__builtin_memcpy(ckey.ip, saddr, sizeof(ckey.ip));
-		ckey.svc_id = svc->id;
+		ckey.svc_id = affinity_id(svc);
 		struct ferry_sticky *a = bpf_map_lookup_elem(&ferry_client_affinity, &ckey);
 		if (a && affinity_holds(svc, a, now)) {
 			a->last_used_ns = now;

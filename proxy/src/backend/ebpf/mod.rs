@@ -106,6 +106,7 @@ use ferry_ebpf::{EbpfDataplane, Frontend};
 use tracing::{info, warn};
 
 pub use flow_sweep::{timeouts_from_env, FLOW_TIMEOUTS_ENV};
+use frontends::affinity_leaders;
 pub use frontends::{frontends, Skipped};
 
 use crate::backend::policy::PolicyEnforcer;
@@ -308,6 +309,14 @@ impl Backend for EbpfBackend {
                     .upsert_service(*frontend, backends)
                     .map_err(ebpf_err(format!("programming {frontend}")))?;
                 now.insert(*frontend);
+            }
+            if port.is_some_and(|p| p.affinity_seconds.is_some()) {
+                for (frontend, leader) in affinity_leaders(&wanted) {
+                    ops += self
+                        .dp
+                        .set_affinity_group(&frontend, &leader)
+                        .map_err(ebpf_err(format!("grouping the session affinity of {frontend}")))?;
+                }
             }
             for gone in self.applied.get(id).into_iter().flat_map(|a| &a.frontends) {
                 if !now.contains(gone) {
