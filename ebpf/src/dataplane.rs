@@ -15,8 +15,8 @@ use ipnetwork::IpNetwork;
 use crate::error::map_err;
 use crate::layout::MAX_BACKENDS_PER_SERVICE;
 use crate::maps::{
-    same_family, AffinityKey, BackendKey, ClientKey, Flow4, Flow6, NodeConfig, NodeConfig6, Protocol,
-    SockAddr, SockKey, Sticky, Svc, SvcKey, SVC_KEEP_SOURCE, SVC_SOURCE_RANGES,
+    same_family, AffinityKey, BackendKey, ClientKey, Flow4, Flow6, Nat4Entry, Nat6Entry, NodeConfig,
+    NodeConfig6, Protocol, SockAddr, SockKey, Sticky, Svc, SvcKey, SVC_KEEP_SOURCE, SVC_SOURCE_RANGES,
 };
 use crate::source_ranges::{self, RangeMap};
 use crate::sys::{self, attached_program_ids};
@@ -42,7 +42,7 @@ pub const PROGRAMS: [(&str, u32); 8] = [
 ];
 
 /// Every map of the objects (all pinned by name under `<pin_dir>/maps`).
-pub const MAPS: [&str; 11] = [
+pub const MAPS: [&str; 12] = [
     "ferry_services",
     "ferry_backends",
     "ferry_revnat",
@@ -54,6 +54,7 @@ pub const MAPS: [&str; 11] = [
     "ferry_client_affinity",
     "ferry_nat6",
     "ferry_node_config6",
+    "ferry_affinity_group",
 ];
 
 /// Whom a frontend entry serves.
@@ -182,12 +183,14 @@ pub struct EbpfDataplane {
     tc: Ebpf,
     services: BpfHashMap<MapData, SvcKey, Svc>,
     backends: BpfHashMap<MapData, BackendKey, SockAddr>,
+    /// Service id -> the id its session affinity is kept under (absent: its own).
+    affinity_group: BpfHashMap<MapData, u32, u32>,
     // The programs' own maps, read by `dump` only.
     revnat: BpfHashMap<MapData, SockKey, SockAddr>,
     udp_sticky: BpfHashMap<MapData, SockKey, Sticky>,
     affinity: BpfHashMap<MapData, AffinityKey, Sticky>,
-    nat4: BpfHashMap<MapData, Flow4, Flow4>,
-    nat6: BpfHashMap<MapData, Flow6, Flow6>,
+    nat4: BpfHashMap<MapData, Flow4, Nat4Entry>,
+    nat6: BpfHashMap<MapData, Flow6, Nat6Entry>,
     client_affinity: BpfHashMap<MapData, ClientKey, Sticky>,
     source_ranges: RangeMap,
     node_config: aya::maps::Array<MapData, NodeConfig>,
@@ -196,6 +199,10 @@ pub struct EbpfDataplane {
     programmed: BTreeMap<Frontend, (u32, ServiceBackends)>,
     free_ids: BTreeSet<u32>,
     next_id: u32,
+    /// What `affinity_group` holds.
+    groups: BTreeMap<u32, u32>,
+    /// Maps whose pins had another layout (an older build's) and were made anew.
+    recreated_maps: Vec<&'static str>,
 }
 
 impl EbpfDataplane {
@@ -212,6 +219,7 @@ impl EbpfDataplane {
         for dir in [sys::maps_dir(pin_dir), sys::links_dir(pin_dir)] {
             std::fs::create_dir_all(&dir).map_err(|source| Error::PinDir { path: dir, source })?;
         }
+        let recreated_maps = crate::pins::remove_changed(&sys::maps_dir(pin_dir))?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(sys::maps_dir(pin_dir))
             .load(SOCK_ADDR_OBJ)
@@ -221,6 +229,7 @@ impl EbpfDataplane {
         }
         let services = take_map(&mut ebpf, "ferry_services")?;
         let backends = take_map(&mut ebpf, "ferry_backends")?;
+        let affinity_group = take_map(&mut ebpf, "ferry_affinity_group")?;
         let revnat = take_map(&mut ebpf, "ferry_revnat")?;
         let udp_sticky = take_map(&mut ebpf, "ferry_udp_sticky")?;
         let affinity = take_map(&mut ebpf, "ferry_affinity")?;
@@ -264,6 +273,7 @@ impl EbpfDataplane {
             tc,
             services,
             backends,
+            affinity_group,
             revnat,
             udp_sticky,
             affinity,
@@ -276,6 +286,8 @@ impl EbpfDataplane {
             programmed: BTreeMap::new(),
             free_ids: BTreeSet::new(),
             next_id: 0,
+            groups: BTreeMap::new(),
+            recreated_maps,
         };
         dp.read_back()?;
         Ok(dp)
@@ -285,6 +297,12 @@ impl EbpfDataplane {
     /// them at load): no map is read.
     pub fn frontends(&self) -> impl Iterator<Item = &Frontend> {
         self.programmed.keys()
+    }
+
+    /// The maps this load made anew because their pins had another layout (an older
+    /// build's), losing what they held; empty when every pinned map was reused.
+    pub fn recreated_maps(&self) -> &[&'static str] {
+        &self.recreated_maps
     }
 
     pub fn pin_dir(&self) -> &Path {
@@ -360,6 +378,41 @@ impl EbpfDataplane {
         Ok(ops)
     }
 
+    /// Keeps `frontend`'s session affinity under `leader`'s (both programmed): one Service
+    /// port's frontends of one scope share it, so a client keeps its endpoint whichever
+    /// address of the port it comes by. `leader` itself, or any frontend never given one,
+    /// keeps its own. Returns the map writes and deletes made (0 when already so).
+    pub fn set_affinity_group(&mut self, frontend: &Frontend, leader: &Frontend) -> Result<usize, Error> {
+        let id_of = |f: &Frontend| {
+            self.programmed
+                .get(f)
+                .map(|(id, _)| *id)
+                .ok_or_else(|| Error::InvalidService {
+                    frontend: f.to_string(),
+                    reason: "not programmed: upsert it before grouping its affinity".into(),
+                })
+        };
+        let (id, group) = (id_of(frontend)?, id_of(leader)?);
+        match (self.groups.get(&id).copied(), group == id) {
+            (None, true) => Ok(0),
+            (Some(g), false) if g == group => Ok(0),
+            (Some(_), true) => {
+                self.affinity_group
+                    .remove(&id)
+                    .map_err(map_err("ferry_affinity_group"))?;
+                self.groups.remove(&id);
+                Ok(1)
+            }
+            (_, false) => {
+                self.affinity_group
+                    .insert(id, group, 0)
+                    .map_err(map_err("ferry_affinity_group"))?;
+                self.groups.insert(id, group);
+                Ok(1)
+            }
+        }
+    }
+
     /// Removes `frontend`: its entry first (new connects pass untranslated from then on),
     /// then its endpoint slots. Returns whether it was programmed.
     pub fn remove_service(&mut self, frontend: &Frontend) -> Result<bool, Error> {
@@ -368,6 +421,11 @@ impl EbpfDataplane {
         };
         let key = frontend.key();
         self.services.remove(&key).map_err(map_err("ferry_services"))?;
+        if self.groups.remove(&id).is_some() {
+            self.affinity_group
+                .remove(&id)
+                .map_err(map_err("ferry_affinity_group"))?;
+        }
         source_ranges::remove_extra(&mut self.source_ranges, id, &old.source_ranges, &[])?;
         for slot in 0..old.endpoints.len() {
             self.backends
@@ -417,8 +475,12 @@ impl EbpfDataplane {
             affinity_entries: open_pinned::<AffinityKey, Sticky>(&maps, "ferry_affinity")?
                 .keys()
                 .count(),
-            nat4_entries: open_pinned::<Flow4, Flow4>(&maps, "ferry_nat4")?.keys().count(),
-            nat6_entries: open_pinned::<Flow6, Flow6>(&maps, "ferry_nat6")?.keys().count(),
+            nat4_entries: open_pinned::<Flow4, Nat4Entry>(&maps, "ferry_nat4")?
+                .keys()
+                .count(),
+            nat6_entries: open_pinned::<Flow6, Nat6Entry>(&maps, "ferry_nat6")?
+                .keys()
+                .count(),
             client_affinity_entries: open_pinned::<ClientKey, Sticky>(&maps, "ferry_client_affinity")?
                 .keys()
                 .count(),
@@ -537,6 +599,10 @@ impl EbpfDataplane {
             used.insert(s.id);
             self.programmed.insert(s.frontend, (s.id, s.backends));
         }
+        for entry in self.affinity_group.iter() {
+            let (id, group) = entry.map_err(map_err("ferry_affinity_group"))?;
+            self.groups.insert(id, group);
+        }
         self.next_id = used.last().copied().unwrap_or(0);
         self.free_ids = (1..self.next_id).filter(|id| !used.contains(id)).collect();
         Ok(())
@@ -636,7 +702,7 @@ fn pin_replacing(link: FdLink, path: &Path) -> Result<(), Error> {
     Ok(())
 }
 
-fn open_pinned<K: aya::Pod, V: aya::Pod>(
+pub(crate) fn open_pinned<K: aya::Pod, V: aya::Pod>(
     maps: &Path,
     name: &'static str,
 ) -> Result<BpfHashMap<MapData, K, V>, Error> {

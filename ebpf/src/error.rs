@@ -38,6 +38,8 @@ pub enum Error {
     InvalidService { frontend: String, reason: String },
     /// Querying the programs attached to a cgroup failed.
     Query { path: PathBuf, source: std::io::Error },
+    /// Flow timeouts given as text could not be read.
+    InvalidFlowTimeouts { spec: String, reason: String },
 }
 
 impl std::fmt::Display for Error {
@@ -105,6 +107,11 @@ impl std::fmt::Display for Error {
                 f,
                 "cannot list the programs attached to cgroup {}: {source}",
                 path.display()
+            ),
+            Error::InvalidFlowTimeouts { spec, reason } => write!(
+                f,
+                "flow timeouts `{spec}`: {reason}; give name=seconds pairs separated by commas, \
+                 e.g. `udp=30,tcp-fin=120`"
             ),
         }
     }

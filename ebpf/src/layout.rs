@@ -111,6 +111,18 @@ pub const FLOW6: Layout = Layout {
     ],
 };
 
+pub const NAT4_ENTRY: Layout = Layout {
+    c_name: "ferry_nat4_entry",
+    size: 32,
+    fields: &[("to", 0), ("last_seen_ns", 16), ("flags", 24), ("pad", 28)],
+};
+
+pub const NAT6_ENTRY: Layout = Layout {
+    c_name: "ferry_nat6_entry",
+    size: 56,
+    fields: &[("to", 0), ("last_seen_ns", 40), ("flags", 48), ("pad", 52)],
+};
+
 pub const NODE_CONFIG6: Layout = Layout {
     c_name: "ferry_node_config6",
     size: 16,
@@ -131,6 +143,8 @@ pub const ALL: &[Layout] = &[
     CLIENT_KEY,
     FLOW6,
     NODE_CONFIG6,
+    NAT4_ENTRY,
+    NAT6_ENTRY,
 ];
 
 /// Sizes of the maps (entries), passed to C as `-D` so both sides agree.

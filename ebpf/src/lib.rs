@@ -36,9 +36,10 @@
 //! | `ferry_backends` | hash | Service id . slot → endpoint ip . port | daemon |
 //! | `ferry_revnat` | LRU hash | socket cookie . endpoint → frontend | connect, sendmsg |
 //! | `ferry_udp_sticky` | LRU hash | socket cookie . frontend → endpoint (slot, last use) | sendmsg |
-//! | `ferry_affinity` | LRU hash | client netns cookie . Service id → endpoint (slot, last use) | connect, sendmsg |
-//! | `ferry_nat4`, `ferry_nat6` | LRU hash | IPv4 (IPv6) flow on the wire → what to rewrite it to (both directions) | tc |
-//! | `ferry_client_affinity` | LRU hash | client address . Service id → endpoint (slot, last use), affinity from outside | tc |
+//! | `ferry_affinity` | LRU hash | client netns cookie . affinity group → endpoint (slot, last use) | connect, sendmsg |
+//! | `ferry_affinity_group` | hash | Service id → the affinity group it shares (absent: its own id) | daemon |
+//! | `ferry_nat4`, `ferry_nat6` | LRU hash | IPv4 (IPv6) flow on the wire → what to rewrite it to, last packet's time, FIN/RST seen (both directions) | tc; deleted by the sweep |
+//! | `ferry_client_affinity` | LRU hash | client address . affinity group → endpoint (slot, last use), affinity from outside | tc |
 //! | `ferry_source_ranges` | LPM trie | Service id . client range → allowed (`loadBalancerSourceRanges`) | daemon |
 //! | `ferry_node_config`, `ferry_node_config6` | array | the node's IPv4 (IPv6) SNAT address | daemon |
 //!
@@ -55,10 +56,30 @@
 //! reused only while the Service still has it at the same slot, so endpoint changes never
 //! send a client to a removed Pod.
 //!
+//! Flows from outside end as conntrack's do: [`FlowSweeper`] deletes flows idle past a
+//! timeout that depends on what they saw (UDP replied or not, TCP open, FIN or RST; the
+//! defaults and the conntrack settings they follow are in `flows.rs`), and the tc program
+//! itself ends a closed flow when its client port opens a new connection. The daemon runs
+//! a sweep every few seconds (ferry-proxy's eBPF back end).
+//!
+//! Session affinity is per Service port, as kube-proxy keeps it: each frontend has its own
+//! Service id and endpoint slots, but the affinity maps key on the id of a group
+//! (`ferry_affinity_group`, [`EbpfDataplane::set_affinity_group`]), one per Service port
+//! and scope, so a client reaching one port by its NodePort and by its externalIP keeps
+//! its endpoint. A remembered endpoint is still checked by slot: sibling frontends are
+//! programmed together and number their endpoints alike, and where they do not (one added
+//! later, after the others' slots moved) the client gets a fresh pick, never a wrong
+//! endpoint. Inside and outside stay two groups: their clients are told apart differently
+//! (network namespace, address).
+//!
 //! One changed frontend is a handful of map writes ([`EbpfDataplane::upsert_service`]
 //! returns how many), never a reload. Maps and links are pinned under the pin directory
 //! (`/sys/fs/bpf/ferry/<node>/` for the daemon): a restarted daemon reuses the maps as
-//! they are and replaces the links without a moment where sockets go untranslated.
+//! they are and replaces the links without a moment where sockets go untranslated. A
+//! pinned map whose key size, value size or capacity differ from this build's (an older
+//! build's layout) is made anew instead ([`EbpfDataplane::recreated_maps`] names them; see
+//! `pins.rs`): `build.rs` holds C and Rust to one layout at build time, this holds the
+//! kernel's maps to it at load time.
 //!
 //! # From the plan to frontends
 //!
@@ -108,9 +129,11 @@
 
 mod dataplane;
 mod error;
+mod flows;
 #[allow(dead_code)] // shared with build.rs, which reads the parts this crate does not
 mod layout;
 mod maps;
+mod pins;
 mod source_ranges;
 mod sys;
 
@@ -119,5 +142,6 @@ pub use dataplane::{
     Scope, ServiceBackends, MAPS, PROGRAMS, TC_PROGRAM,
 };
 pub use error::Error;
+pub use flows::{FlowSweeper, FlowTimeouts, SweepReport};
 pub use maps::Protocol;
 pub use sys::{attached_program_ids, cgroup2_root, BPFFS_ROOT};

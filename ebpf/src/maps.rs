@@ -100,6 +100,33 @@ pub(crate) struct Flow6 {
     pub pad: [u8; 3],
 }
 
+/// `struct ferry_nat4_entry`: a value of `ferry_nat4`, what a flow is rewritten to, when a
+/// packet of it last passed (CLOCK_MONOTONIC ns) and what it saw (`FLOW_*`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Nat4Entry {
+    pub to: Flow4,
+    pub last_seen_ns: u64,
+    pub flags: u32,
+    pub pad: u32,
+}
+
+/// `struct ferry_nat6_entry`: the same for `ferry_nat6`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Nat6Entry {
+    pub to: Flow6,
+    pub last_seen_ns: u64,
+    pub flags: u32,
+    pub pad: u32,
+}
+
+/// `FERRY_FLOW_SEEN`: a packet matched the entry after the one that made the flow.
+pub(crate) const FLOW_SEEN: u32 = 1;
+/// `FERRY_FLOW_FIN`, `FERRY_FLOW_RST`: a TCP FIN (RST) passed in the entry's direction.
+pub(crate) const FLOW_FIN: u32 = 2;
+pub(crate) const FLOW_RST: u32 = 4;
+
 /// `struct ferry_node_config6`: the node's IPv6 SNAT address, as the maps hold addresses.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -189,6 +216,8 @@ unsafe impl aya::Pod for RangeData {}
 unsafe impl aya::Pod for Flow6 {}
 unsafe impl aya::Pod for NodeConfig6 {}
 unsafe impl aya::Pod for ClientKey {}
+unsafe impl aya::Pod for Nat4Entry {}
+unsafe impl aya::Pod for Nat6Entry {}
 
 /// Compile-time check of one mirror against the layout table: size, and each field's
 /// offset in the table's order.
@@ -220,6 +249,8 @@ check_layout!(NodeConfig, layout::NODE_CONFIG, [snat_ip4, pad]);
 check_layout!(ClientKey, layout::CLIENT_KEY, [ip, svc_id]);
 check_layout!(Flow6, layout::FLOW6, [saddr, daddr, sport, dport, proto, pad]);
 check_layout!(NodeConfig6, layout::NODE_CONFIG6, [snat_ip6]);
+check_layout!(Nat4Entry, layout::NAT4_ENTRY, [to, last_seen_ns, flags, pad]);
+check_layout!(Nat6Entry, layout::NAT6_ENTRY, [to, last_seen_ns, flags, pad]);
 // RangeData sits after aya's 4-byte prefix length in the trie's key.
 const _: () = {
     let l = layout::RANGE_KEY;

@@ -7,15 +7,22 @@ mod common;
 use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
 
+use std::io::{Read, Write};
+use std::time::Duration;
+
 use common::Bench;
-use ferry_ebpf::{EbpfDataplane, Frontend, Protocol, ServiceBackends};
+use ferry_ebpf::{EbpfDataplane, FlowSweeper, FlowTimeouts, Frontend, Protocol, ServiceBackends};
 use ferry_tests::{unique_v6_subnet, Netns, NODE_IP, OUTSIDE_IP};
 
 /// The bench, a machine outside wired to the node, and the tc program on every node
 /// interface. The node forwards, and accepts its own address as a source on the wire
 /// (accept_local): SNATed packets and translated replies carry it (see tc.c).
 fn setup(tag: &str) -> (Bench, Netns, EbpfDataplane) {
-    let bench = Bench::new(tag);
+    setup_bench(Bench::new(tag))
+}
+
+/// [`setup`] on a bench made by the caller (e.g. with pins left by an older build).
+fn setup_bench(bench: Bench) -> (Bench, Netns, EbpfDataplane) {
     let outside = bench.node.client("outside");
     let ext = bench
         .node
@@ -231,4 +238,187 @@ fn source_ranges_admit_only_their_clients_and_change_with_a_write_and_a_delete()
     assert_eq!(ops, 2);
     connect().expect("no ranges: every source");
     assert!(dp.dump().unwrap().services[0].backends.source_ranges.is_empty());
+}
+
+/// One endpoint of the bench.
+fn only(bench: &Bench, i: usize) -> ServiceBackends {
+    ServiceBackends {
+        endpoints: vec![bench.endpoints[i]],
+        ..bench.backends()
+    }
+}
+
+/// Sends one datagram on `socket` (one flow while the socket lives) and returns the
+/// endpoint that answered.
+fn udp_ask(socket: &std::net::UdpSocket, to: SocketAddr) -> SocketAddr {
+    socket.send_to(b"who am i", to).expect("send to the NodePort");
+    let mut buf = [0u8; 200];
+    let (n, _) = socket
+        .recv_from(&mut buf)
+        .expect("an answer through the NodePort");
+    peer_and_server(std::str::from_utf8(&buf[..n]).unwrap()).1
+}
+
+/// Longer than a test timeout of 1 s plus the 1 s a flow's timestamp may lag its last packet.
+const PAST_SHORT_TIMEOUT: Duration = Duration::from_millis(2500);
+
+#[test]
+fn an_idle_udp_flow_is_swept_after_its_timeout_and_the_next_datagram_picks_afresh() {
+    ferry_tests::require_root!();
+    let (bench, outside, mut dp) = setup("ebpf-flow-udp");
+    let node_ip: IpAddr = NODE_IP.parse().unwrap();
+    let frontend = Frontend::outside(node_ip, 30053, Protocol::Udp);
+    let to = SocketAddr::new(node_ip, 30053);
+    dp.upsert_service(frontend, &only(&bench, 0)).unwrap();
+    let socket = outside.udp_socket(true).unwrap();
+    assert_eq!(udp_ask(&socket, to), bench.endpoints[0]);
+    assert_eq!(dp.dump().unwrap().nat4_entries, 2, "one flow, both directions");
+
+    // The endpoint changes; the flow keeps the one it chose, as a conntrack entry would.
+    dp.upsert_service(frontend, &only(&bench, 1)).unwrap();
+    assert_eq!(udp_ask(&socket, to), bench.endpoints[0]);
+
+    let short = FlowTimeouts::parse("udp=1,udp-stream=1").unwrap();
+    let mut sweeper = FlowSweeper::open(&bench.pins.pin_dir).unwrap();
+    let report = sweeper.sweep(&short).unwrap();
+    assert_eq!((report.entries, report.removed), (2, 0), "a flow just used stays");
+
+    std::thread::sleep(PAST_SHORT_TIMEOUT);
+    let report = sweeper.sweep(&short).unwrap();
+    assert_eq!(
+        (report.entries, report.removed),
+        (2, 2),
+        "idle past 1 s: both directions go"
+    );
+    assert_eq!(dp.dump().unwrap().nat4_entries, 0);
+    // The same client port is a new flow now, with a fresh choice.
+    assert_eq!(udp_ask(&socket, to), bench.endpoints[1]);
+}
+
+#[test]
+fn a_tcp_flow_closed_with_fin_is_swept_within_the_close_timeout_and_an_open_one_stays() {
+    ferry_tests::require_root!();
+    let (bench, outside, mut dp) = setup("ebpf-flow-fin");
+    let node_ip: IpAddr = NODE_IP.parse().unwrap();
+    // An echo server holds its connections open; the bench's servers answer and close.
+    let echo_at = SocketAddr::new(bench.endpoints[0].ip(), 8081);
+    let _echo = bench.servers[0].tcp_echo_server(echo_at);
+    let echo = ServiceBackends {
+        endpoints: vec![echo_at],
+        ..bench.backends()
+    };
+    dp.upsert_service(Frontend::outside(node_ip, 30081, Protocol::Tcp), &echo)
+        .unwrap();
+    dp.upsert_service(Frontend::outside(node_ip, 30080, Protocol::Tcp), &only(&bench, 0))
+        .unwrap();
+
+    let mut open = outside
+        .tcp_connect(SocketAddr::new(node_ip, 30081))
+        .expect("TCP to the echo NodePort");
+    let mut line = [0u8; 6];
+    open.write_all(b"hello\n").unwrap();
+    open.read_exact(&mut line).unwrap();
+    let answer = outside
+        .tcp_request(SocketAddr::new(node_ip, 30080))
+        .expect("TCP to the NodePort");
+    assert_eq!(peer_and_server(&answer).1, bench.endpoints[0]);
+    assert_eq!(dp.dump().unwrap().nat4_entries, 4, "two flows, both directions");
+
+    let short = FlowTimeouts::parse("tcp-fin=1,tcp-rst=1").unwrap();
+    let mut sweeper = FlowSweeper::open(&bench.pins.pin_dir).unwrap();
+    std::thread::sleep(PAST_SHORT_TIMEOUT);
+    let report = sweeper.sweep(&short).unwrap();
+    assert_eq!(
+        (report.entries, report.removed),
+        (4, 2),
+        "the closed flow goes, the open one (timeout {:?}) stays",
+        short.tcp
+    );
+    // The open connection still reaches its endpoint through its flow.
+    open.write_all(b"again\n").unwrap();
+    open.read_exact(&mut line).unwrap();
+    assert_eq!(&line, b"again\n");
+}
+
+#[test]
+fn a_client_port_reused_after_a_close_starts_a_new_flow_at_once() {
+    ferry_tests::require_root!();
+    let (bench, outside, mut dp) = setup("ebpf-flow-reuse");
+    let node_ip: IpAddr = NODE_IP.parse().unwrap();
+    let frontend = Frontend::outside(node_ip, 30080, Protocol::Tcp);
+    let to = SocketAddr::new(node_ip, 30080);
+    dp.upsert_service(frontend, &only(&bench, 0)).unwrap();
+    // The same client address and port twice: what a client reusing its port looks like.
+    let from = SocketAddr::new(OUTSIDE_IP.parse().unwrap(), 40123);
+    let request = || {
+        outside.run(|| {
+            let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+            s.set_reuse_address(true)?;
+            s.bind(&from.into())?;
+            s.connect_timeout(&to.into(), ferry_tests::TIMEOUT)?;
+            let mut conn = std::net::TcpStream::from(s);
+            conn.set_read_timeout(Some(ferry_tests::TIMEOUT))?;
+            let mut out = String::new();
+            conn.read_to_string(&mut out)?;
+            std::io::Result::Ok(out)
+        })
+    };
+    let first = request().expect("the first connection");
+    assert_eq!(peer_and_server(&first).1, bench.endpoints[0]);
+    dp.upsert_service(frontend, &only(&bench, 1)).unwrap();
+    // No sweep: the SYN meets a flow that saw FINs, which ends it and picks again.
+    let second = request().expect("the connection from the reused port");
+    assert_eq!(peer_and_server(&second).1, bench.endpoints[1], "{second}");
+}
+
+#[test]
+fn a_flow_table_pinned_with_an_older_layout_is_made_anew_and_flows_work() {
+    ferry_tests::require_root!();
+    let bench = Bench::new("ebpf-flow-layout");
+    // What a build before flow timestamps pinned: 16-byte values.
+    let maps = bench.pins.pin_dir.join("maps");
+    std::fs::create_dir_all(&maps).unwrap();
+    let old = maps.join("ferry_nat4");
+    let out = std::process::Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(&old)
+        .args([
+            "type",
+            "lru_hash",
+            "key",
+            "16",
+            "value",
+            "16",
+            "entries",
+            "262144",
+            "name",
+            "ferry_nat4",
+        ])
+        .output()
+        .expect("run bpftool");
+    assert!(
+        out.status.success(),
+        "bpftool: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let (bench, outside, mut dp) = setup_bench(bench);
+    assert_eq!(dp.recreated_maps(), ["ferry_nat4"]);
+    let node_ip: IpAddr = NODE_IP.parse().unwrap();
+    dp.upsert_service(
+        Frontend::outside(node_ip, 30080, Protocol::Tcp),
+        &bench.backends(),
+    )
+    .unwrap();
+    let answer = outside
+        .tcp_request(SocketAddr::new(node_ip, 30080))
+        .expect("TCP to the NodePort over the new flow table");
+    assert!(bench.endpoints.contains(&peer_and_server(&answer).1), "{answer}");
+    assert_eq!(dp.dump().unwrap().nat4_entries, 2);
+
+    // A second load reuses what the first made.
+    drop(dp);
+    let dp = bench.load();
+    assert!(dp.recreated_maps().is_empty(), "{:?}", dp.recreated_maps());
+    assert_eq!(dp.dump().unwrap().nat4_entries, 2);
 }

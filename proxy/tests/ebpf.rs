@@ -310,3 +310,49 @@ fn dual_stack_external_ips_are_served_from_outside_by_the_tc_program() {
         backend.cleanup().unwrap();
     });
 }
+
+#[test]
+fn the_back_end_ends_closed_flows_from_outside_after_the_close_timeout() {
+    require_root!();
+    let b = Bench::new("ebpf-be-sweep");
+    let ext4: IpAddr = "198.51.100.41".parse().unwrap();
+    let mut a = port("a", Protocol::Tcp, "10.96.9.21", &b.v4);
+    a.external_ips = vec![ext4];
+    let outside = Client {
+        netns: &b.client,
+        cgroup: None,
+    };
+    let flows = |b: &Bench| {
+        let d = dump(b);
+        let n = d
+            .split("flows from outside ")
+            .nth(1)
+            .and_then(|r| r.split(',').next())
+            .and_then(|n| n.trim().parse::<usize>().ok());
+        n.unwrap_or_else(|| panic!("no flow count in the dump: {d}"))
+    };
+    b.node.netns().run(|| {
+        // What the daemon takes from FERRY_EBPF_FLOW_TIMEOUTS=tcp-fin=1,tcp-rst=1.
+        let timeouts = ferry_ebpf::FlowTimeouts::parse("tcp-fin=1,tcp-rst=1").unwrap();
+        let mut backend = EbpfBackend::with_flow_timeouts(
+            &pin_dir(b.sandbox.pin_root(), NODE),
+            b.sandbox.cgroup(),
+            timeouts,
+        )
+        .unwrap_or_else(|e| panic!("load: {e}"));
+        backend.sync(&plan(vec![a]), &Changes::all()).unwrap();
+        let to = SocketAddr::new(ext4, 80);
+        outside
+            .tcp_request(to)
+            .unwrap_or_else(|e| panic!("{to} from outside: {e}"));
+        assert_eq!(flows(&b), 1, "the closed connection's flow, until the sweep");
+        // Sweeps every second; the flow's timestamp may lag its last packet by one.
+        let gone = ferry_tests::wait_until(std::time::Duration::from_secs(10), || flows(&b) == 0);
+        assert!(
+            gone.is_some(),
+            "the closed flow is still there after 10 s: {}",
+            dump(&b)
+        );
+        backend.cleanup().unwrap();
+    });
+}

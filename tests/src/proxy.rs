@@ -387,6 +387,23 @@ impl Client<'_> {
         Ok(conn)
     }
 
+    /// `n` unconnected TCP sockets, made as [`Client::tcp_connect`] makes its own but all
+    /// at once: for a bench that times `connect()` alone. In a cgroup a socket takes a
+    /// fork, and the parent's first writes to each page after a fork fault, so one fork
+    /// for all keeps that out of the timed calls. Call it on a thread inside `self.netns`,
+    /// e.g. within [`Netns::run`].
+    pub fn unconnected_tcp_sockets(&self, v4: bool, n: usize) -> std::io::Result<Vec<std::os::fd::OwnedFd>> {
+        let domain = if v4 {
+            nix::libc::AF_INET
+        } else {
+            nix::libc::AF_INET6
+        };
+        match self.cgroup {
+            None => (0..n).map(|_| self.socket(v4, true)).collect(),
+            Some(cgroup) => sockets_in_cgroup(cgroup, domain, nix::libc::SOCK_STREAM, n),
+        }
+    }
+
     /// A TCP connection, usable from any thread.
     pub fn tcp_connect(&self, to: SocketAddr) -> std::io::Result<TcpStream> {
         self.netns.run(|| self.tcp_connected(to))
@@ -473,6 +490,17 @@ pub(crate) fn sockaddr(to: SocketAddr) -> (nix::libc::sockaddr_storage, nix::lib
 /// Unix socket (SCM_RIGHTS), then exits. The child makes only raw system calls on buffers
 /// prepared before the fork: the test process has other threads.
 pub(crate) fn socket_in_cgroup(cgroup: &Path, domain: i32, ty: i32) -> std::io::Result<std::os::fd::OwnedFd> {
+    let mut one = sockets_in_cgroup(cgroup, domain, ty, 1)?;
+    Ok(one.remove(0))
+}
+
+/// `n` sockets as [`socket_in_cgroup`] makes one, from one child.
+fn sockets_in_cgroup(
+    cgroup: &Path,
+    domain: i32,
+    ty: i32,
+    n: usize,
+) -> std::io::Result<Vec<std::os::fd::OwnedFd>> {
     use nix::libc;
     use std::os::fd::FromRawFd;
     let procs = std::ffi::CString::new(cgroup.join("cgroup.procs").into_os_string().into_encoded_bytes())
@@ -513,26 +541,37 @@ pub(crate) fn socket_in_cgroup(cgroup: &Path, domain: i32, ty: i32) -> std::io::
                 libc::_exit(3);
             }
             libc::close(fd);
-            let s = libc::socket(domain, ty | libc::SOCK_CLOEXEC, 0);
-            if s < 0 {
-                libc::_exit(4);
+            for _ in 0..n {
+                let s = libc::socket(domain, ty | libc::SOCK_CLOEXEC, 0);
+                if s < 0 {
+                    libc::_exit(4);
+                }
+                // The message holds its own reference: the child's copy can go.
+                send_fd(child_end, s);
+                libc::close(s);
             }
-            send_fd(child_end, s);
             libc::_exit(0);
         }
     }
     drop(theirs);
-    let received = recv_fd(ours.as_raw_fd());
+    // Received as they come, so few are in flight at once (the kernel caps those).
+    let received: Vec<_> = (0..n).map_while(|_| recv_fd(ours.as_raw_fd())).collect();
     let mut status = 0;
     // SAFETY: waiting for our own child.
     unsafe { libc::waitpid(pid, &mut status, 0) };
-    match received {
-        Some(fd) => Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) }),
-        None => Err(std::io::Error::other(format!(
-            "the child making a socket in {} failed (wait status {status})",
-            cgroup.display()
-        ))),
+    // SAFETY: each fd arrived over SCM_RIGHTS and is ours alone.
+    let owned: Vec<_> = received
+        .into_iter()
+        .map(|fd| unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+        .collect();
+    if owned.len() < n {
+        return Err(std::io::Error::other(format!(
+            "the child making sockets in {} failed after {} of {n} (wait status {status})",
+            cgroup.display(),
+            owned.len()
+        )));
     }
+    Ok(owned)
 }
 
 /// Control message buffer for one fd, aligned for cmsghdr.

@@ -493,6 +493,55 @@ fn session_affinity_from_outside_keeps_a_client_on_one_endpoint(backend: ProxyBa
 
 both_backends!(session_affinity_from_outside_keeps_a_client_on_one_endpoint);
 
+fn session_affinity_is_per_service_port_across_its_node_port_and_external_ip(backend: ProxyBackend) {
+    require_root!();
+    let c = Cluster::new("px-affport", &["b1", "b2"], backend);
+    let _servers = serve(&c, &["b1", "b2"], &[8080], &[]);
+    let (b1, b2) = (c.ip("b1").to_string(), c.ip("b2").to_string());
+    let both = [ep(&b1, NODE), ep(&b2, NODE)];
+    // Six Services: were affinity kept per address, a client's NodePort and externalIP
+    // choices would agree on all six by chance once in 64 runs.
+    let services = 6;
+    let mut objects = Vec::new();
+    for i in 0..services {
+        let name = format!("sticky{i}");
+        let mut svc = service(
+            &name,
+            &format!("10.96.8.{}", 20 + i),
+            &[("http", "TCP", 80, json!(8080))],
+            json!({"type": "NodePort", "externalIPs": [format!("198.51.100.{}", 40 + i)],
+                   "sessionAffinity": "ClientIP",
+                   "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 60}}}),
+        );
+        svc["spec"]["ports"][0]["nodePort"] = json!(30180 + i);
+        objects.push(svc);
+        objects.push(endpoint_slice(&name, "a", &both, &[("http", "TCP", 8080)]));
+    }
+    c.proxy.write("affport", &objects);
+    c.wait_for_rules(&format!("{}", 30180 + services - 1));
+    for i in 0..services {
+        let external = sock(&format!("198.51.100.{}:80", 40 + i));
+        let node_port = sock(&format!("{NODE_IP}:{}", 30180 + i));
+        let first = answered_by(&c.net.outside.tcp_request(external).expect("externalIP"));
+        for _ in 0..3 {
+            for to in [node_port, external] {
+                let reply = c
+                    .net
+                    .outside
+                    .tcp_request(to)
+                    .unwrap_or_else(|e| panic!("{to}: {e}"));
+                assert_eq!(
+                    answered_by(&reply),
+                    first,
+                    "Service {i}: {to} must keep the endpoint the client got by {external}"
+                );
+            }
+        }
+    }
+}
+
+both_backends!(session_affinity_is_per_service_port_across_its_node_port_and_external_ip);
+
 fn load_balancer_ip_external_ip_affinity_and_hairpin(backend: ProxyBackend) {
     require_root!();
     let c = Cluster::new("px-lb", &["b1", "b2", "client"], backend);

@@ -72,7 +72,7 @@ struct ferry_sock_key {
  * netns cookie stands for the "ClientIP" Kubernetes means. */
 struct ferry_affinity_key {
 	__u64 netns_cookie;
-	__u32 svc_id;
+	__u32 svc_id; /* the affinity group: affinity_id() in service_maps.h */
 	__u32 pad;
 };
 
@@ -99,7 +99,7 @@ struct ferry_range_key {
  * ClientIP, as a packet carries it) and the Service. */
 struct ferry_client_key {
 	__u32 ip[4];
-	__u32 svc_id;
+	__u32 svc_id; /* the affinity group, as in ferry_affinity_key */
 };
 
 /* An IPv4 flow as the tc programs see it on the wire, and what to rewrite it to. Each
@@ -122,6 +122,31 @@ struct ferry_flow6 {
 	__u16 dport;
 	__u8 proto;
 	__u8 pad[3];
+};
+
+/* What a flow entry of ferry_nat4 (ferry_nat6) has seen, in `flags`: packets after the one
+ * that made it, and TCP's FIN and RST in its direction. The daemon's sweep reads them with
+ * `last_seen_ns` to end flows as conntrack would (ebpf/src/flows.rs has the timeouts). */
+#define FERRY_FLOW_SEEN 1
+#define FERRY_FLOW_FIN 2
+#define FERRY_FLOW_RST 4
+
+/* A value of ferry_nat4: what a flow is rewritten to, when a packet of it last passed
+ * (bpf_ktime_get_ns, CLOCK_MONOTONIC; refreshed at most once a second per entry, so
+ * packets of a busy flow do not all write it) and FERRY_FLOW_* flags. */
+struct ferry_nat4_entry {
+	struct ferry_flow4 to;
+	__u64 last_seen_ns;
+	__u32 flags;
+	__u32 pad;
+};
+
+/* A value of ferry_nat6, as ferry_nat4_entry. */
+struct ferry_nat6_entry {
+	struct ferry_flow6 to;
+	__u64 last_seen_ns;
+	__u32 flags;
+	__u32 pad;
 };
 
 /* The node's IPv6 SNAT address (array, one entry; all zero: not set). */

@@ -28,6 +28,29 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } ferry_backends SEC(".maps");
 
+/* Written by the daemon: a frontend's Service id -> the id session affinity is kept under,
+ * one per Service port and scope (that of one of its frontends), so a client keeps its
+ * endpoint whichever of the port's addresses it comes by (NodePort, externalIP, LB IP), as
+ * kube-proxy keeps affinity per Service port. Absent: the frontend's own id. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, FERRY_MAX_SERVICES);
+	__type(key, __u32);
+	__type(value, __u32);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} ferry_affinity_group SEC(".maps");
+
+/* The id `svc`'s session affinity is kept under. An endpoint remembered under it through
+ * a sibling frontend is reused only if this frontend has it at the same slot (see
+ * sticky_still_valid): siblings are programmed together, so their slots agree, and where
+ * they do not the client gets a fresh pick, never a wrong endpoint. */
+static __always_inline __u32 affinity_id(const struct ferry_svc *svc)
+{
+	__u32 id = svc->id;
+	__u32 *group = bpf_map_lookup_elem(&ferry_affinity_group, &id);
+	return group ? *group : id;
+}
+
 /* Whether a map address (16 bytes) is an IPv4 one, stored v4-mapped. */
 static __always_inline int is_v4_mapped(const __u32 ip[4])
 {

@@ -95,7 +95,7 @@ static __always_inline enum verdict pick_endpoint(void *ctx, const struct ferry_
 	struct ferry_affinity_key akey = {};
 	if (svc->affinity_timeout_s) {
 		akey.netns_cookie = bpf_get_netns_cookie(ctx);
-		akey.svc_id = svc->id;
+		akey.svc_id = affinity_id(svc);
 		struct ferry_sticky *a = bpf_map_lookup_elem(&ferry_affinity, &akey);
 		if (a && affinity_holds(svc, a, now)) {
 			a->last_used_ns = now;

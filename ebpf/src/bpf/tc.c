@@ -34,9 +34,17 @@
  *
  * TCP and UDP, IPv4 and IPv6; IPv4 options, fragments and IPv6 extension headers pass
  * untranslated. An IPv6 address is rewritten with the L4 checksum fixed from
- * bpf_csum_diff over the 16 bytes (IPv6 has no header checksum). Flows leave
- * ferry_nat4 by LRU eviction only (no FIN tracking), and a Service without endpoints
- * drops new flows (a cgroup program can refuse a connect, a tc program can only drop).
+ * bpf_csum_diff over the 16 bytes (IPv6 has no header checksum). A Service without
+ * endpoints drops new flows (a cgroup program can refuse a connect, a tc program can only
+ * drop).
+ *
+ * How flows end: each entry records when a packet last matched it (at most one write a
+ * second) and whether a FIN or RST passed in its direction; the daemon's sweep
+ * (ebpf/src/flows.rs) deletes both entries of a flow idle past its timeout, as conntrack
+ * would, and LRU eviction stays the last resort when the table is full. A SYN that
+ * matches a flow which saw a FIN or RST ends it here at once and starts a new one with a
+ * fresh endpoint choice (conntrack does the same for a SYN in TIME_WAIT): a client that
+ * reuses its port right after a close is not sent to the old, maybe gone, endpoint.
  */
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
@@ -67,7 +75,7 @@ struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, FERRY_MAX_NAT_FLOWS);
 	__type(key, struct ferry_flow4);
-	__type(value, struct ferry_flow4);
+	__type(value, struct ferry_nat4_entry);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } ferry_nat4 SEC(".maps");
 
@@ -76,7 +84,7 @@ struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, FERRY_MAX_NAT_FLOWS);
 	__type(key, struct ferry_flow6);
-	__type(value, struct ferry_flow6);
+	__type(value, struct ferry_nat6_entry);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } ferry_nat6 SEC(".maps");
 
@@ -162,7 +170,7 @@ static __always_inline struct ferry_sockaddr *pick_endpoint(const struct ferry_s
 	if (svc->affinity_timeout_s) {
 		now = bpf_ktime_get_ns();
 		__builtin_memcpy(ckey.ip, saddr, sizeof(ckey.ip));
-		ckey.svc_id = svc->id;
+		ckey.svc_id = affinity_id(svc);
 		struct ferry_sticky *a = bpf_map_lookup_elem(&ferry_client_affinity, &ckey);
 		if (a && affinity_holds(svc, a, now)) {
 			a->last_used_ns = now;
@@ -210,7 +218,8 @@ static __always_inline __u16 snat_port(void)
 }
 
 /* Picks the endpoint and source of a new IPv4 flow `in`, and remembers both directions. */
-static __always_inline enum verdict new_flow4(const struct ferry_flow4 *in, struct ferry_flow4 *out)
+static __always_inline enum verdict new_flow4(const struct ferry_flow4 *in, struct ferry_flow4 *out,
+					      __u32 seen)
 {
 	__u32 saddr[4] = { 0, 0, bpf_htonl(0xffff), in->saddr };
 	__u32 daddr[4] = { 0, 0, bpf_htonl(0xffff), in->daddr };
@@ -249,12 +258,16 @@ static __always_inline enum verdict new_flow4(const struct ferry_flow4 *in, stru
 	}
 	struct ferry_flow4 reply = { .saddr = out->daddr, .daddr = out->saddr, .sport = out->dport,
 				     .dport = out->sport, .proto = in->proto };
-	struct ferry_flow4 reply_to = { .saddr = in->daddr, .daddr = in->saddr, .sport = in->dport,
-					.dport = in->sport, .proto = in->proto };
+	__u64 now = bpf_ktime_get_ns();
+	struct ferry_nat4_entry back = { .to = { .saddr = in->daddr, .daddr = in->saddr,
+						 .sport = in->dport, .dport = in->sport,
+						 .proto = in->proto },
+					 .last_seen_ns = now };
 	/* NOEXIST: two first packets racing for one port; the loser drops, TCP retries. */
-	if (bpf_map_update_elem(&ferry_nat4, &reply, &reply_to, BPF_NOEXIST))
+	if (bpf_map_update_elem(&ferry_nat4, &reply, &back, BPF_NOEXIST))
 		return NO_ENDPOINT;
-	bpf_map_update_elem(&ferry_nat4, in, out, BPF_ANY);
+	struct ferry_nat4_entry forth = { .to = *out, .last_seen_ns = now, .flags = seen };
+	bpf_map_update_elem(&ferry_nat4, in, &forth, BPF_ANY);
 	return TRANSLATED;
 }
 
@@ -274,7 +287,8 @@ static __always_inline void reverse6(const struct ferry_flow6 *f, struct ferry_f
 }
 
 /* new_flow4 for IPv6. */
-static __always_inline enum verdict new_flow6(const struct ferry_flow6 *in, struct ferry_flow6 *out)
+static __always_inline enum verdict new_flow6(const struct ferry_flow6 *in, struct ferry_flow6 *out,
+					      __u32 seen)
 {
 	struct ferry_sockaddr be;
 	int keep_source = 0;
@@ -307,11 +321,13 @@ static __always_inline enum verdict new_flow6(const struct ferry_flow6 *in, stru
 			return NO_ENDPOINT;
 	}
 	reverse6(out, &reply);
-	struct ferry_flow6 reply_to = {};
-	reverse6(in, &reply_to);
-	if (bpf_map_update_elem(&ferry_nat6, &reply, &reply_to, BPF_NOEXIST))
+	__u64 now = bpf_ktime_get_ns();
+	struct ferry_nat6_entry back = { .last_seen_ns = now };
+	reverse6(in, &back.to);
+	if (bpf_map_update_elem(&ferry_nat6, &reply, &back, BPF_NOEXIST))
 		return NO_ENDPOINT;
-	bpf_map_update_elem(&ferry_nat6, in, out, BPF_ANY);
+	struct ferry_nat6_entry forth = { .to = *out, .last_seen_ns = now, .flags = seen };
+	bpf_map_update_elem(&ferry_nat6, in, &forth, BPF_ANY);
 	return TRANSLATED;
 }
 
@@ -383,6 +399,67 @@ static __always_inline void rewrite6(struct __sk_buff *skb, const struct ferry_f
 	rewrite_ports(skb, L4_OFF6, from->proto, from->sport, from->dport, to->sport, to->dport);
 }
 
+/* How often a busy flow's entry gets a new timestamp: the sweep's timeouts are seconds. */
+#define REFRESH_NS 1000000000ULL
+
+/* What a packet at `l4` tells its flow entry (FERRY_FLOW_SEEN, and FIN or RST for TCP),
+ * and in `opens` whether it opens a connection (TCP SYN without ACK). A TCP header cut
+ * short tells only SEEN. */
+static __always_inline __u32 packet_flags(void *l4, void *data_end, __u8 proto, int *opens)
+{
+	*opens = 0;
+	if (proto != IPPROTO_TCP)
+		return FERRY_FLOW_SEEN;
+	struct tcphdr *tcp = l4;
+	if ((void *)(tcp + 1) > data_end)
+		return FERRY_FLOW_SEEN;
+	*opens = tcp->syn && !tcp->ack;
+	return FERRY_FLOW_SEEN | (tcp->fin ? FERRY_FLOW_FIN : 0) | (tcp->rst ? FERRY_FLOW_RST : 0);
+}
+
+/* Records a packet in its flow's entry. Plain writes: two CPUs racing on one flow's entry
+ * at worst lose a refresh or a flag that the flow's next packet sets again. */
+static __always_inline void touch(__u64 *last_seen_ns, __u32 *flags, __u32 seen)
+{
+	if ((*flags | seen) != *flags)
+		*flags |= seen;
+	__u64 now = bpf_ktime_get_ns();
+	if (now - *last_seen_ns >= REFRESH_NS)
+		*last_seen_ns = now;
+}
+
+#define FLOW_CLOSED (FERRY_FLOW_FIN | FERRY_FLOW_RST)
+
+/* A known IPv4 flow whose packet `key` opens a new connection: if the flow was closed (a
+ * FIN or RST passed either way), both its entries go and the caller starts afresh. */
+static __always_inline struct ferry_nat4_entry *reopen4(const struct ferry_flow4 *key,
+							struct ferry_nat4_entry *e)
+{
+	struct ferry_flow4 partner = { .saddr = e->to.daddr, .daddr = e->to.saddr,
+				       .sport = e->to.dport, .dport = e->to.sport,
+				       .proto = key->proto };
+	struct ferry_nat4_entry *p = bpf_map_lookup_elem(&ferry_nat4, &partner);
+	if (!((e->flags | (p ? p->flags : 0)) & FLOW_CLOSED))
+		return e;
+	bpf_map_delete_elem(&ferry_nat4, &partner);
+	bpf_map_delete_elem(&ferry_nat4, key);
+	return NULL;
+}
+
+/* reopen4 for IPv6. */
+static __always_inline struct ferry_nat6_entry *reopen6(const struct ferry_flow6 *key,
+							struct ferry_nat6_entry *e)
+{
+	struct ferry_flow6 partner = {};
+	reverse6(&e->to, &partner);
+	struct ferry_nat6_entry *p = bpf_map_lookup_elem(&ferry_nat6, &partner);
+	if (!((e->flags | (p ? p->flags : 0)) & FLOW_CLOSED))
+		return e;
+	bpf_map_delete_elem(&ferry_nat6, &partner);
+	bpf_map_delete_elem(&ferry_nat6, key);
+	return NULL;
+}
+
 static __always_inline int verdict_action(enum verdict v)
 {
 	return v == NO_ENDPOINT || v == SOURCE_NOT_ALLOWED ? TC_ACT_SHOT : TC_ACT_OK;
@@ -401,12 +478,17 @@ static __always_inline int ingress4(struct __sk_buff *skb, void *data_end, struc
 
 	struct ferry_flow4 key = { .saddr = ip->saddr, .daddr = ip->daddr, .sport = ports[0],
 				   .dport = ports[1], .proto = ip->protocol };
+	int opens;
+	__u32 seen = packet_flags(ports, data_end, ip->protocol, &opens);
 	struct ferry_flow4 to;
-	struct ferry_flow4 *known = bpf_map_lookup_elem(&ferry_nat4, &key);
+	struct ferry_nat4_entry *known = bpf_map_lookup_elem(&ferry_nat4, &key);
+	if (known && opens)
+		known = reopen4(&key, known);
 	if (known) {
-		to = *known;
+		touch(&known->last_seen_ns, &known->flags, seen);
+		to = known->to;
 	} else {
-		enum verdict v = new_flow4(&key, &to);
+		enum verdict v = new_flow4(&key, &to, seen);
 		if (v != TRANSLATED)
 			return verdict_action(v);
 	}
@@ -427,12 +509,17 @@ static __always_inline int ingress6(struct __sk_buff *skb, void *data_end, struc
 	struct ferry_flow6 key = { .sport = ports[0], .dport = ports[1], .proto = ip6->nexthdr };
 	__builtin_memcpy(key.saddr, &ip6->saddr, sizeof(key.saddr));
 	__builtin_memcpy(key.daddr, &ip6->daddr, sizeof(key.daddr));
+	int opens;
+	__u32 seen = packet_flags(ports, data_end, ip6->nexthdr, &opens);
 	struct ferry_flow6 to = {};
-	struct ferry_flow6 *known = bpf_map_lookup_elem(&ferry_nat6, &key);
+	struct ferry_nat6_entry *known = bpf_map_lookup_elem(&ferry_nat6, &key);
+	if (known && opens)
+		known = reopen6(&key, known);
 	if (known) {
-		to = *known;
+		touch(&known->last_seen_ns, &known->flags, seen);
+		to = known->to;
 	} else {
-		enum verdict v = new_flow6(&key, &to);
+		enum verdict v = new_flow6(&key, &to, seen);
 		if (v != TRANSLATED)
 			return verdict_action(v);
 	}

@@ -112,6 +112,29 @@ fn addrs(eps: &[Endpoint]) -> Vec<SocketAddr> {
     eps.iter().map(|e| SocketAddr::new(e.ip, e.port)).collect()
 }
 
+/// For a port with session affinity: each frontend and the one whose affinity it shares,
+/// the first of its scope (the ClusterIP inside; outside, the first node address with the
+/// NodePort, else the first external or load-balancer IP). kube-proxy keeps affinity per
+/// Service port, so a client that reaches the port by its NodePort and then by its
+/// externalIP keeps its endpoint; the two scopes stay apart, as their clients are told
+/// apart differently (network namespace inside, address outside).
+pub(super) fn affinity_leaders(wanted: &[(Frontend, ServiceBackends)]) -> Vec<(Frontend, Frontend)> {
+    let mut leaders: Vec<Frontend> = Vec::new();
+    wanted
+        .iter()
+        .map(|(f, _)| {
+            let leader = match leaders.iter().find(|l| l.scope == f.scope) {
+                Some(l) => *l,
+                None => {
+                    leaders.push(*f);
+                    *f
+                }
+            };
+            (*f, leader)
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -193,6 +216,26 @@ mod tests {
                 .any(|(f, _)| f.ip == "192.168.1.7".parse::<IpAddr>().unwrap()),
             "an IPv6 port has no frontend on the node's IPv4 address: {fes:?}"
         );
+    }
+
+    #[test]
+    fn a_ports_frontends_share_affinity_per_scope() {
+        let mut p = port(Protocol::Tcp);
+        p.affinity_seconds = Some(60);
+        p.external_ips = vec!["198.51.100.20".parse().unwrap()];
+        p.node_port = Some(30080);
+        let (fes, _) = frontends(&p, &["192.168.1.7".parse().unwrap()]);
+        let pairs = affinity_leaders(&fes);
+        assert_eq!(pairs.len(), fes.len());
+        for scope in [Scope::Inside, Scope::Outside] {
+            let leaders: std::collections::BTreeSet<_> = pairs
+                .iter()
+                .filter(|(f, _)| f.scope == scope)
+                .map(|(_, l)| *l)
+                .collect();
+            assert_eq!(leaders.len(), 1, "one leader per scope: {pairs:?}");
+            assert!(leaders.iter().all(|l| l.scope == scope), "{pairs:?}");
+        }
     }
 
     #[test]

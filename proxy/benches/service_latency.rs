@@ -1,0 +1,379 @@
+//! What a Service costs a connection, through each back end: TCP connect latency and
+//! request/response latency from a client Pod to a ClusterIP, beside the same server's Pod
+//! IP reached directly from the same client (the baseline), in one run (issue 12,
+//! "Benchmark").
+//!
+//! Four nodes, each a `PodNetwork` (ferry-bridge Pods) with a client Pod and a server Pod:
+//! the nftables back end with 10 Services and with N, the eBPF back end with 10 and with N
+//! (N = `FERRY_BENCH_SERVICES`, default 10000; ClusterIP Services x 10 endpoints, the
+//! measured one among them, the others' endpoints never contacted). The eBPF back end's
+//! socket programs attach only to a cgroup the bench makes (`EbpfSandbox`), and the client's
+//! sockets are made in it; the nftables nodes' clients use plain sockets.
+//!
+//! Measured, per node, to the ClusterIP and to the server's Pod IP:
+//! - connect: the time of `connect()` on a fresh socket, `FERRY_BENCH_CONNECTS` (default
+//!   2000) per series; each series makes all its sockets before it starts (in a cgroup that
+//!   takes a fork, after which the first writes to each page of the process fault: made
+//!   one by one, that cost 10-15 us landed in the eBPF series' connects);
+//! - request/response: on one established connection, 32 bytes out and the same 32 bytes
+//!   echoed back, `FERRY_BENCH_ROUND_TRIPS` (default 20000) per series.
+//!
+//! All eight series of a kind run interleaved round by round (common/interleaved.rs), after
+//! untimed warm-up rounds, so load from the rest of the machine falls on all alike; every
+//! client thread runs on CPU 0 and every server thread on CPU 1, so no series gets a
+//! luckier placement than another. The
+//! figures are p50 and p99 and the ratio ClusterIP / Pod IP per node (goal for eBPF:
+//! <= 1.05x); the load average is printed before and after.
+//!
+//! Run: `cargo bench -p ferry-proxy --bench service_latency` (root; `FERRY_BIN_DIR=target/debug`
+//! when only the debug plugins are built). Everything happens in namespaces and a cgroup
+//! the bench creates.
+
+#[path = "common/interleaved.rs"]
+mod interleaved;
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use ferry_proxy::backend::ebpf::{pin_dir, EbpfBackend};
+use ferry_proxy::backend::nftables::{synthetic_table, NftablesBackend};
+use ferry_proxy::backend::Backend;
+use ferry_proxy::changes::Changes;
+use ferry_proxy::plan::{Endpoint, Family, Plan, Protocol, ServicePort, ServicePortId};
+use ferry_tests::bench::{env_usize, percentile};
+use ferry_tests::{require_root, Client, EbpfSandbox, Pod, PodNetwork, Server, TIMEOUT};
+use interleaved::{interleaved, Sample, Series};
+
+/// The measured Service's ClusterIP: outside `synthetic_table`'s 172.16.0.0/12 addresses
+/// for up to 65,536 Services.
+const WEB_IP: Ipv4Addr = Ipv4Addr::new(172, 31, 255, 10);
+/// Service port and Pod port of the connect series (a server that answers and closes).
+const CONNECT_PORT: (u16, u16) = (80, 8080);
+/// Service port and Pod port of the request/response series (an echo server).
+const ECHO_PORT: (u16, u16) = (81, 8081);
+/// One request (and its echo): 31 bytes and the newline the echo server waits for.
+const REQUEST: &[u8; 32] = b"0123456789abcdefghijklmnopqrstu\n";
+/// The ratio issue 12 sets for the eBPF back end.
+const GOAL: f64 = 1.05;
+
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Nftables,
+    Ebpf,
+}
+
+/// A node whose back end programs `services` Services, one of them the measured one with
+/// the server Pod as its only endpoint.
+struct LatencyNode {
+    label: String,
+    // Field order is drop order: servers, then the Pods, then the programs, then the node.
+    _servers: [Server; 2],
+    client: Pod,
+    _server_pod: Pod,
+    sandbox: Option<EbpfSandbox>,
+    _net: PodNetwork,
+    server_ip: IpAddr,
+}
+
+/// The measured Service: one port per series kind, the server Pod its only endpoint.
+fn web_ports(server: IpAddr) -> Vec<ServicePort> {
+    [("connect", CONNECT_PORT), ("echo", ECHO_PORT)]
+        .into_iter()
+        .map(|(name, (port, target))| {
+            let id = ServicePortId {
+                namespace: "bench".into(),
+                name: "web".into(),
+                port_name: name.into(),
+                protocol: Protocol::Tcp,
+                family: Family::V4,
+            };
+            let ep = Endpoint {
+                ip: server,
+                port: target,
+                is_local: true,
+                ready: true,
+            };
+            ServicePort {
+                cluster_endpoints: vec![ep.clone()],
+                external_endpoints: vec![ep],
+                ..ServicePort::new(id, Some(WEB_IP.into()), port)
+            }
+        })
+        .collect()
+}
+
+fn latency_node(kind: Kind, services: usize) -> LatencyNode {
+    let tag = format!("lat-{}{services}", if kind == Kind::Ebpf { "e" } else { "n" });
+    let label = format!(
+        "{}, {services} Services",
+        if kind == Kind::Ebpf { "eBPF" } else { "nftables" }
+    );
+    let net = PodNetwork::new(&tag);
+    let (server_pod, server_ip) = net.add_pod("server");
+    let (client, _) = net.add_pod("client");
+    let mut table = synthetic_table(services - 1, 10, 0);
+    table.settings.cluster_cidrs = vec![net.subnet.parse().expect("the Pod subnet")];
+    for port in web_ports(server_ip) {
+        table.ports.insert(port.id.clone(), port);
+    }
+    let plan = Plan {
+        services: table,
+        policy: None,
+    };
+    let sandbox = (kind == Kind::Ebpf).then(|| EbpfSandbox::new(&tag));
+    net.node.netns().run(|| {
+        // The programs and rules stay in the kernel when the back end is dropped (the eBPF
+        // one's links are pinned in the sandbox's bpffs).
+        let mut backend: Box<dyn Backend> = match &sandbox {
+            None => Box::new(NftablesBackend::new()),
+            Some(s) => Box::new(
+                EbpfBackend::new(&pin_dir(s.pin_root(), &tag), s.cgroup()).expect("load the eBPF back end"),
+            ),
+        };
+        backend
+            .sync(&plan, &Changes::all())
+            .unwrap_or_else(|e| panic!("{label}: sync failed: {e}"));
+    });
+    let servers = [
+        server_pod.tcp_server(SocketAddr::new(server_ip, CONNECT_PORT.1)),
+        server_pod.tcp_echo_server(SocketAddr::new(server_ip, ECHO_PORT.1)),
+    ];
+    let node = LatencyNode {
+        label,
+        _servers: servers,
+        client,
+        _server_pod: server_pod,
+        sandbox,
+        _net: net,
+        server_ip,
+    };
+    // The ClusterIP must lead to the server, through this node's back end.
+    let answer = node
+        .client()
+        .tcp_request(SocketAddr::new(WEB_IP.into(), CONNECT_PORT.0))
+        .unwrap_or_else(|e| panic!("{}: the ClusterIP does not answer: {e}", node.label));
+    assert!(
+        answer.ends_with(&format!(" {server_ip}:{}", CONNECT_PORT.1)),
+        "{}: the ClusterIP must lead to the server Pod: {answer}",
+        node.label
+    );
+    node
+}
+
+impl LatencyNode {
+    /// The client Pod's process as the back end sees it: in the sandbox's cgroup for eBPF.
+    fn client(&self) -> Client<'_> {
+        Client {
+            netns: self.client.netns(),
+            cgroup: self.sandbox.as_ref().map(|s| s.cgroup()),
+        }
+    }
+
+    /// The Service's address for `port`, and the server Pod's.
+    fn targets(&self, port: (u16, u16)) -> [(&'static str, SocketAddr); 2] {
+        [
+            ("ClusterIP", SocketAddr::new(WEB_IP.into(), port.0)),
+            ("Pod IP", SocketAddr::new(self.server_ip, port.1)),
+        ]
+    }
+}
+
+/// Connects `socket` (made by the series' client) to `to`, timing `connect()` alone.
+fn connect(socket: std::os::fd::OwnedFd, to: SocketAddr) -> std::io::Result<(socket2::Socket, Duration)> {
+    let socket = socket2::Socket::from(socket);
+    // SO_SNDTIMEO bounds connect() too: a lost SYN fails the series instead of hanging.
+    socket.set_write_timeout(Some(TIMEOUT))?;
+    let start = Instant::now();
+    socket.connect(&to.into())?;
+    Ok((socket, start.elapsed()))
+}
+
+/// `samples` connects, each on a socket of its own made before the series starts (all at
+/// once: in a cgroup that is one fork, whose page faults then fall in the warm-up).
+fn connect_series<'a>(node: &'a LatencyNode, what: &str, to: SocketAddr, samples: usize) -> Series<'a> {
+    let client = node.client();
+    Series {
+        label: format!("{}: connect to the {what} {to}", node.label),
+        netns: node.client.netns(),
+        start: Box::new(move || {
+            let mut sockets = client.unconnected_tcp_sockets(to.is_ipv4(), samples)?;
+            let sample: Sample<'a> = Box::new(move || {
+                let socket = sockets
+                    .pop()
+                    .ok_or_else(|| std::io::Error::other("more samples than sockets made"))?;
+                connect(socket, to).map(|(_, took)| took)
+            });
+            Ok(sample)
+        }),
+    }
+}
+
+fn echo_series<'a>(node: &'a LatencyNode, what: &str, to: SocketAddr) -> Series<'a> {
+    let client = node.client();
+    Series {
+        label: format!("{}: request/response to the {what} {to}", node.label),
+        netns: node.client.netns(),
+        start: Box::new(move || {
+            let socket = client.unconnected_tcp_sockets(to.is_ipv4(), 1)?.remove(0);
+            let (socket, _) = connect(socket, to)?;
+            let mut conn = TcpStream::from(socket);
+            conn.set_nodelay(true)?;
+            conn.set_read_timeout(Some(TIMEOUT))?;
+            let mut reply = [0u8; REQUEST.len()];
+            let sample: Sample<'a> = Box::new(move || {
+                let start = Instant::now();
+                conn.write_all(REQUEST)?;
+                conn.read_exact(&mut reply)?;
+                let took = start.elapsed();
+                if &reply != REQUEST {
+                    return Err(std::io::Error::other("the echo differs from the request"));
+                }
+                Ok(took)
+            });
+            Ok(sample)
+        }),
+    }
+}
+
+/// Where the series' client threads run (they inherit it from the thread that spawns them)
+/// and where the servers' threads do.
+const CLIENT_CPU: usize = 0;
+const SERVER_CPU: usize = 1;
+
+/// Pins the calling thread, and threads it spawns from now on, to `cpu` (when the machine
+/// has it).
+fn pin_to_cpu(cpu: usize) {
+    if online_cpus() <= cpu {
+        return;
+    }
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET and sched_setaffinity only
+    // touch that set and this thread's affinity.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
+/// The machine's CPUs (`available_parallelism` counts only those this thread may use).
+fn online_cpus() -> usize {
+    // SAFETY: sysconf has no memory effects.
+    unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.max(1) as usize
+}
+
+/// Every connect series holds its sockets from the start: allow that many open files.
+fn raise_fd_limit(wanted: usize) {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit on a struct we own.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < wanted as libc::rlim_t {
+            lim.rlim_cur = lim.rlim_max.min(wanted as libc::rlim_t);
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+fn micros(d: Duration) -> String {
+    format!("{:.1} us", d.as_secs_f64() * 1e6)
+}
+
+/// Prints each node's two series (ClusterIP, Pod IP) and their ratios.
+fn print_table(title: &str, nodes: &[LatencyNode], samples: &mut [Vec<Duration>]) {
+    println!();
+    println!(
+        "{title:<46} {:>10} {:>10} {:>10} {:>10}",
+        "p50", "p99", "p50 ratio", "p99 ratio"
+    );
+    for (node, pair) in nodes.iter().zip(samples.chunks_mut(2)) {
+        let [service, direct] = pair else {
+            unreachable!("two series per node")
+        };
+        let (s50, s99) = (percentile(service, 0.5), percentile(service, 0.99));
+        let (d50, d99) = (percentile(direct, 0.5), percentile(direct, 0.99));
+        println!(
+            "{:<46} {:>10} {:>10} {:>9.2}x {:>9.2}x",
+            format!("{}: ClusterIP", node.label),
+            micros(s50),
+            micros(s99),
+            s50.as_secs_f64() / d50.as_secs_f64(),
+            s99.as_secs_f64() / d99.as_secs_f64(),
+        );
+        println!(
+            "{:<46} {:>10} {:>10}",
+            format!("{}: Pod IP (baseline)", node.label),
+            micros(d50),
+            micros(d99)
+        );
+    }
+}
+
+fn main() {
+    require_root!();
+    let services = env_usize("FERRY_BENCH_SERVICES", 10_000).max(10);
+    let connects = env_usize("FERRY_BENCH_CONNECTS", 2000).max(10);
+    let round_trips = env_usize("FERRY_BENCH_ROUND_TRIPS", 20_000).max(10);
+    let load_before = loadavg();
+    raise_fd_limit(8 * (connects + connects / 20) + 1024);
+    // Servers (made next) run on SERVER_CPU, clients on CLIENT_CPU: every series sees the
+    // same placement, where leaving it to the scheduler gave two series of one node (same
+    // client, same server, same packets) medians 1.6x apart.
+    pin_to_cpu(SERVER_CPU);
+
+    eprintln!("service latency: four nodes (nftables and eBPF, 10 and {services} Services)...");
+    let nodes: Vec<LatencyNode> = [Kind::Nftables, Kind::Ebpf]
+        .into_iter()
+        .flat_map(|kind| [10, services].map(|n| (kind, n)))
+        .map(|(kind, n)| latency_node(kind, n))
+        .collect();
+
+    eprintln!("service latency: {connects} connects per series...");
+    let warmup = connects / 20;
+    let series = nodes
+        .iter()
+        .flat_map(|node| {
+            node.targets(CONNECT_PORT)
+                .map(|(what, to)| connect_series(node, what, to, warmup + connects))
+        })
+        .collect();
+    pin_to_cpu(CLIENT_CPU);
+    let mut connect_times = interleaved(series, warmup, connects);
+
+    eprintln!("service latency: {round_trips} round trips per series...");
+    let series = nodes
+        .iter()
+        .flat_map(|node| {
+            node.targets(ECHO_PORT)
+                .map(|(what, to)| echo_series(node, what, to))
+        })
+        .collect();
+    let mut echo_times = interleaved(series, round_trips / 20, round_trips);
+
+    println!(
+        "Service latency, TCP, client Pod -> server Pod on one node (ferry-bridge); ClusterIP \
+         Services x 10 endpoints; series interleaved round by round; ratio = ClusterIP / Pod \
+         IP on the same node (goal for eBPF <= {GOAL}x); {} CPUs; load average {load_before} \
+         before, {} after",
+        online_cpus(),
+        loadavg()
+    );
+    print_table(
+        &format!("TCP connect ({connects} per series)"),
+        &nodes,
+        &mut connect_times,
+    );
+    print_table(
+        &format!("request/response, 32 B ({round_trips} per series)"),
+        &nodes,
+        &mut echo_times,
+    );
+}
