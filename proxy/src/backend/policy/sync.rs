@@ -1,15 +1,15 @@
 //! What the policy table holds, and each sync as one diff from it (see "Sync" and
 //! "Restart" in the module docs of [`super`]).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::time::Instant;
 
-use super::render::{render_chain, Direction, MapElement, PolicyChain, SetCache, FAMILIES, TABLE};
+use super::render::{render_chain, Direction, MapElement, PeerSet, PolicyChain, SetCache, FAMILIES, TABLE};
 use super::transaction::{ops_text, PolicyOp};
 use crate::backend::BackendError;
 use crate::nft;
-use crate::plan::policy::{Isolation, PodPolicy, PolicyTable, PortRange, Ports};
+use crate::plan::policy::{AddressRange, Isolation, PodPolicy, PolicyTable, PortRange, Ports};
 use std::sync::Arc;
 
 /// Chain and set names found in the kernel at the first sync of a process.
@@ -53,7 +53,9 @@ struct Applied {
     enabled: bool,
     elements: HashMap<(Direction, IpAddr), String>,
     chains: HashMap<String, AppliedChain>,
-    sets: HashSet<String>,
+    /// Each peer set and its elements; `None`: found in the kernel by name, elements
+    /// unknown (flushed and refilled in the first transaction that uses it).
+    sets: HashMap<String, Option<Arc<PeerSet>>>,
     /// Only after reading the kernel: its maps' elements are unknown (flushed and
     /// refilled in the first transaction).
     unknown_elements: bool,
@@ -76,7 +78,7 @@ impl Applied {
                 .sets
                 .iter()
                 .filter(|s| s.starts_with("peers-"))
-                .cloned()
+                .map(|s| (s.clone(), None))
                 .collect(),
             unknown_elements: true,
             ..Applied::default()
@@ -170,12 +172,12 @@ impl PolicyWriter {
     }
 }
 
-/// What a direction's chain is made of, as the plan shares it: per clause, the pointer
-/// of its (shared) peer list and its ports. Pods under the same policies have equal keys
+/// What a direction's chain is made of, as the plan shares it: per clause, the pointers
+/// of its peer set id and of its (shared) address list, and its ports. Pods under the same policies have equal keys
 /// within one plan, so each distinct chain is rendered once per sync; comparing the
 /// Isolations themselves would walk every peer list for every Pod (measured: seconds
 /// per sync at 1,000 policies, in a debug build).
-type ChainKey = (Direction, Vec<(usize, Option<Vec<PortRange>>)>);
+type ChainKey = (Direction, Vec<(usize, usize, Option<Vec<PortRange>>)>);
 
 fn chain_key(direction: Direction, isolation: &Isolation) -> ChainKey {
     let clauses = isolation
@@ -187,7 +189,11 @@ fn chain_key(direction: Direction, isolation: &Isolation) -> ChainKey {
                 Ports::Any => None,
                 Ports::Ranges(r) => Some(r.clone()),
             };
-            (Arc::as_ptr(&c.peers) as usize, ports)
+            (
+                Arc::as_ptr(&c.peer_set.0) as *const u8 as usize,
+                Arc::as_ptr(&c.peers) as usize,
+                ports,
+            )
         })
         .collect();
     (direction, clauses)
@@ -293,25 +299,61 @@ fn diff(mut old: Applied, table: &PolicyTable) -> Prepared {
         };
         chains.insert(name.clone(), known);
     }
-    let sets: HashSet<String> = chains.values().flat_map(|c| c.sets.iter().cloned()).collect();
+    // The sets in use after this sync, with their elements: every chain in use was
+    // rendered in this sync (the renderer is fresh), so each set's content is known.
+    let mut sets: BTreeMap<String, Option<Arc<PeerSet>>> = BTreeMap::new();
+    for name in chains.keys() {
+        match renderer.rendered.get(name) {
+            Some(chain) => {
+                for set in &chain.sets {
+                    sets.insert(set.name.clone(), Some(set.clone()));
+                }
+            }
+            None => {
+                for set in &chains[name].sets {
+                    let known = old.sets.get(set).cloned().flatten();
+                    sets.entry(set.clone()).or_insert(known);
+                }
+            }
+        }
+    }
 
-    // New sets, then new chains: in name order, so one plan gives one text.
+    // Sets: new ones with their elements; kept ones by element diff (their names say
+    // what they select, not what they hold); ones found in the kernel flushed and
+    // refilled. Then new chains: in name order, so one plan gives one text.
+    for (name, set) in &sets {
+        let Some(set) = set else { continue };
+        match old.sets.get(name) {
+            None => ops.push(PolicyOp::AddSet(set.clone())),
+            Some(None) => {
+                ops.push(PolicyOp::FlushSet(name.clone()));
+                ops.push(PolicyOp::AddSetElements(set.clone()));
+            }
+            Some(Some(was)) if Arc::ptr_eq(was, set) || was.ranges == set.ranges => {}
+            Some(Some(was)) => {
+                let (gone, new) = range_diff(&was.ranges, &set.ranges);
+                let part = |ranges: Vec<AddressRange>| {
+                    Arc::new(PeerSet {
+                        name: name.clone(),
+                        family: set.family,
+                        ranges,
+                    })
+                };
+                if !gone.is_empty() {
+                    ops.push(PolicyOp::DelSetElements(part(gone)));
+                }
+                if !new.is_empty() {
+                    ops.push(PolicyOp::AddSetElements(part(new)));
+                }
+            }
+        }
+    }
     let mut new_chains: Vec<&PolicyChain> = renderer
         .rendered
         .values()
         .filter(|c| chains.contains_key(&c.name) && !old.chains.contains_key(&c.name))
         .collect();
     new_chains.sort_by(|a, b| a.name.cmp(&b.name));
-    let mut added_sets = BTreeMap::new();
-    for chain in &new_chains {
-        for set in &chain.sets {
-            if !old.sets.contains(&set.name) {
-                added_sets.entry(set.name.clone()).or_insert_with(|| set.clone());
-            }
-        }
-    }
-    // A kept chain's sets are in the kernel already (a chain holds its sets' names).
-    ops.extend(added_sets.into_values().map(PolicyOp::AddSet));
     for chain in &new_chains {
         ops.push(PolicyOp::AddChain(chain.name.clone()));
         for rule in &chain.rules {
@@ -353,7 +395,7 @@ fn diff(mut old: Applied, table: &PolicyTable) -> Prepared {
     let mut gone_chains: Vec<&String> = old.chains.keys().filter(|c| !chains.contains_key(*c)).collect();
     gone_chains.sort();
     ops.extend(gone_chains.into_iter().map(|c| PolicyOp::DelChain(c.clone())));
-    let mut gone_sets: Vec<&String> = old.sets.iter().filter(|s| !sets.contains(*s)).collect();
+    let mut gone_sets: Vec<&String> = old.sets.keys().filter(|s| !sets.contains_key(*s)).collect();
     gone_sets.sort();
     ops.extend(gone_sets.into_iter().map(|s| PolicyOp::DelSet(s.clone())));
 
@@ -363,11 +405,43 @@ fn diff(mut old: Applied, table: &PolicyTable) -> Prepared {
             enabled: true,
             elements,
             chains,
-            sets,
+            sets: sets.into_iter().collect(),
             unknown_elements: false,
         },
         isolated_pods,
     }
+}
+
+/// The ranges only in `old` and those only in `new` (both sorted, as a plan writes them).
+fn range_diff(old: &[AddressRange], new: &[AddressRange]) -> (Vec<AddressRange>, Vec<AddressRange>) {
+    let (mut gone, mut added) = (Vec::new(), Vec::new());
+    let (mut i, mut j) = (0, 0);
+    while i < old.len() || j < new.len() {
+        match (old.get(i), new.get(j)) {
+            (Some(o), Some(n)) if o == n => {
+                i += 1;
+                j += 1;
+            }
+            (Some(o), Some(n)) if o < n => {
+                gone.push(*o);
+                i += 1;
+            }
+            (Some(_), Some(n)) => {
+                added.push(*n);
+                j += 1;
+            }
+            (Some(o), None) => {
+                gone.push(*o);
+                i += 1;
+            }
+            (None, Some(n)) => {
+                added.push(*n);
+                j += 1;
+            }
+            (None, None) => unreachable!("the loop stops when both are done"),
+        }
+    }
+    (gone, added)
 }
 
 /// The policy table on a socket of its own: what the eBPF back end (whose Services are
@@ -458,14 +532,14 @@ mod tests {
             allows: vec![Allow {
                 policy: "x/p".into(),
                 rule: 0,
-                clauses: vec![Clause {
-                    peers: peers.clone(),
-                    ports: Ports::Ranges(vec![PortRange {
+                clauses: vec![Clause::by_content(
+                    peers.clone(),
+                    Ports::Ranges(vec![PortRange {
                         protocol: Protocol::Tcp,
                         first: 80,
                         last: 80,
                     }]),
-                }],
+                )],
             }],
         };
         let mut t = PolicyTable::default();

@@ -30,7 +30,7 @@ use std::sync::Arc;
 
 use super::ranges::{block_ranges, normalize};
 use super::{
-    is_peer, on_node, resolve_name, AddressRange, Addresses, Allow, Clause, Isolation, PodPolicy,
+    is_peer, on_node, resolve_name, AddressRange, Addresses, Allow, Clause, Isolation, PeerSetId, PodPolicy,
     PolicyTable, PortRange, Ports,
 };
 use crate::plan::Protocol;
@@ -135,6 +135,8 @@ impl PeerList {
 
 /// One list of peers, resolved.
 struct PeerSet {
+    /// Its name for back ends: of the list, not of its members.
+    id: PeerSetId,
     /// The peer Pods a selector peer picks.
     members: HashSet<ObjectKey>,
     addresses: Arc<Addresses>,
@@ -148,8 +150,9 @@ struct PeerSet {
 /// The named ports of an egress rule: (name, protocol), sorted.
 type PortNames = Vec<(Arc<str>, Protocol)>;
 
-/// Per port number, the destination addresses that give a name that number.
-type Destinations = Vec<(PortRange, Arc<Addresses>)>;
+/// Per port number, the destination addresses that give a name that number, with the
+/// id of that destination set (the list's, the names' and the number's).
+type Destinations = Vec<(PortRange, PeerSetId, Arc<Addresses>)>;
 
 struct PlannedPolicy {
     info: Arc<NetworkPolicyInfo>,
@@ -321,7 +324,12 @@ impl Compiled {
 
     /// Per port number, the addresses in `peers` of the peer Pods that give one of
     /// `names` that number.
-    fn named_destinations(&mut self, peers: &Addresses, names: &[(Arc<str>, Protocol)]) -> Destinations {
+    fn named_destinations(
+        &mut self,
+        list: &PeerSetId,
+        peers: &Addresses,
+        names: &[(Arc<str>, Protocol)],
+    ) -> Destinations {
         let mut by_number: BTreeMap<PortRange, Vec<AddressRange>> = BTreeMap::new();
         for (name, protocol) in names {
             for pod in self.peers.values() {
@@ -345,7 +353,10 @@ impl Compiled {
         }
         by_number
             .into_iter()
-            .map(|(range, hosts)| (range, self.share(Addresses::Ranges(normalize(hosts)))))
+            .map(|(range, hosts)| {
+                let id = PeerSetId::of(&(list.as_str(), names, range));
+                (range, id, self.share(Addresses::Ranges(normalize(hosts))))
+            })
             .collect()
     }
 
@@ -362,6 +373,7 @@ impl Compiled {
             }
             let addresses = self.addresses_of(list, &members);
             let set = PeerSet {
+                id: PeerSetId::of(list),
                 members,
                 addresses,
                 named: HashMap::new(),
@@ -394,8 +406,8 @@ impl Compiled {
                     let set = self.peer_set(store, &peers);
                     set.users.insert(key.clone());
                     if !names.is_empty() && !set.named.contains_key(&names) {
-                        let addresses = set.addresses.clone();
-                        let found = self.named_destinations(&addresses, &names);
+                        let (id, addresses) = (set.id.clone(), set.addresses.clone());
+                        let found = self.named_destinations(&id, &addresses, &names);
                         self.peer_sets
                             .get_mut(&peers)
                             .expect("made above")
@@ -464,6 +476,7 @@ impl Compiled {
                         policy: name.clone(),
                         rule: index,
                         clauses: vec![Clause {
+                            peer_set: set.id.clone(),
                             peers: set.addresses.clone(),
                             ports: port_ranges(&rule.ports, Some(pod)),
                         }],
@@ -490,11 +503,13 @@ impl Compiled {
     fn egress_allow(&self, policy: &str, index: usize, rule: &PlannedRule) -> Allow {
         let set = &self.peer_sets[&rule.peers];
         let mut clauses = vec![Clause {
+            peer_set: set.id.clone(),
             peers: set.addresses.clone(),
             ports: port_ranges(&rule.ports, None),
         }];
         if !rule.names.is_empty() {
-            clauses.extend(set.named[&rule.names].iter().map(|(range, hosts)| Clause {
+            clauses.extend(set.named[&rule.names].iter().map(|(range, id, hosts)| Clause {
+                peer_set: id.clone(),
                 peers: hosts.clone(),
                 ports: Ports::Ranges(vec![*range]),
             }));
@@ -611,7 +626,10 @@ impl Compiled {
             }
         }
 
-        // The sets' addresses, then the named destinations that may have moved.
+        // The sets' addresses, then the named destinations that may have moved. A set
+        // whose addresses alone changed keeps its id: the entries holding it get the new
+        // addresses in place (`moved`), without being planned again.
+        let mut moved: HashMap<PeerSetId, Arc<Addresses>> = HashMap::new();
         let mut changed_sets: HashSet<PeerList> = HashSet::new();
         for list in stale_sets {
             let members = std::mem::take(&mut self.peer_sets.get_mut(&list).expect("live set").members);
@@ -619,10 +637,14 @@ impl Compiled {
             let set = self.peer_sets.get_mut(&list).expect("live set");
             set.members = members;
             if set.addresses != addresses {
-                set.addresses = addresses;
+                set.addresses = addresses.clone();
+                moved.insert(set.id.clone(), addresses);
                 changed_sets.insert(list);
             }
         }
+        // Sets whose named destinations gained or lost a port number: their users'
+        // entries change shape (a clause more or less) and are planned again.
+        let mut reshaped: HashSet<PeerList> = HashSet::new();
         let lists: Vec<PeerList> = self
             .peer_sets
             .iter()
@@ -632,23 +654,40 @@ impl Compiled {
         for list in lists {
             let set = &self.peer_sets[&list];
             let addresses = set.addresses.clone();
-            let moved = changed_sets.contains(&list);
+            let addresses_moved = changed_sets.contains(&list);
             let redo: Vec<PortNames> = set
                 .named
                 .keys()
-                .filter(|names| moved || names.iter().any(|n| moved_names.contains(n)))
+                .filter(|names| addresses_moved || names.iter().any(|n| moved_names.contains(n)))
                 .cloned()
                 .collect();
             for names in redo {
-                let found = self.named_destinations(&addresses, &names);
+                let id = self.peer_sets[&list].id.clone();
+                let found = self.named_destinations(&id, &addresses, &names);
                 let set = self.peer_sets.get_mut(&list).expect("live set");
-                if set.named.get(&names) != Some(&found) {
+                let Some(old) = set.named.get(&names) else {
                     set.named.insert(names, found);
-                    changed_sets.insert(list.clone());
+                    reshaped.insert(list.clone());
+                    continue;
+                };
+                if old == &found {
+                    continue;
                 }
+                let same_numbers =
+                    old.len() == found.len() && old.iter().zip(&found).all(|(o, f)| o.0 == f.0);
+                if same_numbers {
+                    for ((_, _, was), (_, id, now)) in old.iter().zip(&found) {
+                        if was != now {
+                            moved.insert(id.clone(), now.clone());
+                        }
+                    }
+                } else {
+                    reshaped.insert(list.clone());
+                }
+                set.named.insert(names, found);
             }
         }
-        for list in &changed_sets {
+        for list in &reshaped {
             touched_policies.extend(self.peer_sets[list].users.iter().cloned());
         }
 
@@ -669,6 +708,9 @@ impl Compiled {
         }
 
         let mut changed = BTreeSet::new();
+        if !moved.is_empty() {
+            swap_moved(&moved, table, &mut changed);
+        }
         for key in replan {
             let entry = self
                 .peers
@@ -709,6 +751,35 @@ impl Compiled {
     }
 }
 
+/// Gives every clause of a set in `moved` its new addresses, and notes the entries that
+/// held one as changed (those planned again afterwards get the same addresses).
+fn swap_moved(
+    moved: &HashMap<PeerSetId, Arc<Addresses>>,
+    table: &mut PolicyTable,
+    changed: &mut BTreeSet<String>,
+) {
+    for (name, entry) in &mut table.pods {
+        let mut swapped = false;
+        let clauses = entry
+            .ingress
+            .iter_mut()
+            .chain(entry.egress.iter_mut())
+            .flat_map(|i| i.allows.iter_mut())
+            .flat_map(|a| a.clauses.iter_mut());
+        for clause in clauses {
+            if let Some(now) = moved.get(&clause.peer_set) {
+                if !Arc::ptr_eq(&clause.peers, now) {
+                    clause.peers = now.clone();
+                    swapped = true;
+                }
+            }
+        }
+        if swapped {
+            changed.insert(name.clone());
+        }
+    }
+}
+
 /// Whether two entries of this planner's tables are equal, address sets compared by
 /// pointer: every set is shared ([`Compiled::share`]), so equal sets are one `Arc`, and
 /// comparing the contents of a changed set (thousands of addresses, in every entry that
@@ -718,10 +789,9 @@ fn same_entry(a: &PodPolicy, b: &PodPolicy) -> bool {
         x.policy == y.policy
             && x.rule == y.rule
             && x.clauses.len() == y.clauses.len()
-            && x.clauses
-                .iter()
-                .zip(&y.clauses)
-                .all(|(c, d)| Arc::ptr_eq(&c.peers, &d.peers) && c.ports == d.ports)
+            && x.clauses.iter().zip(&y.clauses).all(|(c, d)| {
+                Arc::ptr_eq(&c.peers, &d.peers) && c.peer_set == d.peer_set && c.ports == d.ports
+            })
     };
     let same_isolation = |x: &Option<Isolation>, y: &Option<Isolation>| match (x, y) {
         (None, None) => true,
