@@ -439,6 +439,30 @@ fn the_policy_transaction_is_nft_text_that_lists_as_the_netlink_commit() {
             },
         ]),
     );
+    let mut moved_ranges = vec![
+        AddressRange {
+            first: "10.0.0.0".parse().unwrap(),
+            last: "10.0.0.127".parse().unwrap(),
+        },
+        AddressRange {
+            first: c.v4,
+            last: c.v4,
+        },
+        AddressRange {
+            first: "200.0.0.0".parse().unwrap(),
+            last: "255.255.255.255".parse().unwrap(),
+        },
+        AddressRange {
+            first: c.v6,
+            last: c.v6,
+        },
+    ];
+    moved_ranges.sort_by_key(|r| (r.first.is_ipv6(), r.first));
+    let moved = Clause {
+        peer_set: mixed.peer_set.clone(),
+        peers: Arc::new(Addresses::Ranges(moved_ranges)),
+        ports: mixed.ports.clone(),
+    };
     let steps = [
         plan_of(vec![
             pod_policy(
@@ -458,7 +482,20 @@ fn the_policy_transaction_is_nft_text_that_lists_as_the_netlink_commit() {
                     vec![Clause::by_content(Arc::new(Addresses::Any), tcp(0, u16::MAX))],
                 ),
             ),
-            pod_policy(c, isolation("x/mixed", vec![mixed]), None),
+            pod_policy(c, isolation("x/mixed", vec![mixed.clone()]), None),
+        ]),
+        // The same peers (one set id) now hold c instead of b and half the block: the
+        // set's elements change by diff, with ranges deleted and added.
+        plan_of(vec![
+            pod_policy(
+                a,
+                isolation("x/mixed", vec![moved.clone()]),
+                isolation(
+                    "x/any",
+                    vec![Clause::by_content(Arc::new(Addresses::Any), tcp(0, u16::MAX))],
+                ),
+            ),
+            pod_policy(c, isolation("x/mixed", vec![moved]), None),
         ]),
     ];
     for (i, plan) in steps.iter().enumerate() {
@@ -471,8 +508,13 @@ fn the_policy_transaction_is_nft_text_that_lists_as_the_netlink_commit() {
         assert_eq!(kernel, from_text, "step {i}: the transaction was\n{text}");
         assert!(kernel.contains("udp dport 1000-2000 accept"), "{kernel}");
     }
+    let last = backend.last_policy_transaction();
+    assert!(
+        last.contains("delete element inet ferry-policy peers-") && !last.contains("add set"),
+        "{last}"
+    );
     // The same plan again: nothing to send.
-    bed.sync(&mut backend, &steps[1]);
+    bed.sync(&mut backend, &steps[2]);
     assert_eq!(backend.last_policy_transaction(), "");
 }
 
