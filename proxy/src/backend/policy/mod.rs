@@ -19,7 +19,8 @@
 //!                    drop                                                          port range)
 //! chain ingress-<H>  ip saddr @peers-<S>-v4 meta l4proto tcp th dport >= 80 th dport <= 81 accept
 //!                    drop
-//! set peers-<S>-v4   type ipv4_addr; flags interval;     the peers of one or more clauses
+//! set peers-<S>-v4   type ipv4_addr; flags interval;     the peers of one or more clauses,
+//!                                                        named by what they select
 //! ```
 //!
 //! - A connection passes both directions: the source Pod's egress (entered with `jump`,
@@ -29,11 +30,21 @@
 //!   (not reject), as upstream's implementations do.
 //! - Chains are shared by content: `<H>` is a hash of the chain's rules, so Pods whose
 //!   direction resolves to the same clauses get one chain (1,000 Pods under one policy:
-//!   one chain and 1,000 map elements; a relabelled Pod is an element replaced). Peer
-//!   sets likewise: one named interval set per distinct address list and family, named
-//!   by a hash of its ranges. Ports are matched inline, not in anonymous sets (each bound
-//!   anonymous set costs the kernel a walk of the transaction; see the nftables back
-//!   end's "Measurements").
+//!   one chain and 1,000 map elements; a relabelled Pod is an element replaced). Ports
+//!   are matched inline, not in anonymous sets (each bound anonymous set costs the
+//!   kernel a walk of the transaction; see the nftables back end's "Measurements").
+//! - Peer sets are named by identity, not content: `<S>` is the plan's [`PeerSetId`], a
+//!   hash of what the clause's peers ARE (the rule's normalised selectors and ipBlocks,
+//!   the policy's namespace where a selector picks Pods of it; for a named-port
+//!   destination also the names and the number), one interval set per id and family.
+//!   Pods coming, going or relabelled change the elements of the sets they join or
+//!   leave and nothing else: the name stays, so the chains naming it stay, and so do
+//!   their Pods' map elements. Named by content (as they were), a new Pod that joins the
+//!   peers of many rules renamed each of those sets: a new set with all its elements,
+//!   every chain using it re-created under a new name, every Pod's map element switched
+//!   to it, the old set and chains deleted (see "Measurements" for the cost). Chains
+//!   change only when rules do, and when a set gains or loses its first address of a
+//!   family (an empty family has no rule).
 //! - `ct state established,related accept` comes first: replies of allowed connections
 //!   pass, and so do ICMP errors about them. There is no `ct state invalid drop`: it
 //!   would drop packets conntrack cannot follow (e.g. after a conntrack table flush, or
@@ -66,10 +77,12 @@
 //! chain), each chain (with the sets it uses) and each set. A sync renders the plan's
 //! chains, each distinct one once (keyed by the plan's shared address lists and ports, so
 //! 1,000 Pods under the same policies cost one rendering, not 1,000 comparisons of their
-//! peer lists), and compares names: the transaction adds the new sets (with their
-//! elements) and new chains (with their rules), switches the map elements that differ,
-//! and deletes the chains and sets nothing uses any more, in that order, as ONE
-//! transaction: no packet ever sees a state between the old policy and the new one. Two
+//! peer lists), and compares names, and each kept set's elements with what it wrote
+//! last: the transaction adds the new sets (with their elements), deletes and adds the
+//! elements of kept sets that differ (a diff of sorted ranges: a range that merged with
+//! a new neighbour is deleted and added whole), adds the new chains (with their rules),
+//! switches the map elements that differ, and deletes the chains and sets nothing uses
+//! any more, in that order, as ONE transaction: no packet ever sees a state between the old policy and the new one. Two
 //! Pods claiming one address (a transient state) give the address to the first by
 //! `namespace/name`, with a warning, rather than failing the transaction.
 //!
@@ -79,9 +92,11 @@
 //! new process reads the names of the chains and sets in the table (no rules, no
 //! elements), and does NOT flush or delete anything before its first sync, which the
 //! sync loop holds back until Pods, Namespaces and NetworkPolicies are all listed. That
-//! sync keeps the chains and sets whose names (content hashes) it still needs, adds the
-//! missing ones, and flushes and refills the four maps in the same transaction (their
-//! elements are not read back; the refill is part of the same atomic commit). A failed
+//! sync keeps the chains (named by their rules) and sets (named by identity) it still
+//! needs, adds the missing ones, and flushes and refills the four maps and every kept
+//! peer set in the same transaction (their elements are not read back, and a kept set's
+//! name says what it selects, not what it held; the refill is part of the same atomic
+//! commit, so no packet sees the set empty). A failed
 //! commit leaves the writer knowing nothing, and the next sync starts from the kernel the
 //! same way. `--network-policy=false` and `ferry-proxy cleanup` delete the table.
 //!
@@ -122,6 +137,7 @@
 //! - `layout`: the table a plan gives, as names and text, for `ferry-proxy dump --policy`.
 //!
 //! [`PolicyTable`]: crate::plan::policy::PolicyTable
+//! [`PeerSetId`]: crate::plan::policy::PeerSetId
 
 mod layout;
 mod render;

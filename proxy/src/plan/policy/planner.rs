@@ -13,17 +13,22 @@
 //! - a Namespace: the peer sets with a namespaceSelector whose verdict on the namespace
 //!   flipped, checked again for the Pods of that namespace only;
 //! - a policy: the node's Pods of its namespace that its old or its new podSelector picks;
-//! - a peer set whose addresses or destinations changed: the node's Pods selected by a
-//!   policy that uses it.
+//! - a peer set whose addresses changed (or a named-port destination set of it): its
+//!   [`PeerSetId`] stays, so the entries that hold it get the new addresses in place,
+//!   clause by clause, and are not planned again; a set that only gained members gets
+//!   their addresses merged into its ranges rather than made again from every member;
+//! - a peer set whose named ports gained or lost a destination number: the node's Pods
+//!   selected by a policy that uses it (their egress gains or loses a clause).
 //!
-//! Each Pod entry is then planned again whole (its namespace's policies, a few) and
-//! compared with the one in the table: only those that differ are reported.
+//! Each Pod entry to plan again is planned whole (its namespace's policies, a few) and
+//! compared with the one in the table: only those that differ are reported, with those
+//! whose addresses were swapped in.
 //!
-//! Measured (`cargo bench -p ferry-proxy --bench policy_plan`; 10,000 Pods, 1,000 on the
-//! node, 1,000 policies; table in that bench's docs): one policy changed or one Pod
-//! relabelled ~0.6 ms against a full re-plan of 100-900 ms in the same run; a Namespace
-//! relabelled 15-20x faster than a re-plan; a Pod added whose named port every node
-//! Pod's egress resolves re-plans all 1,000 entries (~28 ms on a quiet machine).
+//! Measured (`cargo bench -p ferry-proxy --bench policy_backend`, the daemon's path per
+//! change; 10,000 Pods, 1,000 on the node, 1,000 policies; table in the policy back
+//! end's module docs): see "Measurements" there. Before the swap in place, a Pod added
+//! whose named port every node Pod's egress resolves re-planned all 1,000 entries
+//! (27.7-121 ms).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
@@ -543,7 +548,7 @@ impl Compiled {
         }
 
         // Pods: the index, then the sets they enter or leave.
-        let mut stale_sets: HashSet<PeerList> = HashSet::new();
+        let mut stale_sets: HashMap<PeerList, Stale> = HashMap::new();
         let mut moved_names: HashSet<(Arc<str>, Protocol)> = HashSet::new();
         for (key, change) in &dirty.pods {
             for pod in change.before.iter().chain(change.after.iter()) {
@@ -584,7 +589,8 @@ impl Compiled {
                     } else {
                         set.members.remove(key);
                     }
-                    stale_sets.insert(list.clone());
+                    let joined = (now && !was).then(|| key.clone());
+                    Stale::note(&mut stale_sets, list, joined);
                 }
             }
         }
@@ -616,11 +622,11 @@ impl Compiled {
                     let now = list.selects(&self.peers[&key], after);
                     if now != set.members.contains(&key) {
                         if now {
-                            set.members.insert(key);
+                            set.members.insert(key.clone());
                         } else {
                             set.members.remove(&key);
                         }
-                        stale_sets.insert(list.clone());
+                        Stale::note(&mut stale_sets, list, now.then_some(key));
                     }
                 }
             }
@@ -629,16 +635,23 @@ impl Compiled {
         // The sets' addresses, then the named destinations that may have moved. A set
         // whose addresses alone changed keeps its id: the entries holding it get the new
         // addresses in place (`moved`), without being planned again.
-        let mut moved: HashMap<PeerSetId, Arc<Addresses>> = HashMap::new();
+        let mut moved = Moved::default();
         let mut changed_sets: HashSet<PeerList> = HashSet::new();
-        for list in stale_sets {
-            let members = std::mem::take(&mut self.peer_sets.get_mut(&list).expect("live set").members);
-            let addresses = self.addresses_of(&list, &members);
+        for (list, stale) in stale_sets {
+            let addresses = match stale {
+                Stale::Joined(keys) => self.with_joined(&list, &keys),
+                Stale::Rebuild => {
+                    let members =
+                        std::mem::take(&mut self.peer_sets.get_mut(&list).expect("live set").members);
+                    let addresses = self.addresses_of(&list, &members);
+                    self.peer_sets.get_mut(&list).expect("live set").members = members;
+                    addresses
+                }
+            };
             let set = self.peer_sets.get_mut(&list).expect("live set");
-            set.members = members;
             if set.addresses != addresses {
-                set.addresses = addresses.clone();
-                moved.insert(set.id.clone(), addresses);
+                let was = std::mem::replace(&mut set.addresses, addresses.clone());
+                moved.insert(set.id.clone(), &was, addresses);
                 changed_sets.insert(list);
             }
         }
@@ -678,7 +691,7 @@ impl Compiled {
                 if same_numbers {
                     for ((_, _, was), (_, id, now)) in old.iter().zip(&found) {
                         if was != now {
-                            moved.insert(id.clone(), now.clone());
+                            moved.insert(id.clone(), was, now.clone());
                         }
                     }
                 } else {
@@ -708,8 +721,8 @@ impl Compiled {
         }
 
         let mut changed = BTreeSet::new();
-        if !moved.is_empty() {
-            swap_moved(&moved, table, &mut changed);
+        if !moved.by_id.is_empty() {
+            moved.swap_into(table, &mut changed);
         }
         for key in replan {
             let entry = self
@@ -751,31 +764,98 @@ impl Compiled {
     }
 }
 
-/// Gives every clause of a set in `moved` its new addresses, and notes the entries that
-/// held one as changed (those planned again afterwards get the same addresses).
-fn swap_moved(
-    moved: &HashMap<PeerSetId, Arc<Addresses>>,
-    table: &mut PolicyTable,
-    changed: &mut BTreeSet<String>,
-) {
-    for (name, entry) in &mut table.pods {
-        let mut swapped = false;
-        let clauses = entry
-            .ingress
-            .iter_mut()
-            .chain(entry.egress.iter_mut())
-            .flat_map(|i| i.allows.iter_mut())
-            .flat_map(|a| a.clauses.iter_mut());
-        for clause in clauses {
-            if let Some(now) = moved.get(&clause.peer_set) {
-                if !Arc::ptr_eq(&clause.peers, now) {
-                    clause.peers = now.clone();
-                    swapped = true;
+/// How a peer set's members changed in one update.
+enum Stale {
+    /// Only these joined: the addresses are the old ones and theirs.
+    Joined(Vec<ObjectKey>),
+    /// Some left, or changed their addresses: made again from every member.
+    Rebuild,
+}
+
+impl Stale {
+    fn note(stale: &mut HashMap<PeerList, Stale>, list: &PeerList, joined: Option<ObjectKey>) {
+        let entry = stale
+            .entry(list.clone())
+            .or_insert_with(|| Stale::Joined(Vec::new()));
+        match (entry, joined) {
+            (Stale::Joined(keys), Some(key)) => keys.push(key),
+            (entry, None) => *entry = Stale::Rebuild,
+            (Stale::Rebuild, Some(_)) => {}
+        }
+    }
+}
+
+impl Compiled {
+    /// The addresses of `list` with those of the peer Pods `joined` added: its old ranges
+    /// already hold its blocks and every other member, and a sorted list with a few
+    /// addresses appended sorts in about one pass (a set of every Pod of the cluster,
+    /// made again from its 10,000 members, was most of an added Pod's update).
+    fn with_joined(&mut self, list: &PeerList, joined: &[ObjectKey]) -> Arc<Addresses> {
+        let Addresses::Ranges(old) = &*self.peer_sets[list].addresses else {
+            let members = std::mem::take(&mut self.peer_sets.get_mut(list).expect("live set").members);
+            let addresses = self.addresses_of(list, &members);
+            self.peer_sets.get_mut(list).expect("live set").members = members;
+            return addresses;
+        };
+        let mut ranges = old.clone();
+        for key in joined {
+            ranges.extend(self.peers[key].ips.iter().map(|ip| AddressRange {
+                first: *ip,
+                last: *ip,
+            }));
+        }
+        self.share(Addresses::Ranges(normalize(ranges)))
+    }
+}
+
+/// Peer sets (and named-port destinations) whose addresses alone changed in one update.
+#[derive(Default)]
+struct Moved {
+    by_id: HashMap<PeerSetId, Arc<Addresses>>,
+    /// The addresses they had, as pointers, sorted: a clause can only hold a moved set if
+    /// it holds one of these (cheaper to test than its id, for 1,000 entries of dozens of
+    /// clauses).
+    was: Vec<usize>,
+}
+
+impl Moved {
+    fn insert(&mut self, id: PeerSetId, was: &Arc<Addresses>, now: Arc<Addresses>) {
+        self.by_id.insert(id, now);
+        let was = Arc::as_ptr(was) as usize;
+        if let Err(at) = self.was.binary_search(&was) {
+            self.was.insert(at, was);
+        }
+    }
+
+    /// Gives every clause of a moved set its new addresses, and notes the entries that
+    /// held one as changed (those planned again afterwards get the same addresses).
+    fn swap_into(&self, table: &mut PolicyTable, changed: &mut BTreeSet<String>) {
+        for (name, entry) in &mut table.pods {
+            let mut swapped = false;
+            let clauses = entry
+                .ingress
+                .iter_mut()
+                .chain(entry.egress.iter_mut())
+                .flat_map(|i| i.allows.iter_mut())
+                .flat_map(|a| a.clauses.iter_mut());
+            for clause in clauses {
+                if self
+                    .was
+                    .binary_search(&(Arc::as_ptr(&clause.peers) as usize))
+                    .is_err()
+                {
+                    continue;
+                }
+                if let Some(now) = self.by_id.get(&clause.peer_set) {
+                    if !Arc::ptr_eq(&clause.peers, now) {
+                        clause.peers = now.clone();
+                        swapped = true;
+                    }
                 }
             }
-        }
-        if swapped {
-            changed.insert(name.clone());
+            if swapped {
+                changed.insert(name.clone());
+            }
         }
     }
 }
