@@ -31,9 +31,10 @@
 //! (27.7-121 ms).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::net::IpAddr;
 use std::sync::Arc;
 
-use super::ranges::{block_ranges, normalize};
+use super::ranges::{block_ranges, normalize, remove_address};
 use super::{
     is_peer, on_node, resolve_name, AddressRange, Addresses, Allow, Clause, Isolation, PeerSetId, PodPolicy,
     PolicyTable, PortRange, Ports,
@@ -92,6 +93,9 @@ pub(super) struct Compiled {
     peers: HashMap<ObjectKey, Arc<PodInfo>>,
     /// Names of the peer Pods of each namespace.
     by_namespace: HashMap<Arc<str>, BTreeSet<Arc<str>>>,
+    /// Peer Pods by address (two may share one for a while): whether a set still holds
+    /// an address some member left.
+    by_ip: HashMap<IpAddr, Vec<ObjectKey>>,
     /// Peer Pods by label key, then value: a selector's `matchLabels` reads only these.
     by_label: HashMap<Arc<str>, HashMap<Arc<str>, HashSet<ObjectKey>>>,
     /// Every policy, by namespace then name (the order of its allows in a Pod's entry).
@@ -209,6 +213,9 @@ impl Compiled {
     }
 
     fn index(&mut self, key: ObjectKey, pod: Arc<PodInfo>) {
+        for ip in &pod.ips {
+            self.by_ip.entry(*ip).or_default().push(key.clone());
+        }
         self.by_namespace
             .entry(key.0.clone())
             .or_default()
@@ -228,6 +235,14 @@ impl Compiled {
         let Some(pod) = self.peers.remove(key) else {
             return;
         };
+        for ip in &pod.ips {
+            if let Some(keys) = self.by_ip.get_mut(ip) {
+                keys.retain(|k| k != key);
+                if keys.is_empty() {
+                    self.by_ip.remove(ip);
+                }
+            }
+        }
         if let Some(names) = self.by_namespace.get_mut(&key.0) {
             names.remove(&key.1);
             if names.is_empty() {
@@ -565,6 +580,7 @@ impl Compiled {
                 }
                 continue;
             }
+            let old_ips = self.peers.get(key).map(|p| p.ips.clone()).unwrap_or_default();
             self.unindex(key);
             if let Some(pod) = change.after.as_ref().filter(|p| is_peer(p)) {
                 self.index(key.clone(), pod.clone());
@@ -589,8 +605,13 @@ impl Compiled {
                     } else {
                         set.members.remove(key);
                     }
-                    let joined = (now && !was).then(|| key.clone());
-                    Stale::note(&mut stale_sets, list, joined);
+                    let stale = stale_sets.entry(list.clone()).or_default();
+                    if was {
+                        stale.left.extend(&old_ips);
+                    }
+                    if let Some(pod) = pod.as_ref().filter(|_| now) {
+                        stale.joined.extend(&pod.ips);
+                    }
                 }
             }
         }
@@ -626,7 +647,13 @@ impl Compiled {
                         } else {
                             set.members.remove(&key);
                         }
-                        Stale::note(&mut stale_sets, list, now.then_some(key));
+                        let stale = stale_sets.entry(list.clone()).or_default();
+                        let ips = &self.peers[&key].ips;
+                        if now {
+                            stale.joined.extend(ips);
+                        } else {
+                            stale.left.extend(ips);
+                        }
                     }
                 }
             }
@@ -638,16 +665,7 @@ impl Compiled {
         let mut moved = Moved::default();
         let mut changed_sets: HashSet<PeerList> = HashSet::new();
         for (list, stale) in stale_sets {
-            let addresses = match stale {
-                Stale::Joined(keys) => self.with_joined(&list, &keys),
-                Stale::Rebuild => {
-                    let members =
-                        std::mem::take(&mut self.peer_sets.get_mut(&list).expect("live set").members);
-                    let addresses = self.addresses_of(&list, &members);
-                    self.peer_sets.get_mut(&list).expect("live set").members = members;
-                    addresses
-                }
-            };
+            let addresses = self.moved_addresses(&list, &stale);
             let set = self.peer_sets.get_mut(&list).expect("live set");
             if set.addresses != addresses {
                 let was = std::mem::replace(&mut set.addresses, addresses.clone());
@@ -764,47 +782,63 @@ impl Compiled {
     }
 }
 
-/// How a peer set's members changed in one update.
-enum Stale {
-    /// Only these joined: the addresses are the old ones and theirs.
-    Joined(Vec<ObjectKey>),
-    /// Some left, or changed their addresses: made again from every member.
-    Rebuild,
-}
-
-impl Stale {
-    fn note(stale: &mut HashMap<PeerList, Stale>, list: &PeerList, joined: Option<ObjectKey>) {
-        let entry = stale
-            .entry(list.clone())
-            .or_insert_with(|| Stale::Joined(Vec::new()));
-        match (entry, joined) {
-            (Stale::Joined(keys), Some(key)) => keys.push(key),
-            (entry, None) => *entry = Stale::Rebuild,
-            (Stale::Rebuild, Some(_)) => {}
-        }
-    }
+/// The addresses of a peer set's members that joined or left it in one update (a
+/// member whose addresses changed did both).
+#[derive(Default)]
+struct Stale {
+    joined: Vec<IpAddr>,
+    left: Vec<IpAddr>,
 }
 
 impl Compiled {
-    /// The addresses of `list` with those of the peer Pods `joined` added: its old ranges
-    /// already hold its blocks and every other member, and a sorted list with a few
-    /// addresses appended sorts in about one pass (a set of every Pod of the cluster,
-    /// made again from its 10,000 members, was most of an added Pod's update).
-    fn with_joined(&mut self, list: &PeerList, joined: &[ObjectKey]) -> Arc<Addresses> {
-        let Addresses::Ranges(old) = &*self.peer_sets[list].addresses else {
-            let members = std::mem::take(&mut self.peer_sets.get_mut(list).expect("live set").members);
-            let addresses = self.addresses_of(list, &members);
-            self.peer_sets.get_mut(list).expect("live set").members = members;
-            return addresses;
+    /// The addresses of `list` after `stale`, from its old ones: an address left stays
+    /// when a block or another member still holds it; joined ones are merged in (a
+    /// sorted list with a few addresses appended sorts in about one pass). Making the
+    /// set again from every member instead (for the set of every Pod of the cluster:
+    /// 10,000 lookups and a sort) was most of an added Pod's update.
+    fn moved_addresses(&mut self, list: &PeerList, stale: &Stale) -> Arc<Addresses> {
+        let set = &self.peer_sets[list];
+        let Addresses::Ranges(old) = &*set.addresses else {
+            return set.addresses.clone();
         };
         let mut ranges = old.clone();
-        for key in joined {
-            ranges.extend(self.peers[key].ips.iter().map(|ip| AddressRange {
+        // Both lists are checked against the members as they are now: a Pod may have
+        // joined and left (or the reverse) within one update.
+        let held = |ip: &IpAddr| {
+            self.by_ip
+                .get(ip)
+                .is_some_and(|keys| keys.iter().any(|k| set.members.contains(k)))
+        };
+        if !stale.left.is_empty() {
+            let blocks: Vec<AddressRange> = list
+                .peers
+                .iter()
+                .flat_map(|peer| match peer {
+                    PolicyPeer::Block { cidr, except } => block_ranges(*cidr, except),
+                    PolicyPeer::Pods { .. } => Vec::new(),
+                })
+                .collect();
+            let blocks = Addresses::Ranges(normalize(blocks));
+            for ip in &stale.left {
+                if !blocks.contains(*ip) && !held(ip) {
+                    remove_address(&mut ranges, *ip);
+                }
+            }
+        }
+        let joined: Vec<AddressRange> = stale
+            .joined
+            .iter()
+            .filter(|ip| held(ip))
+            .map(|ip| AddressRange {
                 first: *ip,
                 last: *ip,
-            }));
+            })
+            .collect();
+        if !joined.is_empty() {
+            ranges.extend(joined);
+            ranges = normalize(ranges);
         }
-        self.share(Addresses::Ranges(normalize(ranges)))
+        self.share(Addresses::Ranges(ranges))
     }
 }
 
