@@ -406,8 +406,11 @@ pub struct PolicyChain {
 /// family once per sync.
 #[derive(Default)]
 pub(super) struct SetCache {
-    by_pointer: HashMap<(PeerSetId, usize), (Arc<Addresses>, Vec<Arc<PeerSet>>)>,
+    by_pointer: HashMap<(PeerSetId, usize), SplitByFamily>,
 }
+
+/// An address list (held, so its pointer stays its own during the sync) and its sets.
+type SplitByFamily = (Arc<Addresses>, Vec<Arc<PeerSet>>);
 
 impl SetCache {
     /// The non-empty per-family sets of `addresses` (which are `Ranges`), named by `id`.
