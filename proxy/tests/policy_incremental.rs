@@ -5,10 +5,22 @@
 //! a few events. After each take, the updated table must equal `plan(store, node)`
 //! exactly, and the planner must report exactly the Pods whose entry differs from the
 //! table before. No root: nothing is programmed.
+//!
+//! Then the same kind of sequence through the nftables back end into a node netns (root):
+//! after each sync, the peer sets and verdict maps the kernel lists must be exactly what
+//! the plan says (set by set, element by element), also across a restart of the back
+//! end over the table it left: sets are named by what they select and changed by
+//! element diff, so the kernel's elements are what must be proved.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
 
+use ferry_proxy::backend::nftables::NftablesBackend;
+use ferry_proxy::backend::policy::{layout, TABLE};
+use ferry_proxy::backend::Backend;
+use ferry_proxy::changes::Changes;
 use ferry_proxy::plan::policy::{plan, PolicyPlanner, PolicyTable};
+use ferry_proxy::plan::Plan;
 use ferry_proxy::source::{Event, Object};
 use ferry_proxy::store::Store;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
@@ -247,4 +259,188 @@ fn incremental_plan_equals_the_whole_plan_from_a_busy_store() {
         batches.push(vec![(kind, next())]);
     }
     check(&batches).unwrap();
+}
+
+/// Peer sets (name -> address ranges as `first-last`) and verdict map elements
+/// (map -> address -> `jump|goto chain`) as `nft -j list table` shows them.
+type Kernel = (
+    BTreeMap<String, BTreeSet<(IpAddr, IpAddr)>>,
+    BTreeMap<String, BTreeMap<IpAddr, String>>,
+);
+
+fn ip(v: &Value) -> IpAddr {
+    v.as_str()
+        .unwrap_or_else(|| panic!("an address: {v}"))
+        .parse()
+        .unwrap()
+}
+
+/// The first and last address of one element of an interval set, whichever form nft
+/// prints it in (an address, a range, a prefix).
+fn bounds(e: &Value) -> (IpAddr, IpAddr) {
+    if let Some(range) = e.get("range") {
+        return (ip(&range[0]), ip(&range[1]));
+    }
+    if let Some(prefix) = e.get("prefix") {
+        let net: ipnetwork::IpNetwork = format!("{}/{}", prefix["addr"].as_str().unwrap(), prefix["len"])
+            .parse()
+            .unwrap();
+        let last = match net {
+            ipnetwork::IpNetwork::V4(n) => IpAddr::V4(n.broadcast()),
+            ipnetwork::IpNetwork::V6(n) => {
+                let host = 128 - u32::from(n.prefix());
+                let mask = if host == 128 {
+                    u128::MAX
+                } else {
+                    (1u128 << host) - 1
+                };
+                IpAddr::V6((u128::from(n.network()) | mask).into())
+            }
+        };
+        return (net.network(), last);
+    }
+    (ip(e), ip(e))
+}
+
+fn kernel_of(listed: &str) -> Kernel {
+    let json: Value = serde_json::from_str(listed).unwrap();
+    let (mut sets, mut maps) = (BTreeMap::new(), BTreeMap::new());
+    for item in json["nftables"].as_array().unwrap() {
+        if let Some(set) = item.get("set") {
+            let name = set["name"].as_str().unwrap().to_string();
+            let elems = set
+                .get("elem")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default();
+            sets.insert(name, elems.iter().map(bounds).collect());
+        } else if let Some(map) = item.get("map") {
+            let name = map["name"].as_str().unwrap().to_string();
+            let elems = map
+                .get("elem")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default();
+            let entries: BTreeMap<IpAddr, String> = elems
+                .iter()
+                .map(|pair| {
+                    let verdict = &pair[1];
+                    let (kind, target) = ["jump", "goto"]
+                        .iter()
+                        .find_map(|k| verdict.get(*k).map(|v| (*k, v["target"].as_str().unwrap())))
+                        .unwrap_or_else(|| panic!("a jump or goto: {verdict}"));
+                    (ip(&pair[0]), format!("{kind} {target}"))
+                })
+                .collect();
+            maps.insert(name, entries);
+        }
+    }
+    (sets, maps)
+}
+
+/// What the kernel must hold for `table`.
+fn expected(table: &PolicyTable) -> Kernel {
+    let layout = layout(table);
+    let sets = layout
+        .sets
+        .iter()
+        .map(|(name, ranges)| {
+            let ranges = ranges
+                .iter()
+                .map(|r| match r.split_once('-') {
+                    Some((a, b)) => (a.parse().unwrap(), b.parse().unwrap()),
+                    None => (r.parse().unwrap(), r.parse().unwrap()),
+                })
+                .collect();
+            (name.clone(), ranges)
+        })
+        .collect();
+    let mut maps: BTreeMap<String, BTreeMap<IpAddr, String>> =
+        ["egress-v4", "egress-v6", "ingress-v4", "ingress-v6"]
+            .iter()
+            .map(|m| (m.to_string(), BTreeMap::new()))
+            .collect();
+    // The first Pod by name keeps a shared address, as the back end does.
+    for pod in layout.pods.values() {
+        for (direction, verb, chain) in [("egress", "jump", &pod.egress), ("ingress", "goto", &pod.ingress)] {
+            let Some(chain) = chain else { continue };
+            for ip in &pod.ips {
+                let family = if ip.is_ipv4() { "v4" } else { "v6" };
+                maps.get_mut(&format!("{direction}-{family}"))
+                    .unwrap()
+                    .entry(*ip)
+                    .or_insert_with(|| format!("{verb} {}", chain.chain));
+            }
+        }
+    }
+    (sets, maps)
+}
+
+#[test]
+fn the_kernel_holds_what_the_plan_says_after_every_change_and_a_restart() {
+    ferry_tests::require_root!();
+    let netns = ferry_tests::Netns::new("pol-kernel");
+    let mut store = Store::new();
+    let mut planner = PolicyPlanner::new(NODE);
+    store.take_policy_changes();
+    let mut table = planner.full(&store);
+    let mut backend = NftablesBackend::new();
+    let mut seed = 0x6b65_726e_u64;
+    let mut next = || {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        seed >> 11
+    };
+    // A busy start (policies every third event), then single changes and small batches.
+    let mut batches: Vec<Vec<(u8, u64)>> = vec![(0..60)
+        .map(|i| (if i % 3 == 0 { 7 } else { (i % 7) as u8 }, next()))
+        .collect()];
+    for i in 0..150 {
+        batches.push((0..1 + i % 3).map(|_| ((next() % 10) as u8, next())).collect());
+    }
+    let mut element_diffs = 0;
+    for (step, batch) in batches.iter().enumerate() {
+        for (kind, seed) in batch {
+            store.apply(event(*kind, *seed));
+        }
+        let dirty = store.take_policy_changes();
+        planner.update(&store, &dirty, &mut table);
+        if step % 40 == 39 {
+            // A new process over the table the last one left.
+            backend = NftablesBackend::new();
+        }
+        let plan = Plan {
+            services: Default::default(),
+            policy: Some(table.clone()),
+        };
+        netns
+            .run(|| backend.sync(&plan, &Changes::all()))
+            .unwrap_or_else(|e| {
+                panic!(
+                    "step {step}: sync failed: {e}\n{}",
+                    backend.last_policy_transaction()
+                )
+            });
+        let tx = backend.last_policy_transaction();
+        // Element changes of sets that stay (a new set's elements follow its `add set`).
+        let lines: Vec<&str> = tx.lines().collect();
+        element_diffs += (0..lines.len())
+            .filter(|&i| {
+                let set_element = lines[i].starts_with("add element inet ferry-policy peers-")
+                    || lines[i].starts_with("delete element inet ferry-policy peers-");
+                set_element && (i == 0 || !lines[i - 1].starts_with("add set "))
+            })
+            .count();
+        let listed = netns.exec_ok(&["nft", "-j", "list", "table", "inet", TABLE]);
+        assert_eq!(
+            kernel_of(&listed),
+            expected(&table),
+            "step {step}: {dirty:?}\nthe transaction was:\n{tx}"
+        );
+    }
+    assert!(
+        element_diffs > 20,
+        "the sequence changed set elements {element_diffs} times only"
+    );
 }

@@ -240,10 +240,7 @@ fn default_deny_ingress_then_allow_from_a_labelled_pod_in_both_families() {
     assert!(connects(&c.ns, at(b.v6, 81)));
 
     // Allow from b (both its addresses) on TCP 80 only.
-    let allow_b = Clause {
-        peers: hosts(&b.ips()),
-        ports: tcp(80, 80),
-    };
+    let allow_b = Clause::by_content(hosts(&b.ips()), tcp(80, 80));
     bed.sync(
         &mut backend,
         &plan_of(vec![pod_policy(a, isolation("x/allow-b", vec![allow_b]), None)]),
@@ -320,10 +317,7 @@ fn egress_to_an_ip_block_with_an_except() {
             last: IpAddr::V4((net | 0xff).into()),
         },
     ];
-    let clause = Clause {
-        peers: Arc::new(Addresses::Ranges(block)),
-        ports: Ports::Any,
-    };
+    let clause = Clause::by_content(Arc::new(Addresses::Ranges(block)), Ports::Any);
     bed.sync(
         &mut backend,
         &plan_of(vec![pod_policy(a, None, isolation("x/egress", vec![clause]))]),
@@ -380,10 +374,7 @@ fn a_behind_a_service_allowing_only_b(a: &TestPod, b: &TestPod, cluster_ip: IpAd
         a,
         isolation(
             "x/allow-b",
-            vec![Clause {
-                peers: hosts(&b.ips()),
-                ports: tcp(80, 80),
-            }],
+            vec![Clause::by_content(hosts(&b.ips()), tcp(80, 80))],
         ),
         None,
     )]);
@@ -411,8 +402,8 @@ fn the_policy_transaction_is_nft_text_that_lists_as_the_netlink_commit() {
     let (a, b, c) = (bed.pod("a"), bed.pod("b"), bed.pod("c"));
     let mut backend = NftablesBackend::new();
     let other = Netns::new("policy-text");
-    let mixed = Clause {
-        peers: Arc::new(Addresses::Ranges(vec![
+    let mixed = Clause::by_content(
+        Arc::new(Addresses::Ranges(vec![
             AddressRange {
                 first: "10.0.0.0".parse().unwrap(),
                 last: "10.0.0.255".parse().unwrap(),
@@ -430,7 +421,7 @@ fn the_policy_transaction_is_nft_text_that_lists_as_the_netlink_commit() {
                 last: b.v6,
             },
         ])),
-        ports: Ports::Ranges(vec![
+        Ports::Ranges(vec![
             PortRange {
                 protocol: Protocol::Tcp,
                 first: 80,
@@ -447,6 +438,30 @@ fn the_policy_transaction_is_nft_text_that_lists_as_the_netlink_commit() {
                 last: u16::MAX,
             },
         ]),
+    );
+    let mut moved_ranges = vec![
+        AddressRange {
+            first: "10.0.0.0".parse().unwrap(),
+            last: "10.0.0.127".parse().unwrap(),
+        },
+        AddressRange {
+            first: c.v4,
+            last: c.v4,
+        },
+        AddressRange {
+            first: "200.0.0.0".parse().unwrap(),
+            last: "255.255.255.255".parse().unwrap(),
+        },
+        AddressRange {
+            first: c.v6,
+            last: c.v6,
+        },
+    ];
+    moved_ranges.sort_by_key(|r| (r.first.is_ipv6(), r.first));
+    let moved = Clause {
+        peer_set: mixed.peer_set.clone(),
+        peers: Arc::new(Addresses::Ranges(moved_ranges)),
+        ports: mixed.ports.clone(),
     };
     let steps = [
         plan_of(vec![
@@ -464,13 +479,23 @@ fn the_policy_transaction_is_nft_text_that_lists_as_the_netlink_commit() {
                 isolation("x/mixed", vec![mixed.clone()]),
                 isolation(
                     "x/any",
-                    vec![Clause {
-                        peers: Arc::new(Addresses::Any),
-                        ports: tcp(0, u16::MAX),
-                    }],
+                    vec![Clause::by_content(Arc::new(Addresses::Any), tcp(0, u16::MAX))],
                 ),
             ),
-            pod_policy(c, isolation("x/mixed", vec![mixed]), None),
+            pod_policy(c, isolation("x/mixed", vec![mixed.clone()]), None),
+        ]),
+        // The same peers (one set id) now hold c instead of b and half the block: the
+        // set's elements change by diff, with ranges deleted and added.
+        plan_of(vec![
+            pod_policy(
+                a,
+                isolation("x/mixed", vec![moved.clone()]),
+                isolation(
+                    "x/any",
+                    vec![Clause::by_content(Arc::new(Addresses::Any), tcp(0, u16::MAX))],
+                ),
+            ),
+            pod_policy(c, isolation("x/mixed", vec![moved]), None),
         ]),
     ];
     for (i, plan) in steps.iter().enumerate() {
@@ -483,8 +508,13 @@ fn the_policy_transaction_is_nft_text_that_lists_as_the_netlink_commit() {
         assert_eq!(kernel, from_text, "step {i}: the transaction was\n{text}");
         assert!(kernel.contains("udp dport 1000-2000 accept"), "{kernel}");
     }
+    let last = backend.last_policy_transaction();
+    assert!(
+        last.contains("delete element inet ferry-policy peers-") && !last.contains("add set"),
+        "{last}"
+    );
     // The same plan again: nothing to send.
-    bed.sync(&mut backend, &steps[1]);
+    bed.sync(&mut backend, &steps[2]);
     assert_eq!(backend.last_policy_transaction(), "");
 }
 
@@ -496,13 +526,7 @@ fn a_new_process_converges_over_the_old_table_without_opening_it() {
     let only = |who: &TestPod, ports: Ports| {
         plan_of(vec![pod_policy(
             a,
-            isolation(
-                "x/allow",
-                vec![Clause {
-                    peers: hosts(&who.ips()),
-                    ports,
-                }],
-            ),
+            isolation("x/allow", vec![Clause::by_content(hosts(&who.ips()), ports)]),
             None,
         )])
     };

@@ -18,7 +18,7 @@ use crate::nft::{
     self, match_ct_bits, match_family, match_l4proto, Addr, CmpOp, CtKey, DataType, Expr, Reg, SetSpec,
     Verdict,
 };
-use crate::plan::policy::{AddressRange, Addresses, Isolation, PortRange, Ports};
+use crate::plan::policy::{AddressRange, Addresses, Isolation, PeerSetId, PortRange, Ports};
 use crate::plan::{Family, Protocol};
 
 /// The table the policy back end owns, in family `inet`.
@@ -339,7 +339,8 @@ impl fmt::Display for MapElement {
     }
 }
 
-/// A named interval set of peer addresses of one family, named by its content.
+/// A named interval set of peer addresses of one family, named by what it selects
+/// (`peers-<PeerSetId>-v4`): its elements change, its name does not.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerSet {
     pub name: String,
@@ -385,11 +386,10 @@ fn range_text(r: &AddressRange) -> String {
 /// The first 16 hex digits of the SHA-256 of `bytes`: names that stay the same for the
 /// same content, across restarts.
 fn content_hash(bytes: &[u8]) -> String {
-    hex16(&Sha256::digest(bytes))
-}
-
-fn hex16(digest: &[u8]) -> String {
-    digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+    Sha256::digest(bytes)[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// A chain for one direction of one or more Pods.
@@ -401,26 +401,30 @@ pub struct PolicyChain {
     pub sets: Vec<Arc<PeerSet>>,
 }
 
-/// The peer sets of one sync, by the plan's shared address lists: the plan shares one
-/// `Arc` among every clause with the same peers, so each list is hashed once per sync.
+/// The peer sets of one sync, by the plan's set ids and shared address lists: the plan
+/// shares one `Arc` among every clause with the same peers, so each set is split by
+/// family once per sync.
 #[derive(Default)]
 pub(super) struct SetCache {
-    by_pointer: HashMap<usize, (Arc<Addresses>, Vec<Arc<PeerSet>>)>,
+    by_pointer: HashMap<(PeerSetId, usize), SplitByFamily>,
 }
 
+/// An address list (held, so its pointer stays its own during the sync) and its sets.
+type SplitByFamily = (Arc<Addresses>, Vec<Arc<PeerSet>>);
+
 impl SetCache {
-    /// The non-empty per-family sets of `addresses` (which are `Ranges`).
-    fn sets(&mut self, addresses: &Arc<Addresses>) -> &[Arc<PeerSet>] {
-        let key = Arc::as_ptr(addresses) as usize;
+    /// The non-empty per-family sets of `addresses` (which are `Ranges`), named by `id`.
+    fn sets(&mut self, id: &PeerSetId, addresses: &Arc<Addresses>) -> &[Arc<PeerSet>] {
+        let key = (id.clone(), Arc::as_ptr(addresses) as usize);
         &self
             .by_pointer
             .entry(key)
-            .or_insert_with(|| (addresses.clone(), peer_sets(addresses)))
+            .or_insert_with(|| (addresses.clone(), peer_sets(id, addresses)))
             .1
     }
 }
 
-fn peer_sets(addresses: &Addresses) -> Vec<Arc<PeerSet>> {
+fn peer_sets(id: &PeerSetId, addresses: &Addresses) -> Vec<Arc<PeerSet>> {
     let Addresses::Ranges(ranges) = addresses else {
         return Vec::new();
     };
@@ -435,15 +439,8 @@ fn peer_sets(addresses: &Addresses) -> Vec<Arc<PeerSet>> {
             if ranges.is_empty() {
                 return None;
             }
-            // The addresses' bytes, not their text: sets of thousands of Pods are hashed
-            // at every sync that renders a chain using them.
-            let mut hasher = Sha256::new();
-            for r in &ranges {
-                hasher.update(addr_bytes(r.first));
-                hasher.update(addr_bytes(r.last));
-            }
             Some(Arc::new(PeerSet {
-                name: format!("peers-{}-{}", hex16(&hasher.finalize()), fam(*family)),
+                name: format!("peers-{id}-{}", fam(*family)),
                 family: *family,
                 ranges,
             }))
@@ -464,7 +461,12 @@ pub(super) fn render_chain(direction: Direction, isolation: &Isolation, cache: &
         };
         let peers: Vec<Option<Arc<PeerSet>>> = match &*clause.peers {
             Addresses::Any => vec![None],
-            Addresses::Ranges(_) => cache.sets(&clause.peers).iter().cloned().map(Some).collect(),
+            Addresses::Ranges(_) => cache
+                .sets(&clause.peer_set, &clause.peers)
+                .iter()
+                .cloned()
+                .map(Some)
+                .collect(),
         };
         for set in &peers {
             for range in &ports {
@@ -537,10 +539,7 @@ mod tests {
         ]);
         let chain = render_chain(
             Direction::Ingress,
-            &isolation(vec![Clause {
-                peers: peers.clone(),
-                ports: ports.clone(),
-            }]),
+            &isolation(vec![Clause::by_content(peers.clone(), ports.clone())]),
             &mut SetCache::default(),
         );
         let text: Vec<String> = chain.rules.iter().map(|r| r.to_string()).collect();
@@ -559,10 +558,7 @@ mod tests {
         assert_eq!(chain.sets[0].elements_text(), "10.0.0.1, 10.0.1.0-10.0.1.255");
         assert!(chain.name.starts_with("ingress-"));
         // The same content under another policy name is the same chain.
-        let mut other = isolation(vec![Clause {
-            peers: Arc::new((*peers).clone()),
-            ports,
-        }]);
+        let mut other = isolation(vec![Clause::by_content(Arc::new((*peers).clone()), ports)]);
         other.allows[0].policy = "y/q".into();
         assert_eq!(
             render_chain(Direction::Ingress, &other, &mut SetCache::default()),
@@ -574,20 +570,17 @@ mod tests {
     fn clauses_that_match_nothing_leave_only_drop() {
         let chain = render_chain(
             Direction::Egress,
-            &isolation(vec![Clause {
-                peers: Arc::new(Addresses::Ranges(Vec::new())),
-                ports: Ports::Any,
-            }]),
+            &isolation(vec![Clause::by_content(
+                Arc::new(Addresses::Ranges(Vec::new())),
+                Ports::Any,
+            )]),
             &mut SetCache::default(),
         );
         assert_eq!(chain.rules, [PolicyRule::Drop]);
         assert!(chain.sets.is_empty());
         let open = render_chain(
             Direction::Egress,
-            &isolation(vec![Clause {
-                peers: Arc::new(Addresses::Any),
-                ports: Ports::Any,
-            }]),
+            &isolation(vec![Clause::by_content(Arc::new(Addresses::Any), Ports::Any)]),
             &mut SetCache::default(),
         );
         assert_eq!(open.rules[0].to_string(), "return");

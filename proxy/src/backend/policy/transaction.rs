@@ -20,7 +20,15 @@ pub enum PolicyOp {
     /// Only at the first sync over a table an earlier process left: its elements are not
     /// read back; the refill follows in the same transaction.
     FlushMap(Direction, Family),
+    /// A new set, with its elements.
     AddSet(Arc<PeerSet>),
+    /// Every element of a set found in the kernel (a new process does not read them);
+    /// the refill follows in the same transaction.
+    FlushSet(String),
+    /// These ranges join an existing set.
+    AddSetElements(Arc<PeerSet>),
+    /// These ranges leave an existing set (each exactly as it was added).
+    DelSetElements(Arc<PeerSet>),
     AddChain(String),
     AddRule(String, PolicyRule),
     DelElements(String, Vec<MapElement>),
@@ -46,6 +54,13 @@ impl fmt::Display for PolicyOp {
             PolicyOp::AddSet(s) => {
                 write!(f, "add set {T} {} {{ {} }}", s.name, s.body())?;
                 write!(f, "\nadd element {T} {} {{ {} }}", s.name, s.elements_text())
+            }
+            PolicyOp::FlushSet(s) => write!(f, "flush set {T} {s}"),
+            PolicyOp::AddSetElements(s) => {
+                write!(f, "add element {T} {} {{ {} }}", s.name, s.elements_text())
+            }
+            PolicyOp::DelSetElements(s) => {
+                write!(f, "delete element {T} {} {{ {} }}", s.name, s.elements_text())
             }
             PolicyOp::AddChain(c) => write!(f, "add chain {T} {c}"),
             PolicyOp::AddRule(c, r) => write!(f, "add rule {T} {c} {r}"),
@@ -80,6 +95,9 @@ impl PolicyOp {
                 batch.add_set(&s.spec());
                 batch.add_elements(&s.name, &s.elements());
             }
+            PolicyOp::FlushSet(s) => batch.flush_set(s),
+            PolicyOp::AddSetElements(s) => batch.add_elements(&s.name, &s.elements()),
+            PolicyOp::DelSetElements(s) => batch.delete_elements(&s.name, &s.elements()),
             PolicyOp::AddChain(c) => batch.add_chain(c, None),
             PolicyOp::AddRule(c, r) => batch.add_rule(c, &r.exprs()),
             PolicyOp::DelElements(m, e) => {

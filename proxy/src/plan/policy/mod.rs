@@ -96,9 +96,41 @@ pub struct Allow {
 /// Addresses of the other end AND ports of the destination.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Clause {
+    /// What the peers are (which selectors and blocks), as a name that stays while Pods
+    /// join and leave them: a back end keeps one set per name and changes its elements.
+    #[serde(skip)]
+    pub peer_set: PeerSetId,
     #[serde(serialize_with = "shared")]
     pub peers: Arc<Addresses>,
     pub ports: Ports,
+}
+
+/// The identity of a list of peers: 16 hex digits of a hash of its definition (the
+/// normalised peers of a rule and, where they select Pods of it, the policy's namespace;
+/// for a named-port destination also the names and the number). Equal in every process
+/// that reads the same policies, so a restarted daemon finds its sets by name. Two
+/// clauses with one id have equal addresses in a table.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PeerSetId(pub Arc<str>);
+
+impl PeerSetId {
+    /// The id of whatever `definition` writes (its `Debug` text).
+    pub(crate) fn of(definition: &dyn std::fmt::Debug) -> PeerSetId {
+        use sha2::{Digest, Sha256};
+        let digest = Sha256::digest(format!("{definition:?}").as_bytes());
+        let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+        PeerSetId(Arc::from(hex))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for PeerSetId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
 }
 
 fn shared<S: serde::Serializer>(addresses: &Arc<Addresses>, serializer: S) -> Result<S::Ok, S::Error> {
@@ -167,6 +199,16 @@ impl Ports {
 }
 
 impl Clause {
+    /// A clause whose peers are named by their content: for a plan made by hand (tests),
+    /// where no policy defines them.
+    pub fn by_content(peers: Arc<Addresses>, ports: Ports) -> Clause {
+        Clause {
+            peer_set: PeerSetId::of(&peers),
+            peers,
+            ports,
+        }
+    }
+
     pub fn matches(&self, other_end: IpAddr, protocol: Protocol, port: u16) -> bool {
         self.ports.contains(protocol, port) && self.peers.contains(other_end)
     }

@@ -13,24 +13,30 @@
 //! - a Namespace: the peer sets with a namespaceSelector whose verdict on the namespace
 //!   flipped, checked again for the Pods of that namespace only;
 //! - a policy: the node's Pods of its namespace that its old or its new podSelector picks;
-//! - a peer set whose addresses or destinations changed: the node's Pods selected by a
-//!   policy that uses it.
+//! - a peer set whose addresses changed (or a named-port destination set of it): its
+//!   [`PeerSetId`] stays, so the entries that hold it get the new addresses in place,
+//!   clause by clause, and are not planned again; a set that only gained members gets
+//!   their addresses merged into its ranges rather than made again from every member;
+//! - a peer set whose named ports gained or lost a destination number: the node's Pods
+//!   selected by a policy that uses it (their egress gains or loses a clause).
 //!
-//! Each Pod entry is then planned again whole (its namespace's policies, a few) and
-//! compared with the one in the table: only those that differ are reported.
+//! Each Pod entry to plan again is planned whole (its namespace's policies, a few) and
+//! compared with the one in the table: only those that differ are reported, with those
+//! whose addresses were swapped in.
 //!
-//! Measured (`cargo bench -p ferry-proxy --bench policy_plan`; 10,000 Pods, 1,000 on the
-//! node, 1,000 policies; table in that bench's docs): one policy changed or one Pod
-//! relabelled ~0.6 ms against a full re-plan of 100-900 ms in the same run; a Namespace
-//! relabelled 15-20x faster than a re-plan; a Pod added whose named port every node
-//! Pod's egress resolves re-plans all 1,000 entries (~28 ms on a quiet machine).
+//! Measured (`cargo bench -p ferry-proxy --bench policy_backend`, the daemon's path per
+//! change; 10,000 Pods, 1,000 on the node, 1,000 policies; table in the policy back
+//! end's module docs): see "Measurements" there. Before the swap in place, a Pod added
+//! whose named port every node Pod's egress resolves re-planned all 1,000 entries
+//! (27.7-121 ms).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::net::IpAddr;
 use std::sync::Arc;
 
-use super::ranges::{block_ranges, normalize};
+use super::ranges::{block_ranges, normalize, remove_address};
 use super::{
-    is_peer, on_node, resolve_name, AddressRange, Addresses, Allow, Clause, Isolation, PodPolicy,
+    is_peer, on_node, resolve_name, AddressRange, Addresses, Allow, Clause, Isolation, PeerSetId, PodPolicy,
     PolicyTable, PortRange, Ports,
 };
 use crate::plan::Protocol;
@@ -87,6 +93,9 @@ pub(super) struct Compiled {
     peers: HashMap<ObjectKey, Arc<PodInfo>>,
     /// Names of the peer Pods of each namespace.
     by_namespace: HashMap<Arc<str>, BTreeSet<Arc<str>>>,
+    /// Peer Pods by address (two may share one for a while): whether a set still holds
+    /// an address some member left.
+    by_ip: HashMap<IpAddr, Vec<ObjectKey>>,
     /// Peer Pods by label key, then value: a selector's `matchLabels` reads only these.
     by_label: HashMap<Arc<str>, HashMap<Arc<str>, HashSet<ObjectKey>>>,
     /// Every policy, by namespace then name (the order of its allows in a Pod's entry).
@@ -135,6 +144,8 @@ impl PeerList {
 
 /// One list of peers, resolved.
 struct PeerSet {
+    /// Its name for back ends: of the list, not of its members.
+    id: PeerSetId,
     /// The peer Pods a selector peer picks.
     members: HashSet<ObjectKey>,
     addresses: Arc<Addresses>,
@@ -148,8 +159,9 @@ struct PeerSet {
 /// The named ports of an egress rule: (name, protocol), sorted.
 type PortNames = Vec<(Arc<str>, Protocol)>;
 
-/// Per port number, the destination addresses that give a name that number.
-type Destinations = Vec<(PortRange, Arc<Addresses>)>;
+/// Per port number, the destination addresses that give a name that number, with the
+/// id of that destination set (the list's, the names' and the number's).
+type Destinations = Vec<(PortRange, PeerSetId, Arc<Addresses>)>;
 
 struct PlannedPolicy {
     info: Arc<NetworkPolicyInfo>,
@@ -201,6 +213,9 @@ impl Compiled {
     }
 
     fn index(&mut self, key: ObjectKey, pod: Arc<PodInfo>) {
+        for ip in &pod.ips {
+            self.by_ip.entry(*ip).or_default().push(key.clone());
+        }
         self.by_namespace
             .entry(key.0.clone())
             .or_default()
@@ -220,6 +235,14 @@ impl Compiled {
         let Some(pod) = self.peers.remove(key) else {
             return;
         };
+        for ip in &pod.ips {
+            if let Some(keys) = self.by_ip.get_mut(ip) {
+                keys.retain(|k| k != key);
+                if keys.is_empty() {
+                    self.by_ip.remove(ip);
+                }
+            }
+        }
         if let Some(names) = self.by_namespace.get_mut(&key.0) {
             names.remove(&key.1);
             if names.is_empty() {
@@ -321,7 +344,12 @@ impl Compiled {
 
     /// Per port number, the addresses in `peers` of the peer Pods that give one of
     /// `names` that number.
-    fn named_destinations(&mut self, peers: &Addresses, names: &[(Arc<str>, Protocol)]) -> Destinations {
+    fn named_destinations(
+        &mut self,
+        list: &PeerSetId,
+        peers: &Addresses,
+        names: &[(Arc<str>, Protocol)],
+    ) -> Destinations {
         let mut by_number: BTreeMap<PortRange, Vec<AddressRange>> = BTreeMap::new();
         for (name, protocol) in names {
             for pod in self.peers.values() {
@@ -345,7 +373,10 @@ impl Compiled {
         }
         by_number
             .into_iter()
-            .map(|(range, hosts)| (range, self.share(Addresses::Ranges(normalize(hosts)))))
+            .map(|(range, hosts)| {
+                let id = PeerSetId::of(&(list.as_str(), names, range));
+                (range, id, self.share(Addresses::Ranges(normalize(hosts))))
+            })
             .collect()
     }
 
@@ -362,6 +393,7 @@ impl Compiled {
             }
             let addresses = self.addresses_of(list, &members);
             let set = PeerSet {
+                id: PeerSetId::of(list),
                 members,
                 addresses,
                 named: HashMap::new(),
@@ -394,8 +426,8 @@ impl Compiled {
                     let set = self.peer_set(store, &peers);
                     set.users.insert(key.clone());
                     if !names.is_empty() && !set.named.contains_key(&names) {
-                        let addresses = set.addresses.clone();
-                        let found = self.named_destinations(&addresses, &names);
+                        let (id, addresses) = (set.id.clone(), set.addresses.clone());
+                        let found = self.named_destinations(&id, &addresses, &names);
                         self.peer_sets
                             .get_mut(&peers)
                             .expect("made above")
@@ -464,6 +496,7 @@ impl Compiled {
                         policy: name.clone(),
                         rule: index,
                         clauses: vec![Clause {
+                            peer_set: set.id.clone(),
                             peers: set.addresses.clone(),
                             ports: port_ranges(&rule.ports, Some(pod)),
                         }],
@@ -490,11 +523,13 @@ impl Compiled {
     fn egress_allow(&self, policy: &str, index: usize, rule: &PlannedRule) -> Allow {
         let set = &self.peer_sets[&rule.peers];
         let mut clauses = vec![Clause {
+            peer_set: set.id.clone(),
             peers: set.addresses.clone(),
             ports: port_ranges(&rule.ports, None),
         }];
         if !rule.names.is_empty() {
-            clauses.extend(set.named[&rule.names].iter().map(|(range, hosts)| Clause {
+            clauses.extend(set.named[&rule.names].iter().map(|(range, id, hosts)| Clause {
+                peer_set: id.clone(),
                 peers: hosts.clone(),
                 ports: Ports::Ranges(vec![*range]),
             }));
@@ -528,7 +563,7 @@ impl Compiled {
         }
 
         // Pods: the index, then the sets they enter or leave.
-        let mut stale_sets: HashSet<PeerList> = HashSet::new();
+        let mut stale_sets: HashMap<PeerList, Stale> = HashMap::new();
         let mut moved_names: HashSet<(Arc<str>, Protocol)> = HashSet::new();
         for (key, change) in &dirty.pods {
             for pod in change.before.iter().chain(change.after.iter()) {
@@ -545,6 +580,7 @@ impl Compiled {
                 }
                 continue;
             }
+            let old_ips = self.peers.get(key).map(|p| p.ips.clone()).unwrap_or_default();
             self.unindex(key);
             if let Some(pod) = change.after.as_ref().filter(|p| is_peer(p)) {
                 self.index(key.clone(), pod.clone());
@@ -569,7 +605,13 @@ impl Compiled {
                     } else {
                         set.members.remove(key);
                     }
-                    stale_sets.insert(list.clone());
+                    let stale = stale_sets.entry(list.clone()).or_default();
+                    if was {
+                        stale.left.extend(&old_ips);
+                    }
+                    if let Some(pod) = pod.as_ref().filter(|_| now) {
+                        stale.joined.extend(&pod.ips);
+                    }
                 }
             }
         }
@@ -601,28 +643,39 @@ impl Compiled {
                     let now = list.selects(&self.peers[&key], after);
                     if now != set.members.contains(&key) {
                         if now {
-                            set.members.insert(key);
+                            set.members.insert(key.clone());
                         } else {
                             set.members.remove(&key);
                         }
-                        stale_sets.insert(list.clone());
+                        let stale = stale_sets.entry(list.clone()).or_default();
+                        let ips = &self.peers[&key].ips;
+                        if now {
+                            stale.joined.extend(ips);
+                        } else {
+                            stale.left.extend(ips);
+                        }
                     }
                 }
             }
         }
 
-        // The sets' addresses, then the named destinations that may have moved.
+        // The sets' addresses, then the named destinations that may have moved. A set
+        // whose addresses alone changed keeps its id: the entries holding it get the new
+        // addresses in place (`moved`), without being planned again.
+        let mut moved = Moved::default();
         let mut changed_sets: HashSet<PeerList> = HashSet::new();
-        for list in stale_sets {
-            let members = std::mem::take(&mut self.peer_sets.get_mut(&list).expect("live set").members);
-            let addresses = self.addresses_of(&list, &members);
+        for (list, stale) in stale_sets {
+            let addresses = self.moved_addresses(&list, &stale);
             let set = self.peer_sets.get_mut(&list).expect("live set");
-            set.members = members;
             if set.addresses != addresses {
-                set.addresses = addresses;
+                let was = std::mem::replace(&mut set.addresses, addresses.clone());
+                moved.insert(set.id.clone(), &was, addresses);
                 changed_sets.insert(list);
             }
         }
+        // Sets whose named destinations gained or lost a port number: their users'
+        // entries change shape (a clause more or less) and are planned again.
+        let mut reshaped: HashSet<PeerList> = HashSet::new();
         let lists: Vec<PeerList> = self
             .peer_sets
             .iter()
@@ -632,23 +685,40 @@ impl Compiled {
         for list in lists {
             let set = &self.peer_sets[&list];
             let addresses = set.addresses.clone();
-            let moved = changed_sets.contains(&list);
+            let addresses_moved = changed_sets.contains(&list);
             let redo: Vec<PortNames> = set
                 .named
                 .keys()
-                .filter(|names| moved || names.iter().any(|n| moved_names.contains(n)))
+                .filter(|names| addresses_moved || names.iter().any(|n| moved_names.contains(n)))
                 .cloned()
                 .collect();
             for names in redo {
-                let found = self.named_destinations(&addresses, &names);
+                let id = self.peer_sets[&list].id.clone();
+                let found = self.named_destinations(&id, &addresses, &names);
                 let set = self.peer_sets.get_mut(&list).expect("live set");
-                if set.named.get(&names) != Some(&found) {
+                let Some(old) = set.named.get(&names) else {
                     set.named.insert(names, found);
-                    changed_sets.insert(list.clone());
+                    reshaped.insert(list.clone());
+                    continue;
+                };
+                if old == &found {
+                    continue;
                 }
+                let same_numbers =
+                    old.len() == found.len() && old.iter().zip(&found).all(|(o, f)| o.0 == f.0);
+                if same_numbers {
+                    for ((_, _, was), (_, id, now)) in old.iter().zip(&found) {
+                        if was != now {
+                            moved.insert(id.clone(), was, now.clone());
+                        }
+                    }
+                } else {
+                    reshaped.insert(list.clone());
+                }
+                set.named.insert(names, found);
             }
         }
-        for list in &changed_sets {
+        for list in &reshaped {
             touched_policies.extend(self.peer_sets[list].users.iter().cloned());
         }
 
@@ -669,6 +739,9 @@ impl Compiled {
         }
 
         let mut changed = BTreeSet::new();
+        if !moved.by_id.is_empty() {
+            moved.swap_into(table, &mut changed);
+        }
         for key in replan {
             let entry = self
                 .peers
@@ -709,6 +782,118 @@ impl Compiled {
     }
 }
 
+/// The addresses of a peer set's members that joined or left it in one update (a
+/// member whose addresses changed did both).
+#[derive(Default)]
+struct Stale {
+    joined: Vec<IpAddr>,
+    left: Vec<IpAddr>,
+}
+
+impl Compiled {
+    /// The addresses of `list` after `stale`, from its old ones: an address left stays
+    /// when a block or another member still holds it; joined ones are merged in (a
+    /// sorted list with a few addresses appended sorts in about one pass). Making the
+    /// set again from every member instead (for the set of every Pod of the cluster:
+    /// 10,000 lookups and a sort) was most of an added Pod's update.
+    fn moved_addresses(&mut self, list: &PeerList, stale: &Stale) -> Arc<Addresses> {
+        let set = &self.peer_sets[list];
+        let Addresses::Ranges(old) = &*set.addresses else {
+            return set.addresses.clone();
+        };
+        let mut ranges = old.clone();
+        // Both lists are checked against the members as they are now: a Pod may have
+        // joined and left (or the reverse) within one update.
+        let held = |ip: &IpAddr| {
+            self.by_ip
+                .get(ip)
+                .is_some_and(|keys| keys.iter().any(|k| set.members.contains(k)))
+        };
+        if !stale.left.is_empty() {
+            let blocks: Vec<AddressRange> = list
+                .peers
+                .iter()
+                .flat_map(|peer| match peer {
+                    PolicyPeer::Block { cidr, except } => block_ranges(*cidr, except),
+                    PolicyPeer::Pods { .. } => Vec::new(),
+                })
+                .collect();
+            let blocks = Addresses::Ranges(normalize(blocks));
+            for ip in &stale.left {
+                if !blocks.contains(*ip) && !held(ip) {
+                    remove_address(&mut ranges, *ip);
+                }
+            }
+        }
+        let joined: Vec<AddressRange> = stale
+            .joined
+            .iter()
+            .filter(|ip| held(ip))
+            .map(|ip| AddressRange {
+                first: *ip,
+                last: *ip,
+            })
+            .collect();
+        if !joined.is_empty() {
+            ranges.extend(joined);
+            ranges = normalize(ranges);
+        }
+        self.share(Addresses::Ranges(ranges))
+    }
+}
+
+/// Peer sets (and named-port destinations) whose addresses alone changed in one update.
+#[derive(Default)]
+struct Moved {
+    by_id: HashMap<PeerSetId, Arc<Addresses>>,
+    /// The addresses they had, as pointers, sorted: a clause can only hold a moved set if
+    /// it holds one of these (cheaper to test than its id, for 1,000 entries of dozens of
+    /// clauses).
+    was: Vec<usize>,
+}
+
+impl Moved {
+    fn insert(&mut self, id: PeerSetId, was: &Arc<Addresses>, now: Arc<Addresses>) {
+        self.by_id.insert(id, now);
+        let was = Arc::as_ptr(was) as usize;
+        if let Err(at) = self.was.binary_search(&was) {
+            self.was.insert(at, was);
+        }
+    }
+
+    /// Gives every clause of a moved set its new addresses, and notes the entries that
+    /// held one as changed (those planned again afterwards get the same addresses).
+    fn swap_into(&self, table: &mut PolicyTable, changed: &mut BTreeSet<String>) {
+        for (name, entry) in &mut table.pods {
+            let mut swapped = false;
+            let clauses = entry
+                .ingress
+                .iter_mut()
+                .chain(entry.egress.iter_mut())
+                .flat_map(|i| i.allows.iter_mut())
+                .flat_map(|a| a.clauses.iter_mut());
+            for clause in clauses {
+                if self
+                    .was
+                    .binary_search(&(Arc::as_ptr(&clause.peers) as usize))
+                    .is_err()
+                {
+                    continue;
+                }
+                if let Some(now) = self.by_id.get(&clause.peer_set) {
+                    if !Arc::ptr_eq(&clause.peers, now) {
+                        clause.peers = now.clone();
+                        swapped = true;
+                    }
+                }
+            }
+            if swapped {
+                changed.insert(name.clone());
+            }
+        }
+    }
+}
+
 /// Whether two entries of this planner's tables are equal, address sets compared by
 /// pointer: every set is shared ([`Compiled::share`]), so equal sets are one `Arc`, and
 /// comparing the contents of a changed set (thousands of addresses, in every entry that
@@ -718,10 +903,9 @@ fn same_entry(a: &PodPolicy, b: &PodPolicy) -> bool {
         x.policy == y.policy
             && x.rule == y.rule
             && x.clauses.len() == y.clauses.len()
-            && x.clauses
-                .iter()
-                .zip(&y.clauses)
-                .all(|(c, d)| Arc::ptr_eq(&c.peers, &d.peers) && c.ports == d.ports)
+            && x.clauses.iter().zip(&y.clauses).all(|(c, d)| {
+                Arc::ptr_eq(&c.peers, &d.peers) && c.peer_set == d.peer_set && c.ports == d.ports
+            })
     };
     let same_isolation = |x: &Option<Isolation>, y: &Option<Isolation>| match (x, y) {
         (None, None) => true,

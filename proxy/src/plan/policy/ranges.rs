@@ -114,6 +114,31 @@ pub(super) fn normalize(ranges: Vec<AddressRange>) -> Vec<AddressRange> {
         .collect()
 }
 
+/// Takes `ip` out of `ranges` (sorted, disjoint, not adjacent; they stay so): the range
+/// holding it is split around it.
+pub(super) fn remove_address(ranges: &mut Vec<AddressRange>, ip: IpAddr) {
+    let key = Number::of(ip);
+    let after = ranges.partition_point(|r| Number::of(r.first) <= key);
+    if after == 0 || Number::of(ranges[after - 1].last) < key {
+        return;
+    }
+    let held = ranges[after - 1];
+    let mut pieces = Vec::with_capacity(2);
+    if Number::of(held.first) < key {
+        pieces.push(AddressRange {
+            first: held.first,
+            last: Number(key.0, key.1 - 1).ip(),
+        });
+    }
+    if key < Number::of(held.last) {
+        pieces.push(AddressRange {
+            first: Number(key.0, key.1 + 1).ip(),
+            last: held.last,
+        });
+    }
+    ranges.splice(after - 1..after, pieces);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -139,6 +164,27 @@ mod tests {
         assert_eq!(v6, [range("fd00::80", "fd00::ff")]);
         let all = block_ranges("0.0.0.0/0".parse().unwrap(), &[]);
         assert_eq!(all, [range("0.0.0.0", "255.255.255.255")]);
+    }
+
+    #[test]
+    fn an_address_taken_out_splits_its_range() {
+        let mut ranges = vec![
+            range("10.0.0.1", "10.0.0.1"),
+            range("10.0.0.5", "10.0.0.9"),
+            range("fd00::1", "fd00::3"),
+        ];
+        remove_address(&mut ranges, "10.0.0.7".parse().unwrap());
+        remove_address(&mut ranges, "10.0.0.1".parse().unwrap());
+        remove_address(&mut ranges, "10.0.0.3".parse().unwrap());
+        remove_address(&mut ranges, "fd00::1".parse().unwrap());
+        assert_eq!(
+            ranges,
+            [
+                range("10.0.0.5", "10.0.0.6"),
+                range("10.0.0.8", "10.0.0.9"),
+                range("fd00::2", "fd00::3"),
+            ]
+        );
     }
 
     #[test]
