@@ -60,16 +60,7 @@ impl Bed {
     fn new(pods: &[&str]) -> Bed {
         let node = Node::new("policy-node");
         let ns = node.netns();
-        node.netns().run(|| {
-            for (path, v) in [
-                ("net/ipv4/ip_forward", "1"),
-                ("net/ipv6/conf/all/forwarding", "1"),
-                ("net/bridge/bridge-nf-call-iptables", "1"),
-                ("net/bridge/bridge-nf-call-ip6tables", "1"),
-            ] {
-                std::fs::write(format!("/proc/sys/{path}"), v).unwrap_or_else(|e| panic!("{path}: {e}"));
-            }
-        });
+        node.forward_and_filter_bridged();
         let p4 = v4_prefix(&unique_v4_subnet(24));
         let p6 = unique_v6_subnet().trim_end_matches("/64").to_string();
         ns.exec_ok(&["ip", "link", "add", "br0", "type", "bridge"]);
