@@ -18,7 +18,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use aya::maps::{HashMap as BpfHashMap, Map, MapData};
-use ferry_ebpf::{FlowSweeper, FlowTimeouts};
+use ferry_ebpf::{monotonic_ns, FlowSweeper, FlowTimeouts};
 
 const ENTRIES: u32 = 262_144;
 
@@ -32,16 +32,6 @@ fn env_usize(name: &str, default: usize) -> usize {
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[v.len() / 2]
-}
-
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes one timespec we own.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// A `ferry_nat4` key: an IPv4 flow (saddr, daddr, sport, dport, proto, pad).

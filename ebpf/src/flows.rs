@@ -190,49 +190,34 @@ trait FlowEntry<K>: Copy {
     fn flags(&self) -> u32;
 }
 
-impl FlowEntry<Flow4> for Nat4Entry {
-    fn partner(&self) -> Flow4 {
-        Flow4 {
-            saddr: self.to.daddr,
-            daddr: self.to.saddr,
-            sport: self.to.dport,
-            dport: self.to.sport,
-            proto: self.to.proto,
-            pad: [0; 3],
+/// The same accessors for both families: the entries differ only in their address width.
+macro_rules! flow_entry {
+    ($entry:ty, $flow:ident) => {
+        impl FlowEntry<$flow> for $entry {
+            fn partner(&self) -> $flow {
+                $flow {
+                    saddr: self.to.daddr,
+                    daddr: self.to.saddr,
+                    sport: self.to.dport,
+                    dport: self.to.sport,
+                    proto: self.to.proto,
+                    pad: [0; 3],
+                }
+            }
+            fn proto(&self) -> u8 {
+                self.to.proto
+            }
+            fn last_seen_ns(&self) -> u64 {
+                self.last_seen_ns
+            }
+            fn flags(&self) -> u32 {
+                self.flags
+            }
         }
-    }
-    fn proto(&self) -> u8 {
-        self.to.proto
-    }
-    fn last_seen_ns(&self) -> u64 {
-        self.last_seen_ns
-    }
-    fn flags(&self) -> u32 {
-        self.flags
-    }
+    };
 }
-
-impl FlowEntry<Flow6> for Nat6Entry {
-    fn partner(&self) -> Flow6 {
-        Flow6 {
-            saddr: self.to.daddr,
-            daddr: self.to.saddr,
-            sport: self.to.dport,
-            dport: self.to.sport,
-            proto: self.to.proto,
-            pad: [0; 3],
-        }
-    }
-    fn proto(&self) -> u8 {
-        self.to.proto
-    }
-    fn last_seen_ns(&self) -> u64 {
-        self.last_seen_ns
-    }
-    fn flags(&self) -> u32 {
-        self.flags
-    }
-}
+flow_entry!(Nat4Entry, Flow4);
+flow_entry!(Nat6Entry, Flow6);
 
 /// Deletes the expired entries of one table; returns (entries read, entries deleted).
 fn sweep_table<K, V>(
@@ -294,8 +279,9 @@ fn not_found(e: &MapError) -> bool {
     }
 }
 
-/// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`.
-fn monotonic_ns() -> u64 {
+/// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`, which the flow
+/// entries' last-seen times are read on.
+pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,

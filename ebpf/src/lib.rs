@@ -142,6 +142,6 @@ pub use dataplane::{
     Scope, ServiceBackends, MAPS, PROGRAMS, TC_PROGRAM,
 };
 pub use error::Error;
-pub use flows::{FlowSweeper, FlowTimeouts, SweepReport};
+pub use flows::{monotonic_ns, FlowSweeper, FlowTimeouts, SweepReport};
 pub use maps::Protocol;
 pub use sys::{attached_program_ids, cgroup2_root, BPFFS_ROOT};
