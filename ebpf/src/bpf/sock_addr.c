@@ -12,6 +12,13 @@
  *
  * Maps, their keys and values are described in ferry.h; the daemon writes ferry_services
  * and ferry_backends, these programs write the three LRU maps.
+ *
+ * Cost, measured by proxy/benches/service_latency.rs (kernel BPF run-time statistics,
+ * Linux 6.18, 2 shared CPUs): connect4 runs 545-637 ns on a connect to a ClusterIP and
+ * 50-58 ns on one to no Service. That is the whole of the 0.5 us a ClusterIP adds to a
+ * connect's median (1.05x the Pod IP's); at p99 it adds 2.8-3.8 us (1.13-1.18x), an
+ * occasional slow translation not yet pinned down. Per-CPU LRU lists for ferry_revnat
+ * (BPF_F_NO_COMMON_LRU) made it slower (689-695 ns): the common LRU stays.
  */
 #include <linux/bpf.h>
 #include <linux/in.h>
