@@ -10,20 +10,28 @@
 //! socket programs attach only to a cgroup the bench makes (`EbpfSandbox`), and the client's
 //! sockets are made in it; the nftables nodes' clients use plain sockets.
 //!
-//! Measured, per node, to the ClusterIP and to the server's Pod IP:
+//! Measured, per node, to the ClusterIP and to the server's Pod IP (the baseline), and on
+//! the eBPF nodes also to the Pod IP from a socket outside the cgroup (no program runs:
+//! against the baseline, the programs' cost on a connect to no Service):
 //! - connect: the time of `connect()` on a fresh socket, `FERRY_BENCH_CONNECTS` (default
-//!   2000) per series; each series makes all its sockets before it starts (in a cgroup that
-//!   takes a fork, after which the first writes to each page of the process fault: made
-//!   one by one, that cost 10-15 us landed in the eBPF series' connects);
+//!   2000) per series; sockets are made before their sample is timed, up to 1,800 at a
+//!   time (in a cgroup a batch takes a fork, after which the first writes to each page of
+//!   the process fault: made one by one, that cost 10-15 us landed in the eBPF series'
+//!   connects);
 //! - request/response: on one established connection, 32 bytes out and the same 32 bytes
 //!   echoed back, `FERRY_BENCH_ROUND_TRIPS` (default 20000) per series.
 //!
-//! All eight series of a kind run interleaved round by round (common/interleaved.rs), after
+//! All series of a kind run interleaved round by round (common/interleaved.rs), after
 //! untimed warm-up rounds, so load from the rest of the machine falls on all alike; every
 //! client thread runs on CPU 0 and every server thread on CPU 1, so no series gets a
-//! luckier placement than another. The
-//! figures are p50 and p99 and the ratio ClusterIP / Pod IP per node (goal for eBPF:
-//! <= 1.05x); the load average is printed before and after.
+//! luckier placement than another. The figures are p50, p90, p99 and p99.9 and their
+//! ratios to the node's baseline (goal for eBPF: <= 1.05x); the load average is printed
+//! before and after. A p99 of 2,000 samples rests on 20 of them and swung 0.99-1.35x from
+//! run to run; `FERRY_BENCH_CONNECTS=20000` (about a minute) gives stable ratios.
+//!
+//! Last, untimed, the `connect4` program's own run time per connect on each eBPF node, to
+//! the ClusterIP (a hit) and to the Pod IP (a miss), from the kernel's BPF run-time
+//! statistics (`BPF_ENABLE_STATS`, on only for that phase).
 //!
 //! Run: `cargo bench -p ferry-proxy --bench service_latency` (root; `FERRY_BIN_DIR=target/debug`
 //! when only the debug plugins are built). Everything happens in namespaces and a cgroup
@@ -170,12 +178,32 @@ impl LatencyNode {
         }
     }
 
-    /// The Service's address for `port`, and the server Pod's.
-    fn targets(&self, port: (u16, u16)) -> [(&'static str, SocketAddr); 2] {
-        [
-            ("ClusterIP", SocketAddr::new(WEB_IP.into(), port.0)),
-            ("Pod IP", SocketAddr::new(self.server_ip, port.1)),
-        ]
+    /// The measured series of `port`: the Service's address and the server Pod's, from the
+    /// client Pod (baseline second: ratios are against it). With `outside`, eBPF nodes add
+    /// the Pod IP from a socket outside the cgroup, so no program runs on its connect: that
+    /// against the baseline is the programs' cost on a miss (a connect to no Service).
+    fn targets(&self, port: (u16, u16), outside: bool) -> Vec<(&'static str, SocketAddr, Client<'_>)> {
+        let pod_ip = SocketAddr::new(self.server_ip, port.1);
+        let mut targets = vec![
+            ("ClusterIP", SocketAddr::new(WEB_IP.into(), port.0), self.client()),
+            ("Pod IP (baseline)", pod_ip, self.client()),
+        ];
+        if outside && self.sandbox.is_some() {
+            let plain = Client {
+                netns: self.client.netns(),
+                cgroup: None,
+            };
+            targets.push(("Pod IP, outside the cgroup", pod_ip, plain));
+        }
+        targets
+    }
+}
+
+/// The same client again, for a series' thread (`Client` holds only references).
+fn copy<'a>(client: &Client<'a>) -> Client<'a> {
+    Client {
+        netns: client.netns,
+        cgroup: client.cgroup,
     }
 }
 
@@ -189,19 +217,31 @@ fn connect(socket: std::os::fd::OwnedFd, to: SocketAddr) -> std::io::Result<(soc
     Ok((socket, start.elapsed()))
 }
 
-/// `samples` connects, each on a socket of its own made before the series starts (all at
-/// once: in a cgroup that is one fork, whose page faults then fall in the warm-up).
-fn connect_series<'a>(node: &'a LatencyNode, what: &str, to: SocketAddr, samples: usize) -> Series<'a> {
-    let client = node.client();
+/// Sockets a connect series makes at a time: all its sockets at once for the default
+/// 2,000 connects, in batches for longer runs, so ten series stay under the open-file limit
+/// of 20,000 that some hosts set as a hard limit.
+const SOCKET_BATCH: usize = 1800;
+
+/// `samples` connects, each on a socket of its own made before its sample is timed, in
+/// batches (in a cgroup a batch is one fork, whose page faults then fall mostly in the
+/// warm-up; with batches they recur every `SOCKET_BATCH` samples, in every in-cgroup
+/// series alike).
+fn connect_series<'a>(
+    node: &'a LatencyNode,
+    (what, to, client): (&str, SocketAddr, Client<'a>),
+    samples: usize,
+) -> Series<'a> {
     Series {
         label: format!("{}: connect to the {what} {to}", node.label),
         netns: node.client.netns(),
         start: Box::new(move || {
-            let mut sockets = client.unconnected_tcp_sockets(to.is_ipv4(), samples)?;
+            let batch = samples.min(SOCKET_BATCH);
+            let mut sockets = client.unconnected_tcp_sockets(to.is_ipv4(), batch)?;
             let sample: Sample<'a> = Box::new(move || {
-                let socket = sockets
-                    .pop()
-                    .ok_or_else(|| std::io::Error::other("more samples than sockets made"))?;
+                if sockets.is_empty() {
+                    sockets = client.unconnected_tcp_sockets(to.is_ipv4(), batch)?;
+                }
+                let socket = sockets.pop().expect("a batch holds at least one socket");
                 connect(socket, to).map(|(_, took)| took)
             });
             Ok(sample)
@@ -209,8 +249,7 @@ fn connect_series<'a>(node: &'a LatencyNode, what: &str, to: SocketAddr, samples
     }
 }
 
-fn echo_series<'a>(node: &'a LatencyNode, what: &str, to: SocketAddr) -> Series<'a> {
-    let client = node.client();
+fn echo_series<'a>(node: &'a LatencyNode, (what, to, client): (&str, SocketAddr, Client<'a>)) -> Series<'a> {
     Series {
         label: format!("{}: request/response to the {what} {to}", node.label),
         netns: node.client.netns(),
@@ -262,7 +301,8 @@ fn online_cpus() -> usize {
     unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.max(1) as usize
 }
 
-/// Every connect series holds its sockets from the start: allow that many open files.
+/// Every connect series holds its sockets from the start: allow that many open files
+/// (raising the hard limit too, as root may, for runs of tens of thousands of connects).
 fn raise_fd_limit(wanted: usize) {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
@@ -270,11 +310,68 @@ fn raise_fd_limit(wanted: usize) {
     };
     // SAFETY: getrlimit/setrlimit on a struct we own.
     unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < wanted as libc::rlim_t {
-            lim.rlim_cur = lim.rlim_max.min(wanted as libc::rlim_t);
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        let wanted = wanted as libc::rlim_t;
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < wanted {
+            let raised = libc::rlimit {
+                rlim_cur: wanted,
+                rlim_max: lim.rlim_max.max(wanted),
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) != 0 {
+                lim.rlim_cur = lim.rlim_max.min(wanted);
+                libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+            }
         }
     }
+}
+
+/// `BPF_CGROUP_INET4_CONNECT` in linux/bpf.h's `enum bpf_attach_type`.
+const INET4_CONNECT: u32 = 10;
+
+/// The time the node's `connect4` program itself runs per connect, to the ClusterIP (a
+/// hit: lookups, endpoint pick, the `ferry_revnat` write) and to the Pod IP (a miss: one
+/// lookup), from the kernel's run-time statistics of that program over `samples` connects
+/// of each. Statistics are on only for this untimed phase: they add two clock reads to
+/// every program run on the machine.
+fn program_cost(node: &LatencyNode, samples: usize) -> Result<[Duration; 2], String> {
+    let sandbox = node.sandbox.as_ref().ok_or("not an eBPF node")?;
+    let ids = ferry_ebpf::attached_program_ids(sandbox.cgroup(), INET4_CONNECT).map_err(|e| e.to_string())?;
+    let [id] = ids[..] else {
+        return Err(format!(
+            "{} connect4 programs on the cgroup, expected one",
+            ids.len()
+        ));
+    };
+    let totals = || -> Result<(Duration, u64), String> {
+        let info = aya::programs::loaded_programs()
+            .filter_map(Result::ok)
+            .find(|p| p.id() == id)
+            .ok_or(format!("program {id} is gone"))?;
+        Ok((info.run_time(), info.run_count()))
+    };
+    let _stats =
+        aya::sys::enable_stats(aya::sys::Stats::RunTime).map_err(|e| format!("BPF_ENABLE_STATS: {e}"))?;
+    let per_run = |to: SocketAddr| -> Result<Duration, String> {
+        let client = node.client();
+        let sockets = node
+            .client
+            .netns()
+            .run(|| client.unconnected_tcp_sockets(true, samples))
+            .map_err(|e| e.to_string())?;
+        let (time0, runs0) = totals()?;
+        node.client.netns().run(|| {
+            sockets
+                .into_iter()
+                .try_for_each(|socket| connect(socket, to).map(drop))
+                .map_err(|e| e.to_string())
+        })?;
+        let (time1, runs1) = totals()?;
+        let runs = (runs1 - runs0).max(1);
+        Ok((time1 - time0) / runs as u32)
+    };
+    Ok([
+        per_run(SocketAddr::new(WEB_IP.into(), CONNECT_PORT.0))?,
+        per_run(SocketAddr::new(node.server_ip, CONNECT_PORT.1))?,
+    ])
 }
 
 fn loadavg() -> String {
@@ -284,36 +381,56 @@ fn loadavg() -> String {
 }
 
 fn micros(d: Duration) -> String {
-    format!("{:.1} us", d.as_secs_f64() * 1e6)
+    format!("{:.2}us", d.as_secs_f64() * 1e6)
 }
 
-/// Prints each node's two series (ClusterIP, Pod IP) and their ratios.
-fn print_table(title: &str, nodes: &[LatencyNode], samples: &mut [Vec<Duration>]) {
+/// Each node with the names of its series.
+type Rows<'a> = Vec<(&'a LatencyNode, Vec<(&'static str, SocketAddr, Client<'a>)>)>;
+
+fn names<'a>(rows: &Rows<'a>) -> Vec<(&'a LatencyNode, Vec<&'static str>)> {
+    rows.iter()
+        .map(|(node, targets)| (*node, targets.iter().map(|t| t.0).collect()))
+        .collect()
+}
+
+/// The percentiles printed, and their column names.
+const PERCENTILES: [(f64, &str); 4] = [(0.5, "p50"), (0.9, "p90"), (0.99, "p99"), (0.999, "p99.9")];
+
+/// Prints each node's series, then each one's ratio to the node's baseline (its second
+/// series, the Pod IP from the client Pod) at every percentile. `rows` names each node's
+/// series in the order of `samples`.
+fn print_table(title: &str, rows: &[(&LatencyNode, Vec<&str>)], samples: &mut [Vec<Duration>]) {
     println!();
-    println!(
-        "{title:<46} {:>10} {:>10} {:>10} {:>10}",
-        "p50", "p99", "p50 ratio", "p99 ratio"
-    );
-    for (node, pair) in nodes.iter().zip(samples.chunks_mut(2)) {
-        let [service, direct] = pair else {
-            unreachable!("two series per node")
-        };
-        let (s50, s99) = (percentile(service, 0.5), percentile(service, 0.99));
-        let (d50, d99) = (percentile(direct, 0.5), percentile(direct, 0.99));
-        println!(
-            "{:<46} {:>10} {:>10} {:>9.2}x {:>9.2}x",
-            format!("{}: ClusterIP", node.label),
-            micros(s50),
-            micros(s99),
-            s50.as_secs_f64() / d50.as_secs_f64(),
-            s99.as_secs_f64() / d99.as_secs_f64(),
-        );
-        println!(
-            "{:<46} {:>10} {:>10}",
-            format!("{}: Pod IP (baseline)", node.label),
-            micros(d50),
-            micros(d99)
-        );
+    print!("{title:<62}");
+    for (_, name) in PERCENTILES {
+        print!(" {name:>9}");
+    }
+    for (_, name) in PERCENTILES {
+        print!(" {:>9}", format!("{name} x"));
+    }
+    println!();
+    let mut samples = samples.iter_mut();
+    for (node, names) in rows {
+        let figures: Vec<Vec<Duration>> = names
+            .iter()
+            .map(|_| {
+                let series = samples.next().expect("one series per row");
+                PERCENTILES.iter().map(|&(p, _)| percentile(series, p)).collect()
+            })
+            .collect();
+        let baseline = &figures[1];
+        for (name, row) in names.iter().zip(&figures) {
+            print!("{:<62}", format!("{}: {name}", node.label));
+            for d in row {
+                print!(" {:>9}", micros(*d));
+            }
+            if !std::ptr::eq(row, baseline) {
+                for (d, base) in row.iter().zip(baseline) {
+                    print!(" {:>8.2}x", d.as_secs_f64() / base.as_secs_f64());
+                }
+            }
+            println!();
+        }
     }
 }
 
@@ -323,7 +440,6 @@ fn main() {
     let connects = env_usize("FERRY_BENCH_CONNECTS", 2000).max(10);
     let round_trips = env_usize("FERRY_BENCH_ROUND_TRIPS", 20_000).max(10);
     let load_before = loadavg();
-    raise_fd_limit(8 * (connects + connects / 20) + 1024);
     // Servers (made next) run on SERVER_CPU, clients on CLIENT_CPU: every series sees the
     // same placement, where leaving it to the scheduler gave two series of one node (same
     // client, same server, same packets) medians 1.6x apart.
@@ -338,22 +454,34 @@ fn main() {
 
     eprintln!("service latency: {connects} connects per series...");
     let warmup = connects / 20;
-    let series = nodes
+    let connect_rows: Rows = nodes
         .iter()
-        .flat_map(|node| {
-            node.targets(CONNECT_PORT)
-                .map(|(what, to)| connect_series(node, what, to, warmup + connects))
+        .map(|node| (node, node.targets(CONNECT_PORT, true)))
+        .collect();
+    let connect_series_count: usize = connect_rows.iter().map(|(_, t)| t.len()).sum();
+    raise_fd_limit(connect_series_count * (warmup + connects).min(SOCKET_BATCH) + 1024);
+    let series = connect_rows
+        .iter()
+        .flat_map(|(node, targets)| {
+            targets
+                .iter()
+                .map(|(what, to, client)| connect_series(node, (what, *to, copy(client)), warmup + connects))
         })
         .collect();
     pin_to_cpu(CLIENT_CPU);
     let mut connect_times = interleaved(series, warmup, connects);
 
     eprintln!("service latency: {round_trips} round trips per series...");
-    let series = nodes
+    let echo_rows: Rows = nodes
         .iter()
-        .flat_map(|node| {
-            node.targets(ECHO_PORT)
-                .map(|(what, to)| echo_series(node, what, to))
+        .map(|node| (node, node.targets(ECHO_PORT, false)))
+        .collect();
+    let series = echo_rows
+        .iter()
+        .flat_map(|(node, targets)| {
+            targets
+                .iter()
+                .map(|(what, to, client)| echo_series(node, (what, *to, copy(client))))
         })
         .collect();
     let mut echo_times = interleaved(series, round_trips / 20, round_trips);
@@ -368,12 +496,29 @@ fn main() {
     );
     print_table(
         &format!("TCP connect ({connects} per series)"),
-        &nodes,
+        &names(&connect_rows),
         &mut connect_times,
     );
     print_table(
         &format!("request/response, 32 B ({round_trips} per series)"),
-        &nodes,
+        &names(&echo_rows),
         &mut echo_times,
     );
+
+    println!();
+    println!(
+        "connect4 program run time per connect, {} connects each (kernel BPF run-time stats, untimed phase):",
+        connects.min(SOCKET_BATCH)
+    );
+    for node in nodes.iter().filter(|n| n.sandbox.is_some()) {
+        match program_cost(node, connects.min(SOCKET_BATCH)) {
+            Ok([hit, miss]) => println!(
+                "{:<40} to the ClusterIP (hit) {:>6} ns, to the Pod IP (miss) {:>6} ns",
+                node.label,
+                hit.as_nanos(),
+                miss.as_nanos()
+            ),
+            Err(e) => println!("{:<40} not measured: {e}", node.label),
+        }
+    }
 }
