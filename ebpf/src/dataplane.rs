@@ -42,7 +42,7 @@ pub const PROGRAMS: [(&str, u32); 8] = [
 ];
 
 /// Every map of the objects (all pinned by name under `<pin_dir>/maps`).
-pub const MAPS: [&str; 12] = [
+pub const MAPS: [&str; 13] = [
     "ferry_services",
     "ferry_backends",
     "ferry_revnat",
@@ -55,6 +55,7 @@ pub const MAPS: [&str; 12] = [
     "ferry_nat6",
     "ferry_node_config6",
     "ferry_affinity_group",
+    "ferry_sock_peer",
 ];
 
 /// Whom a frontend entry serves.

@@ -34,7 +34,8 @@
 //! |---|---|---|---|
 //! | `ferry_services` | hash | frontend ip . port . protocol → Service id, endpoint count, affinity timeout | daemon |
 //! | `ferry_backends` | hash | Service id . slot → endpoint ip . port | daemon |
-//! | `ferry_revnat` | LRU hash | socket cookie . endpoint → frontend | connect, sendmsg |
+//! | `ferry_revnat` | LRU hash | socket cookie . endpoint → frontend, for unconnected UDP sockets | sendmsg |
+//! | `ferry_sock_peer` | socket storage | socket → (endpoint, frontend) of its connect | connect |
 //! | `ferry_udp_sticky` | LRU hash | socket cookie . frontend → endpoint (slot, last use) | sendmsg |
 //! | `ferry_affinity` | LRU hash | client netns cookie . affinity group → endpoint (slot, last use) | connect, sendmsg |
 //! | `ferry_affinity_group` | hash | Service id → the affinity group it shares (absent: its own id) | daemon |

@@ -40,7 +40,7 @@ const fn shape<K, V>(name: &'static str, max_entries: u32) -> Shape {
 }
 
 /// Every map of the objects (the same names as [`crate::MAPS`]).
-const SHAPES: [Shape; 12] = [
+const SHAPES: [Shape; 13] = [
     shape::<SvcKey, Svc>("ferry_services", layout::MAX_SERVICES),
     shape::<BackendKey, SockAddr>("ferry_backends", layout::MAX_BACKENDS),
     shape::<SockKey, SockAddr>("ferry_revnat", layout::MAX_SOCKETS),
@@ -53,6 +53,9 @@ const SHAPES: [Shape; 12] = [
     shape::<Flow6, Nat6Entry>("ferry_nat6", layout::MAX_NAT_FLOWS),
     shape::<u32, NodeConfig6>("ferry_node_config6", 1),
     shape::<u32, u32>("ferry_affinity_group", layout::MAX_SERVICES),
+    // Socket storage: an int key (the socket fd, in user space), `struct ferry_sock_peer`
+    // (endpoint, frontend); no capacity (it grows with the sockets).
+    shape::<i32, [SockAddr; 2]>("ferry_sock_peer", 0),
 ];
 
 /// Removes the pins under `maps_dir` of maps whose key size, value size or capacity differ

@@ -209,7 +209,18 @@ fn an_update_is_a_handful_of_map_writes_and_takes_effect_at_once() {
     assert_eq!(dump.services.len(), 1);
     assert_eq!(dump.services[0].frontend, fe);
     assert_eq!(dump.services[0].backends, only(a));
-    assert!(dump.revnat_entries >= 1, "{dump:?}");
+    // A UDP socket connected to the Service, then straight to the endpoint the Service
+    // gave it: its peer is the Service, then the endpoint (the second connect must not
+    // read as the first one's frontend).
+    let udp = bench.frontend(80, Protocol::Udp);
+    assert_eq!(dp.upsert_service(udp, &only(a)).unwrap(), 2);
+    let p = bench.probe(true, &["udp-reconnect", &vip, &a.to_string()]);
+    assert_eq!(p.values("peer"), vec![vip.clone(), a.to_string()], "{}", p.stdout);
+    assert!(dp.remove_service(&udp).unwrap());
+
+    // The TCP probes' sockets kept their frontend in their own storage (ferry_sock_peer,
+    // which getpeername reads: the tests above), not in the LRU map of unconnected UDP.
+    assert_eq!(dump.revnat_entries, 0, "{dump:?}");
 }
 
 #[test]

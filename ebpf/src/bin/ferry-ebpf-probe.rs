@@ -6,6 +6,7 @@
 //! ferry-ebpf-probe [--cgroup DIR] [--netns PATH] tcp ADDR           connect, print peer and what the server said
 //! ferry-ebpf-probe [--cgroup DIR] [--netns PATH] udp ADDR [COUNT]   COUNT datagrams on one unconnected socket
 //! ferry-ebpf-probe [--cgroup DIR] [--netns PATH] connect-times ADDR COUNT
+//! ferry-ebpf-probe [--cgroup DIR] [--netns PATH] udp-reconnect ADDR1 ADDR2  one UDP socket connected to each in turn, peer after each
 //! ```
 //!
 //! `--cgroup` moves this process into the cgroup v2 directory, and `--netns` into the
@@ -47,7 +48,8 @@ fn main() {
         Some("tcp") => tcp(addr(1)),
         Some("udp") => udp(addr(1), count(2, 1)),
         Some("connect-times") => connect_times(addr(1), count(2, 1000)),
-        _ => usage("say tcp, udp or connect-times"),
+        Some("udp-reconnect") => udp_reconnect(addr(1), addr(2)),
+        _ => usage("say tcp, udp, connect-times or udp-reconnect"),
     }
 }
 
@@ -93,6 +95,19 @@ fn connect_times(to: SocketAddr, count: usize) {
         at(0.5),
         at(0.9)
     );
+}
+
+/// A UDP socket connected to `first`, then to `second`: `peer=` after each (no datagram
+/// is sent; connecting a UDP socket only sets its peer).
+fn udp_reconnect(first: SocketAddr, second: SocketAddr) {
+    let any: SocketAddr = if first.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }
+        .parse()
+        .unwrap();
+    let sock = UdpSocket::bind(any).unwrap_or_else(|e| fail(e));
+    for to in [first, second] {
+        sock.connect(to).unwrap_or_else(|e| fail(e));
+        println!("peer={}", sock.peer_addr().unwrap_or_else(|e| fail(e)));
+    }
 }
 
 fn take_flag(args: &mut Vec<String>, flag: &str) -> Option<String> {

@@ -56,6 +56,13 @@ struct ferry_sockaddr {
 	__u16 pad;
 };
 
+/* In ferry_sock_peer, a connected socket's storage: the endpoint it was sent to and the
+ * frontend it asked for. */
+struct ferry_sock_peer {
+	struct ferry_sockaddr endpoint;
+	struct ferry_sockaddr frontend;
+};
+
 /* A socket (its cookie) and an address it talks to: in ferry_revnat the endpoint,
  * in ferry_udp_sticky the frontend. */
 struct ferry_sock_key {

@@ -47,6 +47,20 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } ferry_revnat SEC(".maps");
 
+/* Written by connect: the endpoint a connected socket was sent to and the frontend it
+ * asked for, in the socket's own storage (freed with the socket, nothing to age out),
+ * read by getpeername and by recvmsg on a connected UDP socket. A connect to a Service
+ * costs ~0.1 us this way against ~0.5 us for an LRU hash update (which takes the LRU's
+ * lock and may refill its free list); ferry_revnat keeps serving unconnected UDP
+ * sockets, which talk to several frontends and have no single peer. */
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct ferry_sock_peer);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} ferry_sock_peer SEC(".maps");
+
 /* Written by sendmsg: (socket, frontend) -> endpoint, so the datagrams of one
  * unconnected UDP socket keep going to the endpoint its first one went to. */
 struct {
@@ -132,10 +146,25 @@ static __always_inline enum verdict pick_endpoint(void *ctx, const struct ferry_
 	return TRANSLATED;
 }
 
-/* Remembers which frontend the socket asked for, for recvmsg and getpeername. */
-static __always_inline void remember_frontend(void *ctx, const struct ferry_svc_key *key,
-					      const struct ferry_sockaddr *be)
+/* Remembers which frontend the socket asked for, for recvmsg and getpeername: a
+ * connected socket in its own storage, an unconnected UDP socket (one per destination)
+ * in ferry_revnat. */
+static __always_inline void remember_frontend(struct bpf_sock_addr *ctx,
+					      const struct ferry_svc_key *key,
+					      const struct ferry_sockaddr *be, int udp_sendmsg)
 {
+	if (!udp_sendmsg) {
+		struct ferry_sock_peer *peer = bpf_sk_storage_get(
+			&ferry_sock_peer, ctx->sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+		if (peer) {
+			peer->endpoint = *be;
+			__builtin_memcpy(peer->frontend.ip, key->ip, sizeof(peer->frontend.ip));
+			peer->frontend.port = key->port;
+			peer->frontend.pad = 0;
+			return;
+		}
+		/* No memory for the storage: the LRU map below still serves. */
+	}
 	struct ferry_sock_key rkey = {};
 	rkey.cookie = bpf_get_socket_cookie(ctx);
 	__builtin_memcpy(rkey.ip, be->ip, sizeof(rkey.ip));
@@ -145,6 +174,18 @@ static __always_inline void remember_frontend(void *ctx, const struct ferry_svc_
 	__builtin_memcpy(fe.ip, key->ip, sizeof(fe.ip));
 	fe.port = key->port;
 	bpf_map_update_elem(&ferry_revnat, &rkey, &fe, BPF_ANY);
+}
+
+/* A socket connected again, to no Service: its storage must not turn the new peer
+ * into an old frontend (a UDP socket may connect to a Service's endpoint directly after
+ * connecting to the Service). Looking up a socket without storage costs a few ns. */
+static __always_inline void forget_peer(struct bpf_sock_addr *ctx, int udp_sendmsg)
+{
+	if (udp_sendmsg)
+		return;
+	struct ferry_sock_peer *peer = bpf_sk_storage_get(&ferry_sock_peer, ctx->sk, 0, 0);
+	if (peer)
+		peer->endpoint.port = 0; /* no endpoint has port 0 */
 }
 
 /* The verdict for a socket whose frontend has no endpoint: the syscall fails with
@@ -167,6 +208,7 @@ static __always_inline int xlate_forward4(struct bpf_sock_addr *ctx, int udp_sen
 	struct ferry_sockaddr be;
 	switch (pick_endpoint(ctx, &key, udp_sendmsg, &be)) {
 	case NOT_A_SERVICE:
+		forget_peer(ctx, udp_sendmsg);
 		return SYS_PROCEED;
 	case NO_ENDPOINT:
 		return refuse();
@@ -179,7 +221,7 @@ static __always_inline int xlate_forward4(struct bpf_sock_addr *ctx, int udp_sen
 		return refuse();
 	ctx->user_ip4 = be.ip[3];
 	ctx->user_port = be.port;
-	remember_frontend(ctx, &key, &be);
+	remember_frontend(ctx, &key, &be, udp_sendmsg);
 	return SYS_PROCEED;
 }
 
@@ -196,6 +238,7 @@ static __always_inline int xlate_forward6(struct bpf_sock_addr *ctx, int udp_sen
 	struct ferry_sockaddr be;
 	switch (pick_endpoint(ctx, &key, udp_sendmsg, &be)) {
 	case NOT_A_SERVICE:
+		forget_peer(ctx, udp_sendmsg);
 		return SYS_PROCEED;
 	case NO_ENDPOINT:
 		return refuse();
@@ -209,15 +252,20 @@ static __always_inline int xlate_forward6(struct bpf_sock_addr *ctx, int udp_sen
 	ctx->user_ip6[2] = be.ip[2];
 	ctx->user_ip6[3] = be.ip[3];
 	ctx->user_port = be.port;
-	remember_frontend(ctx, &key, &be);
+	remember_frontend(ctx, &key, &be, udp_sendmsg);
 	return SYS_PROCEED;
 }
 
 /* The frontend a socket asked for, when its peer `ip`/`port` is an endpoint it was
  * sent to; NULL otherwise. */
-static __always_inline struct ferry_sockaddr *frontend_of(void *ctx, const __u32 ip[4],
-							  __u16 port, __u8 proto)
+static __always_inline struct ferry_sockaddr *frontend_of(struct bpf_sock_addr *ctx,
+							  const __u32 ip[4], __u16 port, __u8 proto)
 {
+	struct ferry_sock_peer *peer = bpf_sk_storage_get(&ferry_sock_peer, ctx->sk, 0, 0);
+	if (peer && peer->endpoint.port == port && peer->endpoint.ip[0] == ip[0] &&
+	    peer->endpoint.ip[1] == ip[1] && peer->endpoint.ip[2] == ip[2] &&
+	    peer->endpoint.ip[3] == ip[3])
+		return &peer->frontend;
 	struct ferry_sock_key rkey = {};
 	rkey.cookie = bpf_get_socket_cookie(ctx);
 	__builtin_memcpy(rkey.ip, ip, sizeof(rkey.ip));
