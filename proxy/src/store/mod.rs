@@ -36,9 +36,13 @@
 //! key owners 4.3 MB); the binary ~10 MiB; and ~42 MiB of resident free memory in the back
 //! end's arena, too fragmented for a trim (54.7 MB free in ~40k chunks). One arena for
 //! every thread ([`use_one_allocator_arena`]) lets the other threads reuse those holes:
-//! 112.8 -> 93.0 MiB (`ferry-proxy run` on the proxy bench's 10k Services in a netns by
-//! hand, median of five runs of each build in turn; first sync's plan and apply times no worse: 80 -> 75 ms and
-//! 1188 -> 1018 ms, medians, on a busy machine).
+//! in the proxy bench, against the build before in the same run (two runs), 10k Services
+//! 117.6 -> 97.8 and 96.6 MiB; + 10k Pods 184.0 -> 128.3 and 159.8 -> 132.0 MiB; + 1k
+//! NetworkPolicies 193.3 -> 143.9 and 168.9 -> 144.2 MiB; start to first sync within the
+//! noise (10k: 0.91 -> 1.05 s and 0.88 -> 0.94 s). Ten runs of each build in turn by hand
+//! (10k Services, busy machine), medians: VmRSS 112.8 -> 92.9 MiB; start to first sync
+//! 1.34 -> 1.26 s, plan 39 -> 29 ms, apply 886 -> 801 ms. The goal (< 100 MiB) is met
+//! with little room: the fragmentation is still there, only shared.
 
 pub mod intern;
 pub mod objects;
@@ -412,7 +416,7 @@ pub fn release_freed_memory() {
 /// key owners); once they are freed, its arena held 54.7 MB free in ~40k chunks (1.4 KB on
 /// average) around ~11 MB in use, so most of its pages stayed resident (52.7 MiB of RSS,
 /// `malloc_info` and smaps at 10k Services). With one arena the next allocations of every
-/// thread reuse those holes: 112.8 -> 93.0 MiB (module docs). Two arenas gave 95-103 MiB,
+/// thread reuse those holes: 112.8 -> 92.9 MiB (module docs). Two arenas gave 95-103 MiB,
 /// depending on which threads happened to share one. The cost, one lock for every
 /// thread's allocations, is small here: the source, the sync loop and the back end hand
 /// work to each other rather than allocate side by side.
