@@ -42,7 +42,10 @@
 //! noise (10k: 0.91 -> 1.05 s and 0.88 -> 0.94 s). Ten runs of each build in turn by hand
 //! (10k Services, busy machine), medians: VmRSS 112.8 -> 92.9 MiB; start to first sync
 //! 1.34 -> 1.26 s, plan 39 -> 29 ms, apply 886 -> 801 ms. The goal (< 100 MiB) is met
-//! with little room: the fragmentation is still there, only shared.
+//! with little room: the fragmentation is still there, only shared. Churn gains too
+//! (`tests/manifests_memory.rs`, six cycles of adding and removing a 100k-endpoint slice,
+//! both builds in turn): VmRSS after each removal 21.9, 27.5, 31.7, 23.7, 32.4, 35.3 MiB
+//! before, 22.4, 19.1, 22.5, 22.5, 19.1, 19.1 MiB after.
 
 pub mod intern;
 pub mod objects;
