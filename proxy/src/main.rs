@@ -342,6 +342,8 @@ fn run_command(args: RunArgs) -> Result<(), String> {
     let ebpf = args.backend.ebpf(&settings.node_name)?;
     check_manifests_dir(&args.source)?;
     info!(node = %settings.node_name, "starting");
+    // Before the runtime's threads exist, so none gets an arena of its own.
+    ferry_proxy::store::use_one_allocator_arena();
     runtime()?.block_on(async move {
         // The back end first: if it cannot start, nothing else has been opened.
         let backend = BackendThread::start(move || wiring::backend(ebpf.as_ref()))
