@@ -14,13 +14,14 @@
  * and ferry_backends, these programs write the three LRU maps.
  *
  * Cost, measured by proxy/benches/service_latency.rs (kernel BPF run-time statistics,
- * Linux 6.18, 2 shared CPUs): connect4 runs 545-637 ns on a connect to a ClusterIP and
- * 50-58 ns on one to no Service. That is the whole of the 0.5 us a ClusterIP adds to a
- * connect's median (1.05x the Pod IP's); at p99 it adds 2.8-3.8 us (1.13-1.18x). Most of
- * it is the ferry_revnat LRU update: without it connect4 ran 124-130 ns and the connect was
- * 1.01x at p50, 1.06x at p99. Per-CPU LRU lists (BPF_F_NO_COMMON_LRU) made it slower
- * (689-695 ns). Per-socket storage (BPF_MAP_TYPE_SK_STORAGE, whose helpers this program
- * type has) for connected sockets is the next thing to try.
+ * Linux 6.18, 2 shared CPUs): connect4 runs 600-640 ns on a connect to a ClusterIP and
+ * 50-125 ns on one to no Service: the 5% a ClusterIP adds to a connect's median. About
+ * 450 ns of it is remembering the frontend (a build without it ran 124-130 ns). In the
+ * ferry_revnat LRU hash that cost the same as in socket storage (598-607 ns against
+ * 634-642 ns, same connect p50), but socket storage lives exactly as long as its socket,
+ * where the LRU hash evicted live connections' entries once a node had more connected
+ * sockets than FERRY_MAX_SOCKETS; the lookup that forgets an old frontend costs a connect
+ * to no Service ~70 ns. Per-CPU LRU lists (BPF_F_NO_COMMON_LRU) were slower (689-695 ns).
  */
 #include <linux/bpf.h>
 #include <linux/in.h>
