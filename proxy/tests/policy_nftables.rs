@@ -379,6 +379,11 @@ fn a_behind_a_service_allowing_only_b(a: &TestPod, b: &TestPod, cluster_ip: IpAd
     plan
 }
 
+/// The addresses from `first` to `last`, both included.
+fn span(first: IpAddr, last: IpAddr) -> AddressRange {
+    AddressRange { first, last }
+}
+
 /// Loads `text` with `nft -f` in `netns`.
 fn nft_f(netns: &Netns, text: &str) {
     let file = tempfile::NamedTempFile::new().unwrap();
@@ -395,22 +400,10 @@ fn the_policy_transaction_is_nft_text_that_lists_as_the_netlink_commit() {
     let other = Netns::new("policy-text");
     let mixed = Clause::by_content(
         Arc::new(Addresses::Ranges(vec![
-            AddressRange {
-                first: "10.0.0.0".parse().unwrap(),
-                last: "10.0.0.255".parse().unwrap(),
-            },
-            AddressRange {
-                first: b.v4,
-                last: b.v4,
-            },
-            AddressRange {
-                first: "200.0.0.0".parse().unwrap(),
-                last: "255.255.255.255".parse().unwrap(),
-            },
-            AddressRange {
-                first: b.v6,
-                last: b.v6,
-            },
+            span("10.0.0.0".parse().unwrap(), "10.0.0.255".parse().unwrap()),
+            span(b.v4, b.v4),
+            span("200.0.0.0".parse().unwrap(), "255.255.255.255".parse().unwrap()),
+            span(b.v6, b.v6),
         ])),
         Ports::Ranges(vec![
             PortRange {
@@ -431,22 +424,10 @@ fn the_policy_transaction_is_nft_text_that_lists_as_the_netlink_commit() {
         ]),
     );
     let mut moved_ranges = vec![
-        AddressRange {
-            first: "10.0.0.0".parse().unwrap(),
-            last: "10.0.0.127".parse().unwrap(),
-        },
-        AddressRange {
-            first: c.v4,
-            last: c.v4,
-        },
-        AddressRange {
-            first: "200.0.0.0".parse().unwrap(),
-            last: "255.255.255.255".parse().unwrap(),
-        },
-        AddressRange {
-            first: c.v6,
-            last: c.v6,
-        },
+        span("10.0.0.0".parse().unwrap(), "10.0.0.127".parse().unwrap()),
+        span(c.v4, c.v4),
+        span("200.0.0.0".parse().unwrap(), "255.255.255.255".parse().unwrap()),
+        span(c.v6, c.v6),
     ];
     moved_ranges.sort_by_key(|r| (r.first.is_ipv6(), r.first));
     let moved = Clause {
