@@ -270,7 +270,7 @@ fn check(file: &str, paths: Paths, backend: Backend) {
             assert_eq!(caps.add.as_deref(), Some(&["NET_ADMIN".to_string()][..]));
             assert!(args.iter().all(|a| !a.starts_with("--backend")));
         }
-        Backend::Ebpf => check_ebpf(&pod, c, &host_path),
+        Backend::Ebpf => check_ebpf(&pod, c, caps, &host_path),
     }
 }
 
@@ -280,6 +280,7 @@ fn check(file: &str, paths: Paths, backend: Backend) {
 fn check_ebpf(
     pod: &k8s_openapi::api::core::v1::PodSpec,
     c: &k8s_openapi::api::core::v1::Container,
+    caps: &k8s_openapi::api::core::v1::Capabilities,
     host_path: &dyn Fn(&str) -> String,
 ) {
     let args = c.args.as_ref().unwrap();
@@ -303,13 +304,6 @@ fn check_ebpf(
             .and_then(|m| m.mount_propagation.clone())
     };
     assert_eq!(propagation(c, "bpffs").as_deref(), Some("HostToContainer"));
-    let caps = c
-        .security_context
-        .as_ref()
-        .unwrap()
-        .capabilities
-        .as_ref()
-        .unwrap();
     let add: Vec<&str> = caps.add.iter().flatten().map(String::as_str).collect();
     assert_eq!(add, ["NET_ADMIN", "BPF", "PERFMON"]);
 
